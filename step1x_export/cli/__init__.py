@@ -1,0 +1,20 @@
+"""The `step1x-export` command line: a thin layer over the package's typed functions."""
+
+from __future__ import annotations
+
+import click
+
+from .edit import demo, edit
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="step1x-export")
+def main() -> None:
+    """Step1X-Edit, fast: reference model, ONNX export, INT8/FP8 calibration, runtime and benchmarks.
+
+    Start with `step1x-export demo` (a tiny random-weight model on CPU, seconds).
+    """
+
+
+for command in (edit, demo):
+    main.add_command(command)

@@ -1,0 +1,90 @@
+"""Shared CLI pieces: atomic output, progress bars, error translation."""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from ..step1x_ref.imaging import ImageInputError
+from ..step1x_ref.loading import CheckpointError
+
+IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP"}
+USER_ERRORS = (CheckpointError, ImageInputError, ValueError, FileNotFoundError, FileExistsError)
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the package's input errors into a one-line message and exit code 1 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = lambda msg, *a, **k: click.echo(f"warning: {msg}", err=True)
+            try:
+                return fn(*args, **kwargs)
+            except USER_ERRORS as e:
+                raise click.ClickException(str(e)) from e
+
+    return wrapper
+
+
+def check_output_path(path: Path, *, suffixes: dict[str, str] | None = None) -> None:
+    """Fail before any work if the output cannot be written where asked."""
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder {path.parent} does not exist")
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise ValueError(f"output {path}: unknown image type {path.suffix!r}; use one of {', '.join(suffixes)}")
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_image(image: Image.Image, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=IMAGE_SUFFIXES[path.suffix.lower()])
+
+
+@contextmanager
+def step_progress(desc: str = "denoising", enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
+    """A progress callback (done, total) drawing a tqdm bar on stderr."""
+    bar: tqdm | None = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, unit="step", disable=not enabled, leave=False)
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -1,0 +1,93 @@
+"""`step1x-export edit` and `step1x-export demo`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from skimage import data as skimage_data
+
+from ..step1x_ref.configs import CONFIGS
+from ..step1x_ref.imaging import load_image
+from ..step1x_ref.pipeline import Step1XEditPipeline
+from .common import DTYPES, IMAGE_SUFFIXES, check_output_path, default_device, save_image, step_progress, user_errors
+
+DEMO_INSTRUCTION = "Make the sky behind the astronaut a deep purple"
+
+
+@click.command()
+@click.option("--model-dir", type=click.Path(path_type=Path), help="Folder with the official files: the DiT "
+              "safetensors (v1.0: step1x-edit-i1258[-FP8].safetensors, v1.1: step1x-edit-v1p1-official.safetensors), "
+              "vae.safetensors and Qwen2.5-VL-7B-Instruct/.")
+@click.option("--model", "model_name", type=click.Choice(["tiny", "tiny-v1.0"]),
+              help="Use a tiny random-weight model instead of --model-dir (testing; output is not a real edit).")
+@click.option("--image", "image_path", required=True, type=click.Path(path_type=Path), help="Image to edit.")
+@click.option("--prompt", required=True, help='Edit instruction; may be "" (allowed upstream).')
+@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
+              help=f"Output image ({', '.join(IMAGE_SUFFIXES)}); its folder must exist; written atomically.")
+@click.option("--version", type=click.Choice(["v1.0", "v1.1"]), default="v1.1", show_default=True,
+              help="Model version of the checkpoint in --model-dir.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=28, show_default=True, help="Denoising steps.")
+@click.option("--cfg", type=float, default=6.0, show_default=True, help="True-CFG guidance scale.")
+@click.option("--size-level", type=click.IntRange(16, 4096), default=1024, show_default=True,
+              help="Edit resolution: area ~ size_level^2, aspect kept; the output is resized back to the input's size.")
+@click.option("--negative-prompt", default="", show_default=True, help="Instruction of the unconditional branch.")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
+              help="DiT/MLLM dtype [default: bf16 for --model-dir, fp32 for --model]; the VAE runs in fp32.")
+@click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
+@click.option("--quiet", is_flag=True, help="No progress bar or timing table.")
+@user_errors
+def edit(
+    model_dir: Path | None, model_name: str | None, image_path: Path, prompt: str, out_path: Path, version: str,
+    seed: int, steps: int, cfg: float, size_level: int, negative_prompt: str, dtype: str | None, device: str | None,
+    quiet: bool,
+) -> None:
+    """Edit one image with the reference PyTorch pipeline."""
+    if (model_dir is None) == (model_name is None):
+        raise click.UsageError("give exactly one of --model-dir DIR or --model tiny")
+    check_output_path(out_path, suffixes=IMAGE_SUFFIXES)
+    image = load_image(image_path)
+    if model_dir is not None:
+        pipe = Step1XEditPipeline.from_pretrained(
+            model_dir, version, device=device or default_device(), dtype=DTYPES[dtype or "bf16"]
+        )
+    else:
+        pipe = Step1XEditPipeline.random(model_name, dtype=DTYPES[dtype or "fp32"])
+    with step_progress(enabled=not quiet) as progress:
+        result = pipe.edit(image, prompt, seed=seed, steps=steps, cfg=cfg, size_level=size_level,
+                           negative_prompt=negative_prompt, progress=progress)
+    save_image(result, out_path)
+    if not quiet:
+        click.echo(pipe.timer.table())
+    click.echo(f"wrote {out_path} ({result.width}x{result.height})")
+
+
+@click.command()
+@click.option("--out", "out_path", type=click.Path(path_type=Path), default=Path("demo_edit.png"), show_default=True,
+              help="Where to write the edited image.")
+@click.option("--prompt", default=DEMO_INSTRUCTION, show_default=True, help="Edit instruction.")
+@click.option("--model", "model_name", type=click.Choice(sorted(k for k, c in CONFIGS.items() if c.tiny_qwen)),
+              default="tiny", show_default=True, help="Which tiny config.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=28, show_default=True, help="Denoising steps.")
+@click.option("--size-level", type=click.IntRange(16, 1024), default=256, show_default=True, help="Edit resolution.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Noise and weight seed.")
+@user_errors
+def demo(out_path: Path, prompt: str, model_name: str, steps: int, size_level: int, seed: int) -> None:
+    """Run a whole edit on an embedded default: the tiny model, CPU, scikit-image's astronaut photo.
+
+    The weights are RANDOM (no checkpoint ships with this package), so the picture is noise-like:
+    the demo shows the pipeline runs end to end and where the time goes, not an edit's quality.
+    """
+    check_output_path(out_path, suffixes=IMAGE_SUFFIXES)
+    from PIL import Image
+
+    image = Image.fromarray(skimage_data.astronaut())
+    click.echo(f"demo: tiny '{model_name}' model with RANDOM weights on CPU; input: scikit-image astronaut "
+               f"{image.width}x{image.height}; instruction: {prompt!r}")
+    pipe = Step1XEditPipeline.random(model_name, seed=seed)
+    with step_progress() as progress:
+        result = pipe.edit(image, prompt, seed=seed, steps=steps, size_level=size_level, progress=progress)
+    save_image(result, out_path)
+    click.echo(pipe.timer.table())
+    click.echo(f"wrote {out_path} ({result.width}x{result.height}); weights were random, so this is not a real edit")

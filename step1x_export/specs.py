@@ -1,0 +1,224 @@
+"""Each component's I/O, declared once: names, dtypes, dynamic dims and min/opt/max shapes.
+
+Export (input/output names, dynamic axes), engine building (optimization profiles), the
+runtime (buffer plan, profile checks) and the tests all read these objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .step1x_ref.configs import ModelConfig
+from .step1x_ref.imaging import edit_size
+
+# "compute" follows the graph's precision (fp32 / bf16 / fp16); the others are fixed.
+DType = Literal["compute", "float32", "int64"]
+Dim = int | str  # an int is static, a str names a dynamic dim resolved from `DimRanges`
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: DType
+    dims: tuple[Dim, ...]
+
+    def shape(self, dims: dict[str, int]) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else dims[d] for d in self.dims)
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """torch.onnx-style {tensor: {axis: dim name}} for every dynamic dim."""
+        return {
+            t.name: {i: d for i, d in enumerate(t.dims) if isinstance(d, str)}
+            for t in (*self.inputs, *self.outputs)
+            if any(isinstance(d, str) for d in t.dims)
+        }
+
+    def tensor(self, name: str) -> TensorSpec:
+        for t in (*self.inputs, *self.outputs):
+            if t.name == name:
+                return t
+        raise KeyError(f"{self.name} has no tensor {name!r}; it has {self.input_names + self.output_names}")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The edit resolutions an export must cover without re-export."""
+
+    min_level: int
+    opt_level: int
+    max_level: int
+    max_aspect: float  # long side / short side
+
+    def image_sizes(self) -> dict[str, tuple[int, int]]:
+        """(width, height) extremes: smallest, typical and largest edit size, per size_level's rule."""
+        a = self.max_aspect
+        sizes = {
+            "min": [edit_size(round(1000 * a), 1000, self.min_level), edit_size(1000, round(1000 * a), self.min_level)],
+            "opt": [edit_size(1000, 1000, self.opt_level)],
+            "max": [edit_size(round(1000 * a), 1000, self.max_level), edit_size(1000, round(1000 * a), self.max_level)],
+        }
+        return {k: v[0] for k, v in sizes.items()} | {"min_tall": sizes["min"][1], "max_tall": sizes["max"][1]}
+
+
+FULL_PROFILE = Profile(min_level=512, opt_level=1024, max_level=1024, max_aspect=2.0)
+TINY_PROFILE = Profile(min_level=32, opt_level=64, max_level=256, max_aspect=2.0)
+
+
+def profile_for(config: ModelConfig) -> Profile:
+    return TINY_PROFILE if config.tiny_qwen is not None else FULL_PROFILE
+
+
+DimRanges = dict[str, tuple[int, int, int]]  # dim name -> (min, opt, max)
+
+
+# Qwen2.5-VL's vision tower: 2x2 patches merge into one LLM token; a patch is 3 ch x 2 frames x 14 x 14.
+VISION_MERGE_UNIT = 4
+VISION_PATCH_DIM = 3 * 2 * 14 * 14
+VISION_TOKEN_PIXELS = 28 * 28
+# Template tokens around the image and instruction that are not part of drop_tokens ("Picture 1: ",
+# vision start/end, "<|im_end|>\n<|im_start|>assistant\n"): a generous bound.
+LLM_TEMPLATE_TAIL = 16
+
+
+def vision_token_range(config: ModelConfig) -> tuple[int, int]:
+    """Merged image tokens the processor produces: its min/max_pixels bounds over 28x28 pixels per token."""
+    e = config.embedder
+    return e.min_pixels // VISION_TOKEN_PIXELS, e.max_pixels // VISION_TOKEN_PIXELS
+
+
+def dim_ranges(config: ModelConfig, profile: Profile | None = None) -> DimRanges:
+    """min/opt/max of every dynamic dim of every component's graph for `profile`.
+
+    The MLLM dims do not depend on the edit resolution: the processor resizes the image to
+    min_pixels..max_pixels whatever size_level is.
+    """
+    profile = profile or profile_for(config)
+    sizes = profile.image_sizes()
+    sides = [s for size in sizes.values() for s in size]
+    tokens = {k: (w // 16) * (h // 16) for k, (w, h) in sizes.items()}
+    n_min = min(tokens.values())
+    n_opt, n_max = tokens["opt"], max(tokens.values())
+    txt = config.embedder.max_length
+    ow, oh = sizes["opt"]
+    merge = VISION_MERGE_UNIT
+    t_min, t_max = vision_token_range(config)
+    t_opt = t_max  # a typical edit image fills the processor's max_pixels
+    llm_fixed = config.embedder.drop_tokens + LLM_TEMPLATE_TAIL
+    return {
+        "batch": (1, 2, 2),
+        "vis_tokens": (t_min, t_opt, t_max),
+        "vis_patches": (merge * t_min, merge * t_opt, merge * t_max),
+        # prefix + image + instruction: short instructions at min, up to max_length instruction tokens at max
+        "llm_seq": (llm_fixed + t_min, llm_fixed + t_opt + 32, llm_fixed + t_max + txt),
+        "img_tokens": (2 * n_min, 2 * n_opt, 2 * n_max),  # noisy + reference tokens
+        "seq_len": (txt + 2 * n_min, txt + 2 * n_opt, txt + 2 * n_max),
+        "height": (min(sides), oh, max(sides)),
+        "width": (min(sides), ow, max(sides)),
+        "lat_h": (min(sides) // 8, oh // 8, max(sides) // 8),
+        "lat_w": (min(sides) // 8, ow // 8, max(sides) // 8),
+    }
+
+
+def dit_spec(config: ModelConfig) -> ComponentSpec:
+    """Connector + DiT, one denoising step: the connector depends on t, so it runs inside the step."""
+    p, txt = config.dit, config.embedder.max_length
+    return ComponentSpec(
+        name="dit",
+        inputs=(
+            TensorSpec("img", "compute", ("batch", "img_tokens", p.in_channels)),
+            TensorSpec("pe", "float32", (1, 1, "seq_len", p.hidden_size // p.num_heads // 2, 2, 2)),
+            TensorSpec("timestep", "compute", ("batch",)),
+            TensorSpec("llm_embedding", "compute", ("batch", txt, config.embedder.hidden_size)),
+            TensorSpec("llm_mask", "int64", ("batch", txt)),
+        ),
+        outputs=(TensorSpec("pred", "compute", ("batch", "img_tokens", p.out_channels)),),
+    )
+
+
+def vae_encoder_spec(config: ModelConfig) -> ComponentSpec:
+    z = config.vae.z_channels
+    return ComponentSpec(
+        name="vae_encoder",
+        inputs=(TensorSpec("image", "float32", ("batch", 3, "height", "width")),),
+        outputs=(TensorSpec("latent", "float32", ("batch", z, "lat_h", "lat_w")),),
+    )
+
+
+def vae_decoder_spec(config: ModelConfig) -> ComponentSpec:
+    z = config.vae.z_channels
+    return ComponentSpec(
+        name="vae_decoder",
+        inputs=(TensorSpec("latent", "float32", ("batch", z, "lat_h", "lat_w")),),
+        outputs=(TensorSpec("image", "float32", ("batch", 3, "height", "width")),),
+    )
+
+
+def vision_spec(config: ModelConfig) -> ComponentSpec:
+    """Qwen2.5-VL vision tower (patch embed, windowed/full blocks, merger) for ONE image.
+
+    Window attention's indices depend on the image grid (host loops in transformers), so the runtime
+    computes them (`export.qwen.vision_inputs`) and the graph takes them as data: HF's rotary position
+    ids, the window permutation (merged-token level) and its inverse, and each patch's window number
+    (in window order; equal numbers attend to each other in the windowed blocks).
+    """
+    return ComponentSpec(
+        name="vision",
+        inputs=(
+            TensorSpec("pixel_values", "compute", ("vis_patches", VISION_PATCH_DIM)),
+            TensorSpec("position_ids", "int64", ("vis_patches", 2)),
+            TensorSpec("window_index", "int64", ("vis_tokens",)),
+            TensorSpec("reverse_index", "int64", ("vis_tokens",)),
+            TensorSpec("window_id", "int64", ("vis_patches",)),
+        ),
+        outputs=(TensorSpec("image_embeds", "compute", ("vis_tokens", config.embedder.hidden_size)),),
+    )
+
+
+def llm_spec(config: ModelConfig) -> ComponentSpec:
+    """Qwen2.5-VL language model prefill to the last hidden state (after the final norm), no KV cache.
+
+    Token ids enter (the embedding table stays in the graph); image embeddings fill the image-pad slots
+    in order, the same features for every batch row (cond and uncond share the image). position_ids are
+    the 3-D mRoPE ids [3, B, S] from HF's `get_rope_index`, computed on the host; attention_mask [B, S]
+    is 1 on attended tokens (ids > 0, upstream) and 0 on padding; the graph adds the causal mask.
+    """
+    return ComponentSpec(
+        name="llm",
+        inputs=(
+            TensorSpec("input_ids", "int64", ("batch", "llm_seq")),
+            TensorSpec("attention_mask", "int64", ("batch", "llm_seq")),
+            TensorSpec("position_ids", "int64", (3, "batch", "llm_seq")),
+            TensorSpec("image_embeds", "compute", ("vis_tokens", config.embedder.hidden_size)),
+        ),
+        outputs=(TensorSpec("last_hidden_state", "compute", ("batch", "llm_seq", config.embedder.hidden_size)),),
+    )
+
+
+COMPONENTS = ("vision", "llm", "dit", "vae_encoder", "vae_decoder")
+
+
+def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
+    """Every exportable component's spec, in pipeline order."""
+    return {
+        "vision": vision_spec(config),
+        "llm": llm_spec(config),
+        "dit": dit_spec(config),
+        "vae_encoder": vae_encoder_spec(config),
+        "vae_decoder": vae_decoder_spec(config),
+    }

@@ -1,0 +1,215 @@
+"""Named configurations of Step1X-Edit: one registry of dataclass instances.
+
+`v1.0` and `v1.1` are the published models; `tiny` (v1.1 semantics) and `tiny-v1.0` are
+small models with the same structure, used by the tests and the demo on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+Version = Literal["v1.0", "v1.1"]
+
+
+@dataclass(frozen=True)
+class DiTParams:
+    in_channels: int
+    out_channels: int
+    vec_in_dim: int
+    context_in_dim: int
+    hidden_size: int
+    mlp_ratio: float
+    num_heads: int
+    depth: int
+    depth_single_blocks: int
+    axes_dim: tuple[int, ...]
+    theta: int
+    qkv_bias: bool
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        head_dim = self.hidden_size // self.num_heads
+        if sum(self.axes_dim) != head_dim:
+            raise ValueError(f"axes_dim {self.axes_dim} sums to {sum(self.axes_dim)}, expected head dim {head_dim}")
+        if any(d % 2 for d in self.axes_dim):
+            raise ValueError(f"every RoPE axis dim must be even, got {self.axes_dim}")
+
+
+@dataclass(frozen=True)
+class ConnectorParams:
+    in_channels: int  # the MLLM's hidden size
+    hidden_size: int
+    num_heads: int
+    depth: int
+    global_dim: int  # = DiT vec_in_dim
+    mlp_ratio: float = 4.0
+    # The refiner's timestep embedding sees t * time_factor (SPEC: t' = t*1000). The v1.0 code
+    # published upstream passes t in [0, 1] unscaled; kept as data so a checkpoint can say which.
+    time_factor: float = 1000.0
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"connector hidden_size {self.hidden_size} is not divisible by {self.num_heads} heads")
+
+
+@dataclass(frozen=True)
+class VAEParams:
+    resolution: int
+    in_channels: int
+    ch: int
+    out_ch: int
+    ch_mult: tuple[int, ...]
+    num_res_blocks: int
+    z_channels: int
+    scale_factor: float
+    shift_factor: float
+
+    def __post_init__(self) -> None:
+        if self.ch % 32:
+            raise ValueError(f"VAE ch {self.ch} must be a multiple of 32 (GroupNorm with 32 groups)")
+
+
+@dataclass(frozen=True)
+class EmbedderParams:
+    """How the MLLM's hidden states become the DiT's conditioning (upstream `Qwen25VL_7b_Embedder`)."""
+
+    hidden_size: int  # the MLLM's hidden size, = ConnectorParams.in_channels
+    max_length: int  # tokens kept after the drop, zero-padded to this
+    drop_tokens: int  # leading tokens (system turn + prompt prefix) dropped from the last hidden state
+    min_pixels: int  # image processor bounds
+    max_pixels: int
+    quote_index: int = 155  # quotes after this character of the templated text are re-tokenised
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    version: Version
+    dit: DiTParams
+    connector: ConnectorParams
+    vae: VAEParams
+    embedder: EmbedderParams
+    # Only the tiny configs build their Qwen2.5-VL from code; real ones read the HF directory.
+    tiny_qwen: dict | None = field(default=None, compare=False)
+
+    @property
+    def cfg_truncate(self) -> float:
+        """CFG norm rescale applies while t > this (v1.0: never)."""
+        return 1.0 if self.version == "v1.0" else 0.93
+
+    @property
+    def has_scale_factor(self) -> bool:
+        return self.version == "v1.0"
+
+
+_FLUX_VAE = VAEParams(
+    resolution=256,
+    in_channels=3,
+    ch=128,
+    out_ch=3,
+    ch_mult=(1, 2, 4, 4),
+    num_res_blocks=2,
+    z_channels=16,
+    scale_factor=0.3611,
+    shift_factor=0.1159,
+)
+
+_FULL_DIT = DiTParams(
+    in_channels=64,
+    out_channels=64,
+    vec_in_dim=768,
+    context_in_dim=4096,
+    hidden_size=3072,
+    mlp_ratio=4.0,
+    num_heads=24,
+    depth=19,
+    depth_single_blocks=38,
+    axes_dim=(16, 56, 56),
+    theta=10_000,
+    qkv_bias=True,
+)
+
+_FULL_CONNECTOR = ConnectorParams(in_channels=3584, hidden_size=4096, num_heads=32, depth=2, global_dim=768)
+
+_FULL_EMBEDDER = EmbedderParams(
+    hidden_size=3584,
+    max_length=640,
+    drop_tokens=217,
+    min_pixels=256 * 28 * 28,
+    max_pixels=324 * 28 * 28,
+)
+
+_TINY_DIT = DiTParams(
+    in_channels=64,
+    out_channels=64,
+    vec_in_dim=32,
+    context_in_dim=64,
+    hidden_size=64,
+    mlp_ratio=4.0,
+    num_heads=2,
+    depth=2,
+    depth_single_blocks=2,
+    axes_dim=(8, 12, 12),
+    theta=10_000,
+    qkv_bias=True,
+)
+
+_TINY_CONNECTOR = ConnectorParams(in_channels=64, hidden_size=64, num_heads=4, depth=2, global_dim=32)
+
+_TINY_VAE = replace(_FLUX_VAE, ch=32)
+
+# Tiny Qwen2.5-VL, built in code (see conditioner.tiny_qwen). drop_tokens is the number of tokens
+# the tiny tokenizer gives the system turn + prefix, as 217 is for the real tokenizer.
+_TINY_QWEN = {
+    "text": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+    },
+    "vision": {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": 64,
+        "fullatt_block_indexes": [1],
+    },
+}
+
+# drop_tokens: upstream's 217 drops the default system turn, the user header and the prompt prefix,
+# i.e. every token before the image's "Picture 1: <|vision_start|>". The tiny tokenizer gives that same
+# text ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n" + prefix)
+# 286 tokens (checked by tests/test_conditioner.py).
+_TINY_EMBEDDER = replace(_FULL_EMBEDDER, hidden_size=64, max_length=640, drop_tokens=286)
+
+
+def _tiny(name: str, version: Version) -> ModelConfig:
+    return ModelConfig(
+        name=name,
+        version=version,
+        dit=_TINY_DIT,
+        connector=_TINY_CONNECTOR,
+        vae=_TINY_VAE,
+        embedder=_TINY_EMBEDDER,
+        tiny_qwen=_TINY_QWEN,
+    )
+
+
+CONFIGS: dict[str, ModelConfig] = {
+    "v1.0": ModelConfig("v1.0", "v1.0", _FULL_DIT, _FULL_CONNECTOR, _FLUX_VAE, _FULL_EMBEDDER),
+    "v1.1": ModelConfig("v1.1", "v1.1", _FULL_DIT, _FULL_CONNECTOR, _FLUX_VAE, _FULL_EMBEDDER),
+    "tiny": _tiny("tiny", "v1.1"),
+    "tiny-v1.0": _tiny("tiny-v1.0", "v1.0"),
+}
+
+
+def get_config(name: str) -> ModelConfig:
+    try:
+        return CONFIGS[name]
+    except KeyError:
+        raise ValueError(f"unknown model config {name!r}; known: {', '.join(CONFIGS)}") from None

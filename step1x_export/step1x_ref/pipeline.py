@@ -1,0 +1,186 @@
+"""The reference edit: preprocess -> MLLM (cond, uncond) -> VAE encode -> denoise -> VAE decode.
+
+Every other backend is compared with `Step1XEditPipeline.edit`. It does only the maths of the
+published model; speed belongs to `step1x_export.runtime`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..timing import StageTimer
+from .autoencoder import AutoEncoder
+from .conditioner import Qwen25VLEmbedder
+from .configs import ModelConfig, get_config
+from .imaging import check_size, edit_size, pil_to_tensor, tensor_to_pil, to_rgb
+from .loading import ModelFiles, load_into
+from .math import rope_table
+from .model import Step1XEdit
+from .random_weights import randomize_
+from .sampling import ProgressFn, StepFn, denoise, get_schedule, pack, position_ids, unpack
+
+
+@dataclass
+class EditInputs:
+    """What the denoising loop needs, prepared once per edit (shared by every backend)."""
+
+    noise: torch.Tensor  # [1, N, 64] packed, float32
+    ref: torch.Tensor  # [1, N, 64] packed reference latent, float32
+    llm_embedding: torch.Tensor  # [2, L, C] (cond, uncond)
+    llm_mask: torch.Tensor  # [2, L]
+    pe: torch.Tensor  # [1, 1, L + 2N, D/2, 2, 2]
+    timesteps: list[float]
+    width: int  # edit resolution (multiples of 16)
+    height: int
+    orig_size: tuple[int, int]
+
+
+def make_noise(width: int, height: int, seed: int) -> torch.Tensor:
+    """Seeded N(0, 1) latent noise [1, 16, H/8, W/8] from a CPU generator (device-independent)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 16, height // 8, width // 8, generator=gen, dtype=torch.float32)
+
+
+def torch_step_fn(model: Step1XEdit, inputs: EditInputs, dtype: torch.dtype) -> StepFn:
+    """The DiT as a denoising-step callable: (img [2, 2N, 64], t [2]) -> pred float32."""
+    emb, mask, pe = inputs.llm_embedding.to(dtype), inputs.llm_mask, inputs.pe
+
+    @torch.inference_mode()
+    def step(img: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return model(img.to(dtype), pe, t.to(dtype), emb, mask).float()
+
+    return step
+
+
+class Step1XEditPipeline:
+    def __init__(
+        self,
+        config: ModelConfig,
+        model: Step1XEdit,
+        ae: AutoEncoder,
+        embedder: Qwen25VLEmbedder,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.config, self.model, self.ae, self.embedder = config, model, ae, embedder
+        self.device, self.dtype = torch.device(device), dtype
+        self.timer = StageTimer(self.device)
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        version: str = "v1.1",
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> Step1XEditPipeline:
+        """Load the official files: DiT+connector (bf16 or FP8-stored), vae.safetensors (fp32), Qwen dir."""
+        config = get_config(version)
+        files = ModelFiles.in_dir(model_dir, version)
+        model = load_into(lambda: Step1XEdit(config), files.dit, dtype=dtype, device=device)
+        ae = load_into(lambda: AutoEncoder(config.vae), files.vae, dtype=torch.float32, device=device)
+        embedder = Qwen25VLEmbedder.from_pretrained(files.qwen, config.embedder, dtype=dtype, device=device)
+        return cls(config, model, ae, embedder, device=device, dtype=dtype)
+
+    @classmethod
+    def random(
+        cls, config_name: str = "tiny", *, seed: int = 0, dtype: torch.dtype = torch.float32
+    ) -> Step1XEditPipeline:
+        """A tiny model with seeded random weights, on CPU (demo and tests)."""
+        config = get_config(config_name)
+        if config.tiny_qwen is None:
+            raise ValueError(f"config {config_name!r} is full size: random weights are only built for tiny configs")
+        model = randomize_(Step1XEdit(config), seed).to(dtype).eval().requires_grad_(False)
+        ae = randomize_(AutoEncoder(config.vae), seed + 1).eval().requires_grad_(False)
+        embedder = Qwen25VLEmbedder.tiny(config.tiny_qwen, config.embedder, seed=seed + 2, dtype=dtype)
+        return cls(config, model, ae, embedder, dtype=dtype)
+
+    # -- stages ---------------------------------------------------------------------------------
+    def prepare(
+        self,
+        image: Image.Image,
+        instruction: str,
+        *,
+        seed: int,
+        steps: int,
+        size_level: int,
+        negative_prompt: str = "",
+        sample_posterior: bool = False,
+    ) -> EditInputs:
+        """Everything before the denoising loop: resize, MLLM cond+uncond, reference latent, noise, RoPE."""
+        with self.timer.stage("preprocess"):
+            check_size(image)
+            image = to_rgb(image)
+            width, height = edit_size(*image.size, size_level)
+            resized = pil_to_tensor(image.resize((width, height), Image.Resampling.BICUBIC))
+            # Upstream hands the MLLM the resized image after a float round trip (to_pil truncates).
+            mllm_image = tensor_to_pil(resized[0])
+        with self.timer.stage("mllm"), torch.inference_mode():
+            emb, mask = self.embedder([instruction, negative_prompt], mllm_image)
+        with self.timer.stage("vae_encode"), torch.inference_mode():
+            gen = torch.Generator().manual_seed(seed + 1) if sample_posterior else None
+            ref_latent = self.ae.encode(resized.to(self.device) * 2 - 1, sample=sample_posterior, generator=gen)
+        n_h, n_w = height // 16, width // 16
+        ids = position_ids(emb.shape[1], n_h, n_w, self.config.version)
+        p = self.config.dit
+        return EditInputs(
+            noise=pack(make_noise(width, height, seed)).to(self.device),
+            ref=pack(ref_latent.float()),
+            llm_embedding=emb.to(self.device),
+            llm_mask=mask.to(self.device),
+            pe=rope_table(ids, p.axes_dim, p.theta).to(self.device),
+            timesteps=get_schedule(steps, n_h * n_w),
+            width=width,
+            height=height,
+            orig_size=image.size,
+        )
+
+    def decode(self, latent_tokens: torch.Tensor, inputs: EditInputs) -> Image.Image:
+        with self.timer.stage("vae_decode"), torch.inference_mode():
+            pixels = self.ae.decode(unpack(latent_tokens.float(), inputs.height, inputs.width))
+        with self.timer.stage("postprocess"):
+            out = tensor_to_pil(pixels[0].clamp(-1, 1).mul(0.5).add(0.5))
+            return out.resize(inputs.orig_size, Image.Resampling.BICUBIC)
+
+    def edit(
+        self,
+        image: Image.Image,
+        instruction: str,
+        *,
+        seed: int = 0,
+        steps: int = 28,
+        cfg: float = 6.0,
+        size_level: int = 1024,
+        negative_prompt: str = "",
+        sample_posterior: bool = False,
+        progress: ProgressFn | None = None,
+        step_fn: StepFn | None = None,
+    ) -> Image.Image:
+        """Edit `image` as `instruction` says; returns an image of the input's size.
+
+        `step_fn` replaces the torch DiT with another engine (same inputs, same loop).
+        """
+        self.timer = StageTimer(self.device)
+        inputs = self.prepare(
+            image, instruction, seed=seed, steps=steps, size_level=size_level,
+            negative_prompt=negative_prompt, sample_posterior=sample_posterior,
+        )
+        step = step_fn or torch_step_fn(self.model, inputs, self.dtype)
+        with self.timer.stage("denoise"):
+            latent = denoise(
+                step, inputs.noise, inputs.ref, inputs.timesteps,
+                guidance=cfg, truncate=self.config.cfg_truncate, progress=progress,
+            )
+        return self.decode(latent, inputs)
+
+
+def edit(image: Image.Image, instruction: str, *, pipeline: Step1XEditPipeline | None = None, **kwargs) -> Image.Image:
+    """Functional form of `Step1XEditPipeline.edit` (defaults to the tiny random model)."""
+    return (pipeline or Step1XEditPipeline.random()).edit(image, instruction, **kwargs)

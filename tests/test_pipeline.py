@@ -1,0 +1,115 @@
+"""The reference edit end to end on the tiny model, and the CLI's handling of bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from step1x_export.cli import main
+from step1x_export.step1x_ref.pipeline import Step1XEditPipeline
+
+FAST = ["--model", "tiny", "--steps", "2", "--size-level", "64", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def pipe() -> Step1XEditPipeline:
+    return Step1XEditPipeline.random("tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def photo() -> Image.Image:
+    rng = np.random.default_rng(0)
+    base = np.linspace(0, 255, 80 * 60 * 3).reshape(60, 80, 3)
+    return Image.fromarray((base * 0.7 + rng.uniform(0, 70, base.shape)).astype(np.uint8))
+
+
+def psnr(a: Image.Image, b: Image.Image) -> float:
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mse = np.mean((x - y) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+def test_seeded_edit_is_deterministic(pipe: Step1XEditPipeline, photo: Image.Image) -> None:
+    a = pipe.edit(photo, 'Change the text to "HELLO"', seed=3, steps=3, size_level=64)
+    b = pipe.edit(photo, 'Change the text to "HELLO"', seed=3, steps=3, size_level=64)
+    c = pipe.edit(photo, 'Change the text to "HELLO"', seed=4, steps=3, size_level=64)
+    assert a.size == photo.size  # resized back to the input's size
+    assert psnr(a, b) == float("inf")
+    assert psnr(a, c) < 30  # another seed gives another image: the seed is used
+    assert set(pipe.timer.resolve()) >= {"preprocess", "mllm", "vae_encode", "denoise", "vae_decode"}
+
+
+def test_instruction_changes_the_edit(pipe: Step1XEditPipeline, photo: Image.Image) -> None:
+    a = pipe.edit(photo, "make it red", seed=1, steps=2, size_level=64)
+    b = pipe.edit(photo, "", seed=1, steps=2, size_level=64)  # empty instruction: allowed upstream
+    assert psnr(a, b) < 60
+
+
+def write(img: Image.Image, path: Path) -> Path:
+    img.save(path)
+    return path
+
+
+def run(args: list[str]):
+    return CliRunner().invoke(main, args)
+
+
+def test_cli_edit_writes_image(tmp_path: Path, photo: Image.Image) -> None:
+    src = write(photo, tmp_path / "in.png")
+    out = tmp_path / "out.jpg"
+    result = run(["edit", *FAST, "--image", str(src), "--prompt", "add a hat", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == photo.size
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "L", "I;16"])
+def test_cli_converts_modes_and_says_so(tmp_path: Path, photo: Image.Image, mode: str) -> None:
+    if mode == "I;16":
+        img = Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 257)
+    else:
+        img = photo.convert(mode)
+    src = write(img, tmp_path / "in.png")
+    out = tmp_path / "out.png"
+    result = run(["edit", *FAST, "--image", str(src), "--prompt", "x", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.exists()
+    if mode in ("RGBA", "I;16"):
+        assert "warning" in result.output
+
+
+def test_cli_bad_inputs_fail_cleanly(tmp_path: Path, photo: Image.Image) -> None:
+    good = write(photo, tmp_path / "in.png")
+    tiny = write(photo.resize((12, 40)), tmp_path / "tiny.png")
+    huge = tmp_path / "huge.png"
+    Image.new("1", (9000, 9000)).save(huge)
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(good.read_bytes()[:100])
+    out = tmp_path / "out.png"
+    cases = [
+        (["--image", str(tmp_path / "absent.png")], "does not exist"),
+        (["--image", str(corrupt)], "cannot read image"),
+        (["--image", str(tiny)], "at least 16 px"),
+        (["--image", str(huge)], "MP"),
+    ]
+    for extra, message in cases:
+        result = run(["edit", *FAST, "--prompt", "x", "--out", str(out), *extra])
+        assert result.exit_code != 0 and message in result.output, (extra, result.output)
+    result = run(["edit", *FAST, "--image", str(good), "--prompt", "x", "--out", str(tmp_path / "no" / "o.png")])
+    assert result.exit_code != 0 and "does not exist" in result.output
+    result = run(["edit", "--model-dir", str(tmp_path / "nope"), "--image", str(good), "--prompt", "x",
+                  "--out", str(out)])
+    assert result.exit_code != 0 and "nope" in result.output
+    assert not out.exists()
+
+
+def test_demo_runs(tmp_path: Path) -> None:
+    out = tmp_path / "demo.png"
+    result = run(["demo", "--out", str(out), "--steps", "2", "--size-level", "64"])
+    assert result.exit_code == 0, result.output
+    assert "RANDOM" in result.output and "denoise" in result.output
+    assert Image.open(out).size == (512, 512)
