@@ -11,13 +11,14 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from ..timing import StageTimer
 from .autoencoder import AutoEncoder
 from .conditioner import Qwen25VLEmbedder
 from .configs import ModelConfig, get_config
 from .imaging import check_size, edit_size, pil_to_tensor, tensor_to_pil, to_rgb
-from .loading import ModelFiles, load_into
+from .loading import DIT_FILES, QWEN_DIR, VAE_FILE, ModelFiles, load_into
 from .math import rope_table
 from .model import Step1XEdit
 from .random_weights import randomize_
@@ -80,12 +81,19 @@ class Step1XEditPipeline:
         *,
         device: str = "cpu",
         dtype: torch.dtype = torch.bfloat16,
+        config: ModelConfig | None = None,
     ) -> Step1XEditPipeline:
-        """Load the official files: DiT+connector (bf16 or FP8-stored), vae.safetensors (fp32), Qwen dir."""
-        config = get_config(version)
-        files = ModelFiles.in_dir(model_dir, version)
+        """Load the official files: DiT+connector (bf16 or FP8-stored), vae.safetensors (fp32), Qwen dir.
+
+        `config` overrides the architecture (default: the named `version`'s), e.g. a tiny model saved
+        in the official layout.
+        """
+        config = config or get_config(version)
+        files = ModelFiles.in_dir(model_dir, config.version)
         model = load_into(lambda: Step1XEdit(config), files.dit, dtype=dtype, device=device)
         ae = load_into(lambda: AutoEncoder(config.vae), files.vae, dtype=torch.float32, device=device)
+        if config.tiny_qwen is None and config.embedder.hidden_size != 3584:
+            raise ValueError(f"config {config.name}: full-size models read Qwen2.5-VL-7B (hidden 3584)")
         embedder = Qwen25VLEmbedder.from_pretrained(files.qwen, config.embedder, dtype=dtype, device=device)
         return cls(config, model, ae, embedder, device=device, dtype=dtype)
 
@@ -101,6 +109,17 @@ class Step1XEditPipeline:
         ae = randomize_(AutoEncoder(config.vae), seed + 1).eval().requires_grad_(False)
         embedder = Qwen25VLEmbedder.tiny(config.tiny_qwen, config.embedder, seed=seed + 2, dtype=dtype)
         return cls(config, model, ae, embedder, dtype=dtype)
+
+    def save_pretrained(self, model_dir: str | Path) -> ModelFiles:
+        """Write this pipeline's weights in the official layout (what `from_pretrained` reads)."""
+        root = Path(model_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        files = ModelFiles(root / DIT_FILES[self.config.version][0], root / VAE_FILE, root / QWEN_DIR)
+        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(files.dit))
+        save_file({k: v.contiguous() for k, v in self.ae.state_dict().items()}, str(files.vae))
+        self.embedder.model.save_pretrained(files.qwen)
+        self.embedder.processor.save_pretrained(files.qwen)
+        return files
 
     # -- stages ---------------------------------------------------------------------------------
     def prepare(
