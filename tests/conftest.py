@@ -1,5 +1,32 @@
 import sys
 from pathlib import Path
 
-# tests import their shared helpers (keymaps) as top-level modules
+import pytest
+
+# tests import their shared helpers (keymaps, test_runtime) as top-level modules
 sys.path.insert(0, str(Path(__file__).parent))
+
+# Tiny VAE graphs are ~9-13 MB, the others 0.5-3.5 MB: this threshold sends the VAE graphs to external
+# data and keeps the rest inline, so one export covers both ways of writing a graph.
+EXTERNAL_THRESHOLD = 5_000_000
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """The tiny reference pipeline with seeded random weights (model 0, VAE 1, MLLM 2)."""
+    from step1x_export.step1x_ref.pipeline import Step1XEditPipeline
+
+    return Step1XEditPipeline.random("tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_pipe, tmp_path_factory) -> Path:
+    """One fp32 ONNX export of every component of `tiny_pipe` (the dynamo exporter takes ~45 s on 2 cores),
+    shared by every test module that needs graphs; mark those modules `xdist_group("tiny_export")`."""
+    from step1x_export.export import export_components
+    from step1x_export.specs import COMPONENTS
+
+    out = tmp_path_factory.mktemp("tiny_export")
+    export_components(tiny_pipe, out, components=COMPONENTS, precision="fp32", progress=False,
+                      external_data_threshold=EXTERNAL_THRESHOLD)
+    return out

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import click
 
+from .bench import bench
+from .build import build
+from .calibrate import calibrate
 from .edit import demo, edit
+from .export import export
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -16,5 +20,5 @@ def main() -> None:
     """
 
 
-for command in (edit, demo):
+for command in (demo, edit, export, calibrate, build, bench):
     main.add_command(command)

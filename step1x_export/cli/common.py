@@ -16,11 +16,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..step1x_ref.imaging import ImageInputError
-from ..step1x_ref.loading import CheckpointError
+from ..runtime.trt_manifest import EngineMismatchError
 
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP"}
-USER_ERRORS = (CheckpointError, ImageInputError, ValueError, FileNotFoundError, FileExistsError)
+# Every package error below is a ValueError (CheckpointError, ImageInputError, ExportError, ArtifactError,
+# ProfileError); EngineMismatchError (a TensorRT engine built for another GPU/version) is a RuntimeError.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, EngineMismatchError)
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

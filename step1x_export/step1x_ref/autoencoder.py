@@ -60,9 +60,10 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.norm(x)
-        q, k, v = (rearrange(proj(h), "b c h w -> b (h w) c") for proj in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)  # one head of width c: scale 1/sqrt(c)
-        out = rearrange(out, "b (h w) c -> b c h w", h=x.shape[-2], w=x.shape[-1])
+        # One head of width c (scale 1/sqrt(c)); the explicit head axis keeps SDPA 4-D, which ONNX export needs.
+        q, k, v = (rearrange(proj(h), "b c h w -> b 1 (h w) c") for proj in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = rearrange(out, "b 1 (h w) c -> b c h w", h=x.shape[-2], w=x.shape[-1])
         return x + self.proj_out(out)
 
 

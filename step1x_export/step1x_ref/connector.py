@@ -41,8 +41,9 @@ class TimestepEmbedder(nn.Module):
             nn.Linear(hidden_size, hidden_size, bias=True),
         )
 
-    def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(timestep_embedding(t, self.frequency_embedding_size).to(self.mlp[0].weight.dtype))
+    def forward(self, t: Tensor, dtype: torch.dtype) -> Tensor:
+        # `dtype` is the activations' (upstream reads mlp[0]'s weight dtype, which is wrong once it is quantized).
+        return self.mlp(timestep_embedding(t, self.frequency_embedding_size).to(dtype))
 
 
 class TextProjection(nn.Module):
@@ -112,7 +113,7 @@ class SingleTokenRefiner(nn.Module):
         self.individual_token_refiner = IndividualTokenRefiner(params)
 
     def forward(self, x: Tensor, t: Tensor, mask: Tensor) -> Tensor:
-        c = self.t_embedder(t) + self.c_embedder(masked_mean(x, mask))
+        c = self.t_embedder(t, x.dtype) + self.c_embedder(masked_mean(x, mask))
         return self.individual_token_refiner(self.input_embedder(x), c, mask)
 
 

@@ -107,7 +107,7 @@ class Step1XEditPipeline:
             raise ValueError(f"config {config_name!r} is full size: random weights are only built for tiny configs")
         model = randomize_(Step1XEdit(config), seed).to(dtype).eval().requires_grad_(False)
         ae = randomize_(AutoEncoder(config.vae), seed + 1).eval().requires_grad_(False)
-        embedder = Qwen25VLEmbedder.tiny(config.tiny_qwen, config.embedder, seed=seed + 2, dtype=dtype)
+        embedder = Qwen25VLEmbedder.tiny(config.tiny_qwen, params=config.embedder, seed=seed + 2, dtype=dtype)
         return cls(config, model, ae, embedder, dtype=dtype)
 
     def save_pretrained(self, model_dir: str | Path) -> ModelFiles:

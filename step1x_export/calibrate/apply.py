@@ -1,0 +1,39 @@
+"""Apply a `QuantArtifact` to a torch model: swap the selected nn.Linear modules for `QuantLinear`."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..hashing import module_hash
+from .artifact import QuantArtifact
+from .qlinear import QuantLinear
+
+
+def check_model_hash(model: nn.Module, artifact: QuantArtifact) -> None:
+    got = module_hash(model)
+    if got != artifact.model_hash:
+        raise ValueError(
+            f"quantization artifact was calibrated on model {artifact.model_hash} ({artifact.model_dtype}) "
+            f"but this model hashes to {got}: other weights or another dtype; recalibrate, or load the model "
+            f"as it was calibrated"
+        )
+
+
+def quantize_model(model: nn.Module, artifact: QuantArtifact, *, check_hash: bool = True) -> nn.Module:
+    """Replace, in place, each Linear named in `artifact` by a `QuantLinear`; returns `model`."""
+    if check_hash:
+        check_model_hash(model, artifact)
+    modules = dict(model.named_modules())
+    for name, s in artifact.layers.items():
+        linear = modules.get(name)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"artifact layer {name}: the model has {type(linear).__name__ if linear else 'nothing'} "
+                             f"there, expected nn.Linear")
+        if (linear.in_features, linear.out_features) != (s.in_features, s.out_features):
+            raise ValueError(f"artifact layer {name} is {s.in_features}->{s.out_features}, "
+                             f"the model's is {linear.in_features}->{linear.out_features}")
+        q = QuantLinear.from_linear(linear, artifact.fmt, input_scale=s.input_scale, weight_scale=s.weight_scale,
+                                    smooth=s.smooth)
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, q)
+    return model

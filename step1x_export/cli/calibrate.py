@@ -1,0 +1,92 @@
+"""`step1x-export calibrate`: collect activation statistics and write a W8A8 quantization artifact."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import click
+
+from ..calibrate.apply import quantize_model
+from ..calibrate.artifact import save_artifact
+from ..calibrate.collect import collect_stats
+from ..calibrate.dataset import describe, split_pairs
+from ..calibrate.evaluate import evaluate, format_table, summarize
+from ..calibrate.recipes import DEFAULT_EXCLUDE, RECIPES, build_artifact
+from ..step1x_ref.pipeline import Step1XEditPipeline
+from .common import DTYPES, default_device, user_errors
+
+
+@click.command()
+@click.option("--model-dir", type=click.Path(path_type=Path), help="Folder with the official files (DiT "
+              "safetensors, vae.safetensors, Qwen2.5-VL-7B-Instruct/), as for `edit`.")
+@click.option("--model", "model_name", type=click.Choice(["tiny", "tiny-v1.0"]),
+              help="Calibrate a tiny random-weight model instead of --model-dir (testing).")
+@click.option("--version", type=click.Choice(["v1.0", "v1.1"]), default="v1.1", show_default=True,
+              help="Model version of the checkpoint in --model-dir.")
+@click.option("--recipe", required=True, type=click.Choice(list(RECIPES)),
+              help="fp8: FP8 E4M3 W8A8 (static per-tensor activation scale); int8-sq: INT8 SmoothQuant W8A8.")
+@click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+              help="SmoothQuant migration strength (int8-sq only).")
+@click.option("--weight-scale", "weight_granularity", type=click.Choice(["per-channel", "per-tensor"]),
+              default="per-channel", show_default=True, help="Weight scale granularity.")
+@click.option("--samples", type=click.IntRange(1), default=64, show_default=True,
+              help="Calibration (image, instruction) pairs, from the non-held-out split (at most 70).")
+@click.option("--steps", type=click.IntRange(1, 1000), default=28, show_default=True,
+              help="Denoising steps per pair (statistics cover every step, both CFG branches).")
+@click.option("--size-level", type=click.IntRange(16, 4096), default=1024, show_default=True,
+              help="Edit resolution of the calibration runs (use the one you deploy at).")
+@click.option("--cfg", type=float, default=6.0, show_default=True, help="True-CFG guidance scale.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed of the first pair (pair i: seed+i).")
+@click.option("--include", multiple=True, default=("*",), show_default=True,
+              help="Layers to quantize: fnmatch pattern over module names ('re:' prefix: regex); repeatable.")
+@click.option("--exclude", multiple=True, default=DEFAULT_EXCLUDE, show_default=True,
+              help="Layers kept in high precision (pattern, repeatable; giving any replaces the default list).")
+@click.option("--eval", "n_eval", type=click.IntRange(0), default=0, show_default=True,
+              help="After calibrating, report SQNR per step / image PSNR against the reference on this many "
+                   "held-out pairs.")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
+              help="Model dtype during calibration [default: bf16 for --model-dir, fp32 for --model]; the "
+                   "artifact only applies to a model loaded in this same dtype (its hash is recorded).")
+@click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
+@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
+              help="Artifact file (.safetensors: scales + JSON metadata); its folder must exist; written atomically.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@user_errors
+def calibrate(
+    model_dir: Path | None, model_name: str | None, version: str, recipe: str, alpha: float,
+    weight_granularity: str, samples: int, steps: int, size_level: int, cfg: float, seed: int,
+    include: tuple[str, ...], exclude: tuple[str, ...], n_eval: int, dtype: str | None, device: str | None,
+    out_path: Path, quiet: bool,
+) -> None:
+    """Calibrate W8A8 scales on real photos x edit instructions and write a quantization artifact.
+
+    Runs the reference pipeline's sampling loop over the calibration set, records every Linear input's
+    amax (per channel) and turns it into scales with the chosen recipe. Use the artifact with
+    `export --quant FILE` and `edit --quant FILE`.
+    """
+    if (model_dir is None) == (model_name is None):
+        raise click.UsageError("give exactly one of --model-dir DIR or --model tiny")
+    if not out_path.parent.is_dir():
+        raise FileNotFoundError(f"output folder {out_path.parent} does not exist")
+    calib, held_out = split_pairs()
+    if samples > len(calib):
+        raise ValueError(f"--samples {samples}: the calibration split has {len(calib)} pairs")
+    if model_dir is not None:
+        pipe = Step1XEditPipeline.from_pretrained(model_dir, version, device=device or default_device(),
+                                                  dtype=DTYPES[dtype or "bf16"])
+    else:
+        pipe = Step1XEditPipeline.random(model_name, dtype=DTYPES[dtype or "fp32"])
+    pairs = calib[:samples]
+    stats = collect_stats(pipe, pairs, steps=steps, size_level=size_level, cfg=cfg, seed=seed, progress=not quiet)
+    calibration = describe(pairs) | {"steps": steps, "size_level": size_level, "cfg": cfg, "seed": seed,
+                                     "model": str(model_dir or model_name)}
+    artifact = build_artifact(pipe.model, stats, recipe, alpha=alpha, include=include, exclude=exclude,
+                              per_channel=weight_granularity == "per-channel", calibration=calibration)
+    save_artifact(artifact, out_path)
+    click.echo(f"wrote {out_path}: {artifact.summary()}")
+    if n_eval:
+        qmodel = quantize_model(copy.deepcopy(pipe.model), artifact, check_hash=False)
+        reports = evaluate(pipe, qmodel, held_out[:n_eval], steps=steps, size_level=size_level, cfg=cfg,
+                           seed=seed, progress=not quiet)
+        click.echo(format_table({recipe: summarize(reports)}))

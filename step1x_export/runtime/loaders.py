@@ -1,0 +1,176 @@
+"""Stage loaders per backend: what builds each engine, so stages can be loaded now or one at a time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..specs import ComponentSpec, dit_spec, vae_decoder_spec, vae_encoder_spec
+from ..step1x_ref.autoencoder import AutoEncoder, VAEDecoder, VAEEncoder
+from ..step1x_ref.conditioner import Qwen25VLEmbedder
+from ..step1x_ref.configs import CONFIGS, ModelConfig, get_config
+from ..step1x_ref.loading import ModelFiles, load_into
+from ..step1x_ref.model import Step1XEdit
+from ..step1x_ref.pipeline import Step1XEditPipeline
+from .buffers import Shape
+from .options import RuntimeOptions
+from .stages import Loader
+from .torch_engine import TorchEncoder, TorchEngine, compile_blocks
+
+TINY = tuple(name for name, c in CONFIGS.items() if c.tiny_qwen is not None)
+ENGINE_COMPONENTS = ("vae_encoder", "dit", "vae_decoder")
+
+
+def component_spec(config: ModelConfig, name: str) -> ComponentSpec:
+    return {"dit": dit_spec, "vae_encoder": vae_encoder_spec, "vae_decoder": vae_decoder_spec}[name](config)
+
+
+def pipeline_loaders(pipe: Step1XEditPipeline, device: torch.device, dtype: torch.dtype, dit=None) -> dict[str, Loader]:
+    """Engines over an existing pipeline's modules (tiny models and tests); `dit` replaces its DiT."""
+    c = pipe.config
+    model = dit if dit is not None else pipe.model
+    return {
+        "encoder": lambda: TorchEncoder(pipe.embedder),
+        "vae_encoder": lambda: TorchEngine(VAEEncoder(pipe.ae), vae_encoder_spec(c), torch.float32, device),
+        "dit": lambda: TorchEngine(model, dit_spec(c), dtype, device),
+        "vae_decoder": lambda: TorchEngine(VAEDecoder(pipe.ae), vae_decoder_spec(c), torch.float32, device),
+    }
+
+
+def _prepare_dit(model: torch.nn.Module, options: RuntimeOptions, quant: str | Path | None) -> torch.nn.Module:
+    if quant is not None:
+        # Written by the calibration work (issue 4); imported only when asked for.
+        from ..calibrate.apply import quantize_model
+        from ..calibrate.artifact import load_artifact
+
+        model = quantize_model(model, load_artifact(Path(quant))) or model
+    if options.compile:
+        compile_blocks(model)
+    return model
+
+
+def torch_loaders(
+    source: str | Path, options: RuntimeOptions, device: torch.device, *, version: str, quant, seed: int
+) -> tuple[ModelConfig, dict[str, Loader], tuple[str, ...]]:
+    dtype = options.precision.compute_dtype
+    if str(source) in TINY:
+        pipe = Step1XEditPipeline.random(str(source), seed=seed, dtype=dtype)
+        for module in (pipe.model, pipe.ae, pipe.embedder):
+            module.to(device)
+        model = _prepare_dit(pipe.model, options, quant)
+        return pipe.config, pipeline_loaders(pipe, device, dtype, dit=model), (f"tiny random weights (seed {seed})",)
+    config = get_config(version)
+    files = ModelFiles.in_dir(source, version)
+
+    def dit() -> TorchEngine:
+        model = load_into(lambda: Step1XEdit(config), files.dit, dtype=dtype, device=device)
+        return TorchEngine(_prepare_dit(model, options, quant), dit_spec(config), dtype, device)
+
+    def autoencoder() -> AutoEncoder:  # fp32 as upstream; loaded per VAE stage so each frees its half
+        return load_into(lambda: AutoEncoder(config.vae), files.vae, dtype=torch.float32, device=device)
+
+    return config, {
+        "encoder": lambda: TorchEncoder(Qwen25VLEmbedder.from_pretrained(files.qwen, config.embedder, dtype, device)),
+        "vae_encoder": lambda: TorchEngine(VAEEncoder(autoencoder()), vae_encoder_spec(config), torch.float32, device),
+        "dit": dit,
+        "vae_decoder": lambda: TorchEngine(VAEDecoder(autoencoder()), vae_decoder_spec(config), torch.float32, device),
+    }, ()
+
+
+def mllm_loader(config: ModelConfig, mllm: str | Path | None, device: torch.device, dtype: torch.dtype,
+                seed: int) -> tuple[Loader, str]:
+    """The MLLM stage for engine backends: torch, from a Qwen2.5-VL dir or a tiny config's seeded weights."""
+    name = str(mllm) if mllm is not None else config.name
+    if name in TINY:
+        def tiny() -> TorchEncoder:  # the same weights as Step1XEditPipeline.random(name, seed=seed)
+            return TorchEncoder(Step1XEditPipeline.random(name, seed=seed, dtype=dtype).embedder.to(device))
+
+        return tiny, f"MLLM: torch, tiny random weights (seed {seed})"
+    if mllm is None:
+        raise ValueError(f"the engines are for {config.name}: pass the Qwen2.5-VL-7B-Instruct directory as mllm "
+                         "(the MLLM runs in torch)")
+    return (lambda: TorchEncoder(Qwen25VLEmbedder.from_pretrained(Path(mllm), config.embedder, dtype, device)),
+            f"MLLM: torch, from {mllm}")
+
+
+def _config_of(manifest, source: Path, version: str) -> ModelConfig:
+    config = getattr(manifest, "config", None)
+    if isinstance(config, ModelConfig):
+        return config
+    return get_config(config if isinstance(config, str) else version)
+
+
+def engine_loaders(source: Path, backend: str, device: torch.device, dtype: torch.dtype, *, version: str,
+                   mllm, seed: int):
+    """Loaders for an ONNX export dir (onnxruntime) or a TensorRT engine dir, and their shape check."""
+    if not source.is_dir():
+        raise FileNotFoundError(f"{backend} engine directory {source} does not exist")
+    if backend == "tensorrt":
+        return _tensorrt_loaders(source, device, dtype, version=version, mllm=mllm, seed=seed)
+    from ..export import load_manifest
+    from .onnxruntime import OrtEngine
+
+    manifest = load_manifest(source)
+    config = _config_of(manifest, source, version)
+    missing = [c for c in ENGINE_COMPONENTS if c not in manifest.components]
+    if missing:
+        raise FileNotFoundError(f"export {source} lacks component(s) {missing}; it has {sorted(manifest.components)}")
+
+    def ort(name: str) -> Loader:
+        entry = manifest.components[name]
+        return lambda: OrtEngine(entry.path, entry.spec)
+
+    if mllm is None and {"vision", "llm"} <= manifest.components.keys():
+        encoder, note = _ort_mllm_loader(manifest, source, config), "MLLM: ONNX Runtime (vision + llm graphs)"
+    else:
+        encoder, note = mllm_loader(config, mllm, device, dtype, seed)
+        note += " (the export has no vision/llm graphs, or mllm was given)"
+    loaders = {"encoder": encoder, **{c: ort(c) for c in ENGINE_COMPONENTS}}
+
+    def check(component: str, shapes: dict[str, Shape]) -> None:
+        manifest.check_shapes(component, shapes)
+
+    return config, loaders, check, (note,)
+
+
+def _ort_mllm_loader(manifest, source: Path, config: ModelConfig) -> Loader:
+    def load() -> TorchEncoder:
+        from transformers import Qwen2_5_VLConfig
+
+        from ..export import QWEN_DIR
+        from ..step1x_ref.conditioner import load_processor
+        from .onnxruntime import OrtEmbedder, OrtEngine
+
+        vision, llm = (OrtEngine(manifest.components[n].path, manifest.components[n].spec) for n in ("vision", "llm"))
+        qwen = source / QWEN_DIR
+        embedder = OrtEmbedder(vision, llm, load_processor(qwen, config.embedder),
+                               Qwen2_5_VLConfig.from_pretrained(qwen), config.embedder)
+        return TorchEncoder(embedder)  # type: ignore[arg-type]  (any embedder callable)
+
+    return load
+
+
+def _tensorrt_loaders(source: Path, device: torch.device, dtype: torch.dtype, *, version: str, mllm, seed: int):
+    from .buffers import BufferPool, select_profile
+    from .trt_manifest import EngineManifest, current_platform
+
+    manifest = EngineManifest.read(source)
+    manifest.check_platform(current_platform())  # refuse before any engine is deserialised
+    config = get_config(manifest.config)
+    pool = BufferPool(device)  # one static-buffer pool shared by every TensorRT stage
+
+    def trt(name: str) -> Loader:
+        from .trt_engine import TensorRTEngine
+
+        record = manifest.components[name]
+        return lambda: TensorRTEngine(source / record.file, component_spec(config, name), record.profiles, pool)
+
+    encoder, note = mllm_loader(config, mllm, device, dtype, seed)
+    loaders = {"encoder": encoder, **{c: trt(c) for c in ENGINE_COMPONENTS}}
+
+    def check(component: str, shapes: dict[str, Shape]) -> None:
+        select_profile(component, shapes, manifest.components[component].profiles)
+
+    return config, loaders, check, (note, json.dumps(manifest.platform()))

@@ -1,0 +1,192 @@
+"""ONNX Runtime backend: an `Engine` per exported graph, and a whole edit from an export folder.
+
+`OrtEngine` binds torch tensors to the session by pointer (I/O binding) on every provider, so CUDA
+inputs never leave the GPU and bf16 needs no numpy dtype; outputs come back as torch tensors through
+DLPack. (ORT's CPU provider has few bf16 kernels: run bf16 graphs with the CUDA provider, fp32 on CPU.)
+
+`load_ort_pipeline(dir)` returns the reference `Step1XEditPipeline` with its DiT, VAE and MLLM swapped
+for ORT-backed stand-ins: preprocessing, the denoising loop (`sampling.denoise`) and postprocessing are
+the reference code, so torch and ORT edits differ only in the graphs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnxruntime as ort
+import torch
+from PIL import Image
+from torch import Tensor
+
+from ..export.export import QWEN_DIR
+from ..export.manifest import ComponentEntry, ExportError, Manifest, load_manifest
+from ..specs import ComponentSpec
+from ..step1x_ref.configs import EmbedderParams, VAEParams, get_config
+from ..step1x_ref.pipeline import EditInputs, Step1XEditPipeline
+from ..step1x_ref.sampling import StepFn
+
+_ONNX_TYPES = {
+    "tensor(float)": (1, torch.float32),
+    "tensor(float16)": (10, torch.float16),
+    "tensor(bfloat16)": (16, torch.bfloat16),
+    "tensor(int64)": (7, torch.int64),
+    "tensor(int32)": (6, torch.int32),
+    "tensor(bool)": (9, torch.bool),
+}
+
+
+def default_providers() -> list[str]:
+    """CUDA when onnxruntime-gpu and a GPU are present, else CPU."""
+    if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OrtEngine:
+    """One ONNX graph as an `Engine`: `engine(**inputs) -> {output name: tensor}`, names from `spec`."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        spec: ComponentSpec,
+        *,
+        providers: list[str] | None = None,
+        entry: ComponentEntry | None = None,
+        session_options: ort.SessionOptions | None = None,
+    ):
+        path = Path(path)
+        if not path.is_file():
+            raise ExportError(f"{spec.name}: graph {path} does not exist")
+        self.spec, self.entry, self.path = spec, entry, path
+        options = session_options or ort.SessionOptions()
+        self.session = ort.InferenceSession(str(path), options, providers=providers or default_providers())
+        got = [i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()]
+        if got != (spec.input_names, spec.output_names):
+            raise ExportError(f"{spec.name}: {path} has inputs/outputs {got}, the spec declares "
+                              f"{spec.input_names} -> {spec.output_names}")
+        self._types = {i.name: _ONNX_TYPES[i.type] for i in self.session.get_inputs()}
+        self.on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
+        if not self.on_cuda and any(dtype == torch.bfloat16 for _, dtype in self._types.values()):
+            raise ExportError(f"{spec.name}: {path} is a bf16 graph; ONNX Runtime's CPU kernels lack bf16 (Mul, "
+                              "MatMul, ...): run it with CUDAExecutionProvider (onnxruntime-gpu) or export fp32/fp16")
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_cuda else torch.device("cpu")
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, name: str, *, providers: list[str] | None = None) -> OrtEngine:
+        entry = manifest.component(name)
+        return cls(entry.path, entry.spec, providers=providers, entry=entry)
+
+    def __call__(self, **inputs: Tensor) -> dict[str, Tensor]:
+        if self.entry is not None:
+            self.entry.check_shapes({k: tuple(v.shape) for k, v in inputs.items()})
+        binding = self.session.io_binding()
+        kept = []  # the bound buffers must outlive the run
+        for name in self.spec.input_names:
+            if name not in inputs:
+                raise ExportError(f"{self.spec.name}: missing input {name!r}; it takes {self.spec.input_names}")
+            onnx_type, dtype = self._types[name]
+            t = inputs[name].to(self.device, dtype).contiguous()
+            kept.append(t)
+            binding.bind_input(name, self.device.type, self.device.index or 0, onnx_type, tuple(t.shape), t.data_ptr())
+        for name in self.spec.output_names:
+            binding.bind_output(name, self.device.type, self.device.index or 0)
+        if self.on_cuda:
+            torch.cuda.current_stream().synchronize()  # inputs written on torch's stream; ORT runs on its own
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        # DLPack shares ORT's buffer (no copy) on CPU and CUDA, bf16 included.
+        names = self.spec.output_names
+        return {n: torch.from_dlpack(v._ortvalue.to_dlpack()) for n, v in zip(names, outputs, strict=True)}
+
+    def close(self) -> None:
+        self.session = None  # type: ignore[assignment]
+
+
+# -- a whole edit from an export folder ------------------------------------------------------------
+def ort_step_fn(engine: OrtEngine, inputs: EditInputs) -> StepFn:
+    """The "dit" graph as a denoising-step callable for `sampling.denoise` (same contract as torch_step_fn)."""
+
+    def step(img: Tensor, t: Tensor) -> Tensor:
+        out = engine(img=img, pe=inputs.pe, timestep=t, llm_embedding=inputs.llm_embedding, llm_mask=inputs.llm_mask)
+        return out["pred"].float().to(img.device)
+
+    return step
+
+
+class OrtDiT:
+    """Stands in for `Step1XEdit`: called with the DiT's forward signature, runs the "dit" graph."""
+
+    def __init__(self, engine: OrtEngine):
+        self.engine = engine
+
+    def __call__(self, img: Tensor, pe: Tensor, timestep: Tensor, llm_embedding: Tensor, llm_mask: Tensor) -> Tensor:
+        out = self.engine(img=img, pe=pe, timestep=timestep, llm_embedding=llm_embedding, llm_mask=llm_mask)
+        return out["pred"]
+
+
+class OrtAutoEncoder:
+    """Stands in for `AutoEncoder` (encode -> scaled posterior mean, decode) with the two VAE graphs."""
+
+    def __init__(self, encoder: OrtEngine | None, decoder: OrtEngine | None, params: VAEParams):
+        self.encoder, self.decoder, self.params = encoder, decoder, params
+
+    def encode(self, x: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        if sample:
+            raise ValueError("vae_encoder graph returns the posterior mean: sample_posterior is not supported on ORT")
+        if self.encoder is None:
+            raise ExportError("this export has no vae_encoder graph; re-export with it")
+        return self.encoder(image=x)["latent"]
+
+    def decode(self, latent: Tensor) -> Tensor:
+        if self.decoder is None:
+            raise ExportError("this export has no vae_decoder graph; re-export with it")
+        return self.decoder(latent=latent)["image"]
+
+
+class OrtEmbedder:
+    """Stands in for `Qwen25VLEmbedder`: vision graph once per image, one batched LLM graph call."""
+
+    def __init__(self, vision: OrtEngine, llm: OrtEngine, processor, qwen_config, params: EmbedderParams):
+        self.vision, self.llm, self.processor = vision, llm, processor
+        self.qwen_config, self.params = qwen_config, params
+
+    def __call__(self, instructions: list[str], image: Image.Image) -> tuple[Tensor, Tensor]:
+        from ..export.components import pad_batch
+        from ..export.qwen import llm_position_ids, vision_inputs
+        from ..step1x_ref.conditioner import build_mllm_inputs, select_tokens
+
+        batch = [build_mllm_inputs(self.processor, text, image, self.params) for text in instructions]
+        grid = batch[0].image_grid_thw
+        host = vision_inputs(grid, self.qwen_config.vision_config)
+        image_embeds = self.vision(pixel_values=batch[0].pixel_values, **host)["image_embeds"]
+        ids, mask = pad_batch([b.input_ids[0] for b in batch], [b.attention_mask[0] for b in batch])
+        positions = llm_position_ids(ids, mask, grid, self.qwen_config)
+        hidden = self.llm(input_ids=ids, attention_mask=mask, position_ids=positions, image_embeds=image_embeds)
+        hidden = hidden["last_hidden_state"].float().cpu()
+        # Each row's own length: right padding sits after the tokens select_tokens keeps.
+        embs, masks = zip(*(select_tokens(hidden[i : i + 1, : len(b.input_ids[0])], self.params)
+                            for i, b in enumerate(batch)), strict=True)
+        return torch.cat(embs), torch.cat(masks)
+
+
+def load_ort_pipeline(export_dir: str | Path, *, providers: list[str] | None = None) -> Step1XEditPipeline:
+    """The reference pipeline running every component from the export's graphs with ONNX Runtime."""
+    from transformers import Qwen2_5_VLConfig
+
+    from ..step1x_ref.conditioner import load_processor
+
+    manifest = load_manifest(export_dir)
+    needed = ["vision", "llm", "dit", "vae_encoder", "vae_decoder"]
+    missing = [n for n in needed if n not in manifest.components]
+    if missing:
+        raise ExportError(f"export {export_dir} lacks {missing} for a whole edit; re-export with all components")
+    config = get_config(manifest.config)
+    engines = {n: OrtEngine.from_manifest(manifest, n, providers=providers) for n in needed}
+    qwen_dir = Path(export_dir) / QWEN_DIR
+    embedder = OrtEmbedder(
+        engines["vision"], engines["llm"], load_processor(qwen_dir, config.embedder),
+        Qwen2_5_VLConfig.from_pretrained(qwen_dir), config.embedder,
+    )
+    ae = OrtAutoEncoder(engines["vae_encoder"], engines["vae_decoder"], config.vae)
+    device = engines["dit"].device
+    return Step1XEditPipeline(config, OrtDiT(engines["dit"]), ae, embedder, device=device, dtype=torch.float32)

@@ -1,0 +1,220 @@
+"""`Step1XEditRuntime`: the embeddable edit API over torch, ONNX Runtime or TensorRT engines.
+
+preprocess -> MLLM (cond + uncond, one vision pass) -> VAE encode -> denoising loop -> VAE decode ->
+postprocess, each stage timed (CUDA events on GPU), with a progress callback. The loop is
+`sampling.denoise` over a step built from the dit engine, or, with CUDA graphs, the fused step
+(DiT + CFG + Euler) captured once per shape and replayed; neither looks at the backend.
+
+Threads: `edit` takes a per-runtime lock, so concurrent calls on one runtime run one after another
+(the static buffers and graphs are shared); use one runtime per device for parallel work.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ..precision import Precision
+from ..specs import ComponentSpec, dit_spec, vae_decoder_spec, vae_encoder_spec
+from ..step1x_ref.configs import ModelConfig
+from ..step1x_ref.imaging import check_size, edit_size, pil_to_tensor, tensor_to_pil, to_rgb
+from ..step1x_ref.math import rope_table
+from ..step1x_ref.pipeline import Step1XEditPipeline, make_noise
+from ..step1x_ref.sampling import ProgressFn, denoise, get_schedule, pack, position_ids, unpack
+from ..timing import StageTimer
+from .buffers import Shape, edit_dims, plan_buffers
+from .cudagraph import CudaGraphed
+from .engine import Engine
+from .memory import PeakMemory, read_peak, reset_peak
+from .options import Backend, RuntimeOptions
+from .stages import Loader, Stages
+from .step import denoise_fused, engine_step_fn, make_fused_step
+
+ShapeCheck = Callable[[str, dict[str, Shape]], None]  # (component, {input: shape}) -> raises if outside
+DTYPE_PRECISION = {torch.float32: Precision.FP32, torch.bfloat16: Precision.BF16, torch.float16: Precision.FP16}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Step1XEditRuntime:
+    def __init__(
+        self,
+        config: ModelConfig,
+        loaders: dict[str, Loader],
+        options: RuntimeOptions,
+        device: torch.device | str,
+        *,
+        shape_check: ShapeCheck | None = None,
+        notes: tuple[str, ...] = (),
+    ):
+        self.config, self.device = config, torch.device(device)
+        self.options = options.resolved(self.device)
+        self.notes = notes  # how the stages were built (e.g. "MLLM runs in torch"), for logs
+        self._shape_check = shape_check
+        self._lock = threading.Lock()
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.options.cuda_graphs else None
+        self._graphed: tuple[Engine, CudaGraphed] | None = None
+        self.stages: Stages | None = Stages(loaders, self.device, sequential=self.options.sequential_load)
+        self.timer = StageTimer(self.device)
+        self.timings: dict[str, float] = {}
+        self.peak_memory = PeakMemory(None, "no edit yet")
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        source: str | Path,
+        backend: Backend = "torch",
+        *,
+        quant: str | Path | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        cuda_graphs: bool = True,
+        sequential_load: bool = False,
+        compile: bool = True,
+        version: str = "v1.1",
+        mllm: str | Path | None = None,
+        seed: int = 0,
+    ) -> Step1XEditRuntime:
+        """A runtime over `source`: a tiny config name ("tiny": random weights from `seed`, as
+        `Step1XEditPipeline.random`), a model dir with the official files (torch backend), or an
+        export / engine dir (onnxruntime, tensorrt). For engine dirs the MLLM runs in torch from
+        `mllm` (a Qwen2.5-VL directory, or a tiny config name), default: the export's tiny config.
+        `quant` is a calibration artifact applied to the torch DiT."""
+        device = torch.device(device) if device is not None else default_device()
+        if dtype is None:  # bf16 on a GPU as upstream; fp32 on CPU (and for tiny models, the test reference)
+            tiny = str(source).startswith("tiny")
+            dtype = torch.bfloat16 if device.type == "cuda" and not tiny else torch.float32
+        options = RuntimeOptions(
+            backend=backend, precision=DTYPE_PRECISION[dtype], cuda_graphs=cuda_graphs, compile=compile,
+            sequential_load=sequential_load,
+        )
+        if backend == "torch":
+            from .loaders import torch_loaders
+
+            config, loaders, notes = torch_loaders(source, options.resolved(device), device, version=version,
+                                                   quant=quant, seed=seed)
+            return cls(config, loaders, options, device, notes=notes)
+        if quant is not None:
+            raise ValueError(f"--quant applies to the torch backend; a {backend} export has its quantization "
+                             "(Q/DQ nodes) in the graph already")
+        from .loaders import engine_loaders
+
+        config, loaders, check, notes = engine_loaders(Path(source), backend, device, dtype, version=version,
+                                                       mllm=mllm, seed=seed)
+        return cls(config, loaders, options, device, shape_check=check, notes=notes)
+
+    @classmethod
+    def from_pipeline(cls, pipe: Step1XEditPipeline, options: RuntimeOptions | None = None) -> Step1XEditRuntime:
+        """Torch engines over a reference pipeline's modules (weights shared, not copied)."""
+        from .loaders import pipeline_loaders
+
+        options = options or RuntimeOptions(precision=DTYPE_PRECISION[pipe.dtype])
+        loaders = pipeline_loaders(pipe, pipe.device, DTYPE_PRECISION[pipe.dtype].compute_dtype)
+        return cls(pipe.config, loaders, options, pipe.device)
+
+    # -- the edit -------------------------------------------------------------------------------
+    def edit(
+        self,
+        image: Image.Image,
+        instruction: str,
+        *,
+        seed: int = 0,
+        steps: int = 28,
+        cfg: float = 6.0,
+        size_level: int = 1024,
+        negative_prompt: str = "",
+        progress: ProgressFn | None = None,
+    ) -> Image.Image:
+        """Edit `image` as `instruction` says; an image of the input's size. Serialised per runtime."""
+        with self._lock:
+            if self.stages is None:
+                raise RuntimeError("Step1XEditRuntime is closed")
+            timer = self.timer = StageTimer(self.device)
+            reset_peak(self.device)
+            with timer.stage("preprocess"):
+                check_size(image)
+                image = to_rgb(image)
+                width, height = edit_size(*image.size, size_level)
+                self.check_shapes(width, height)  # before any model work
+                resized = pil_to_tensor(image.resize((width, height), Image.Resampling.BICUBIC))
+                mllm_image = tensor_to_pil(resized[0])  # the reference's float round trip
+            with self._stage(timer, "encoder", "mllm") as encoder:
+                emb, mask = encoder([instruction, negative_prompt], mllm_image)
+            with self._stage(timer, "vae_encoder", "vae_encode") as vae_encoder:
+                ref = pack(vae_encoder(image=resized.to(self.device) * 2 - 1)["latent"].float())
+            n_h, n_w = height // 16, width // 16
+            ids = position_ids(emb.shape[1], n_h, n_w, self.config.version)
+            pe = rope_table(ids, self.config.dit.axes_dim, self.config.dit.theta).to(self.device)
+            noise = pack(make_noise(width, height, seed)).to(self.device)
+            emb, mask = emb.to(self.device), mask.to(self.device)
+            timesteps = get_schedule(steps, n_h * n_w)
+            with self._stage(timer, "dit", "denoise") as dit:
+                latent = self._denoise(dit, noise, ref, pe, emb, mask, timesteps, cfg, progress)
+            with self._stage(timer, "vae_decoder", "vae_decode") as vae_decoder:
+                pixels = vae_decoder(latent=unpack(latent.float(), height, width))["image"]
+            with timer.stage("postprocess"):
+                out = tensor_to_pil(pixels[0].float().clamp(-1, 1).mul(0.5).add(0.5))
+                out = out.resize(image.size, Image.Resampling.BICUBIC)
+            self.timings = timer.resolve()
+            self.peak_memory = read_peak(self.device)
+            return out
+
+    def _denoise(self, dit: Engine, noise, ref, pe, emb, mask, timesteps, cfg: float, progress) -> torch.Tensor:
+        truncate = self.config.cfg_truncate
+        if not self.options.cuda_graphs:
+            step = engine_step_fn(dit, pe, emb, mask)
+            return denoise(step, noise, ref, timesteps, guidance=cfg, truncate=truncate, progress=progress)
+        if self._graphed is None or self._graphed[0] is not dit:  # graphs belong to one engine instance
+            self._graphed = (dit, CudaGraphed(make_fused_step(dit), enabled=True, pool=self._graph_pool))
+        return denoise_fused(self._graphed[1], noise, ref, pe, emb, mask, timesteps,
+                             guidance=cfg, truncate=truncate, progress=progress)
+
+    @contextmanager
+    def _stage(self, timer: StageTimer, name: str, label: str) -> Iterator[Any]:
+        assert self.stages is not None
+        if name not in self.stages.resident:
+            with timer.stage(f"load {name}"):
+                self.stages._load(name)
+        with self.stages.use(name) as engine, timer.stage(label):
+            yield engine
+
+    def check_shapes(self, width: int, height: int) -> None:
+        """Raise ProfileError (naming the component and its min/max) if an engine cannot run this size."""
+        if self._shape_check is None:
+            return
+        for spec, batch in self.specs_and_batches():
+            plan = plan_buffers(spec, edit_dims(self.config, width, height, batch), torch.float32)
+            self._shape_check(spec.name, {t.name: plan[t.name].shape for t in spec.inputs})
+
+    def specs_and_batches(self) -> list[tuple[ComponentSpec, int]]:
+        return [(vae_encoder_spec(self.config), 1), (dit_spec(self.config), 2), (vae_decoder_spec(self.config), 1)]
+
+    # -- lifetime -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free every engine, graph and static buffer (and the CUDA allocator's cache)."""
+        with self._lock:
+            if self.stages is not None:
+                self.stages.close()
+                self.stages.loaders.clear()
+            self.stages, self._graphed, self._graph_pool = None, None, None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    @property
+    def closed(self) -> bool:
+        return self.stages is None
+
+    def __enter__(self) -> Step1XEditRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,67 @@
+"""PyTorch modules as engines: named inputs from the spec -> named outputs.
+
+The DiT may be quantized (per a calibration artifact) or have its blocks `torch.compile`d before
+it is wrapped; the engine only casts inputs to the spec's dtypes and calls the module.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from ..specs import ComponentSpec
+from ..step1x_ref.conditioner import Qwen25VLEmbedder
+
+_FIXED = {"float32": torch.float32, "int64": torch.int64}
+
+
+class TorchEngine:
+    """`module(*inputs in spec order)` on `device`; "compute" tensors in `dtype`."""
+
+    def __init__(self, module: nn.Module, spec: ComponentSpec, dtype: torch.dtype, device: torch.device | str):
+        self.spec, self.dtype, self.device = spec, dtype, torch.device(device)
+        self.module: nn.Module | None = module.to(self.device).eval().requires_grad_(False)
+
+    def __call__(self, **inputs: Tensor) -> dict[str, Tensor]:
+        if self.module is None:
+            raise RuntimeError(f"{self.spec.name}: engine is closed")
+        missing = set(self.spec.input_names) - inputs.keys()
+        if missing:
+            raise ValueError(f"{self.spec.name}: missing inputs {sorted(missing)}; expected {self.spec.input_names}")
+        args = [inputs[t.name].to(self.device, _FIXED.get(t.dtype, self.dtype)) for t in self.spec.inputs]
+        with torch.inference_mode():
+            out = self.module(*args)
+        outs = out if isinstance(out, tuple) else (out,)
+        return dict(zip(self.spec.output_names, outs, strict=True))
+
+    def close(self) -> None:
+        self.module = None
+
+
+class TorchEncoder:
+    """The MLLM stage (vision + LLM, cond and uncond): one shared vision pass for the shared image."""
+
+    def __init__(self, embedder: Qwen25VLEmbedder):
+        self.embedder: Qwen25VLEmbedder | None = embedder
+
+    def __call__(self, instructions: list[str], image: Image.Image) -> tuple[Tensor, Tensor]:
+        if self.embedder is None:
+            raise RuntimeError("encoder: engine is closed")
+        with torch.inference_mode():
+            return self.embedder(instructions, image)  # its forward runs the vision tower once for all
+
+    def close(self) -> None:
+        self.embedder = None
+
+
+def compile_blocks(model: nn.Module) -> nn.Module:
+    """`torch.compile` each transformer block in place (fuses norms, modulation, RoPE, GELU, gates).
+
+    Per block rather than the whole model: compile time stays that of one block per type, and the
+    connector and embedders (run once per step on small tensors) are left eager.
+    """
+    for name in ("double_blocks", "single_blocks"):
+        for block in getattr(model, name):
+            block.compile(fullgraph=True, dynamic=False)
+    return model

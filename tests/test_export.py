@@ -1,0 +1,220 @@
+"""ONNX export + ONNX Runtime: per-component parity, a whole edit, external data, manifest checks.
+
+One export of the tiny model per module (the dynamo exporter takes seconds per graph); every
+dynamic-shape check runs several sizes and aspect ratios through that one set of graphs.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import EXTERNAL_THRESHOLD
+from PIL import Image
+
+from step1x_export.cli.export import export as export_cmd
+from step1x_export.export import ExportError, export_components, load_manifest
+from step1x_export.export.components import example_image, pad_batch
+from step1x_export.export.manifest import META_EXPORT_ID
+from step1x_export.export.qwen import llm_position_ids, vision_inputs
+from step1x_export.runtime.engine import Engine
+from step1x_export.runtime.onnxruntime import OrtEngine, load_ort_pipeline
+from step1x_export.specs import COMPONENTS
+from step1x_export.step1x_ref.math import rope_table
+from step1x_export.step1x_ref.pipeline import Step1XEditPipeline
+from step1x_export.step1x_ref.sampling import position_ids
+
+pytestmark = pytest.mark.xdist_group("tiny_export")  # shares the session's one tiny export
+FP32_TOL = 1e-4
+# (width, height): two resolutions x two aspect ratios, all from one graph per component
+SIZES = [(32, 32), (64, 64), (96, 48), (48, 80)]
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.float() - ref.float()).abs().max() / ref.float().abs().max())
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_pipe) -> Step1XEditPipeline:
+    return tiny_pipe
+
+
+@pytest.fixture(scope="module")
+def export_dir(tiny_export):
+    return tiny_export
+
+
+@pytest.fixture(scope="module")
+def manifest(export_dir):
+    return load_manifest(export_dir)
+
+
+@pytest.fixture(scope="module")
+def engines(manifest) -> dict[str, OrtEngine]:
+    return {n: OrtEngine.from_manifest(manifest, n, providers=["CPUExecutionProvider"]) for n in COMPONENTS}
+
+
+def test_engines_follow_the_protocol_and_names(engines, manifest, pipe):
+    assert all(isinstance(e, Engine) for e in engines.values())
+    graph = onnx.load(manifest.components["dit"].path)
+    inits = {i.name for i in graph.graph.initializer}
+    weights = [n for n, p in pipe.model.named_parameters() if p.dim() == 2]
+    missing = [n for n in weights if n not in inits]
+    print(f"dit: {len(weights) - len(missing)}/{len(weights)} 2-D weights keep their torch names")
+    assert not missing
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_dit_parity(engines, pipe, size):
+    c = pipe.config
+    w, h = size
+    n_h, n_w = h // 16, w // 16
+    gen = torch.Generator().manual_seed(w * h)
+    txt = c.embedder.max_length
+    mask = (torch.arange(txt) < 9 + w // 16).long().expand(2, -1).contiguous()
+    args = dict(
+        img=torch.randn(2, 2 * n_h * n_w, 64, generator=gen),
+        pe=rope_table(position_ids(txt, n_h, n_w, c.version), c.dit.axes_dim, c.dit.theta),
+        timestep=torch.tensor([0.7, 0.7]),
+        llm_embedding=torch.randn(2, txt, c.embedder.hidden_size, generator=gen),
+        llm_mask=mask,
+    )
+    with torch.inference_mode():
+        ref = pipe.model(**args)
+    err = rel_err(engines["dit"](**args)["pred"], ref)
+    print(f"dit {w}x{h}: max rel err {err:.2e}")
+    assert err <= FP32_TOL
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_vae_parity(engines, pipe, size):
+    w, h = size
+    gen = torch.Generator().manual_seed(w + h)
+    batch = 1 if w == h else 2
+    image = torch.rand(batch, 3, h, w, generator=gen) * 2 - 1
+    with torch.inference_mode():
+        latent_ref = pipe.ae.encode(image)
+        image_ref = pipe.ae.decode(latent_ref)
+    enc = rel_err(engines["vae_encoder"](image=image)["latent"], latent_ref)
+    dec = rel_err(engines["vae_decoder"](latent=latent_ref)["image"], image_ref)
+    print(f"vae {w}x{h} batch {batch}: encoder {enc:.2e}, decoder {dec:.2e}")
+    assert enc <= FP32_TOL and dec <= FP32_TOL
+
+
+# Source images of several aspect ratios: the processor gives grids of 256-324 tokens of different shapes.
+MLLM_IMAGES = [(64, 64), (96, 64), (64, 128), (200, 90)]
+
+
+@pytest.mark.parametrize("size", MLLM_IMAGES)
+def test_mllm_parity(engines, pipe, size):
+    emb = pipe.embedder
+    image = example_image(*size, seed=size[0])
+    cond = emb.prepare('Write "HELLO" on the wall', image)
+    uncond = emb.prepare("", image)
+    grid = cond.image_grid_thw
+    with torch.inference_mode():
+        feats_ref = emb.encode_image(cond.pixel_values, grid)
+        hidden_ref = [emb.last_hidden_state(x, feats_ref) for x in (cond, uncond)]
+    feats = engines["vision"](pixel_values=cond.pixel_values, **vision_inputs(grid, emb.model.config.vision_config))
+    feats = feats["image_embeds"]
+    ids, mask = pad_batch([cond.input_ids[0], uncond.input_ids[0]], [cond.attention_mask[0], uncond.attention_mask[0]])
+    pos = llm_position_ids(ids, mask, grid, emb.model.config)
+    hidden = engines["llm"](input_ids=ids, attention_mask=mask, position_ids=pos, image_embeds=feats_ref)
+    hidden = hidden["last_hidden_state"]
+    v_err = rel_err(feats, feats_ref)
+    l_err = max(rel_err(hidden[i : i + 1, : r.shape[1]], r) for i, r in enumerate(hidden_ref))
+    print(f"mllm {size} grid {grid.tolist()}: vision {v_err:.2e}, llm (batch 2, padded) {l_err:.2e}")
+    assert v_err <= FP32_TOL and l_err <= FP32_TOL
+
+
+def psnr(a: Image.Image, b: Image.Image) -> float:
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mse = float(((x - y) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def test_whole_edit_through_ort_matches_torch(export_dir, pipe):
+    ort_pipe = load_ort_pipeline(export_dir, providers=["CPUExecutionProvider"])
+    image = example_image(80, 56, seed=7)
+    kwargs = dict(seed=3, steps=4, cfg=4.0, size_level=64)
+    ref = pipe.edit(image, 'Make the "sky" purple', **kwargs)
+    got = ort_pipe.edit(image, 'Make the "sky" purple', **kwargs)
+    value = psnr(got, ref)
+    print(f"whole tiny edit (ORT CPU vs torch, fp32): PSNR {value:.1f} dB")
+    assert got.size == ref.size == image.size
+    assert np.asarray(ref, dtype=np.float64).std() > 5  # not a flat (saturated) picture, which any graph matches
+    assert value >= 40.0
+
+
+def test_external_data_written_and_loaded(manifest, export_dir):
+    for name in ("vae_encoder", "vae_decoder"):
+        entry = manifest.components[name]
+        data = export_dir / f"{entry.file}.data"
+        assert data.is_file() and data.name in entry.files
+        assert data.stat().st_size > EXTERNAL_THRESHOLD > (export_dir / entry.file).stat().st_size
+    assert list(manifest.components["dit"].files) == ["dit.onnx"]
+    # ORT loads the external-data graphs back (the VAE parity tests run them); onnx does too:
+    graph = onnx.load(manifest.components["vae_decoder"].path)
+    assert sum(i.ByteSize() for i in graph.graph.initializer) > EXTERNAL_THRESHOLD
+
+
+@pytest.fixture
+def copy_of(export_dir, tmp_path):
+    dst = tmp_path / "export"
+    shutil.copytree(export_dir, dst)
+    return dst
+
+
+def test_manifest_detects_a_changed_file(copy_of):
+    with open(copy_of / "vae_decoder.onnx.data", "r+b") as f:
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(ExportError, match=r"vae_decoder.*changed"):
+        load_manifest(copy_of)
+
+
+def test_missing_graph_names_component_and_shapes(copy_of):
+    (copy_of / "llm.onnx").unlink()
+    with pytest.raises(ExportError, match=r"'llm'.*missing.*input_ids \[batch 1\.\.2, llm_seq \d+\.\.\d+\]"):
+        load_manifest(copy_of)
+
+
+def test_graph_from_another_export_is_refused(copy_of):
+    graph = onnx.load(copy_of / "dit.onnx")
+    for prop in graph.metadata_props:
+        if prop.key == META_EXPORT_ID:
+            prop.value = uuid.uuid4().hex
+    onnx.save(graph, copy_of / "dit.onnx")
+    with pytest.raises(ExportError, match=r"'dit'.*another export.*img \[batch 1\.\.2, img_tokens"):
+        load_manifest(copy_of)
+
+
+def test_no_manifest_is_not_an_export(copy_of):
+    (copy_of / "manifest.json").unlink()
+    with pytest.raises(ExportError, match="not a valid export"):
+        load_manifest(copy_of)
+
+
+def test_shapes_outside_profile(manifest, engines):
+    lo, _, hi = manifest.components["dit"].dims["img_tokens"]
+    shapes = {"img": (2, hi + 2, 64), "pe": (1, 1, 640 + hi + 2, 16, 2, 2), "timestep": (2,),
+              "llm_embedding": (2, 640, 64), "llm_mask": (2, 640)}
+    with pytest.raises(ExportError, match=rf"dit: input img .* expected img \[batch 1\.\.2, img_tokens {lo}\.\.{hi}"):
+        manifest.check_shapes("dit", shapes)
+    with pytest.raises(ExportError, match=r"vae_decoder: input latent"):
+        engines["vae_decoder"](latent=torch.zeros(1, 16, 2, 1000))
+
+
+def test_export_refuses_to_overwrite(export_dir, pipe):
+    with pytest.raises(FileExistsError, match="force"):
+        export_components(pipe, export_dir, components=["dit"], progress=False)
+    result = CliRunner().invoke(export_cmd, ["--model", "tiny", "--out", str(export_dir), "--components", "dit"])
+    assert result.exit_code != 0 and "--force" in result.output
+    assert "--components" in CliRunner().invoke(export_cmd, ["--help"]).output

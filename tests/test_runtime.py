@@ -1,0 +1,130 @@
+"""The runtime end to end on the tiny model: equals the reference pipeline, loads stages one at a time,
+serialises threads, releases on close, and checks shapes against an engine profile before any work."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from step1x_export.runtime import ProfileError, RuntimeOptions, Step1XEditRuntime, check_dims
+from step1x_export.runtime.buffers import edit_dims, plan_buffers, profile_shapes, select_profile
+from step1x_export.runtime.loaders import pipeline_loaders
+from step1x_export.specs import dim_ranges
+from step1x_export.step1x_ref.pipeline import Step1XEditPipeline
+
+EDIT = {"seed": 3, "steps": 3, "cfg": 6.0, "size_level": 48}
+PROMPT = 'Make the "sky" purple'
+
+
+def psnr(a: Image.Image, b: Image.Image) -> float:
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mse = float(np.mean((x - y) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+@pytest.fixture(scope="module")
+def image() -> Image.Image:
+    return Image.fromarray((np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def reference(image) -> Image.Image:
+    return Step1XEditPipeline.random("tiny", seed=0).edit(image, PROMPT, **EDIT)
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    with Step1XEditRuntime.load("tiny", seed=0, device="cpu") as rt:
+        yield rt
+
+
+def test_torch_backend_equals_reference(runtime, image, reference):
+    out = runtime.edit(image, PROMPT, **EDIT)
+    figure = psnr(out, reference)
+    print(f"torch backend vs reference, fp32: PSNR {figure:.1f} dB")
+    assert out.size == reference.size == image.size
+    assert figure >= 40.0
+    assert runtime.options.cuda_graphs is False and runtime.options.compile is False  # resolved for CPU
+    assert {"preprocess", "mllm", "vae_encode", "denoise", "vae_decode", "postprocess"} <= runtime.timings.keys()
+    assert runtime.peak_memory.bytes is None or runtime.peak_memory.bytes > 0
+
+
+def test_threads_are_serialised(runtime, image, reference):
+    results: list[Image.Image | BaseException] = [None, None]  # type: ignore[list-item]
+
+    def work(i: int) -> None:
+        try:
+            results[i] = runtime.edit(image, PROMPT, **EDIT)
+        except BaseException as e:  # surfaced by the assert below
+            results[i] = e
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:
+        assert isinstance(r, Image.Image), r
+        assert psnr(r, reference) >= 40.0
+
+
+def test_sequential_load_and_close(image, reference):
+    steps = []
+    rt = Step1XEditRuntime.load("tiny", seed=0, device="cpu", sequential_load=True)
+    assert rt.stages.resident == {}  # nothing loaded before the first edit
+    out = rt.edit(image, PROMPT, **EDIT, progress=lambda done, total: steps.append((done, total)))
+    assert psnr(out, reference) >= 40.0
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+    assert rt.stages.resident == {}  # every stage freed after its turn
+    assert all(n == 1 for n in rt.stages.loads.values())
+    assert "load dit" in rt.timings
+
+    rt2 = Step1XEditRuntime.load("tiny", seed=0, device="cpu")
+    dit = weakref.ref(rt2.stages.resident["dit"].module)
+    rt2.close()
+    gc.collect()
+    assert dit() is None, "close() must drop the last reference to the DiT"
+    with pytest.raises(RuntimeError, match="closed"):
+        rt2.edit(image, PROMPT, **EDIT)
+
+
+def test_profile_is_checked_before_any_work(image):
+    pipe = Step1XEditPipeline.random("tiny", seed=0)
+    config = pipe.config
+    ranges = dim_ranges(config)
+    profiles = {c: [profile_shapes(s, ranges)] for s, c in ((s, s.name) for s, _ in _specs(config))}
+
+    def check(component, shapes):
+        select_profile(component, shapes, profiles[component])
+
+    loaders = pipeline_loaders(pipe, torch.device("cpu"), torch.float32)
+    rt = Step1XEditRuntime(config, loaders, RuntimeOptions(precision="fp32"), "cpu", shape_check=check)
+    rt.check_shapes(48, 32)  # inside the tiny profile
+    with pytest.raises(ProfileError, match=r"vae_encoder: input shapes image \[1, 3, \d+, \d+\] fit none"):
+        rt.edit(image, PROMPT, seed=0, steps=1, size_level=512)
+    assert "mllm" not in rt.timings  # refused in preprocessing
+    with pytest.raises(ProfileError, match=r"dit: .*img_tokens = 2048 \(expected 4\.\.\d+\)"):
+        check_dims(_specs(config)[1][0], edit_dims(config, 512, 512, 2), ranges)
+    rt.close()
+
+
+def test_buffer_plan_matches_spec():
+    config = Step1XEditPipeline.random("tiny", seed=0).config
+    spec = _specs(config)[1][0]
+    plan = plan_buffers(spec, edit_dims(config, 64, 48, 2), torch.bfloat16)
+    n = (64 // 16) * (48 // 16)
+    assert plan["img"].shape == (2, 2 * n, 64) and plan["img"].dtype == torch.bfloat16
+    assert plan["pe"].shape[2] == config.embedder.max_length + 2 * n and plan["pe"].dtype == torch.float32
+    assert plan["llm_mask"].dtype == torch.int64 and plan["pred"].shape == (2, 2 * n, 64)
+
+
+def _specs(config):
+    from step1x_export.specs import dit_spec, vae_decoder_spec, vae_encoder_spec
+
+    return [(vae_encoder_spec(config), 1), (dit_spec(config), 2), (vae_decoder_spec(config), 1)]
