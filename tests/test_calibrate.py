@@ -207,10 +207,11 @@ def test_quantized_dit_accuracy(pipe, artifacts, recipe):
 # -- export --quant: the artifact as explicit Q/DQ in the exported dit graph ------------------------
 
 def test_export_with_quant_matches_torch_w8a8(pipe, artifacts, tmp_path):
+    from test_quant_onnx import _inputs
+
     from step1x_export.export import export_components, load_manifest
     from step1x_export.precision import Precision
     from step1x_export.runtime.onnxruntime import OrtEngine
-    from test_quant_onnx import _inputs
 
     other = Step1XEditPipeline.random("tiny", seed=1)
     with pytest.raises(ValueError, match="calibrated on model"):  # refused before anything is written

@@ -18,11 +18,10 @@ from torch import Tensor, nn
 from ..step1x_ref.autoencoder import AutoEncoder
 from ..step1x_ref.conditioner import MLLMInputs, Qwen25VLEmbedder, select_tokens
 from ..step1x_ref.configs import EmbedderParams, ModelConfig, get_config
-from ..step1x_ref.math import rope_table
 from ..step1x_ref.model import Step1XEdit
-from ..step1x_ref.pipeline import make_noise
+from ..step1x_ref.pipeline import sampling_inputs
 from ..step1x_ref.random_weights import randomize_
-from ..step1x_ref.sampling import get_schedule, pack, position_ids
+from ..step1x_ref.sampling import pack
 
 # Qwen2.5-VL-7B-Instruct's published config.json, set explicitly (transformers' defaults drift between versions).
 QWEN25_VL_7B_TEXT = {
@@ -214,21 +213,20 @@ def dit_inputs(config: ModelConfig, size: int, steps: int, device: torch.device,
     if size % 16:
         raise ValueError(f"benchmark size {size} is not a multiple of 16")
     gen = torch.Generator().manual_seed(seed + 7)
-    h = w = size // 16
     length, channels = config.embedder.max_length, config.embedder.hidden_size
     emb = torch.randn(2, length, channels, generator=gen)
     mask = torch.zeros(2, length, dtype=torch.long)
     mask[0, :120], mask[1, :100] = 1, 1
     emb = emb * mask[..., None]  # padded tokens are zero, as select_tokens makes them
-    ids = position_ids(length, h, w, config.version)
+    noise, pe, timesteps = sampling_inputs(config, length, size, size, seed=seed, steps=steps)
     return DiTInputs(
         size=size,
-        noise=pack(make_noise(size, size, seed)).to(device),
+        noise=noise.to(device),
         ref=pack(torch.randn(1, 16, size // 8, size // 8, generator=gen)).to(device),
         llm_embedding=emb.to(device),
         llm_mask=mask.to(device),
-        pe=rope_table(ids, config.dit.axes_dim, config.dit.theta).to(device),
-        timesteps=get_schedule(steps, h * w),
+        pe=pe.to(device),
+        timesteps=timesteps,
     )
 
 

@@ -23,10 +23,8 @@ from PIL import Image
 from ..precision import Precision
 from ..specs import ComponentSpec, dit_spec, vae_decoder_spec, vae_encoder_spec
 from ..step1x_ref.configs import ModelConfig
-from ..step1x_ref.imaging import check_size, edit_size, pil_to_tensor, tensor_to_pil, to_rgb
-from ..step1x_ref.math import rope_table
-from ..step1x_ref.pipeline import Step1XEditPipeline, make_noise
-from ..step1x_ref.sampling import ProgressFn, denoise, get_schedule, pack, position_ids, unpack
+from ..step1x_ref.pipeline import Step1XEditPipeline, postprocess, prepare_image, sampling_inputs
+from ..step1x_ref.sampling import ProgressFn, denoise, pack, unpack
 from ..timing import StageTimer
 from .buffers import Shape, edit_dims, plan_buffers
 from .cudagraph import CudaGraphed
@@ -141,29 +139,22 @@ class Step1XEditRuntime:
             timer = self.timer = StageTimer(self.device)
             reset_peak(self.device)
             with timer.stage("preprocess"):
-                check_size(image)
-                image = to_rgb(image)
-                width, height = edit_size(*image.size, size_level)
-                self.check_shapes(width, height)  # before any model work
-                resized = pil_to_tensor(image.resize((width, height), Image.Resampling.BICUBIC))
-                mllm_image = tensor_to_pil(resized[0])  # the reference's float round trip
+                img = prepare_image(image, size_level)
+                self.check_shapes(img.width, img.height)  # before any model work
             with self._stage(timer, "encoder", "mllm") as encoder:
-                emb, mask = encoder([instruction, negative_prompt], mllm_image)
+                emb, mask = encoder([instruction, negative_prompt], img.mllm_image)
             with self._stage(timer, "vae_encoder", "vae_encode") as vae_encoder:
-                ref = pack(vae_encoder(image=resized.to(self.device) * 2 - 1)["latent"].float())
-            n_h, n_w = height // 16, width // 16
-            ids = position_ids(emb.shape[1], n_h, n_w, self.config.version)
-            pe = rope_table(ids, self.config.dit.axes_dim, self.config.dit.theta).to(self.device)
-            noise = pack(make_noise(width, height, seed)).to(self.device)
-            emb, mask = emb.to(self.device), mask.to(self.device)
-            timesteps = get_schedule(steps, n_h * n_w)
+                ref = pack(vae_encoder(image=img.resized.to(self.device) * 2 - 1)["latent"].float())
+            noise, pe, timesteps = sampling_inputs(
+                self.config, emb.shape[1], img.width, img.height, seed=seed, steps=steps
+            )
+            noise, pe, emb, mask = (t.to(self.device) for t in (noise, pe, emb, mask))
             with self._stage(timer, "dit", "denoise") as dit:
                 latent = self._denoise(dit, noise, ref, pe, emb, mask, timesteps, cfg, progress)
             with self._stage(timer, "vae_decoder", "vae_decode") as vae_decoder:
-                pixels = vae_decoder(latent=unpack(latent.float(), height, width))["image"]
+                pixels = vae_decoder(latent=unpack(latent.float(), img.height, img.width))["image"]
             with timer.stage("postprocess"):
-                out = tensor_to_pil(pixels[0].float().clamp(-1, 1).mul(0.5).add(0.5))
-                out = out.resize(image.size, Image.Resampling.BICUBIC)
+                out = postprocess(pixels, img.orig_size)
             self.timings = timer.resolve()
             self.peak_memory = read_peak(self.device)
             return out

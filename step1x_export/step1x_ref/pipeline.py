@@ -40,6 +40,43 @@ class EditInputs:
     orig_size: tuple[int, int]
 
 
+@dataclass
+class EditImage:
+    """The input image at the edit resolution, as the VAE and the MLLM receive it."""
+
+    resized: torch.Tensor  # [1, 3, H, W] in [0, 1]
+    mllm_image: Image.Image
+    width: int
+    height: int
+    orig_size: tuple[int, int]
+
+
+def prepare_image(image: Image.Image, size_level: int) -> EditImage:
+    """Validate, convert to RGB and resize by the size_level rule (shared by every backend)."""
+    check_size(image)
+    image = to_rgb(image)
+    width, height = edit_size(*image.size, size_level)
+    resized = pil_to_tensor(image.resize((width, height), Image.Resampling.BICUBIC))
+    # Upstream hands the MLLM the resized image after a float round trip (to_pil truncates).
+    return EditImage(resized, tensor_to_pil(resized[0]), width, height, image.size)
+
+
+def sampling_inputs(
+    config: ModelConfig, txt_len: int, width: int, height: int, *, seed: int, steps: int
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """(packed noise [1, N, 64], RoPE table pe, timesteps) of one edit, on CPU."""
+    n_h, n_w = height // 16, width // 16
+    ids = position_ids(txt_len, n_h, n_w, config.version)
+    pe = rope_table(ids, config.dit.axes_dim, config.dit.theta)
+    return pack(make_noise(width, height, seed)), pe, get_schedule(steps, n_h * n_w)
+
+
+def postprocess(pixels: torch.Tensor, orig_size: tuple[int, int]) -> Image.Image:
+    """Decoded pixels [1, 3, H, W] in about [-1, 1] -> PIL at the input's size."""
+    out = tensor_to_pil(pixels[0].float().clamp(-1, 1).mul(0.5).add(0.5))
+    return out.resize(orig_size, Image.Resampling.BICUBIC)
+
+
 def make_noise(width: int, height: int, seed: int) -> torch.Tensor:
     """Seeded N(0, 1) latent noise [1, 16, H/8, W/8] from a CPU generator (device-independent)."""
     gen = torch.Generator().manual_seed(seed)
@@ -135,38 +172,30 @@ class Step1XEditPipeline:
     ) -> EditInputs:
         """Everything before the denoising loop: resize, MLLM cond+uncond, reference latent, noise, RoPE."""
         with self.timer.stage("preprocess"):
-            check_size(image)
-            image = to_rgb(image)
-            width, height = edit_size(*image.size, size_level)
-            resized = pil_to_tensor(image.resize((width, height), Image.Resampling.BICUBIC))
-            # Upstream hands the MLLM the resized image after a float round trip (to_pil truncates).
-            mllm_image = tensor_to_pil(resized[0])
+            img = prepare_image(image, size_level)
         with self.timer.stage("mllm"), torch.inference_mode():
-            emb, mask = self.embedder([instruction, negative_prompt], mllm_image)
+            emb, mask = self.embedder([instruction, negative_prompt], img.mllm_image)
         with self.timer.stage("vae_encode"), torch.inference_mode():
             gen = torch.Generator().manual_seed(seed + 1) if sample_posterior else None
-            ref_latent = self.ae.encode(resized.to(self.device) * 2 - 1, sample=sample_posterior, generator=gen)
-        n_h, n_w = height // 16, width // 16
-        ids = position_ids(emb.shape[1], n_h, n_w, self.config.version)
-        p = self.config.dit
+            ref_latent = self.ae.encode(img.resized.to(self.device) * 2 - 1, sample=sample_posterior, generator=gen)
+        noise, pe, timesteps = sampling_inputs(self.config, emb.shape[1], img.width, img.height, seed=seed, steps=steps)
         return EditInputs(
-            noise=pack(make_noise(width, height, seed)).to(self.device),
+            noise=noise.to(self.device),
             ref=pack(ref_latent.float()),
             llm_embedding=emb.to(self.device),
             llm_mask=mask.to(self.device),
-            pe=rope_table(ids, p.axes_dim, p.theta).to(self.device),
-            timesteps=get_schedule(steps, n_h * n_w),
-            width=width,
-            height=height,
-            orig_size=image.size,
+            pe=pe.to(self.device),
+            timesteps=timesteps,
+            width=img.width,
+            height=img.height,
+            orig_size=img.orig_size,
         )
 
     def decode(self, latent_tokens: torch.Tensor, inputs: EditInputs) -> Image.Image:
         with self.timer.stage("vae_decode"), torch.inference_mode():
             pixels = self.ae.decode(unpack(latent_tokens.float(), inputs.height, inputs.width))
         with self.timer.stage("postprocess"):
-            out = tensor_to_pil(pixels[0].clamp(-1, 1).mul(0.5).add(0.5))
-            return out.resize(inputs.orig_size, Image.Resampling.BICUBIC)
+            return postprocess(pixels, inputs.orig_size)
 
     def edit(
         self,
