@@ -130,6 +130,5 @@ class Qwen2Connector(nn.Module):
         """llm_embedding [B, L, C_llm], t [B] in [0, 1], mask [B, L] -> (txt [B, L, C], y [B, global_dim])."""
         pooled = masked_mean(llm_embedding, mask)
         if self.scale_factor is not None:
-            # Upstream rounds the factor through bf16 whatever the activation dtype.
-            pooled = pooled * (1 + self.scale_factor.to(torch.bfloat16).to(pooled.dtype))
+            pooled = pooled * (1 + self.scale_factor.to(pooled.dtype))
         return self.S(llm_embedding, t * self.time_factor, mask), self.global_proj_out(pooled)
