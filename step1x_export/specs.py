@@ -65,15 +65,17 @@ class Profile:
     max_level: int
     max_aspect: float  # long side / short side
 
-    def image_sizes(self) -> dict[str, tuple[int, int]]:
-        """(width, height) extremes: smallest, typical and largest edit size, per size_level's rule."""
-        a = self.max_aspect
-        sizes = {
-            "min": [edit_size(round(1000 * a), 1000, self.min_level), edit_size(1000, round(1000 * a), self.min_level)],
-            "opt": [edit_size(1000, 1000, self.opt_level)],
-            "max": [edit_size(round(1000 * a), 1000, self.max_level), edit_size(1000, round(1000 * a), self.max_level)],
-        }
-        return {k: v[0] for k, v in sizes.items()} | {"min_tall": sizes["min"][1], "max_tall": sizes["max"][1]}
+    def edit_sizes(self, level: int, samples: int = 257) -> list[tuple[int, int]]:
+        """Every (width, height) the size_level rule gives at `level` for aspect ratios within max_aspect.
+
+        Flooring to multiples of 16 makes token counts vary non-monotonically with the aspect ratio, so
+        the extremes are found by a sweep, not from the two end ratios alone.
+        """
+        ratios = [self.max_aspect ** (2 * i / (samples - 1) - 1) for i in range(samples)]
+        return sorted({edit_size(round(10_000 * r), 10_000, level) for r in ratios})
+
+    def opt_size(self) -> tuple[int, int]:
+        return edit_size(1, 1, self.opt_level)
 
 
 FULL_PROFILE = Profile(min_level=512, opt_level=1024, max_level=1024, max_aspect=2.0)
@@ -109,13 +111,12 @@ def dim_ranges(config: ModelConfig, profile: Profile | None = None) -> DimRanges
     min_pixels..max_pixels whatever size_level is.
     """
     profile = profile or profile_for(config)
-    sizes = profile.image_sizes()
-    sides = [s for size in sizes.values() for s in size]
-    tokens = {k: (w // 16) * (h // 16) for k, (w, h) in sizes.items()}
-    n_min = min(tokens.values())
-    n_opt, n_max = tokens["opt"], max(tokens.values())
+    ow, oh = profile.opt_size()
+    sizes = [*profile.edit_sizes(profile.min_level), *profile.edit_sizes(profile.max_level), (ow, oh)]
+    sides = [s for size in sizes for s in size]
+    tokens = [(w // 16) * (h // 16) for w, h in sizes]
+    n_min, n_opt, n_max = min(tokens), (ow // 16) * (oh // 16), max(tokens)
     txt = config.embedder.max_length
-    ow, oh = sizes["opt"]
     merge = VISION_MERGE_UNIT
     t_min, t_max = vision_token_range(config)
     t_opt = t_max  # a typical edit image fills the processor's max_pixels

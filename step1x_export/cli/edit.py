@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 from skimage import data as skimage_data
 
+from ..specs import profile_for
 from ..step1x_ref.configs import CONFIGS
 from ..step1x_ref.imaging import load_image
 from ..step1x_ref.pipeline import Step1XEditPipeline
@@ -39,8 +40,9 @@ DEMO_INSTRUCTION = "Make the sky behind the astronaut a deep purple"
 @click.option("--seed", type=int, default=0, show_default=True, help="Noise seed.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=28, show_default=True, help="Denoising steps.")
 @click.option("--cfg", type=float, default=6.0, show_default=True, help="True-CFG guidance scale.")
-@click.option("--size-level", type=click.IntRange(16, 4096), default=1024, show_default=True,
-              help="Edit resolution: area ~ size_level^2, aspect kept; the output is resized back to the input's size.")
+@click.option("--size-level", type=click.IntRange(16, 4096), default=None,
+              help="Edit resolution: area ~ size_level^2, aspect kept; the output is resized back to the input's size "
+                   "[default: 1024 for the real model (upstream's), 256 for the tiny ones (their largest profile)].")
 @click.option("--negative-prompt", default="", show_default=True, help="Instruction of the unconditional branch.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
               help="DiT/MLLM dtype [default: bf16 for --model-dir on a GPU, else fp32]; the VAE runs in fp32.")
@@ -55,7 +57,8 @@ DEMO_INSTRUCTION = "Make the sky behind the astronaut a deep purple"
 @user_errors
 def edit(
     model_dir: Path | None, model_name: str | None, backend: str, engine_dir: Path | None, quant_path: Path | None,
-    image_path: Path, prompt: str, out_path: Path, version: str, seed: int, steps: int, cfg: float, size_level: int,
+    image_path: Path, prompt: str, out_path: Path, version: str, seed: int, steps: int, cfg: float,
+    size_level: int | None,
     negative_prompt: str, dtype: str | None, device: str | None, cuda_graphs: bool, compile_dit: bool,
     sequential_load: bool, quiet: bool,
 ) -> None:
@@ -84,6 +87,7 @@ def edit(
         cuda_graphs=cuda_graphs, compile=compile_dit, sequential_load=sequential_load, version=version, mllm=mllm,
     )
     with runtime, step_progress(enabled=not quiet) as progress:
+        size_level = size_level or profile_for(runtime.config).max_level
         result = runtime.edit(image, prompt, seed=seed, steps=steps, cfg=cfg, size_level=size_level,
                               negative_prompt=negative_prompt, progress=progress)
     save_image(result, out_path)
