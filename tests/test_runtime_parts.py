@@ -19,9 +19,7 @@ from step1x_export.runtime import (
     RuntimeOptions,
     TorchEngine,
     check_compatible,
-    denoise_fused,
     engine_step_fn,
-    make_fused_step,
     plan_buffers,
     profile_shapes,
     select_profile,
@@ -34,7 +32,7 @@ from step1x_export.step1x_ref.configs import get_config
 from step1x_export.step1x_ref.math import rope_table
 from step1x_export.step1x_ref.model import Step1XEdit
 from step1x_export.step1x_ref.random_weights import randomize_
-from step1x_export.step1x_ref.sampling import denoise, get_schedule, position_ids
+from step1x_export.step1x_ref.sampling import denoise, get_schedule, guided_euler, position_ids
 
 CONFIG = get_config("tiny")
 
@@ -61,25 +59,32 @@ def test_fused_step_equals_eager_loop(dit, guidance):
     x, ref, pe, emb, mask = step_inputs(2, 3)
     timesteps = get_schedule(4, 6)  # t > 0.93 on the first steps: the rescale switch flips inside the schedule
     assert any(t > CONFIG.cfg_truncate for t in timesteps[:-1]) and any(t <= 0.93 for t in timesteps[:-1])
-    eager = denoise(engine_step_fn(dit, pe, emb, mask), x, ref, timesteps, guidance=guidance, truncate=0.93)
-    graphed = CudaGraphed(make_fused_step(dit), enabled=False)
-    fused = denoise_fused(graphed, x, ref, pe, emb, mask, timesteps, guidance=guidance, truncate=0.93)
+    def closed(img: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # the reference's way: conditioning closed over
+        return dit(img=img, pe=pe, timestep=t, llm_embedding=emb, llm_mask=mask)["pred"].float()
+
+    eager = denoise(guided_euler(closed), x, ref, timesteps, guidance=guidance, truncate=0.93)
+    graphed = CudaGraphed(guided_euler(engine_step_fn(dit)), enabled=False)
+    fused = denoise(graphed, x, ref, timesteps, guidance=guidance, truncate=0.93, conditioning=(pe, emb, mask))
     diff = (fused - eager).abs().max().item()
-    print(f"fused step vs eager loop (guidance {guidance}): max abs diff {diff:.2e}")
+    print(f"graph-wrapped step vs eager loop (guidance {guidance}): max abs diff {diff:.2e}")
     assert diff <= 1e-6 * eager.abs().max().item()
     assert len(graphed.entries) == 1  # one shape: one entry, reused by every step
 
 
 def test_graph_cache_keys_by_shape(dit):
-    graphed = CudaGraphed(make_fused_step(dit), enabled=False)
+    graphed = CudaGraphed(guided_euler(engine_step_fn(dit)), enabled=False)
     schedule = get_schedule(1, 6)
+
+    def run(x, ref, pe, emb, mask):
+        return denoise(graphed, x, ref, schedule, guidance=6.0, truncate=0.93, conditioning=(pe, emb, mask))
+
     for n_h, n_w in [(2, 3), (2, 3), (3, 2), (2, 2)]:  # (3, 2) has the shapes of (2, 3): same entry
-        denoise_fused(graphed, *step_inputs(n_h, n_w), schedule, guidance=6.0, truncate=0.93)
+        run(*step_inputs(n_h, n_w))
     assert len(graphed.entries) == 2
     (key6, entry6), (key4, _) = graphed.entries.items()
     assert key6[0][0] == (1, 6, 64) and key4[0][0] == (1, 4, 64)
     ptr = entry6.inputs[0].data_ptr()
-    denoise_fused(graphed, *step_inputs(2, 3, seed=1), schedule, guidance=6.0, truncate=0.93)
+    run(*step_inputs(2, 3, seed=1))
     assert entry6.inputs[0].data_ptr() == ptr  # static inputs: copied into, never reallocated
 
 
@@ -91,8 +96,8 @@ def test_graph_output_is_a_copy():
         return a * 2
 
     graphed = CudaGraphed(fn, enabled=False)
-    out1 = graphed(torch.ones(3))[0]
-    out2 = graphed(torch.full((3,), 5.0))[0]
+    out1 = graphed(torch.ones(3))
+    out2 = graphed(torch.full((3,), 5.0))
     assert out1.tolist() == [2.0] * 3 and out2.tolist() == [10.0] * 3
     assert calls[0] == calls[1]  # fn always sees the static input buffer
 

@@ -44,7 +44,7 @@ def test_build_and_run_vae_decoder(tmp_path):
     got = engine(latent=latent)["image"]
     rel = ((got - want).norm() / want.norm()).item()
     graphed = CudaGraphed(lambda x: engine(latent=x)["image"], enabled=True)
-    replay = graphed(latent)[0]
+    replay = graphed(latent)
     print(f"TensorRT vs torch rel err {rel:.2e}; graph replay vs eager max abs {(replay - got).abs().max():.2e}")
     assert rel < 1e-2
     assert torch.equal(replay, got)

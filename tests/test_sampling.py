@@ -13,6 +13,7 @@ from step1x_export.step1x_ref.sampling import (
     cfg_norm_factor,
     denoise,
     get_schedule,
+    guided_euler,
     pack,
     position_ids,
     schedule_mu,
@@ -100,6 +101,6 @@ def test_denoise_euler_on_noisy_half_only() -> None:
         return torch.ones_like(img) * torch.tensor([1.0, 0.0])[:, None, None]  # cond 1, uncond 0
 
     ts = [1.0, 0.5, 0.0]
-    out = denoise(step, x, ref, ts, guidance=2.0, truncate=1.0)
+    out = denoise(guided_euler(step), x, ref, ts, guidance=2.0, truncate=1.0)
     assert torch.allclose(out, x - 2.0)  # two Euler steps of dt=-0.5 with pred = 0 + 2 * (1 - 0)
     assert all(torch.equal(s[:, 4:], ref.expand(2, -1, -1)) for s in seen)

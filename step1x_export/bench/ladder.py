@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..runtime.cudagraph import CudaGraphed
 from ..step1x_ref.model import Step1XEdit
-from ..step1x_ref.sampling import StepFn, denoise
+from ..step1x_ref.sampling import StepFn, denoise, guided_euler
 from ..timing import StageTimer
 from .measure import FAILED, NOT_IMPLEMENTED, OK, SKIPPED, peak_memory_gb, reset_peak_memory, short_error, synchronize
 from .measure import percentile as _percentile
@@ -213,42 +214,8 @@ def unsupported(toggles: Toggles, device: torch.device, settings: LadderSettings
 
 
 def _graphed(step: StepFn) -> StepFn:
-    """The whole step as one CUDA graph per shape: the runtime's wrapper (static inputs, warm-up, capture),
-    or a minimal one of our own while the runtime package cannot be imported."""
-    try:
-        from ..runtime.cudagraph import CudaGraphed
-    except ImportError:
-        return _MinimalGraph(step)
-    graph = CudaGraphed(step, enabled=True)
-    return lambda img, t: graph(img, t)[0]
-
-
-class _MinimalGraph:
-    """Fallback of runtime.cudagraph.CudaGraphed for (img, t) -> pred: one graph per input shape."""
-
-    def __init__(self, step: StepFn, warmup: int = 2):
-        self.step, self.warmup = step, warmup
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor]] = {}
-
-    def __call__(self, img: Tensor, t: Tensor) -> Tensor:
-        key = (tuple(img.shape), img.dtype, tuple(t.shape), t.dtype)
-        if key not in self.graphs:
-            s_img, s_t = img.clone(), t.clone()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up: lazy init, compile, autotune outside the capture
-                for _ in range(self.warmup):
-                    self.step(s_img, s_t)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                s_out = self.step(s_img, s_t)
-            self.graphs[key] = (graph, s_img, s_t, s_out)
-        graph, s_img, s_t, s_out = self.graphs[key]
-        s_img.copy_(img)
-        s_t.copy_(t)
-        graph.replay()
-        return s_out.clone()
+    """The DiT call as one CUDA graph per input shape: the runtime's wrapper (static inputs, warm-up, capture)."""
+    return CudaGraphed(step, enabled=True)
 
 
 def build_step(model: Step1XEdit, inputs: DiTInputs, toggles: Toggles, state: ModelState,
@@ -329,7 +296,7 @@ def run_cell(row: LadderRow, model: Step1XEdit, inputs: DiTInputs, state: ModelS
         if ref.fp32_pred is not None:
             result.rel_err_fp32 = rel_err(pred[:, :n], ref.fp32_pred[:, :n])
         timers: list[StageTimer] = []
-        latent = denoise(_timed(step, device, timers), inputs.noise, inputs.ref, inputs.timesteps,
+        latent = denoise(guided_euler(_timed(step, device, timers)), inputs.noise, inputs.ref, inputs.timesteps,
                          guidance=settings.guidance, truncate=settings.truncate)
         _fill_timing(result, [t.resolve()["step"] for t in timers], settings)
         result.peak_mem_gb = peak_memory_gb(device)

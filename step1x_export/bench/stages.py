@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..step1x_ref.sampling import StepFn, denoise, unpack
+from ..step1x_ref.sampling import StepFn, denoise, guided_euler, unpack
 from .measure import StageResult, measure, skipped
 from .models import BenchModels, DiTInputs, dit_inputs, mllm_stage_fn
 
@@ -69,7 +69,8 @@ def whole_edit_fn(models: BenchModels, inputs: DiTInputs, step: StepFn, guidance
         if mllm is not None:
             mllm()
         models.ae.encode(image)
-        latent = denoise(step, inputs.noise, inputs.ref, inputs.timesteps, guidance=guidance, truncate=truncate)
+        latent = denoise(guided_euler(step), inputs.noise, inputs.ref, inputs.timesteps,
+                         guidance=guidance, truncate=truncate)
         return models.ae.decode(unpack(latent, inputs.size, inputs.size).to(models.vae_dtype))
 
     return run

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..step1x_ref.pipeline import Step1XEditPipeline, torch_step_fn
-from ..step1x_ref.sampling import denoise
+from ..step1x_ref.sampling import denoise, guided_euler
 from .dataset import CalibrationPair, load_pair_image
 
 
@@ -90,7 +90,7 @@ def collect_stats(
             inputs = pipe.prepare(load_pair_image(pair), pair.instruction, seed=seed + i, steps=steps,
                                   size_level=size_level)
             step = torch_step_fn(pipe.model, inputs, pipe.dtype)
-            denoise(step, inputs.noise, inputs.ref, inputs.timesteps, guidance=cfg,
+            denoise(guided_euler(step), inputs.noise, inputs.ref, inputs.timesteps, guidance=cfg,
                     truncate=pipe.config.cfg_truncate, progress=lambda done, total: bar.update(1))
     bar.close()
     unused = sorted(set(collector.modules) - set(collector.stats))

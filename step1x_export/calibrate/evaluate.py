@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..step1x_ref.pipeline import Step1XEditPipeline, torch_step_fn
-from ..step1x_ref.sampling import denoise
+from ..step1x_ref.sampling import denoise, guided_euler
 from .dataset import CalibrationPair, load_pair_image
 
 
@@ -55,8 +55,8 @@ def evaluate_pair(pipe: Step1XEditPipeline, qmodel: nn.Module, pair: Calibration
         return pred
 
     kw = {"guidance": cfg, "truncate": pipe.config.cfg_truncate}
-    ref_latent = denoise(forced, inputs.noise, inputs.ref, inputs.timesteps, **kw)
-    q_latent = denoise(q_step, inputs.noise, inputs.ref, inputs.timesteps, **kw)
+    ref_latent = denoise(guided_euler(forced), inputs.noise, inputs.ref, inputs.timesteps, **kw)
+    q_latent = denoise(guided_euler(q_step), inputs.noise, inputs.ref, inputs.timesteps, **kw)
     return PairReport(pair, sqnrs, psnr_db(pipe.decode(ref_latent, inputs), pipe.decode(q_latent, inputs)))
 
 

@@ -58,6 +58,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("input_scale", torch.ones((), **kw))
         self.register_buffer("smooth_inv", torch.ones(in_features, **kw) if smooth else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias else None)
+        self._kernel: tuple[torch.device, Kernel] | None = None  # (device it was chosen for, kernel)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: QuantFormat, *, input_scale: Tensor, weight_scale: Tensor,
@@ -85,7 +86,11 @@ class QuantLinear(nn.Module):
 
     @property
     def kernel(self) -> Kernel:
-        return select_kernel(self.fmt, self.weight.device, self.in_features, self.out_features)
+        # Chosen once per device, not per call: querying the GPU in forward would break torch.compile graphs.
+        device = self.weight.device
+        if self._kernel is None or self._kernel[0] != device:
+            self._kernel = (device, select_kernel(self.fmt, device, self.in_features, self.out_features))
+        return self._kernel[1]
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]

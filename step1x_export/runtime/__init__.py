@@ -11,12 +11,12 @@ from .cudagraph import CudaGraphed
 from .engine import Engine
 from .options import RuntimeOptions
 from .runtime import Step1XEditRuntime
-from .step import denoise_fused, engine_step_fn, make_fused_step
+from .step import engine_step_fn
 from .torch_engine import TorchEncoder, TorchEngine
 from .trt_manifest import BuildPlatform, EngineMismatchError, check_compatible
 
 __all__ = [
     "BufferPool", "BuildPlatform", "CudaGraphed", "Engine", "EngineMismatchError", "ProfileError", "RuntimeOptions",
-    "Step1XEditRuntime", "TorchEncoder", "TorchEngine", "check_compatible", "check_dims", "denoise_fused",
-    "edit_dims", "engine_step_fn", "make_fused_step", "plan_buffers", "profile_shapes", "select_profile",
+    "Step1XEditRuntime", "TorchEncoder", "TorchEngine", "check_compatible", "check_dims", "edit_dims",
+    "engine_step_fn", "plan_buffers", "profile_shapes", "select_profile",
 ]

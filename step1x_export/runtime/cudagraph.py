@@ -25,27 +25,34 @@ class _Entry:
     inputs: tuple[Tensor, ...]
     outputs: tuple[Tensor, ...] = ()
     graph: torch.cuda.CUDAGraph | None = None
+    single: bool = False  # fn returned one tensor, not a tuple
 
 
 class CudaGraphed:
-    """`fn(*tensors) -> tensor | tuple of tensors`, replayed from a graph captured once per input shapes."""
+    """`fn(*tensors) -> tensor | tuple of tensors`, replayed from a graph captured once per input shapes.
+
+    Returns what `fn` returns (a tensor or a tuple), as fresh copies of the static outputs.
+    """
 
     def __init__(self, fn: Callable[..., Tensor | tuple[Tensor, ...]], *, enabled: bool, warmup: int = 2, pool=None):
         self.fn, self.enabled, self.warmup = fn, enabled, warmup
         self.pool = pool  # one graph memory pool shared by every graph of this runtime
         self.entries: dict[GraphKey, _Entry] = {}
 
-    def __call__(self, *args: Tensor) -> tuple[Tensor, ...]:
+    def __call__(self, *args: Tensor) -> Tensor | tuple[Tensor, ...]:
         key = graph_key(args)
         entry = self.entries.get(key) or self._record(key, args)
         for static, a in zip(entry.inputs, args, strict=True):
             static.copy_(a)
         if entry.graph is None:
-            outputs = _as_tuple(self.fn(*entry.inputs))
+            result = self.fn(*entry.inputs)
+            entry.single = not isinstance(result, tuple)
+            outputs = _as_tuple(result)
         else:
             entry.graph.replay()
             outputs = entry.outputs
-        return tuple(o.clone() for o in outputs)  # copy-out: the static outputs are overwritten by the next replay
+        copies = tuple(o.clone() for o in outputs)  # copy-out: the static outputs are overwritten by the next replay
+        return copies[0] if entry.single else copies
 
     def _record(self, key: GraphKey, args: tuple[Tensor, ...]) -> _Entry:
         entry = self.entries[key] = _Entry(inputs=tuple(a.clone() for a in args))
@@ -59,7 +66,8 @@ class CudaGraphed:
         torch.cuda.current_stream().wait_stream(side)
         entry.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(entry.graph, pool=self.pool):
-            entry.outputs = _as_tuple(self.fn(*entry.inputs))
+            result = self.fn(*entry.inputs)
+        entry.single, entry.outputs = not isinstance(result, tuple), _as_tuple(result)
         return entry
 
     def clear(self) -> None:

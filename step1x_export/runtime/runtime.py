@@ -2,8 +2,8 @@
 
 preprocess -> MLLM (cond + uncond, one vision pass) -> VAE encode -> denoising loop -> VAE decode ->
 postprocess, each stage timed (CUDA events on GPU), with a progress callback. The loop is
-`sampling.denoise` over a step built from the dit engine, or, with CUDA graphs, the fused step
-(DiT + CFG + Euler) captured once per shape and replayed; neither looks at the backend.
+`sampling.denoise` over `guided_euler(engine_step_fn(dit))`: one whole step (DiT + CFG + Euler) that,
+with CUDA graphs on, is captured once per shape and replayed; nothing looks at the backend.
 
 Threads: `edit` takes a per-runtime lock, so concurrent calls on one runtime run one after another
 (the static buffers and graphs are shared); use one runtime per device for parallel work.
@@ -24,7 +24,7 @@ from ..precision import Precision
 from ..specs import ComponentSpec, dit_spec, vae_decoder_spec, vae_encoder_spec
 from ..step1x_ref.configs import ModelConfig
 from ..step1x_ref.pipeline import Step1XEditPipeline, postprocess, prepare_image, sampling_inputs
-from ..step1x_ref.sampling import ProgressFn, denoise, pack, unpack
+from ..step1x_ref.sampling import ProgressFn, UpdateFn, denoise, guided_euler, pack, unpack
 from ..timing import StageTimer
 from .buffers import Shape, edit_dims, plan_buffers
 from .cudagraph import CudaGraphed
@@ -32,7 +32,7 @@ from .engine import Engine
 from .memory import PeakMemory, read_peak, reset_peak
 from .options import Backend, RuntimeOptions
 from .stages import Loader, Stages
-from .step import denoise_fused, engine_step_fn, make_fused_step
+from .step import engine_step_fn
 
 ShapeCheck = Callable[[str, dict[str, Shape]], None]  # (component, {input: shape}) -> raises if outside
 DTYPE_PRECISION = {torch.float32: Precision.FP32, torch.bfloat16: Precision.BF16, torch.float16: Precision.FP16}
@@ -59,7 +59,7 @@ class Step1XEditRuntime:
         self._shape_check = shape_check
         self._lock = threading.Lock()
         self._graph_pool = torch.cuda.graph_pool_handle() if self.options.cuda_graphs else None
-        self._graphed: tuple[Engine, CudaGraphed] | None = None
+        self._update: tuple[Engine, UpdateFn] | None = None
         self.stages: Stages | None = Stages(loaders, self.device, sequential=self.options.sequential_load)
         self.timer = StageTimer(self.device)
         self.timings: dict[str, float] = {}
@@ -160,14 +160,13 @@ class Step1XEditRuntime:
             return out
 
     def _denoise(self, dit: Engine, noise, ref, pe, emb, mask, timesteps, cfg: float, progress) -> torch.Tensor:
-        truncate = self.config.cfg_truncate
-        if not self.options.cuda_graphs:
-            step = engine_step_fn(dit, pe, emb, mask)
-            return denoise(step, noise, ref, timesteps, guidance=cfg, truncate=truncate, progress=progress)
-        if self._graphed is None or self._graphed[0] is not dit:  # graphs belong to one engine instance
-            self._graphed = (dit, CudaGraphed(make_fused_step(dit), enabled=True, pool=self._graph_pool))
-        return denoise_fused(self._graphed[1], noise, ref, pe, emb, mask, timesteps,
-                             guidance=cfg, truncate=truncate, progress=progress)
+        if self._update is None or self._update[0] is not dit:  # an update (and its graphs) per engine instance
+            update = guided_euler(engine_step_fn(dit))
+            if self.options.cuda_graphs:  # the whole step (DiT + CFG + Euler), captured once per shape
+                update = CudaGraphed(update, enabled=True, pool=self._graph_pool)
+            self._update = (dit, update)
+        return denoise(self._update[1], noise, ref, timesteps, guidance=cfg, truncate=self.config.cfg_truncate,
+                       conditioning=(pe, emb, mask), progress=progress)
 
     @contextmanager
     def _stage(self, timer: StageTimer, name: str, label: str) -> Iterator[Any]:
@@ -196,7 +195,7 @@ class Step1XEditRuntime:
             if self.stages is not None:
                 self.stages.close()
                 self.stages.loaders.clear()
-            self.stages, self._graphed, self._graph_pool = None, None, None
+            self.stages, self._update, self._graph_pool = None, None, None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 

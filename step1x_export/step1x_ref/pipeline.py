@@ -22,7 +22,7 @@ from .loading import DIT_FILES, QWEN_DIR, VAE_FILE, ModelFiles, load_into
 from .math import rope_table
 from .model import Step1XEdit
 from .random_weights import randomize_
-from .sampling import ProgressFn, StepFn, denoise, get_schedule, pack, position_ids, unpack
+from .sampling import ProgressFn, StepFn, denoise, get_schedule, guided_euler, pack, position_ids, unpack
 
 
 @dataclass
@@ -223,7 +223,7 @@ class Step1XEditPipeline:
         step = step_fn or torch_step_fn(self.model, inputs, self.dtype)
         with self.timer.stage("denoise"):
             latent = denoise(
-                step, inputs.noise, inputs.ref, inputs.timesteps,
+                guided_euler(step), inputs.noise, inputs.ref, inputs.timesteps,
                 guidance=cfg, truncate=self.config.cfg_truncate, progress=progress,
             )
         return self.decode(latent, inputs)

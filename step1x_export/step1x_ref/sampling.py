@@ -1,7 +1,9 @@
 """Sampler: shifted schedule, packing, position ids, true CFG with norm rescale, Euler denoising.
 
-`denoise` is the one loop every backend runs: it takes any callable `step_fn(img, t) -> pred`
-(a torch module, an ONNX Runtime session, a TensorRT engine) and never branches on backend.
+`denoise` is the one loop every backend runs. A backend gives a `step_fn(img, t, *conditioning) -> pred`
+(a torch module, an ONNX Runtime session, a TensorRT engine); `guided_euler` turns it into one whole
+denoising step on tensors only (DiT + true CFG + Euler), which the runtime may capture in a CUDA graph.
+The loop never branches on backend.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from torch import Tensor
 
 from .configs import Version
 
-# step_fn(img [2, 2N, 64] = (noisy | reference) x (cond, uncond), t [2]) -> pred [2, 2N, 64]
-StepFn = Callable[[Tensor, Tensor], Tensor]
+# step_fn(img [2, 2N, 64] = (noisy | reference) x (cond, uncond), t [2], *conditioning) -> pred [2, 2N, 64]
+StepFn = Callable[..., Tensor]
+# update(x, ref, guidance, t, dt, rescale, *conditioning) -> next x: one denoising step, tensors only
+UpdateFn = Callable[..., Tensor]
 ProgressFn = Callable[[int, int], None]
 
 
@@ -70,32 +74,58 @@ def cfg_norm_factor(diff_norm: Tensor) -> Tensor:
     return torch.where(diff_norm > 1.0, diff_norm.pow(0.4), torch.ones_like(diff_norm))
 
 
-def cfg_combine(cond: Tensor, uncond: Tensor, guidance: float, rescale: bool) -> Tensor:
-    """True CFG: uncond + w (cond - uncond), the difference divided by f(||.||) over channels if rescale."""
+def cfg_combine(cond: Tensor, uncond: Tensor, guidance: float | Tensor, rescale: bool | Tensor) -> Tensor:
+    """True CFG: uncond + w (cond - uncond), the difference divided by f(||.||) over channels where rescale.
+
+    `rescale` may be a bool tensor, so one captured graph serves the steps before and after the truncation.
+    """
     diff = cond - uncond
-    if rescale:
-        diff = diff / cfg_norm_factor(torch.norm(diff, dim=2, keepdim=True))
-    return uncond + guidance * diff
+    damp = cfg_norm_factor(diff.norm(dim=2, keepdim=True))
+    factor = torch.where(torch.as_tensor(rescale, device=diff.device), damp, 1.0)
+    return uncond + guidance * (diff / factor)  # x / 1.0 is exact: no rescale leaves diff unchanged
+
+
+def guided_euler(step_fn: StepFn) -> UpdateFn:
+    """One whole denoising step from a DiT call: (noisy | reference) x (cond, uncond) -> true CFG -> Euler
+    on the noisy half (the reference half stays fixed; its prediction is discarded)."""
+
+    def update(x: Tensor, ref: Tensor, guidance: Tensor, t: Tensor, dt: Tensor, rescale: Tensor,
+               *conditioning: Tensor) -> Tensor:
+        pred = step_fn(torch.cat([x, ref], dim=1).expand(2, -1, -1), t, *conditioning)
+        return x + dt * cfg_combine(pred[:1], pred[1:], guidance, rescale)[:, : x.shape[1]]
+
+    return update
+
+
+def schedule_tensors(timesteps: list[float], truncate: float, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Per step: t [S, 2] (both CFG branches), dt [S] (float32) and the CFG rescale switch t > truncate [S]."""
+    pairs = list(pairwise(timesteps))
+    t = torch.tensor([[a, a] for a, _ in pairs], dtype=torch.float32, device=device)
+    dt = torch.tensor([b - a for a, b in pairs], dtype=torch.float32, device=device)
+    rescale = torch.tensor([a > truncate for a, _ in pairs], dtype=torch.bool, device=device)
+    return t, dt, rescale
 
 
 def denoise(
-    step_fn: StepFn,
+    update: UpdateFn,
     x: Tensor,
     ref: Tensor,
     timesteps: list[float],
     *,
     guidance: float,
     truncate: float,
+    conditioning: tuple[Tensor, ...] = (),
     progress: ProgressFn | None = None,
 ) -> Tensor:
-    """Euler integration of the noisy tokens x [1, N, 64]; the reference tokens ref [1, N, 64] stay fixed."""
-    n = x.shape[1]
-    for i, (t_curr, t_prev) in enumerate(pairwise(timesteps)):
-        img = torch.cat([x, ref], dim=1).expand(2, -1, -1)
-        t = torch.full((2,), t_curr, dtype=x.dtype, device=x.device)
-        pred = step_fn(img, t)
-        pred = cfg_combine(pred[:1], pred[1:], guidance, rescale=t_curr > truncate)
-        x = x + (t_prev - t_curr) * pred[:, :n]
+    """Euler integration of the noisy tokens x [1, N, 64] (float32); the reference tokens ref [1, N, 64] stay fixed.
+
+    `update` is `guided_euler(step_fn)` (or a CUDA-graphed copy of it); `conditioning` is passed to it
+    explicitly, not closed over, so a captured graph reads this edit's tensors.
+    """
+    t, dt, rescale = schedule_tensors(timesteps, truncate, x.device)
+    g = torch.tensor(guidance, dtype=torch.float32, device=x.device)
+    for i in range(len(dt)):
+        x = update(x, ref, g, t[i], dt[i], rescale[i], *conditioning)
         if progress is not None:
-            progress(i + 1, len(timesteps) - 1)
+            progress(i + 1, len(dt))
     return x
