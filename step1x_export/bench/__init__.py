@@ -7,16 +7,37 @@
 The GPU run of the full-size model is `benchmarks/device_ladder.sh` (docs/benchmarks.md).
 """
 
-from .ladder import LADDER, LadderResult, LadderRow, LadderSettings, ModelState, Toggles, build_step, run_ladder
-from .measure import StageResult, measure
-from .models import BenchModels, DiTInputs, activation_check, build_models, dit_inputs
-from .report import BenchReport, ladder_table, plot_ladder, stages_table, write_all, write_csv, write_json
-from .run import BenchConfig, run_benchmark
-from .stages import STAGES, StageSettings, run_stages, whole_edit_fn
+from .._lazy import lazy_exports
 
-__all__ = [
-    "LADDER", "STAGES", "BenchConfig", "BenchModels", "BenchReport", "DiTInputs", "LadderResult", "LadderRow",
-    "LadderSettings", "ModelState", "StageResult", "StageSettings", "Toggles", "activation_check", "build_models",
-    "build_step", "dit_inputs", "ladder_table", "measure", "plot_ladder", "run_benchmark", "run_ladder",
-    "run_stages", "stages_table", "whole_edit_fn", "write_all", "write_csv", "write_json",
-]
+_EXPORTS = {
+    "BenchConfig": ".run",
+    "BenchModels": ".models",
+    "BenchReport": ".report",
+    "DiTInputs": ".models",
+    "LADDER": ".ladder",
+    "LadderResult": ".ladder",
+    "LadderRow": ".ladder",
+    "LadderSettings": ".ladder",
+    "ModelState": ".ladder",
+    "STAGES": ".stages",
+    "StageResult": ".measure",
+    "StageSettings": ".stages",
+    "Toggles": ".ladder",
+    "activation_check": ".models",
+    "build_models": ".models",
+    "build_step": ".ladder",
+    "dit_inputs": ".models",
+    "ladder_table": ".report",
+    "measure": ".measure",
+    "plot_ladder": ".report",
+    "run_benchmark": ".run",
+    "run_ladder": ".ladder",
+    "run_stages": ".stages",
+    "stages_table": ".report",
+    "whole_edit_fn": ".stages",
+    "write_all": ".report",
+    "write_csv": ".report",
+    "write_json": ".report",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

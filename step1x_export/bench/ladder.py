@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,9 @@ from ..step1x_ref.sampling import StepFn, denoise, guided_euler
 from ..timing import StageTimer
 from .measure import FAILED, NOT_IMPLEMENTED, OK, SKIPPED, peak_memory_gb, reset_peak_memory, short_error, synchronize
 from .measure import percentile as _percentile
-from .models import DiTInputs
+
+if TYPE_CHECKING:  # models imports the MLLM (transformers); the ladder only needs the type
+    from .models import DiTInputs
 
 
 @dataclass(frozen=True)

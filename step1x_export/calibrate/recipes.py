@@ -16,14 +16,17 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from ..hashing import module_hash
 from .artifact import LayerScales, QuantArtifact, dtype_name, weight_probe
-from .collect import InputStats
 from .formats import QuantFormat, scale_from_amax
+
+if TYPE_CHECKING:  # collect imports the whole pipeline; recipes only need the type
+    from .collect import InputStats
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from skimage import data as skimage_data
 
 from ..specs import profile_for
 from ..step1x_ref.configs import CONFIGS
@@ -117,6 +116,7 @@ def demo(out_path: Path, prompt: str, model_name: str, steps: int, size_level: i
     """
     check_output_path(out_path, suffixes=IMAGE_SUFFIXES)
     from PIL import Image
+    from skimage import data as skimage_data  # a real photograph that ships with a dependency
 
     image = Image.fromarray(skimage_data.astronaut())
     click.echo(f"demo: tiny '{model_name}' model with RANDOM weights on CPU; input: scikit-image astronaut "

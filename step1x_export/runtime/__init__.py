@@ -6,17 +6,26 @@
         print(rt.timer.table(), rt.peak_memory)
 """
 
-from .buffers import BufferPool, ProfileError, check_dims, edit_dims, plan_buffers, profile_shapes, select_profile
-from .cudagraph import CudaGraphed
-from .engine import Engine
-from .options import RuntimeOptions
-from .runtime import Step1XEditRuntime
-from .step import engine_step_fn
-from .torch_engine import TorchEncoder, TorchEngine
-from .trt_manifest import BuildPlatform, EngineMismatchError, check_compatible
+from .._lazy import lazy_exports
 
-__all__ = [
-    "BufferPool", "BuildPlatform", "CudaGraphed", "Engine", "EngineMismatchError", "ProfileError", "RuntimeOptions",
-    "Step1XEditRuntime", "TorchEncoder", "TorchEngine", "check_compatible", "check_dims", "edit_dims",
-    "engine_step_fn", "plan_buffers", "profile_shapes", "select_profile",
-]
+_EXPORTS = {
+    "BufferPool": ".buffers",
+    "BuildPlatform": ".trt_manifest",
+    "CudaGraphed": ".cudagraph",
+    "Engine": ".engine",
+    "EngineMismatchError": ".trt_manifest",
+    "ProfileError": ".buffers",
+    "RuntimeOptions": ".options",
+    "Step1XEditRuntime": ".runtime",
+    "TorchEncoder": ".torch_engine",
+    "TorchEngine": ".torch_engine",
+    "check_compatible": ".trt_manifest",
+    "check_dims": ".buffers",
+    "edit_dims": ".buffers",
+    "engine_step_fn": ".step",
+    "plan_buffers": ".buffers",
+    "profile_shapes": ".buffers",
+    "select_profile": ".buffers",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -140,7 +140,7 @@ def _ort_mllm_loader(manifest, source: Path, config: ModelConfig) -> Loader:
         from transformers import Qwen2_5_VLConfig
 
         from ..export import QWEN_DIR
-        from ..step1x_ref.conditioner import load_processor
+        from ..step1x_ref.qwen_processor import load_processor
         from .onnxruntime import OrtEmbedder, OrtEngine
 
         vision, llm = (OrtEngine(manifest.components[n].path, manifest.components[n].spec) for n in ("vision", "llm"))

@@ -173,7 +173,7 @@ def load_ort_pipeline(export_dir: str | Path, *, providers: list[str] | None = N
     """The reference pipeline running every component from the export's graphs with ONNX Runtime."""
     from transformers import Qwen2_5_VLConfig
 
-    from ..step1x_ref.conditioner import load_processor
+    from ..step1x_ref.qwen_processor import load_processor
 
     manifest = load_manifest(export_dir)
     needed = ["vision", "llm", "dit", "vae_encoder", "vae_decoder"]
