@@ -163,19 +163,13 @@ def set_compiled(model: Step1XEdit, on: bool, mode: str) -> None:
 
 
 def quantize_fp8(model: Step1XEdit, calibration: list[DiTInputs], dtype: torch.dtype) -> str:
-    """FP8 W8A8 GEMMs, in place: `step1x_export.calibrate`'s recipe (static activation scales calibrated on
-    one eager step of each ladder input, per-channel weight scales, its layer selection) when that package
-    imports; else the labelled fallback with per-tensor dynamic scales. Returns what ran, for the row's note."""
-    try:
-        from ..calibrate.apply import quantize_model
-        from ..calibrate.collect import StatsCollector
-        from ..calibrate.recipes import build_artifact
-    except ImportError as err:
-        from .fp8 import quantize_fp8_dynamic_
+    """FP8 W8A8 GEMMs, in place, with `step1x_export.calibrate`'s recipe: static activation scales calibrated
+    on one eager step of each ladder input, per-channel weight scales, its layer selection. Returns what ran,
+    for the row's note."""
+    from ..calibrate.apply import quantize_model
+    from ..calibrate.collect import StatsCollector
+    from ..calibrate.recipes import build_artifact
 
-        names = quantize_fp8_dynamic_(model)
-        return (f"fallback ({err.name} not importable): per-tensor dynamic-scale FP8 torch._scaled_mm on "
-                f"{len(names)} block GEMMs, not calibrated")
     collector = StatsCollector(model)
     with collector.active(), torch.inference_mode():
         for x in calibration:  # the measured inputs themselves: optimistic for fidelity, exact for speed
@@ -189,14 +183,12 @@ def quantize_fp8(model: Step1XEdit, calibration: list[DiTInputs], dtype: torch.d
 
 def fp8_attention_status() -> str | None:
     """None when the runtime can run FP8 attention; else why not (the row then says 'not implemented')."""
-    try:
-        from ..runtime.options import RuntimeOptions
+    from ..runtime.options import RuntimeOptions
 
+    try:
         RuntimeOptions(attention_fp8=True)
     except NotImplementedError as err:
         return str(err)
-    except ImportError:
-        return "step1x_export.runtime.options is not importable"
     return "the runtime accepts attention_fp8 but the ladder has no hook for it yet"
 
 

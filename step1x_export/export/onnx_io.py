@@ -32,6 +32,9 @@ EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's hard limit: a graph at or ab
 EXPORTER = "torch.onnx.export(dynamo=True)"
 
 
+# protobuf cannot serialise a message over 2 GiB; keep a margin for the graph itself.
+INFER_IN_MEMORY_LIMIT = 2**31 - 2**26
+
 def export_graph(
     module: nn.Module,
     args: tuple[torch.Tensor, ...],
@@ -59,10 +62,17 @@ def export_graph(
     model = program.model_proto
     restore_weight_names(model, module)
     _name_dims(model, spec)
-    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    # In-memory shape inference serialises the whole model, which protobuf refuses past 2 GB:
+    # large graphs are inferred from the saved file instead (weights stay in the external data).
+    in_memory = graph_bytes(model) < INFER_IN_MEMORY_LIMIT
+    if in_memory:
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     for key, value in (metadata or {}).items():
         model.metadata_props.add(key=key, value=value)
-    return save_graph(model, path, external_data_threshold=external_data_threshold)
+    files = save_graph(model, path, external_data_threshold=min(external_data_threshold, INFER_IN_MEMORY_LIMIT))
+    if not in_memory:
+        onnx.shape_inference.infer_shapes_path(str(files[0]), str(files[0]), data_prop=True)
+    return files
 
 
 class _quiet_exporter:
