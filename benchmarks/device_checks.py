@@ -322,12 +322,6 @@ def issue5(report: Report, config: ModelConfig, args: argparse.Namespace, device
 
 
 # -- issue 4: quantized kernels and quantized steps -------------------------------------------------
-def force_kernel(q: QuantLinear, kernel: Kernel) -> QuantLinear:
-    # QuantLinear has no public override of its kernel choice: set the per-device cache `kernel` reads.
-    q._kernel = (q.weight.device, kernel)
-    return q
-
-
 def layer_kernel_check(linear: nn.Linear, x: Tensor, device: torch.device) -> dict[str, Any]:
     """FP8 / INT8 GEMM kernel vs the emulation of the same QuantLinear (and both vs the float Linear)."""
     x = x.reshape(-1, x.shape[-1]).float()
@@ -343,9 +337,9 @@ def layer_kernel_check(linear: nn.Linear, x: Tensor, device: torch.device) -> di
             row: dict[str, Any] = {"format": recipe.fmt.value, "recipe": recipe_name,
                                    "weights": "per-channel" if per_channel else "per-tensor", "kernel": q.kernel.value}
             with torch.inference_mode():
-                emulated = force_kernel(q, Kernel.EMULATE)(x).float()
+                emulated = q.use_kernel(Kernel.EMULATE)(x).float()
                 row["rel_err_emulation_vs_float"] = rel_err(emulated, ref)
-                q._kernel = None  # back to `select_kernel`'s choice
+                q.use_kernel(None)  # back to `select_kernel`'s choice
                 if q.kernel is Kernel.EMULATE:
                     row["status"] = SKIP_CUDA if device.type != "cuda" else "skipped: no GPU kernel for this layer"
                 else:

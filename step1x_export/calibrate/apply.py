@@ -23,9 +23,10 @@ def quantize_model(model: nn.Module, artifact: QuantArtifact, *, check_hash: boo
     """Replace, in place, each Linear named in `artifact` by a `QuantLinear`; returns `model`."""
     if check_hash:
         check_model_hash(model, artifact)
-    modules = dict(model.named_modules())
     for name, s in artifact.layers.items():
-        linear = modules.get(name)
+        # Looked up one at a time (no table of every module): a swapped-out Linear is freed before the
+        # next one is quantized, so peak memory is the model plus one layer, not the model plus its copy.
+        linear = _submodule(model, name)
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"artifact layer {name}: the model has {type(linear).__name__ if linear else 'nothing'} "
                              f"there, expected nn.Linear")
@@ -35,5 +36,13 @@ def quantize_model(model: nn.Module, artifact: QuantArtifact, *, check_hash: boo
         q = QuantLinear.from_linear(linear, artifact.fmt, input_scale=s.input_scale, weight_scale=s.weight_scale,
                                     smooth=s.smooth)
         parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child, q)
+        setattr(_submodule(model, parent_name) if parent_name else model, child, q)
+        del linear
     return model
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None

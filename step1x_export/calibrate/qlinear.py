@@ -92,6 +92,12 @@ class QuantLinear(nn.Module):
             self._kernel = (device, select_kernel(self.fmt, device, self.in_features, self.out_features))
         return self._kernel[1]
 
+    def use_kernel(self, kernel: Kernel | None) -> QuantLinear:
+        """Force a GEMM on the current device (e.g. the emulation, to check a GPU kernel against it);
+        None goes back to `select_kernel`'s choice."""
+        self._kernel = None if kernel is None else (self.weight.device, Kernel(kernel))
+        return self
+
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float()
