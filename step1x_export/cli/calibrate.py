@@ -13,8 +13,9 @@ from ..calibrate.collect import collect_stats
 from ..calibrate.dataset import describe, split_pairs
 from ..calibrate.evaluate import evaluate, format_table, summarize
 from ..calibrate.recipes import DEFAULT_EXCLUDE, RECIPES, build_artifact
+from ..specs import profile_for
 from ..step1x_ref.pipeline import Step1XEditPipeline
-from .common import DTYPES, default_device, user_errors
+from .common import DTYPES, check_output_path, default_device, user_errors
 
 
 @click.command()
@@ -34,8 +35,9 @@ from .common import DTYPES, default_device, user_errors
               help="Calibration (image, instruction) pairs, from the non-held-out split (at most 70).")
 @click.option("--steps", type=click.IntRange(1, 1000), default=28, show_default=True,
               help="Denoising steps per pair (statistics cover every step, both CFG branches).")
-@click.option("--size-level", type=click.IntRange(16, 4096), default=1024, show_default=True,
-              help="Edit resolution of the calibration runs (use the one you deploy at).")
+@click.option("--size-level", type=click.IntRange(16, 4096), default=None,
+              help="Edit resolution of the calibration runs (use the one you deploy at) [default: 1024 for the real "
+                   "model, 256 for the tiny ones].")
 @click.option("--cfg", type=float, default=6.0, show_default=True, help="True-CFG guidance scale.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Noise seed of the first pair (pair i: seed+i).")
 @click.option("--include", multiple=True, default=("*",), show_default=True,
@@ -55,7 +57,7 @@ from .common import DTYPES, default_device, user_errors
 @user_errors
 def calibrate(
     model_dir: Path | None, model_name: str | None, version: str, recipe: str, alpha: float,
-    weight_granularity: str, samples: int, steps: int, size_level: int, cfg: float, seed: int,
+    weight_granularity: str, samples: int, steps: int, size_level: int | None, cfg: float, seed: int,
     include: tuple[str, ...], exclude: tuple[str, ...], n_eval: int, dtype: str | None, device: str | None,
     out_path: Path, quiet: bool,
 ) -> None:
@@ -67,8 +69,7 @@ def calibrate(
     """
     if (model_dir is None) == (model_name is None):
         raise click.UsageError("give exactly one of --model-dir DIR or --model tiny")
-    if not out_path.parent.is_dir():
-        raise FileNotFoundError(f"output folder {out_path.parent} does not exist")
+    check_output_path(out_path)
     calib, held_out = split_pairs()
     if samples > len(calib):
         raise ValueError(f"--samples {samples}: the calibration split has {len(calib)} pairs")
@@ -77,6 +78,7 @@ def calibrate(
                                                   dtype=DTYPES[dtype or "bf16"])
     else:
         pipe = Step1XEditPipeline.random(model_name, dtype=DTYPES[dtype or "fp32"])
+    size_level = size_level or profile_for(pipe.config).max_level
     pairs = calib[:samples]
     stats = collect_stats(pipe, pairs, steps=steps, size_level=size_level, cfg=cfg, seed=seed, progress=not quiet)
     calibration = describe(pairs) | {"steps": steps, "size_level": size_level, "cfg": cfg, "seed": seed,

@@ -10,6 +10,7 @@ matters for upstream's `attention_mask = ids > 0`), then merges, then the specia
 from __future__ import annotations
 
 import copy
+import functools
 from collections import Counter
 from itertools import pairwise
 
@@ -124,6 +125,13 @@ def _learn_merges(words: Counter, num_merges: int) -> list[tuple[str, str]]:
 
 
 def build_tiny_tokenizer() -> Qwen2Tokenizer:
+    vocab, merges = _tiny_vocab_and_merges()
+    return Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges), extra_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]))
+
+
+@functools.cache
+def _tiny_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    """The tiny vocabulary and merges, learned once per process (pure data; callers copy it)."""
     b2u = bytes_to_unicode()
     base = list(b2u.values())
     bare = Qwen2Tokenizer(vocab={c: i for i, c in enumerate(base)}, merges=[])
@@ -152,7 +160,7 @@ def build_tiny_tokenizer() -> Qwen2Tokenizer:
         vocab.setdefault(a + b, len(vocab))
     for token in QWEN_SPECIAL_TOKENS:
         vocab[token] = len(vocab)
-    return Qwen2Tokenizer(vocab=vocab, merges=merges, extra_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]))
+    return vocab, tuple(merges)
 
 
 def build_tiny_processor(min_pixels: int, max_pixels: int) -> Qwen2_5_VLProcessor:

@@ -1,0 +1,52 @@
+"""The CLI commands not covered elsewhere: calibrate -> edit --quant, build without TensorRT, --help."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from step1x_export.calibrate.artifact import load_artifact
+from step1x_export.cli import main
+
+
+def run(args: list[str]):
+    return CliRunner().invoke(main, args)
+
+
+@pytest.mark.parametrize("command", ["demo", "edit", "export", "calibrate", "build", "bench"])
+def test_every_command_has_complete_help(command: str) -> None:
+    result = run([command, "--help"])
+    assert result.exit_code == 0 and "Usage:" in result.output and "--help" in result.output
+
+
+def test_calibrate_then_edit_with_the_artifact(tmp_path: Path) -> None:
+    art = tmp_path / "int8.safetensors"
+    result = run(["calibrate", "--model", "tiny", "--recipe", "int8-sq", "--samples", "2", "--steps", "2",
+                  "--size-level", "32", "--out", str(art), "--quiet"])
+    assert result.exit_code == 0, result.output
+    artifact = load_artifact(art)
+    assert artifact.recipe == "int8-sq" and len(artifact.layers) > 0
+    assert artifact.calibration["steps"] == 2 and artifact.calibration["size_level"] == 32
+
+    src = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(src)
+    out = tmp_path / "out.png"
+    result = run(["edit", "--model", "tiny", "--quant", str(art), "--image", str(src), "--prompt", "add a hat",
+                  "--out", str(out), "--steps", "2", "--size-level", "32", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (56, 40)
+
+    result = run(["calibrate", "--model", "tiny", "--recipe", "fp8", "--out", str(tmp_path / "no" / "a.safetensors")])
+    assert result.exit_code != 0 and "does not exist" in result.output
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="checks the message shown without it")
+def test_build_without_tensorrt_says_how_to_get_it(tmp_path: Path) -> None:
+    result = run(["build", "--onnx-dir", str(tmp_path), "--out", str(tmp_path / "engines")])
+    assert result.exit_code != 0
+    assert "TensorRT is not installed: pip install 'step1x-export[tensorrt]'" in result.output
