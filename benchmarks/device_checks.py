@@ -36,6 +36,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from step1x_export.bench.environment import environment_info, header_lines
+from step1x_export.bench.ladder import max_rel_err, rel_err, timed_calls
 from step1x_export.bench.measure import measure, short_error
 from step1x_export.bench.models import (
     QWEN25_VL_7B_TEXT,
@@ -47,6 +48,7 @@ from step1x_export.bench.models import (
     default_dtype,
     dit_inputs,
 )
+from step1x_export.bench.report import write_text_atomic
 from step1x_export.calibrate.apply import quantize_model
 from step1x_export.calibrate.collect import InputStats, StatsCollector
 from step1x_export.calibrate.qlinear import Kernel, QuantLinear
@@ -55,6 +57,7 @@ from step1x_export.specs import dit_spec, vae_decoder_spec, vae_encoder_spec
 from step1x_export.step1x_ref.autoencoder import VAEDecoder, VAEEncoder
 from step1x_export.step1x_ref.configs import ModelConfig, get_config
 from step1x_export.step1x_ref.sampling import denoise, guided_euler
+from step1x_export.timing import StageTimer
 
 SKIP_CUDA = "skipped: needs CUDA"
 LAYER = "single_blocks.0.linear1"  # the widest GEMM of the DiT (hidden -> 3 * hidden + mlp): the kernel check's layer
@@ -93,9 +96,7 @@ class Report:
         return entry
 
     def save(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=_jsonable))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps(self.data, indent=1, default=_jsonable))
 
 
 def _jsonable(value: object) -> object:
@@ -116,48 +117,12 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def rel_err(got: Tensor, ref: Tensor) -> float:
-    """||got - ref|| / ||ref|| in float64."""
-    got, ref = got.double(), ref.double()
-    return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
-def max_rel_err(got: Tensor, ref: Tensor) -> float:
-    """max |got - ref| / max |ref|: the worst element against the output's scale."""
-    got, ref = got.double(), ref.double()
-    return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-
-
-class StepClock:
-    """Times each call of a wrapped function: CUDA events on a GPU (read after one sync), host clock on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.marks = device, []
-
-    def wrap(self, fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        def timed(*args: Tensor) -> Tensor:
-            if self.device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                out = fn(*args)
-                end.record()
-                self.marks.append((start, end))
-            else:
-                t0 = time.perf_counter()
-                out = fn(*args)
-                self.marks.append(time.perf_counter() - t0)
-            return out
-
-        return timed
-
-    def ms(self) -> list[float]:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return [s.elapsed_time(e) for s, e in self.marks]
-        return [s * 1000 for s in self.marks]
-
-
 # -- issue 5: CUDA graphs and the whole edit --------------------------------------------------------
+def _ms(timers: list[StageTimer]) -> list[float]:
+    """Milliseconds of each call timed by `timed_calls` (one sync for the lot on a GPU)."""
+    return [1000 * t.resolve()["step"] for t in timers]
+
+
 def run_denoise(update: Callable[..., Tensor], x: DiTInputs, config: ModelConfig, steps: int | None = None) -> Tensor:
     timesteps = x.timesteps if steps is None else x.timesteps[: steps + 1]
     with torch.inference_mode():
@@ -176,17 +141,18 @@ def graphs_check(dit: nn.Module, config: ModelConfig, x: DiTInputs, dtype: torch
     out["activations"] = activation_check(dit, x, dtype)
     update = guided_euler(engine_step_fn(TorchEngine(dit, dit_spec(config), dtype, device)))
     run_denoise(update, x, config, steps=1)  # warm-up: cuBLAS handles, allocator
-    eager_clock = StepClock(device)
-    eager = run_denoise(eager_clock.wrap(update), x, config)
-    out["eager_ms_step"] = statistics.median(eager_clock.ms())
+    eager_timers: list[StageTimer] = []
+    eager = run_denoise(timed_calls(update, device, eager_timers), x, config)
+    out["eager_ms_step"] = statistics.median(_ms(eager_timers))
 
     cuda = device.type == "cuda"
     graphed = CudaGraphed(update, enabled=cuda)
-    capture_clock, graph_clock = StepClock(device), StepClock(device)
-    run_denoise(capture_clock.wrap(graphed), x, config)  # the first call warms up and captures
-    replayed = run_denoise(graph_clock.wrap(graphed), x, config)
-    out["graph_first_call_ms"] = capture_clock.ms()[0]
-    out["graph_ms_step"] = statistics.median(graph_clock.ms())
+    capture_timers: list[StageTimer] = []
+    graph_timers: list[StageTimer] = []
+    run_denoise(timed_calls(graphed, device, capture_timers), x, config)  # the first call warms up and captures
+    replayed = run_denoise(timed_calls(graphed, device, graph_timers), x, config)
+    out["graph_first_call_ms"] = _ms(capture_timers)[0]
+    out["graph_ms_step"] = statistics.median(_ms(graph_timers))
     out["speedup"] = out["eager_ms_step"] / out["graph_ms_step"]
     out["max_abs_diff"] = float((replayed.float() - eager.float()).abs().max())
     out["rel_diff"] = rel_err(replayed.float(), eager.float())

@@ -29,5 +29,5 @@ def module_hash(module: nn.Module) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         if t.device.type == "meta":
             raise ValueError(f"cannot hash {name}: it is on the meta device (load weights first)")
-        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy())  # the buffer itself, no extra copy
     return h.hexdigest()

@@ -9,12 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 from .step1x_ref.configs import ModelConfig
 from .step1x_ref.imaging import edit_size
 
 # "compute" follows the graph's precision (fp32 / bf16 / fp16); the others are fixed.
 DType = Literal["compute", "float32", "int64"]
 Dim = int | str  # an int is static, a str names a dynamic dim resolved from `DimRanges`
+_FIXED_DTYPES = {"float32": torch.float32, "int64": torch.int64}
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,10 @@ class TensorSpec:
 
     def shape(self, dims: dict[str, int]) -> tuple[int, ...]:
         return tuple(d if isinstance(d, int) else dims[d] for d in self.dims)
+
+    def torch_dtype(self, compute: torch.dtype) -> torch.dtype:
+        """The tensor's torch dtype when the graph computes in `compute`."""
+        return _FIXED_DTYPES.get(self.dtype, compute)
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,10 @@ class ComponentSpec:
     @property
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
+
+    def dim_names(self) -> set[str]:
+        """Every dynamic dim any input or output uses."""
+        return {d for t in (*self.inputs, *self.outputs) for d in t.dims if isinstance(d, str)}
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """torch.onnx-style {tensor: {axis: dim name}} for every dynamic dim."""

@@ -13,7 +13,7 @@ from torch import nn
 
 from step1x_export.calibrate.apply import quantize_model
 from step1x_export.calibrate.artifact import ArtifactError, QuantArtifact, load_artifact, save_artifact
-from step1x_export.calibrate.collect import collect_stats
+from step1x_export.calibrate.collect import StatsCollector, collect_stats
 from step1x_export.calibrate.dataset import TASKS, calibration_pairs, describe, load_pair_image, split_pairs
 from step1x_export.calibrate.evaluate import evaluate, format_table, sqnr_db, summarize
 from step1x_export.calibrate.formats import QuantFormat
@@ -70,6 +70,20 @@ def test_stats_cover_every_linear_input(pipe, stats):
     for name, s in stats.items():
         k = dict(pipe.model.named_modules())[name].in_features
         assert s.channel_amax.shape == (k,) and torch.isfinite(s.channel_amax).all() and s.amax > 0
+
+
+
+def test_stats_collector_refuses_nonfinite_inputs():
+    # The finiteness check runs once when collection ends (no GPU sync per Linear call); it names the layer.
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    x = torch.ones(5, 4)
+    x[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"input of \['0'\].*inf/NaN"), StatsCollector(model, ["0"]).active():
+        model(x)
+    collector = StatsCollector(model)
+    with collector.active():
+        model(torch.ones(5, 4))
+    assert set(collector.stats) == {"0", "1"} and float(collector.stats["0"].amax) == 1.0
 
 
 def test_layer_selection_patterns():

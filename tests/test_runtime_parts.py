@@ -178,8 +178,10 @@ def test_options():
         RuntimeOptions(backend="tvm")  # type: ignore[arg-type]
     cpu = RuntimeOptions(precision="bf16").resolved(torch.device("cpu"))
     assert cpu.precision is Precision.BF16 and not cpu.cuda_graphs and not cpu.compile
-    cuda = RuntimeOptions(backend="onnxruntime").resolved(torch.device("cuda"))
+    cuda = RuntimeOptions(backend="tensorrt").resolved(torch.device("cuda"))
     assert cuda.cuda_graphs and not cuda.compile  # compile is for the torch DiT only
+    ort = RuntimeOptions(backend="onnxruntime").resolved(torch.device("cuda"))
+    assert not ort.cuda_graphs and not ort.compile  # ORT's own stream + host sync cannot be captured
     with pytest.raises(ValueError, match="dit: fp8 graphs carry Q/DQ"):
         BuildOptions(strongly_typed=False).check("dit", Precision.FP8)
     BuildOptions(strongly_typed=False).check("dit", Precision.BF16)

@@ -119,7 +119,15 @@ class ModelState:
 
 # -- fidelity -------------------------------------------------------------------------------------------
 def rel_err(x: Tensor, ref: Tensor) -> float:
-    return float((x.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-30))
+    """||x - ref|| / ||ref||, in float64."""
+    x, ref = x.double(), ref.double()
+    return float((x - ref).norm() / ref.norm().clamp(min=1e-30))
+
+
+def max_rel_err(x: Tensor, ref: Tensor) -> float:
+    """max |x - ref| / max |ref|: the worst element against the output's scale, in float64."""
+    x, ref = x.double(), ref.double()
+    return float((x - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
 
 
 def psnr(x: Tensor, ref: Tensor) -> float:
@@ -226,14 +234,19 @@ def build_step(model: Step1XEdit, inputs: DiTInputs, toggles: Toggles, state: Mo
     if toggles.compile != state.compiled:
         set_compiled(model, toggles.compile, settings.compile_mode)
         state.compiled = toggles.compile
-    dtype = settings.dtype
+    step = dit_step_fn(model, inputs, settings.dtype)
+    return _graphed(step) if toggles.cuda_graphs else step
+
+
+def dit_step_fn(model: Step1XEdit, inputs: DiTInputs, dtype: torch.dtype) -> StepFn:
+    """The eager DiT call on `inputs`' conditioning, in `dtype`, returning float32 (what `guided_euler` takes)."""
     emb, mask, pe = inputs.llm_embedding.to(dtype), inputs.llm_mask, inputs.pe
 
     @torch.inference_mode()
     def step(img: Tensor, t: Tensor) -> Tensor:
         return model(img.to(dtype), pe, t.to(dtype), emb, mask).float()
 
-    return _graphed(step) if toggles.cuda_graphs else step
+    return step
 
 
 def _graph_breaks() -> int:
@@ -242,11 +255,14 @@ def _graph_breaks() -> int:
     return sum(counters["graph_break"].values())
 
 
-def _timed(step: StepFn, device: torch.device, timers: list[StageTimer]) -> StepFn:
-    def run(img: Tensor, t: Tensor) -> Tensor:
+def timed_calls(fn: Callable[..., Tensor], device: torch.device, timers: list[StageTimer]) -> Callable[..., Tensor]:
+    """`fn`, timing each call under the stage "step" of a new `StageTimer` appended to `timers` (CUDA events:
+    no sync per call; `timer.resolve()` afterwards)."""
+
+    def run(*args: Tensor) -> Tensor:
         timer = StageTimer(device)
         with timer.stage("step"):
-            out = step(img, t)
+            out = fn(*args)
         timers.append(timer)
         return out
 
@@ -290,7 +306,7 @@ def run_cell(row: LadderRow, model: Step1XEdit, inputs: DiTInputs, state: ModelS
         if ref.fp32_pred is not None:
             result.rel_err_fp32 = rel_err(pred[:, :n], ref.fp32_pred[:, :n])
         timers: list[StageTimer] = []
-        latent = denoise(guided_euler(_timed(step, device, timers)), inputs.noise, inputs.ref, inputs.timesteps,
+        latent = denoise(guided_euler(timed_calls(step, device, timers)), inputs.noise, inputs.ref, inputs.timesteps,
                          guidance=settings.guidance, truncate=settings.truncate)
         _fill_timing(result, [t.resolve()["step"] for t in timers], settings)
         result.peak_mem_gb = peak_memory_gb(device)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..step1x_ref.autoencoder import AutoEncoder
 from ..step1x_ref.conditioner import MLLMInputs, Qwen25VLEmbedder, select_tokens
-from ..step1x_ref.configs import EmbedderParams, ModelConfig, get_config
+from ..step1x_ref.configs import ModelConfig, get_config
 from ..step1x_ref.model import Step1XEdit
 from ..step1x_ref.pipeline import sampling_inputs
 from ..step1x_ref.random_weights import randomize_
@@ -152,11 +152,7 @@ def build_mllm(config: ModelConfig, device: torch.device, dtype: torch.dtype, se
     with torch.device(device), default_dtype(dtype):
         model = Qwen2_5_VLForConditionalGeneration(hf_config)
     # No tokenizer/processor: the harness feeds synthetic ids of the real sequence length (see mllm_inputs).
-    return Qwen25VLEmbedder(model.eval(), None, _embedder_params(config))
-
-
-def _embedder_params(config: ModelConfig) -> EmbedderParams:
-    return config.embedder
+    return Qwen25VLEmbedder(model.eval(), None, config.embedder)
 
 
 def build_models(

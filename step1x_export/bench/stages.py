@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..step1x_ref.sampling import StepFn, denoise, guided_euler, unpack
+from .ladder import dit_step_fn
 from .measure import StageResult, measure, skipped
 from .models import BenchModels, DiTInputs, dit_inputs, mllm_stage_fn
 
@@ -35,17 +36,6 @@ class StageSettings:
         unknown = set(self.stages) - set(STAGES)
         if unknown:
             raise ValueError(f"unknown stage(s) {sorted(unknown)}; known: {', '.join(STAGES)}")
-
-
-def eager_step_fn(models: BenchModels, inputs: DiTInputs) -> StepFn:
-    dtype, model = models.dtype, models.dit
-    emb, mask, pe = inputs.llm_embedding.to(dtype), inputs.llm_mask, inputs.pe
-
-    @torch.inference_mode()
-    def step(img: Tensor, t: Tensor) -> Tensor:
-        return model(img.to(dtype), pe, t.to(dtype), emb, mask).float()
-
-    return step
 
 
 def bench_image(size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -86,7 +76,7 @@ def _size_stages(models: BenchModels, x: DiTInputs, s: StageSettings) -> Iterabl
     if "connector" in s.stages:
         yield "connector", lambda: models.dit.connector(emb, t, mask)
     if "dit_step" in s.stages:
-        step, img = eager_step_fn(models, x), x.img
+        step, img = dit_step_fn(models.dit, x, dtype), x.img
         yield "dit_step", lambda: step(img, x.t)
     vae_missing = "skipped: VAE not built"
     if "vae_encode" in s.stages:
@@ -99,7 +89,7 @@ def _size_stages(models: BenchModels, x: DiTInputs, s: StageSettings) -> Iterabl
         if models.ae is None:
             yield "edit", vae_missing
         else:
-            yield "edit", whole_edit_fn(models, x, eager_step_fn(models, x), s.guidance)
+            yield "edit", whole_edit_fn(models, x, dit_step_fn(models.dit, x, dtype), s.guidance)
 
 
 def run_stages(models: BenchModels, settings: StageSettings, *, progress: Callable[[str], None] | None = None,
@@ -144,7 +134,3 @@ def run_stages(models: BenchModels, settings: StageSettings, *, progress: Callab
                 if r.median_ms is not None:
                     r.extra["denoise_est_ms"] = settings.steps * r.median_ms  # extrapolated, not measured
     return results
-
-
-def default_inputs(models: BenchModels, sizes: Iterable[int], steps: int) -> list[DiTInputs]:
-    return [dit_inputs(models.config, s, steps, models.device) for s in sizes]

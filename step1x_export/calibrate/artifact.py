@@ -14,8 +14,6 @@ match the calibrated scales.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ..files import atomic_path
 from .formats import QuantFormat
 
 FORMAT_VERSION = 1
@@ -104,14 +103,8 @@ def save_artifact(artifact: QuantArtifact, path: str | Path) -> Path:
             tensors[f"{name}.smooth"] = s.smooth.detach().float().cpu().reshape(-1).contiguous()
         if s.weight_probe is not None:
             tensors[f"{name}.weight_probe"] = s.weight_probe.detach().float().cpu().reshape(-1).contiguous()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(_metadata(artifact), ensure_ascii=False)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(_metadata(artifact), ensure_ascii=False)})
     return path
 
 

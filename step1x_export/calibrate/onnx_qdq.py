@@ -24,8 +24,6 @@ the probe alone finds the layer.
 from __future__ import annotations
 
 import ast
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +39,7 @@ from .qlinear import quantize_weight
 MIN_OPSET = {QuantFormat.INT8: 13, QuantFormat.FP8_E4M3: 19}  # per-axis Q/DQ: 13; float8 Q/DQ: 19
 _STORAGE = {QuantFormat.INT8: TensorProto.INT8, QuantFormat.FP8_E4M3: TensorProto.FLOAT8E4M3FN}
 _FLOATS = {TensorProto.FLOAT: torch.float32, TensorProto.FLOAT16: torch.float16, TensorProto.BFLOAT16: torch.bfloat16}
-_EXTERNAL_DATA_BYTES = 1 << 30  # protobuf cannot hold a 2 GiB model: write weights beside the graph
+_EXTERNAL_DATA_BYTES = 1 << 30  # protobuf cannot hold a 2 GiB model: weights go to `<name>.data` beside it
 
 
 @dataclass
@@ -238,28 +236,15 @@ class _Rewriter:
         g.initializer.extend(kept + self.new_inits)
 
 
-def _save(model: onnx.ModelProto, out_path: Path) -> None:
-    """Write atomically; weights go to `<name>.data` beside the graph when the model is large."""
-    big = sum(len(i.raw_data) for i in model.graph.initializer) > _EXTERNAL_DATA_BYTES
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    try:
-        if big:
-            onnx.save_model(model, tmp, save_as_external_data=True, location=f"{out_path.name}.data")
-        else:
-            onnx.save_model(model, tmp)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def insert_qdq(onnx_model_or_path: onnx.ModelProto | str | Path, artifact: QuantArtifact,
                out_path: str | Path | None = None, *, strict: bool = True) -> onnx.ModelProto:
     """Return (and write to `out_path`, if given) the graph with the artifact's layers as Q/DQ.
 
     `strict`: every layer of the artifact must be found in the graph (else ValueError naming them).
     """
+    out_path = None if out_path is None else Path(out_path)
+    if out_path is not None and not out_path.parent.is_dir():  # before the work, not after it
+        raise FileNotFoundError(f"output folder {out_path.parent} does not exist")
     if isinstance(onnx_model_or_path, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(onnx_model_or_path)
@@ -278,8 +263,7 @@ def insert_qdq(onnx_model_or_path: onnx.ModelProto | str | Path, artifact: Quant
                                    "step1x_export.quant.recipe": artifact.recipe,
                                    "step1x_export.quant.model_hash": artifact.model_hash})
     if out_path is not None:
-        out_path = Path(out_path)
-        if not out_path.parent.is_dir():
-            raise FileNotFoundError(f"output folder {out_path.parent} does not exist")
-        _save(model, out_path)
+        from ..export.onnx_io import save_graph  # the exporter's writer; importing `export` loads the pipeline
+
+        save_graph(model, out_path, external_data_threshold=_EXTERNAL_DATA_BYTES)
     return model

@@ -104,9 +104,14 @@ class QuantLinear(nn.Module):
         if self.smooth_inv is not None:
             x2 = x2 * self.smooth_inv
         xq = quantize(x2, self.input_scale, self.fmt)
-        y = _GEMMS[self.kernel](xq, self)
+        y = _GEMMS[self.kernel](xq, self)  # float32, or bf16 from rowwise _scaled_mm
+        if y.dtype != x.dtype:
+            # One rounding to x.dtype after the bias, as the Q/DQ graph does. When the GEMM already returns
+            # x.dtype (bf16 rowwise FP8), `y + bias` is that same single rounding (bf16 adds run in float32),
+            # so the [M, N] output skips a bf16 -> fp32 -> bf16 round trip: two full passes over it per call.
+            y = y.float()
         if self.bias is not None:
-            y = y + self.bias.float()
+            y = y + self.bias  # promotes a bf16 bias to y's dtype inside the add: no separate cast
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -141,9 +146,8 @@ def _scaled_mm(xq: Tensor, q: QuantLinear) -> Tensor:
         return torch._scaled_mm(xq, q.weight.t(), scale_a=q.input_scale, scale_b=q.weight_scale.reshape(()),
                                 out_dtype=torch.float32)
     scale_a = q.input_scale.reshape(1, 1).expand(m, 1).contiguous()
-    out = torch._scaled_mm(xq, q.weight.t(), scale_a=scale_a, scale_b=q.weight_scale.reshape(1, -1),
-                           out_dtype=torch.bfloat16)
-    return out.float()
+    return torch._scaled_mm(xq, q.weight.t(), scale_a=scale_a, scale_b=q.weight_scale.reshape(1, -1),
+                            out_dtype=torch.bfloat16)
 
 
 def _int_mm(xq: Tensor, q: QuantLinear) -> Tensor:

@@ -46,7 +46,7 @@ from .common import DTYPES, check_output_path, default_device, user_errors
               help="Layers kept in high precision (pattern, repeatable; giving any replaces the default list).")
 @click.option("--eval", "n_eval", type=click.IntRange(0), default=0, show_default=True,
               help="After calibrating, report SQNR per step / image PSNR against the reference on this many "
-                   "held-out pairs.")
+                   "held-out pairs (holds a second, quantized copy of the DiT beside the reference: plan memory).")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
               help="Model dtype during calibration [default: bf16 for --model-dir, fp32 for --model]; the "
                    "artifact only applies to a model loaded in this same dtype (its hash is recorded).")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,6 +14,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ..files import atomic_path
 from ..runtime.trt_manifest import EngineMismatchError
 
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP"}
@@ -46,19 +45,6 @@ def check_output_path(path: Path, *, suffixes: dict[str, str] | None = None) -> 
         raise FileNotFoundError(f"output folder {path.parent} does not exist")
     if suffixes is not None and path.suffix.lower() not in suffixes:
         raise ValueError(f"output {path}: unknown image type {path.suffix!r}; use one of {', '.join(suffixes)}")
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_image(image: Image.Image, path: Path) -> None:

@@ -47,7 +47,8 @@ DEMO_INSTRUCTION = "Make the sky behind the astronaut a deep purple"
               help="DiT/MLLM dtype [default: bf16 for --model-dir on a GPU, else fp32]; the VAE runs in fp32.")
 @click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
-              help="Capture the whole denoising step once per shape and replay it (CUDA only; ignored on CPU).")
+              help="Capture the whole denoising step once per shape and replay it (torch and tensorrt backends on "
+                   "CUDA; ignored on CPU and for onnxruntime, whose kernels run on ORT's own stream).")
 @click.option("--compile/--no-compile", "compile_dit", default=True, show_default=True,
               help="torch.compile each DiT block (torch backend on CUDA only; the first edit pays the compile).")
 @click.option("--sequential-load", is_flag=True,

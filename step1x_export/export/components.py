@@ -45,8 +45,8 @@ def example_image(width: int = 96, height: int = 64, seed: int = 0) -> Image.Ima
 
 def _mllm_examples(pipe: Step1XEditPipeline, dtype: torch.dtype) -> tuple[dict, dict]:
     """Vision and LLM example inputs from the real preprocessing of one image and two instructions."""
-    emb = pipe.embedder
-    cond, uncond = emb.prepare(EXAMPLE_INSTRUCTION, example_image()), emb.prepare("", example_image())
+    emb, image = pipe.embedder, example_image()
+    cond, uncond = emb.prepare(EXAMPLE_INSTRUCTION, image), emb.prepare("", image)
     host = vision_inputs(cond.image_grid_thw, emb.model.config.vision_config)
     vision = {"pixel_values": cond.pixel_values.to(dtype)} | host
     with torch.inference_mode():

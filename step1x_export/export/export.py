@@ -7,12 +7,10 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from ..calibrate.apply import check_model_hash
-from ..calibrate.artifact import QuantArtifact
-from ..calibrate.onnx_qdq import insert_qdq
 from ..hashing import file_sha256, module_hash
 from ..precision import Precision
 from ..specs import COMPONENTS, component_specs, dim_ranges
@@ -21,6 +19,9 @@ from ..step1x_ref.pipeline import Step1XEditPipeline
 from .components import build_units
 from .manifest import MANIFEST, META_COMPONENT, META_EXPORT_ID, ComponentEntry, Manifest
 from .onnx_io import DEFAULT_OPSET, EXPORTER, EXTERNAL_DATA_THRESHOLD, export_graph, save_graph
+
+if TYPE_CHECKING:
+    from ..calibrate.artifact import QuantArtifact
 
 GRAPH_PRECISIONS = (Precision.FP32, Precision.FP16, Precision.BF16)  # fp8/int8: calibration inserts Q/DQ later
 QWEN_DIR = "qwen"  # the Qwen config + processor, so a runtime needs nothing but the export folder
@@ -76,6 +77,8 @@ def export_components(
     if unknown or not components:
         raise ValueError(f"unknown components {unknown or '(none given)'}; choose from {', '.join(specs)}")
     if quant is not None:
+        from ..calibrate.apply import check_model_hash  # only a quantized export needs the calibration code
+
         if "dit" not in components:
             raise ValueError("--quant quantizes the dit graph: include the dit component")
         check_model_hash(pipeline.model, quant)  # before any work: a mismatched artifact is refused
@@ -97,9 +100,8 @@ def export_components(
         graph_precision = unit.precision
         if name == "dit" and quant is not None:
             files, graph_precision = _insert_qdq(files, quant, external_data_threshold)
-        used = {d for t in (*spec.inputs, *spec.outputs) for d in t.dims if isinstance(d, str)}
         entries[name] = ComponentEntry(
-            name=name, file=files[0].name, spec=spec, dims={d: ranges[d] for d in sorted(used)},
+            name=name, file=files[0].name, spec=spec, dims={d: ranges[d] for d in sorted(spec.dim_names())},
             precision=graph_precision, source_hash=source_hash,
             files={f.name: file_sha256(f) for f in files}, export_seconds=time.perf_counter() - start,
             path=files[0],
@@ -115,6 +117,8 @@ def export_components(
 
 def _insert_qdq(files: list[Path], quant: QuantArtifact, external_data_threshold: int) -> tuple[list[Path], Precision]:
     """Rewrite an exported graph with the artifact's Q/DQ pairs, in place (same file names)."""
+    from ..calibrate.onnx_qdq import insert_qdq
+
     model = insert_qdq(files[0], quant)  # loads external data too
     for f in files:
         f.unlink()

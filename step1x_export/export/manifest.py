@@ -9,12 +9,12 @@ or TensorRT shape error deep in a run.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import onnx
 
+from ..files import write_text_atomic
 from ..hashing import file_sha256
 from ..precision import Precision
 from ..specs import ComponentSpec, DimRanges, TensorSpec
@@ -113,11 +113,7 @@ class Manifest:
 
     def write(self, directory: Path) -> Path:
         """Atomically (temp name + rename) write manifest.json into `directory`."""
-        path = directory / MANIFEST
-        tmp = directory / f".{MANIFEST}.tmp"
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
-        return path
+        return write_text_atomic(directory / MANIFEST, self.to_json())
 
 
 def _entry_to_dict(e: ComponentEntry) -> dict:

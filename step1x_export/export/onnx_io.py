@@ -13,10 +13,12 @@ build time), so quantization tools find every weight by its torch module name.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,7 @@ EXPORTER = "torch.onnx.export(dynamo=True)"
 
 # protobuf cannot serialise a message over 2 GiB; keep a margin for the graph itself.
 INFER_IN_MEMORY_LIMIT = 2**31 - 2**26
+
 
 def export_graph(
     module: nn.Module,
@@ -75,22 +78,17 @@ def export_graph(
     return files
 
 
-class _quiet_exporter:
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
     """The exporter logs each phase at INFO and prints progress; the caller shows its own bar."""
-
-    def __enter__(self) -> None:
-        self._level = logging.getLogger("torch.onnx").level
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        self._devnull = open(os.devnull, "w")  # noqa: SIM115 - closed in __exit__
-        import contextlib
-
-        self._redirect = contextlib.redirect_stdout(self._devnull)
-        self._redirect.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        self._redirect.__exit__(*exc)
-        self._devnull.close()
-        logging.getLogger("torch.onnx").setLevel(self._level)
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 ONNX_TYPES = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,

@@ -34,15 +34,11 @@ def edit_dims(config: ModelConfig, width: int, height: int, batch: int) -> dict[
     }
 
 
-def spec_dims(spec: ComponentSpec) -> set[str]:
-    return {d for t in (*spec.inputs, *spec.outputs) for d in t.dims if isinstance(d, str)}
-
-
 def check_dims(spec: ComponentSpec, dims: dict[str, int], ranges: DimRanges) -> None:
     """Raise ProfileError naming the component, the dim and its min/max if `dims` are outside `ranges`."""
     bad = [
         f"{name} = {dims[name]} (expected {ranges[name][0]}..{ranges[name][2]})"
-        for name in sorted(spec_dims(spec))
+        for name in sorted(spec.dim_names())
         if name in ranges and not ranges[name][0] <= dims[name] <= ranges[name][2]
     ]
     if bad:
@@ -75,9 +71,6 @@ def select_profile(component: str, shapes: dict[str, Shape], profiles: list[Prof
     raise ProfileError(f"{component}: input shapes {got} fit none of its {len(profiles)} profile(s): {expected}")
 
 
-_FIXED = {"float32": torch.float32, "int64": torch.int64}
-
-
 @dataclass(frozen=True)
 class BufferSpec:
     shape: Shape
@@ -87,7 +80,7 @@ class BufferSpec:
 def plan_buffers(spec: ComponentSpec, dims: dict[str, int], compute_dtype: torch.dtype) -> dict[str, BufferSpec]:
     """Shape and dtype of every input and output of `spec` for one edit."""
     return {
-        t.name: BufferSpec(t.shape(dims), _FIXED.get(t.dtype, compute_dtype)) for t in (*spec.inputs, *spec.outputs)
+        t.name: BufferSpec(t.shape(dims), t.torch_dtype(compute_dtype)) for t in (*spec.inputs, *spec.outputs)
     }
 
 

@@ -3,28 +3,25 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-from ..specs import ComponentSpec, dit_spec, vae_decoder_spec, vae_encoder_spec
+from ..specs import component_specs, dit_spec, vae_decoder_spec, vae_encoder_spec
 from ..step1x_ref.autoencoder import AutoEncoder, VAEDecoder, VAEEncoder
 from ..step1x_ref.conditioner import Qwen25VLEmbedder
 from ..step1x_ref.configs import CONFIGS, ModelConfig, get_config
 from ..step1x_ref.loading import ModelFiles, load_into
 from ..step1x_ref.model import Step1XEdit
 from ..step1x_ref.pipeline import Step1XEditPipeline
-from .buffers import Shape
+from .buffers import BufferPool, Shape, select_profile
 from .options import RuntimeOptions
 from .stages import Loader
 from .torch_engine import TorchEncoder, TorchEngine, compile_blocks
 
 TINY = tuple(name for name, c in CONFIGS.items() if c.tiny_qwen is not None)
 ENGINE_COMPONENTS = ("vae_encoder", "dit", "vae_decoder")
-
-
-def component_spec(config: ModelConfig, name: str) -> ComponentSpec:
-    return {"dit": dit_spec, "vae_encoder": vae_encoder_spec, "vae_decoder": vae_decoder_spec}[name](config)
 
 
 def pipeline_loaders(pipe: Step1XEditPipeline, device: torch.device, dtype: torch.dtype, dit=None) -> dict[str, Loader]:
@@ -45,7 +42,7 @@ def _prepare_dit(model: torch.nn.Module, options: RuntimeOptions, quant: str | P
         from ..calibrate.apply import quantize_model
         from ..calibrate.artifact import load_artifact
 
-        model = quantize_model(model, load_artifact(Path(quant))) or model
+        model = quantize_model(model, load_artifact(Path(quant)))
     if options.compile:
         compile_blocks(model)
     return model
@@ -95,35 +92,34 @@ def mllm_loader(config: ModelConfig, mllm: str | Path | None, device: torch.devi
             f"MLLM: torch, from {mllm}")
 
 
-def _config_of(manifest, source: Path, version: str) -> ModelConfig:
-    config = getattr(manifest, "config", None)
-    if isinstance(config, ModelConfig):
-        return config
-    return get_config(config if isinstance(config, str) else version)
+def _check_components(source: Path, present: Iterable[str]) -> None:
+    missing = [c for c in ENGINE_COMPONENTS if c not in present]
+    if missing:
+        raise FileNotFoundError(f"{source} lacks component(s) {missing}; it has {sorted(present)}")
 
 
-def engine_loaders(source: Path, backend: str, device: torch.device, dtype: torch.dtype, *, version: str,
-                   mllm, seed: int):
-    """Loaders for an ONNX export dir (onnxruntime) or a TensorRT engine dir, and their shape check."""
+def engine_loaders(source: Path, backend: str, device: torch.device, dtype: torch.dtype, *, mllm, seed: int):
+    """Loaders for an ONNX export dir (onnxruntime) or a TensorRT engine dir, and their shape check.
+
+    The model config is the one the export / engines were made from (their manifest names it).
+    """
     if not source.is_dir():
         raise FileNotFoundError(f"{backend} engine directory {source} does not exist")
     if backend == "tensorrt":
-        return _tensorrt_loaders(source, device, dtype, version=version, mllm=mllm, seed=seed)
+        return _tensorrt_loaders(source, device, dtype, mllm=mllm, seed=seed)
     from ..export import load_manifest
-    from .onnxruntime import OrtEngine
+    from .onnxruntime import OrtEngine, ort_embedder
 
     manifest = load_manifest(source)
-    config = _config_of(manifest, source, version)
-    missing = [c for c in ENGINE_COMPONENTS if c not in manifest.components]
-    if missing:
-        raise FileNotFoundError(f"export {source} lacks component(s) {missing}; it has {sorted(manifest.components)}")
+    config = get_config(manifest.config)
+    _check_components(source, manifest.components)
 
     def ort(name: str) -> Loader:
         entry = manifest.components[name]
         return lambda: OrtEngine(entry.path, entry.spec)
 
     if mllm is None and {"vision", "llm"} <= manifest.components.keys():
-        encoder, note = _ort_mllm_loader(manifest, source, config), "MLLM: ONNX Runtime (vision + llm graphs)"
+        encoder, note = (lambda: ort_embedder(manifest, config)), "MLLM: ONNX Runtime (vision + llm graphs)"
     else:
         encoder, note = mllm_loader(config, mllm, device, dtype, seed)
         note += " (the export has no vision/llm graphs, or mllm was given)"
@@ -135,37 +131,20 @@ def engine_loaders(source: Path, backend: str, device: torch.device, dtype: torc
     return config, loaders, check, (note,)
 
 
-def _ort_mllm_loader(manifest, source: Path, config: ModelConfig) -> Loader:
-    def load() -> TorchEncoder:
-        from transformers import Qwen2_5_VLConfig
-
-        from ..export import QWEN_DIR
-        from ..step1x_ref.qwen_processor import load_processor
-        from .onnxruntime import OrtEmbedder, OrtEngine
-
-        vision, llm = (OrtEngine(manifest.components[n].path, manifest.components[n].spec) for n in ("vision", "llm"))
-        qwen = source / QWEN_DIR
-        embedder = OrtEmbedder(vision, llm, load_processor(qwen, config.embedder),
-                               Qwen2_5_VLConfig.from_pretrained(qwen), config.embedder)
-        return TorchEncoder(embedder)  # type: ignore[arg-type]  (any embedder callable)
-
-    return load
-
-
-def _tensorrt_loaders(source: Path, device: torch.device, dtype: torch.dtype, *, version: str, mllm, seed: int):
-    from .buffers import BufferPool, select_profile
+def _tensorrt_loaders(source: Path, device: torch.device, dtype: torch.dtype, *, mllm, seed: int):
+    from .trt_engine import TensorRTEngine
     from .trt_manifest import EngineManifest, current_platform
 
     manifest = EngineManifest.read(source)
     manifest.check_platform(current_platform())  # refuse before any engine is deserialised
     config = get_config(manifest.config)
+    _check_components(source, manifest.components)
+    specs = component_specs(config)
     pool = BufferPool(device)  # one static-buffer pool shared by every TensorRT stage
 
     def trt(name: str) -> Loader:
-        from .trt_engine import TensorRTEngine
-
         record = manifest.components[name]
-        return lambda: TensorRTEngine(source / record.file, component_spec(config, name), record.profiles, pool)
+        return lambda: TensorRTEngine(source / record.file, specs[name], record.profiles, pool)
 
     encoder, note = mllm_loader(config, mllm, device, dtype, seed)
     loaders = {"encoder": encoder, **{c: trt(c) for c in ENGINE_COMPONENTS}}

@@ -18,12 +18,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ..export.components import pad_batch
 from ..export.export import QWEN_DIR
 from ..export.manifest import ComponentEntry, ExportError, Manifest, load_manifest
-from ..specs import ComponentSpec
-from ..step1x_ref.configs import EmbedderParams, VAEParams, get_config
-from ..step1x_ref.pipeline import EditInputs, Step1XEditPipeline
-from ..step1x_ref.sampling import StepFn
+from ..export.qwen import llm_position_ids, vision_inputs
+from ..specs import COMPONENTS, ComponentSpec
+from ..step1x_ref.conditioner import build_mllm_inputs, select_tokens
+from ..step1x_ref.configs import EmbedderParams, ModelConfig, get_config
+from ..step1x_ref.pipeline import Step1XEditPipeline
 
 _ONNX_TYPES = {
     "tensor(float)": (1, torch.float32),
@@ -69,7 +71,10 @@ class OrtEngine:
         if not self.on_cuda and any(dtype == torch.bfloat16 for _, dtype in self._types.values()):
             raise ExportError(f"{spec.name}: {path} is a bf16 graph; ONNX Runtime's CPU kernels lack bf16 (Mul, "
                               "MatMul, ...): run it with CUDAExecutionProvider (onnxruntime-gpu) or export fp32/fp16")
-        self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_cuda else torch.device("cpu")
+        # The GPU the session runs on (its provider's device_id, default 0), not torch's current device:
+        # inputs bound on another GPU would be read from the wrong device.
+        cuda_id = int(self.session.get_provider_options().get("CUDAExecutionProvider", {}).get("device_id", 0))
+        self.device = torch.device("cuda", cuda_id) if self.on_cuda else torch.device("cpu")
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, name: str, *, providers: list[str] | None = None) -> OrtEngine:
@@ -77,6 +82,8 @@ class OrtEngine:
         return cls(entry.path, entry.spec, providers=providers, entry=entry)
 
     def __call__(self, **inputs: Tensor) -> dict[str, Tensor]:
+        if self.session is None:
+            raise RuntimeError(f"{self.spec.name}: engine is closed")
         if self.entry is not None:
             self.entry.check_shapes({k: tuple(v.shape) for k, v in inputs.items()})
         binding = self.session.io_binding()
@@ -90,8 +97,8 @@ class OrtEngine:
             binding.bind_input(name, self.device.type, self.device.index or 0, onnx_type, tuple(t.shape), t.data_ptr())
         for name in self.spec.output_names:
             binding.bind_output(name, self.device.type, self.device.index or 0)
-        if self.on_cuda:
-            torch.cuda.current_stream().synchronize()  # inputs written on torch's stream; ORT runs on its own
+        if self.on_cuda:  # inputs written on torch's stream of the session's GPU; ORT runs on its own stream
+            torch.cuda.current_stream(self.device).synchronize()
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         # DLPack shares ORT's buffer (no copy) on CPU and CUDA, bf16 included.
@@ -103,16 +110,6 @@ class OrtEngine:
 
 
 # -- a whole edit from an export folder ------------------------------------------------------------
-def ort_step_fn(engine: OrtEngine, inputs: EditInputs) -> StepFn:
-    """The "dit" graph as a denoising-step callable for `sampling.denoise` (same contract as torch_step_fn)."""
-
-    def step(img: Tensor, t: Tensor) -> Tensor:
-        out = engine(img=img, pe=inputs.pe, timestep=t, llm_embedding=inputs.llm_embedding, llm_mask=inputs.llm_mask)
-        return out["pred"].float().to(img.device)
-
-    return step
-
-
 class OrtDiT:
     """Stands in for `Step1XEdit`: called with the DiT's forward signature, runs the "dit" graph."""
 
@@ -127,19 +124,15 @@ class OrtDiT:
 class OrtAutoEncoder:
     """Stands in for `AutoEncoder` (encode -> scaled posterior mean, decode) with the two VAE graphs."""
 
-    def __init__(self, encoder: OrtEngine | None, decoder: OrtEngine | None, params: VAEParams):
-        self.encoder, self.decoder, self.params = encoder, decoder, params
+    def __init__(self, encoder: OrtEngine, decoder: OrtEngine):
+        self.encoder, self.decoder = encoder, decoder
 
     def encode(self, x: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
         if sample:
             raise ValueError("vae_encoder graph returns the posterior mean: sample_posterior is not supported on ORT")
-        if self.encoder is None:
-            raise ExportError("this export has no vae_encoder graph; re-export with it")
         return self.encoder(image=x)["latent"]
 
     def decode(self, latent: Tensor) -> Tensor:
-        if self.decoder is None:
-            raise ExportError("this export has no vae_decoder graph; re-export with it")
         return self.decoder(latent=latent)["image"]
 
 
@@ -150,11 +143,11 @@ class OrtEmbedder:
         self.vision, self.llm, self.processor = vision, llm, processor
         self.qwen_config, self.params = qwen_config, params
 
-    def __call__(self, instructions: list[str], image: Image.Image) -> tuple[Tensor, Tensor]:
-        from ..export.components import pad_batch
-        from ..export.qwen import llm_position_ids, vision_inputs
-        from ..step1x_ref.conditioner import build_mllm_inputs, select_tokens
+    def close(self) -> None:
+        self.vision.close()
+        self.llm.close()
 
+    def __call__(self, instructions: list[str], image: Image.Image) -> tuple[Tensor, Tensor]:
         batch = [build_mllm_inputs(self.processor, text, image, self.params) for text in instructions]
         grid = batch[0].image_grid_thw
         host = vision_inputs(grid, self.qwen_config.vision_config)
@@ -169,24 +162,28 @@ class OrtEmbedder:
         return torch.cat(embs), torch.cat(masks)
 
 
-def load_ort_pipeline(export_dir: str | Path, *, providers: list[str] | None = None) -> Step1XEditPipeline:
-    """The reference pipeline running every component from the export's graphs with ONNX Runtime."""
+def ort_embedder(manifest: Manifest, config: ModelConfig, *, providers: list[str] | None = None) -> OrtEmbedder:
+    """The MLLM from an export's vision + llm graphs and its saved Qwen config and processor."""
     from transformers import Qwen2_5_VLConfig
 
     from ..step1x_ref.qwen_processor import load_processor
 
+    vision, llm = (OrtEngine.from_manifest(manifest, n, providers=providers) for n in ("vision", "llm"))
+    qwen_dir = manifest.directory / QWEN_DIR
+    processor, qwen_config = load_processor(qwen_dir, config.embedder), Qwen2_5_VLConfig.from_pretrained(qwen_dir)
+    return OrtEmbedder(vision, llm, processor, qwen_config, config.embedder)
+
+
+def load_ort_pipeline(export_dir: str | Path, *, providers: list[str] | None = None) -> Step1XEditPipeline:
+    """The reference pipeline running every component from the export's graphs with ONNX Runtime."""
     manifest = load_manifest(export_dir)
-    needed = ["vision", "llm", "dit", "vae_encoder", "vae_decoder"]
-    missing = [n for n in needed if n not in manifest.components]
+    missing = [n for n in COMPONENTS if n not in manifest.components]
     if missing:
         raise ExportError(f"export {export_dir} lacks {missing} for a whole edit; re-export with all components")
     config = get_config(manifest.config)
-    engines = {n: OrtEngine.from_manifest(manifest, n, providers=providers) for n in needed}
-    qwen_dir = Path(export_dir) / QWEN_DIR
-    embedder = OrtEmbedder(
-        engines["vision"], engines["llm"], load_processor(qwen_dir, config.embedder),
-        Qwen2_5_VLConfig.from_pretrained(qwen_dir), config.embedder,
+    dit, vae_encoder, vae_decoder = (
+        OrtEngine.from_manifest(manifest, n, providers=providers) for n in ("dit", "vae_encoder", "vae_decoder")
     )
-    ae = OrtAutoEncoder(engines["vae_encoder"], engines["vae_decoder"], config.vae)
-    device = engines["dit"].device
-    return Step1XEditPipeline(config, OrtDiT(engines["dit"]), ae, embedder, device=device, dtype=torch.float32)
+    embedder = ort_embedder(manifest, config, providers=providers)
+    return Step1XEditPipeline(config, OrtDiT(dit), OrtAutoEncoder(vae_encoder, vae_decoder), embedder,
+                              device=dit.device, dtype=torch.float32)

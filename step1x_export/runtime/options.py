@@ -23,7 +23,7 @@ class RuntimeOptions:
 
     backend: Backend = "torch"
     precision: Precision = Precision.BF16  # the DiT's (and MLLM's) compute precision; the VAE runs in fp32
-    cuda_graphs: bool = True  # capture the whole denoising step once per shape, replay it
+    cuda_graphs: bool = True  # capture the whole denoising step once per shape, replay it (torch / TensorRT)
     compile: bool = True  # torch.compile each DiT block (fuses elementwise work); torch backend on CUDA only
     attention_fp8: bool = False  # FP8 attention: not implemented
     sequential_load: bool = False  # load one stage at a time (encoder freed before the DiT): cards <= 24 GB
@@ -36,7 +36,12 @@ class RuntimeOptions:
             raise NotImplementedError("RuntimeOptions.attention_fp8: FP8 attention is not implemented yet")
 
     def resolved(self, device: torch.device) -> RuntimeOptions:
-        """The toggles that can take effect on `device`: graphs and compile need CUDA (and compile a torch DiT)."""
+        """The toggles that can take effect on `device`: graphs and compile need CUDA (and compile a torch DiT).
+
+        ONNX Runtime runs on its own CUDA stream after a host sync, which a torch CUDA graph cannot capture
+        (the sync fails during capture, and ORT's kernels would not be in the graph): no graphs there.
+        """
         cuda = device.type == "cuda"
+        graphs_ok = cuda and self.backend != "onnxruntime"
         compile_ok = cuda and self.backend == "torch"
-        return replace(self, cuda_graphs=self.cuda_graphs and cuda, compile=self.compile and compile_ok)
+        return replace(self, cuda_graphs=self.cuda_graphs and graphs_ok, compile=self.compile and compile_ok)

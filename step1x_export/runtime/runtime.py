@@ -26,10 +26,11 @@ from ..step1x_ref.configs import ModelConfig
 from ..step1x_ref.pipeline import Step1XEditPipeline, postprocess, prepare_image, sampling_inputs
 from ..step1x_ref.sampling import ProgressFn, UpdateFn, denoise, guided_euler, pack, unpack
 from ..timing import StageTimer
-from .buffers import Shape, edit_dims, plan_buffers
+from .buffers import Shape, edit_dims
 from .cudagraph import CudaGraphed
 from .engine import Engine
-from .memory import PeakMemory, read_peak, reset_peak
+from .loaders import TINY, engine_loaders, pipeline_loaders, torch_loaders
+from .memory import PeakMemory, read_peak, release_cached, reset_peak
 from .options import Backend, RuntimeOptions
 from .stages import Loader, Stages
 from .step import engine_step_fn
@@ -40,6 +41,12 @@ DTYPE_PRECISION = {torch.float32: Precision.FP32, torch.bfloat16: Precision.BF16
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def precision_of(dtype: torch.dtype) -> Precision:
+    if dtype not in DTYPE_PRECISION:
+        raise ValueError(f"runtime dtype {dtype} is not supported; use one of {', '.join(map(str, DTYPE_PRECISION))}")
+    return DTYPE_PRECISION[dtype]
 
 
 class Step1XEditRuntime:
@@ -89,34 +96,28 @@ class Step1XEditRuntime:
         `quant` is a calibration artifact applied to the torch DiT."""
         device = torch.device(device) if device is not None else default_device()
         if dtype is None:  # bf16 on a GPU as upstream; fp32 on CPU (and for tiny models, the test reference)
-            tiny = str(source).startswith("tiny")
+            tiny = str(source) in TINY or str(mllm) in TINY  # a config name, never a guess from a path
             dtype = torch.bfloat16 if device.type == "cuda" and not tiny else torch.float32
         options = RuntimeOptions(
-            backend=backend, precision=DTYPE_PRECISION[dtype], cuda_graphs=cuda_graphs, compile=compile,
+            backend=backend, precision=precision_of(dtype), cuda_graphs=cuda_graphs, compile=compile,
             sequential_load=sequential_load,
         )
         if backend == "torch":
-            from .loaders import torch_loaders
-
             config, loaders, notes = torch_loaders(source, options.resolved(device), device, version=version,
                                                    quant=quant, seed=seed)
             return cls(config, loaders, options, device, notes=notes)
         if quant is not None:
             raise ValueError(f"--quant applies to the torch backend; a {backend} export has its quantization "
                              "(Q/DQ nodes) in the graph already")
-        from .loaders import engine_loaders
-
-        config, loaders, check, notes = engine_loaders(Path(source), backend, device, dtype, version=version,
-                                                       mllm=mllm, seed=seed)
+        config, loaders, check, notes = engine_loaders(Path(source), backend, device, dtype, mllm=mllm, seed=seed)
         return cls(config, loaders, options, device, shape_check=check, notes=notes)
 
     @classmethod
     def from_pipeline(cls, pipe: Step1XEditPipeline, options: RuntimeOptions | None = None) -> Step1XEditRuntime:
         """Torch engines over a reference pipeline's modules (weights shared, not copied)."""
-        from .loaders import pipeline_loaders
-
-        options = options or RuntimeOptions(precision=DTYPE_PRECISION[pipe.dtype])
-        loaders = pipeline_loaders(pipe, pipe.device, DTYPE_PRECISION[pipe.dtype].compute_dtype)
+        precision = precision_of(pipe.dtype)
+        options = options or RuntimeOptions(precision=precision)
+        loaders = pipeline_loaders(pipe, pipe.device, precision.compute_dtype)
         return cls(pipe.config, loaders, options, pipe.device)
 
     # -- the edit -------------------------------------------------------------------------------
@@ -150,7 +151,11 @@ class Step1XEditRuntime:
             )
             noise, pe, emb, mask = (t.to(self.device) for t in (noise, pe, emb, mask))
             with self._stage(timer, "dit", "denoise") as dit:
-                latent = self._denoise(dit, noise, ref, pe, emb, mask, timesteps, cfg, progress)
+                try:
+                    latent = self._denoise(dit, noise, ref, pe, emb, mask, timesteps, cfg, progress)
+                finally:
+                    if self.stages.sequential:  # the DiT is freed after this block: its graphs (and memory) too
+                        self._update = None
             with self._stage(timer, "vae_decoder", "vae_decode") as vae_decoder:
                 pixels = vae_decoder(latent=unpack(latent.float(), img.height, img.width))["image"]
             with timer.stage("postprocess"):
@@ -173,7 +178,7 @@ class Step1XEditRuntime:
         assert self.stages is not None
         if name not in self.stages.resident:
             with timer.stage(f"load {name}"):
-                self.stages._load(name)
+                self.stages.load(name)
         with self.stages.use(name) as engine, timer.stage(label):
             yield engine
 
@@ -182,8 +187,8 @@ class Step1XEditRuntime:
         if self._shape_check is None:
             return
         for spec, batch in self.specs_and_batches():
-            plan = plan_buffers(spec, edit_dims(self.config, width, height, batch), torch.float32)
-            self._shape_check(spec.name, {t.name: plan[t.name].shape for t in spec.inputs})
+            dims = edit_dims(self.config, width, height, batch)
+            self._shape_check(spec.name, {t.name: t.shape(dims) for t in spec.inputs})
 
     def specs_and_batches(self) -> list[tuple[ComponentSpec, int]]:
         return [(vae_encoder_spec(self.config), 1), (dit_spec(self.config), 2), (vae_decoder_spec(self.config), 1)]
@@ -196,8 +201,7 @@ class Step1XEditRuntime:
                 self.stages.close()
                 self.stages.loaders.clear()
             self.stages, self._update, self._graph_pool = None, None, None
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            release_cached(self.device)
 
     @property
     def closed(self) -> bool:

@@ -28,9 +28,10 @@ class Stages:
         self.loads: dict[str, int] = dict.fromkeys(loaders, 0)  # how often each stage was built
         if not sequential:
             for name in STAGE_ORDER:
-                self._load(name)
+                self.load(name)
 
-    def _load(self, name: str) -> Any:
+    def load(self, name: str) -> Any:
+        """The stage's engine, built now if it is not resident."""
         if name not in self.resident:
             self.resident[name] = self.loaders[name]()
             self.loads[name] += 1
@@ -39,7 +40,7 @@ class Stages:
     @contextmanager
     def use(self, name: str) -> Iterator[Any]:
         """The stage's engine for the duration of the block; freed after it when sequential."""
-        engine = self._load(name)
+        engine = self.load(name)
         try:
             yield engine
         finally:

@@ -13,8 +13,6 @@ from torch import Tensor, nn
 from ..specs import ComponentSpec
 from ..step1x_ref.conditioner import Qwen25VLEmbedder
 
-_FIXED = {"float32": torch.float32, "int64": torch.int64}
-
 
 class TorchEngine:
     """`module(*inputs in spec order)` on `device`; "compute" tensors in `dtype`."""
@@ -29,7 +27,7 @@ class TorchEngine:
         missing = set(self.spec.input_names) - inputs.keys()
         if missing:
             raise ValueError(f"{self.spec.name}: missing inputs {sorted(missing)}; expected {self.spec.input_names}")
-        args = [inputs[t.name].to(self.device, _FIXED.get(t.dtype, self.dtype)) for t in self.spec.inputs]
+        args = [inputs[t.name].to(self.device, t.torch_dtype(self.dtype)) for t in self.spec.inputs]
         with torch.inference_mode():
             out = self.module(*args)
         outs = out if isinstance(out, tuple) else (out,)

@@ -5,12 +5,11 @@ manifest recording the GPU and TensorRT version each engine is bound to.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import write_bytes_atomic
 from ..hashing import file_sha256
 from ..precision import Precision
 from ..specs import ComponentSpec, DimRanges
@@ -32,17 +31,6 @@ class BuildOptions:
     def check(self, component: str, precision: Precision) -> None:
         if precision.is_quantized and not self.strongly_typed:
             raise ValueError(f"{component}: {precision.value} graphs carry Q/DQ nodes: build them strongly typed")
-
-
-def _write_atomic(path: Path, data: bytes | memoryview) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def build_engine(onnx_path: Path, spec: ComponentSpec, profiles: list[ProfileShapes], out_path: Path,
@@ -82,9 +70,9 @@ def build_engine(onnx_path: Path, spec: ComponentSpec, profiles: list[ProfileSha
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"{spec.name}: TensorRT failed to build {onnx_path} (see its log above)")
-    _write_atomic(out_path, memoryview(serialized))
+    write_bytes_atomic(out_path, memoryview(serialized))
     if options.timing_cache is not None:
-        _write_atomic(options.timing_cache, memoryview(config.get_timing_cache().serialize()))
+        write_bytes_atomic(options.timing_cache, memoryview(config.get_timing_cache().serialize()))
 
 
 @dataclass(frozen=True)

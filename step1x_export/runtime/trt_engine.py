@@ -47,10 +47,15 @@ class TensorRTEngine:
         self.dtypes = {n: torch_dtype(self.engine.get_tensor_dtype(n)) for n in names}
         self._profile: int | None = None
         self._shapes: dict[str, Shape] = {}
+        self._buffers: dict[str, Tensor] = {}
 
     def __call__(self, **inputs: Tensor) -> dict[str, Tensor]:
+        """Outputs are the engine's static buffers: read (or copy) them before the next call overwrites them."""
         if self.context is None:
             raise RuntimeError(f"{self.spec.name}: engine is closed")
+        missing = set(self.spec.input_names) - inputs.keys()
+        if missing:
+            raise ValueError(f"{self.spec.name}: missing inputs {sorted(missing)}; expected {self.spec.input_names}")
         stream = torch.cuda.current_stream().cuda_stream
         shapes = {n: tuple(inputs[n].shape) for n in self.spec.input_names}
         if shapes != self._shapes:  # shape changes are host-side set-up; steady-state calls skip them
@@ -69,7 +74,7 @@ class TensorRTEngine:
         for name, shape in shapes.items():
             if not self.context.set_input_shape(name, shape):
                 raise ValueError(f"{self.spec.name}: TensorRT refused shape {shape} for input {name}")
-        self._buffers: dict[str, Tensor] = {}
+        self._buffers = {}
         for name in self.spec.input_names + self.spec.output_names:
             shape = shapes[name] if name in shapes else tuple(self.context.get_tensor_shape(name))
             buf = self.pool.get(f"{self.spec.name}.{name}", shape, self.dtypes[name])

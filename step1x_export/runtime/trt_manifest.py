@@ -7,11 +7,10 @@ A serialized TensorRT engine only runs on the GPU architecture and TensorRT vers
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..files import write_text_atomic
 from .buffers import ProfileShapes
 
 MANIFEST_NAME = "engines.json"
@@ -80,10 +79,7 @@ class EngineManifest:
 
     def write(self, engine_dir: Path) -> Path:
         path = engine_dir / MANIFEST_NAME
-        fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", dir=engine_dir)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_json(), f, indent=2)
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(self.to_json(), indent=2))
         return path
 
     @classmethod
