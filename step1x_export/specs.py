@@ -6,6 +6,7 @@ runtime (buffer plan, profile checks) and the tests all read these objects.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -59,6 +60,12 @@ class ComponentSpec:
             for t in (*self.inputs, *self.outputs)
             if any(isinstance(d, str) for d in t.dims)
         }
+
+    def check_inputs(self, names: Iterable[str]) -> None:
+        """Raise ValueError naming the component and every input the call lacks."""
+        missing = set(self.input_names) - set(names)
+        if missing:
+            raise ValueError(f"{self.name}: missing inputs {sorted(missing)}; expected {self.input_names}")
 
     def tensor(self, name: str) -> TensorSpec:
         for t in (*self.inputs, *self.outputs):

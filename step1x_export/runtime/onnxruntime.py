@@ -88,9 +88,8 @@ class OrtEngine:
             self.entry.check_shapes({k: tuple(v.shape) for k, v in inputs.items()})
         binding = self.session.io_binding()
         kept = []  # the bound buffers must outlive the run
+        self.spec.check_inputs(inputs)
         for name in self.spec.input_names:
-            if name not in inputs:
-                raise ExportError(f"{self.spec.name}: missing input {name!r}; it takes {self.spec.input_names}")
             onnx_type, dtype = self._types[name]
             t = inputs[name].to(self.device, dtype).contiguous()
             kept.append(t)

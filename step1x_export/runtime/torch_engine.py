@@ -24,9 +24,7 @@ class TorchEngine:
     def __call__(self, **inputs: Tensor) -> dict[str, Tensor]:
         if self.module is None:
             raise RuntimeError(f"{self.spec.name}: engine is closed")
-        missing = set(self.spec.input_names) - inputs.keys()
-        if missing:
-            raise ValueError(f"{self.spec.name}: missing inputs {sorted(missing)}; expected {self.spec.input_names}")
+        self.spec.check_inputs(inputs)
         args = [inputs[t.name].to(self.device, t.torch_dtype(self.dtype)) for t in self.spec.inputs]
         with torch.inference_mode():
             out = self.module(*args)

@@ -53,9 +53,7 @@ class TensorRTEngine:
         """Outputs are the engine's static buffers: read (or copy) them before the next call overwrites them."""
         if self.context is None:
             raise RuntimeError(f"{self.spec.name}: engine is closed")
-        missing = set(self.spec.input_names) - inputs.keys()
-        if missing:
-            raise ValueError(f"{self.spec.name}: missing inputs {sorted(missing)}; expected {self.spec.input_names}")
+        self.spec.check_inputs(inputs)
         stream = torch.cuda.current_stream().cuda_stream
         shapes = {n: tuple(inputs[n].shape) for n in self.spec.input_names}
         if shapes != self._shapes:  # shape changes are host-side set-up; steady-state calls skip them
