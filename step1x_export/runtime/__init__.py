@@ -16,6 +16,7 @@ _EXPORTS = {
     "EngineMismatchError": ".trt_manifest",
     "ProfileError": ".buffers",
     "RuntimeOptions": ".options",
+    "RuntimeStats": ".stats",
     "Step1XEditRuntime": ".runtime",
     "TorchEncoder": ".torch_engine",
     "TorchEngine": ".torch_engine",

@@ -18,7 +18,7 @@ from ..step1x_ref.pipeline import Step1XEditPipeline
 from .buffers import BufferPool, Shape, select_profile
 from .options import RuntimeOptions
 from .stages import Loader
-from .torch_engine import TorchEncoder, TorchEngine, compile_blocks
+from .torch_engine import TorchEncoder, TorchEngine
 
 TINY = tuple(name for name, c in CONFIGS.items() if c.tiny_qwen is not None)
 ENGINE_COMPONENTS = ("vae_encoder", "dit", "vae_decoder")
@@ -36,16 +36,17 @@ def pipeline_loaders(pipe: Step1XEditPipeline, device: torch.device, dtype: torc
     }
 
 
-def _prepare_dit(model: torch.nn.Module, options: RuntimeOptions, quant: str | Path | None) -> torch.nn.Module:
-    if quant is not None:
-        # Written by the calibration work (issue 4); imported only when asked for.
-        from ..calibrate.apply import quantize_model
-        from ..calibrate.artifact import load_artifact
+def quantized_dit(model: torch.nn.Module, quant: str | Path | None) -> torch.nn.Module:
+    """The DiT with a calibration artifact's W8A8 layers swapped in (in place), or as it is without one.
 
-        model = quantize_model(model, load_artifact(Path(quant)))
-    if options.compile:
-        compile_blocks(model)
-    return model
+    Compiling is the runtime's job (on load of the dit stage), the same for every loader.
+    """
+    if quant is None:
+        return model
+    from ..calibrate.apply import quantize_model  # imported only when asked for
+    from ..calibrate.artifact import load_artifact
+
+    return quantize_model(model, load_artifact(Path(quant)))
 
 
 def torch_loaders(
@@ -56,14 +57,14 @@ def torch_loaders(
         pipe = Step1XEditPipeline.random(str(source), seed=seed, dtype=dtype)
         for module in (pipe.model, pipe.ae, pipe.embedder):
             module.to(device)
-        model = _prepare_dit(pipe.model, options, quant)
+        model = quantized_dit(pipe.model, quant)
         return pipe.config, pipeline_loaders(pipe, device, dtype, dit=model), (f"tiny random weights (seed {seed})",)
     config = get_config(version)
     files = ModelFiles.in_dir(source, version)
 
     def dit() -> TorchEngine:
         model = load_into(lambda: Step1XEdit(config), files.dit, dtype=dtype, device=device)
-        return TorchEngine(_prepare_dit(model, options, quant), dit_spec(config), dtype, device)
+        return TorchEngine(quantized_dit(model, quant), dit_spec(config), dtype, device)
 
     def autoencoder() -> AutoEncoder:  # fp32 as upstream; loaded per VAE stage so each frees its half
         return load_into(lambda: AutoEncoder(config.vae), files.vae, dtype=torch.float32, device=device)

@@ -11,20 +11,28 @@ from ..precision import Precision
 
 Backend = Literal["torch", "onnxruntime", "tensorrt"]
 BACKENDS: tuple[Backend, ...] = ("torch", "onnxruntime", "tensorrt")
+# Captured graphs kept per runtime (one per edit resolution, least recently used evicted first). A graph
+# holds its own memory pool (the step's activations at that size); 4 keeps the working set of a few
+# common sizes warm while bounding memory when a server sees every aspect ratio.
+DEFAULT_GRAPH_CACHE = 4
 
 
 @dataclass(frozen=True)
 class RuntimeOptions:
     """How `Step1XEditRuntime` runs. Defaults are on where lossless and supported.
 
-    `cuda_graphs` and `compile` are requests: `resolved(device)` turns them off where they cannot run
-    (CPU), and the runtime keeps the resolved copy, so `runtime.options` says what actually ran.
+    `cuda_graphs` and `compile` are requests: `resolved(device)` turns them off where they cannot run,
+    and the runtime keeps the resolved copy, so `runtime.options` says what actually ran.
+    `compile=None` (auto) compiles where it helps (the torch backend on CUDA); `True` compiles on any
+    device, CPU included (slow to build there, but it is how tests run the compiled path).
     """
 
     backend: Backend = "torch"
     precision: Precision = Precision.BF16  # the DiT's (and MLLM's) compute precision; the VAE runs in fp32
     cuda_graphs: bool = True  # capture the whole denoising step once per shape, replay it (torch / TensorRT)
-    compile: bool = True  # torch.compile each DiT block (fuses elementwise work); torch backend on CUDA only
+    compile: bool | None = None  # torch.compile each DiT block, the token count dynamic: one compile serves all sizes
+    compile_mode: str | None = None  # torch.compile's mode (None: inductor's default), e.g. "max-autotune"
+    graph_cache: int = DEFAULT_GRAPH_CACHE  # captured CUDA graphs kept (LRU); an evicted graph frees its memory
     attention_fp8: bool = False  # FP8 attention: not implemented
     sequential_load: bool = False  # load one stage at a time (encoder freed before the DiT): cards <= 24 GB
 
@@ -32,16 +40,18 @@ class RuntimeOptions:
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         object.__setattr__(self, "precision", Precision.parse(self.precision))
+        if isinstance(self.graph_cache, bool) or not isinstance(self.graph_cache, int) or self.graph_cache < 1:
+            raise ValueError(f"graph_cache must be an integer >= 1 (graphs kept), got {self.graph_cache!r}")
         if self.attention_fp8:
             raise NotImplementedError("RuntimeOptions.attention_fp8: FP8 attention is not implemented yet")
 
     def resolved(self, device: torch.device) -> RuntimeOptions:
-        """The toggles that can take effect on `device`: graphs and compile need CUDA (and compile a torch DiT).
+        """The toggles that take effect on `device`: graphs need CUDA; compile applies to a torch DiT.
 
         ONNX Runtime runs on its own CUDA stream after a host sync, which a torch CUDA graph cannot capture
         (the sync fails during capture, and ORT's kernels would not be in the graph): no graphs there.
         """
         cuda = device.type == "cuda"
         graphs_ok = cuda and self.backend != "onnxruntime"
-        compile_ok = cuda and self.backend == "torch"
-        return replace(self, cuda_graphs=self.cuda_graphs and graphs_ok, compile=self.compile and compile_ok)
+        compile_on = self.backend == "torch" and (cuda if self.compile is None else self.compile)
+        return replace(self, cuda_graphs=self.cuda_graphs and graphs_ok, compile=compile_on)

@@ -3,7 +3,9 @@
 preprocess -> MLLM (cond + uncond, one vision pass) -> VAE encode -> denoising loop -> VAE decode ->
 postprocess, each stage timed (CUDA events on GPU), with a progress callback. The loop is
 `sampling.denoise` over `guided_euler(engine_step_fn(dit))`: one whole step (DiT + CFG + Euler) that,
-with CUDA graphs on, is captured once per shape and replayed; nothing looks at the backend.
+with CUDA graphs on, is captured once per shape and replayed; nothing looks at the backend. With
+`compile` on, the torch DiT's blocks are compiled when the DiT is loaded, the token count dynamic
+(one compile serves every size); `stats()` counts compiles and graphs.
 
 Threads: `edit` takes a per-runtime lock, so concurrent calls on one runtime run one after another
 (the static buffers and graphs are shared); use one runtime per device for parallel work.
@@ -27,12 +29,15 @@ from ..step1x_ref.pipeline import Step1XEditPipeline, postprocess, prepare_image
 from ..step1x_ref.sampling import ProgressFn, UpdateFn, denoise, guided_euler, pack, unpack
 from ..timing import StageTimer
 from .buffers import Shape, edit_dims
-from .cudagraph import CudaGraphed
+from .compile import CompileBackend, compile_blocks
+from .cudagraph import CudaGraphed, GraphCounts
 from .engine import Engine
 from .loaders import TINY, engine_loaders, pipeline_loaders, torch_loaders
 from .memory import PeakMemory, read_peak, release_cached, reset_peak
-from .options import Backend, RuntimeOptions
+from .options import DEFAULT_GRAPH_CACHE, Backend, RuntimeOptions
+from .progress import StepEvents
 from .stages import Loader, Stages
+from .stats import RuntimeStats
 from .step import engine_step_fn
 
 ShapeCheck = Callable[[str, dict[str, Shape]], None]  # (component, {input: shape}) -> raises if outside
@@ -65,8 +70,14 @@ class Step1XEditRuntime:
         self.notes = notes  # how the stages were built (e.g. "MLLM runs in torch"), for logs
         self._shape_check = shape_check
         self._lock = threading.Lock()
-        self._graph_pool = torch.cuda.graph_pool_handle() if self.options.cuda_graphs else None
         self._update: tuple[Engine, UpdateFn] | None = None
+        self._graphs: CudaGraphed | None = None
+        self._graph_counts = GraphCounts()
+        self._edits = 0
+        self.step_seconds: list[float] = []  # the last edit's denoising steps
+        self.compiler = CompileBackend(self.options.compile_mode) if self.options.compile else None
+        if self.compiler is not None:
+            loaders = {**loaders, "dit": self._compiled(loaders["dit"])}
         self.stages: Stages | None = Stages(loaders, self.device, sequential=self.options.sequential_load)
         self.timer = StageTimer(self.device)
         self.timings: dict[str, float] = {}
@@ -84,7 +95,9 @@ class Step1XEditRuntime:
         dtype: torch.dtype | None = None,
         cuda_graphs: bool = True,
         sequential_load: bool = False,
-        compile: bool = True,
+        compile: bool | None = None,
+        compile_mode: str | None = None,
+        graph_cache: int = DEFAULT_GRAPH_CACHE,
         version: str = "v1.1",
         mllm: str | Path | None = None,
         seed: int = 0,
@@ -93,14 +106,16 @@ class Step1XEditRuntime:
         `Step1XEditPipeline.random`), a model dir with the official files (torch backend), or an
         export / engine dir (onnxruntime, tensorrt). For engine dirs the MLLM runs in torch from
         `mllm` (a Qwen2.5-VL directory, or a tiny config name), default: the export's tiny config.
-        `quant` is a calibration artifact applied to the torch DiT."""
+        `quant` is a calibration artifact applied to the torch DiT. `compile`: None compiles the torch DiT
+        on CUDA only, True on any device (CPU included), False never; `graph_cache` bounds the CUDA graphs
+        kept (one per edit size, least recently used evicted)."""
         device = torch.device(device) if device is not None else default_device()
         if dtype is None:  # bf16 on a GPU as upstream; fp32 on CPU (and for tiny models, the test reference)
             tiny = str(source) in TINY or str(mllm) in TINY  # a config name, never a guess from a path
             dtype = torch.bfloat16 if device.type == "cuda" and not tiny else torch.float32
         options = RuntimeOptions(
             backend=backend, precision=precision_of(dtype), cuda_graphs=cuda_graphs, compile=compile,
-            sequential_load=sequential_load,
+            compile_mode=compile_mode, graph_cache=graph_cache, sequential_load=sequential_load,
         )
         if backend == "torch":
             config, loaders, notes = torch_loaders(source, options.resolved(device), device, version=version,
@@ -155,23 +170,55 @@ class Step1XEditRuntime:
                     latent = self._denoise(dit, noise, ref, pe, emb, mask, timesteps, cfg, progress)
                 finally:
                     if self.stages.sequential:  # the DiT is freed after this block: its graphs (and memory) too
-                        self._update = None
+                        self._update = self._graphs = None
             with self._stage(timer, "vae_decoder", "vae_decode") as vae_decoder:
                 pixels = vae_decoder(latent=unpack(latent.float(), img.height, img.width))["image"]
             with timer.stage("postprocess"):
                 out = postprocess(pixels, img.orig_size)
             self.timings = timer.resolve()
             self.peak_memory = read_peak(self.device)
+            self._edits += 1
             return out
 
     def _denoise(self, dit: Engine, noise, ref, pe, emb, mask, timesteps, cfg: float, progress) -> torch.Tensor:
         if self._update is None or self._update[0] is not dit:  # an update (and its graphs) per engine instance
             update = guided_euler(engine_step_fn(dit))
+            self._graphs = None
             if self.options.cuda_graphs:  # the whole step (DiT + CFG + Euler), captured once per shape
-                update = CudaGraphed(update, enabled=True, pool=self._graph_pool)
+                update = self._graphs = CudaGraphed(update, enabled=True, capacity=self.options.graph_cache,
+                                                    counts=self._graph_counts)
             self._update = (dit, update)
-        return denoise(self._update[1], noise, ref, timesteps, guidance=cfg, truncate=self.config.cfg_truncate,
-                       conditioning=(pe, emb, mask), progress=progress)
+        steps = StepEvents(self.device, progress)  # the bar follows finished steps, not queued ones
+        latent = denoise(self._update[1], noise, ref, timesteps, guidance=cfg, truncate=self.config.cfg_truncate,
+                         conditioning=(pe, emb, mask), progress=steps)
+        self.step_seconds = steps.step_seconds()
+        return latent
+
+    def _compiled(self, load_dit: Loader) -> Loader:
+        """The DiT loader, its blocks compiled on load (the torch backend: `resolved` turns compile off elsewhere)."""
+
+        def load() -> Any:
+            engine = load_dit()
+            module = getattr(engine, "module", None)
+            if module is None or not hasattr(module, "double_blocks"):
+                raise ValueError(f"compile applies to a torch DiT; the dit stage is a {type(engine).__name__}")
+            assert self.compiler is not None
+            compile_blocks(module, self.compiler)
+            return engine
+
+        return load
+
+    def stats(self) -> RuntimeStats:
+        """Edits, compiles and CUDA graphs since load (graphs: captured, held now, evicted)."""
+        return RuntimeStats(
+            edits=self._edits,
+            compiles=self.compiler.compiles if self.compiler is not None else 0,
+            graphs_captured=self._graph_counts.captured,
+            graphs_cached=self._graphs.graphs if self._graphs is not None else 0,
+            graphs_evicted=self._graph_counts.evicted,
+            graph_cache=self.options.graph_cache,
+            step_ms=[1000 * s for s in self.step_seconds],
+        )
 
     @contextmanager
     def _stage(self, timer: StageTimer, name: str, label: str) -> Iterator[Any]:
@@ -200,7 +247,7 @@ class Step1XEditRuntime:
             if self.stages is not None:
                 self.stages.close()
                 self.stages.loaders.clear()
-            self.stages, self._update, self._graph_pool = None, None, None
+            self.stages, self._update, self._graphs = None, None, None
             release_cached(self.device)
 
     @property

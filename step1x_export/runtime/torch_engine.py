@@ -1,7 +1,8 @@
 """PyTorch modules as engines: named inputs from the spec -> named outputs.
 
-The DiT may be quantized (per a calibration artifact) or have its blocks `torch.compile`d before
-it is wrapped; the engine only casts inputs to the spec's dtypes and calls the module.
+The DiT may be quantized (per a calibration artifact) before it is wrapped, and the runtime may
+compile its blocks (`compile.compile_blocks`); the engine only casts inputs to the spec's dtypes and
+calls the module, and on close hands a shared module back uncompiled.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from torch import Tensor, nn
 
 from ..specs import ComponentSpec
 from ..step1x_ref.conditioner import Qwen25VLEmbedder
+from .compile import uncompile_blocks
 
 
 class TorchEngine:
@@ -32,6 +34,8 @@ class TorchEngine:
         return dict(zip(self.spec.output_names, outs, strict=True))
 
     def close(self) -> None:
+        if self.module is not None:
+            uncompile_blocks(self.module)  # a module shared with a pipeline goes back eager
         self.module = None
 
 
@@ -50,14 +54,3 @@ class TorchEncoder:
     def close(self) -> None:
         self.embedder = None
 
-
-def compile_blocks(model: nn.Module) -> nn.Module:
-    """`torch.compile` each transformer block in place (fuses norms, modulation, RoPE, GELU, gates).
-
-    Per block rather than the whole model: compile time stays that of one block per type, and the
-    connector and embedders (run once per step on small tensors) are left eager.
-    """
-    for name in ("double_blocks", "single_blocks"):
-        for block in getattr(model, name):
-            block.compile(fullgraph=True, dynamic=False)
-    return model

@@ -1,0 +1,164 @@
+"""The runtime's command-line options, declared once: what runs (model / export / engines, backend, quant)
+and how (device, dtype, CUDA graphs, compile, graph cache, sequential load). `edit` and `bench` (and any
+later command that serves edits) take the same flags with the same help and the same checks.
+
+    @click.command()
+    @runtime_options()
+    def edit(runtime: RuntimeArgs, ...) -> None:
+        with runtime.load() as rt: ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from ..runtime.options import BACKENDS, DEFAULT_GRAPH_CACHE, RuntimeOptions
+from .common import DTYPES
+
+if TYPE_CHECKING:
+    from ..runtime.runtime import Step1XEditRuntime
+
+TINY_MODELS = ("tiny", "tiny-v1.0")
+
+
+@dataclass(frozen=True)
+class RuntimeArgs:
+    """The runtime flags of one command invocation, checked; `load()` builds the runtime they describe."""
+
+    model_dir: Path | None = None
+    model_name: str | None = None
+    backend: str = "torch"
+    engine_dir: Path | None = None
+    quant: Path | None = None
+    version: str = "v1.1"
+    dtype: str | None = None
+    device: str | None = None
+    cuda_graphs: bool = True
+    compile: bool | None = None
+    compile_mode: str | None = None
+    graph_cache: int = DEFAULT_GRAPH_CACHE
+    sequential_load: bool = False
+
+    def check_source(self) -> None:
+        """One-line usage errors for a combination of flags that names no model or mixes backends."""
+        if self.model_dir is not None and self.model_name is not None:
+            raise click.UsageError("give --model-dir DIR or --model tiny, not both")
+        if self.backend == "torch" and self.model_dir is None and self.model_name is None:
+            raise click.UsageError("--backend torch needs --model-dir DIR or --model tiny")
+        if self.backend == "torch" and self.engine_dir is not None:
+            raise click.UsageError("--engine-dir is for --backend onnxruntime or tensorrt")
+        if self.backend != "torch" and self.engine_dir is None:
+            raise click.UsageError(f"--backend {self.backend} needs --engine-dir")
+        if self.quant is not None and self.backend != "torch":
+            raise click.UsageError("--quant applies to --backend torch (exported graphs carry their own quantization)")
+        if self.compile and self.backend != "torch":
+            raise click.UsageError(f"--compile applies to --backend torch; {self.backend} runs its own graphs")
+
+    def options(self, **overrides: Any) -> RuntimeOptions:
+        """The `RuntimeOptions` these flags ask for (precision from --dtype; bf16 when unset)."""
+        from ..runtime.runtime import precision_of
+
+        precision = precision_of(DTYPES[self.dtype]) if self.dtype else RuntimeOptions().precision
+        base = RuntimeOptions(backend=self.backend, precision=precision, cuda_graphs=self.cuda_graphs,  # type: ignore[arg-type]
+                              compile=self.compile, compile_mode=self.compile_mode, graph_cache=self.graph_cache,
+                              sequential_load=self.sequential_load)
+        return replace(base, **overrides)
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """`Step1XEditRuntime.load`'s arguments: (source, backend) and the keywords."""
+        from ..step1x_ref.loading import QWEN_DIR
+
+        self.check_source()
+        if self.backend == "torch":
+            source, mllm = (self.model_dir if self.model_dir is not None else self.model_name), None
+        else:
+            source = self.engine_dir
+            mllm = self.model_name if self.model_dir is None else self.model_dir / QWEN_DIR
+        return {
+            "source": source, "backend": self.backend, "quant": self.quant, "device": self.device,
+            "dtype": DTYPES[self.dtype] if self.dtype else None, "cuda_graphs": self.cuda_graphs,
+            "compile": self.compile, "compile_mode": self.compile_mode, "graph_cache": self.graph_cache,
+            "sequential_load": self.sequential_load, "version": self.version, "mllm": mllm,
+        }
+
+    def load(self) -> Step1XEditRuntime:
+        from ..runtime import Step1XEditRuntime
+
+        return Step1XEditRuntime.load(**self.load_kwargs())
+
+
+def _source_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
+    return [
+        click.option("--model-dir", type=click.Path(path_type=Path), help="Folder with the official files: the DiT "
+                     "safetensors (v1.0: step1x-edit-i1258[-FP8].safetensors, v1.1: "
+                     "step1x-edit-v1p1-official.safetensors), vae.safetensors and Qwen2.5-VL-7B-Instruct/. With "
+                     "--engine-dir only its Qwen2.5-VL folder is used."),
+        click.option("--model", "model_name", type=click.Choice(list(TINY_MODELS)),
+                     help="Use a tiny random-weight model instead of --model-dir (testing; output is not a real "
+                     "edit). With --engine-dir, --model/--model-dir only name a torch MLLM to use instead of the "
+                     "export's vision/llm graphs."),
+        click.option("--backend", type=click.Choice(list(BACKENDS)), default="torch", show_default=True,
+                     help="What runs the VAE and DiT: PyTorch, ONNX Runtime (needs --engine-dir from `step1x-export "
+                     "export`) or TensorRT (--engine-dir from `step1x-export build`). The MLLM runs in torch."),
+        click.option("--engine-dir", type=click.Path(path_type=Path, file_okay=False),
+                     help="Export folder (onnxruntime) or engine folder (tensorrt)."),
+        click.option("--quant", type=click.Path(path_type=Path, dir_okay=False),
+                     help="Calibration artifact (`step1x-export calibrate`) applied to the torch DiT (FP8 / INT8 "
+                     "W8A8)."),
+        click.option("--version", type=click.Choice(["v1.0", "v1.1"]), default="v1.1", show_default=True,
+                     help="Model version of the checkpoint in --model-dir."),
+        click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
+                     help="DiT/MLLM dtype [default: bf16 for --model-dir on a GPU, else fp32]; the VAE runs in fp32."),
+    ]
+
+
+def _execution_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
+    return [
+        click.option("--device", default=None, help="torch device [default: cuda if available, else cpu]."),
+        click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
+                     help="Capture the whole denoising step once per edit size and replay it (torch and tensorrt "
+                     "backends on CUDA; ignored on CPU and for onnxruntime, whose kernels run on ORT's own stream)."),
+        click.option("--graph-cache", type=click.IntRange(1, 1000), default=DEFAULT_GRAPH_CACHE, show_default=True,
+                     help="CUDA graphs kept, one per edit size; the least recently used is evicted (its memory "
+                     "freed) when a new size needs room."),
+        click.option("--compile/--no-compile", "compile_dit", default=None,
+                     help="torch.compile each DiT block, the token count dynamic (one compile serves every size; the "
+                     "first edit pays it) [default: on for --backend torch on CUDA, off elsewhere]. --compile "
+                     "forces it on any device, CPU included (slow C++ builds)."),
+        click.option("--compile-mode", default=None,
+                     help="torch.compile mode (e.g. max-autotune-no-cudagraphs) [default: inductor's default]."),
+        click.option("--sequential-load", is_flag=True,
+                     help="Load one stage at a time and free it after (MLLM freed before the DiT): for GPUs with "
+                     "<= 24 GB."),
+    ]
+
+
+RUNTIME_KEYS = ("model_dir", "model_name", "backend", "engine_dir", "quant", "version", "dtype", "device",
+                "cuda_graphs", "compile_dit", "compile_mode", "graph_cache", "sequential_load")
+
+
+def runtime_options(*, source: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add the runtime flags to a click command and hand it one `RuntimeArgs` as `runtime`.
+
+    `source=False` leaves out what names the model (for commands that build their own, like `bench`).
+    """
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def command(**kwargs: Any) -> Any:
+            flags = {k: kwargs.pop(k) for k in RUNTIME_KEYS if k in kwargs}
+            flags["compile"] = flags.pop("compile_dit")
+            return fn(runtime=RuntimeArgs(**flags), **kwargs)
+
+        command.__name__, command.__doc__ = fn.__name__, fn.__doc__
+        command.__click_params__ = list(getattr(fn, "__click_params__", []))  # type: ignore[attr-defined]
+        options = (_source_options() if source else []) + _execution_options()
+        for option in reversed(options):  # click lists options in decoration order, top first
+            command = option(command)
+        return command
+
+    return decorate

@@ -1,0 +1,147 @@
+"""The compiled runtime on CPU: one compile per block type serves every edit size, the shipped default
+configuration (quant artifact + compile + CUDA graphs requested) runs end to end, and the compiled path
+agrees with eager by relative error on the final latent (fp32)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from step1x_export.calibrate.artifact import save_artifact
+from step1x_export.calibrate.collect import collect_stats
+from step1x_export.calibrate.dataset import describe, split_pairs
+from step1x_export.calibrate.recipes import build_artifact
+from step1x_export.runtime import RuntimeOptions, Step1XEditRuntime
+from step1x_export.runtime.compile import BLOCK_LISTS, is_compiled
+from step1x_export.runtime.cudagraph import CudaGraphed, GraphCounts
+from step1x_export.runtime.progress import StepEvents
+from step1x_export.step1x_ref.pipeline import Step1XEditPipeline
+
+pytestmark = pytest.mark.xdist_group("compile")  # one worker: inductor's C++ builds use both cores
+STEPS = 2
+# 12 edits of 12 different token counts (w x h at size_level ~ sqrt(w h)): 4..28 image tokens per side
+SIZES = [(32, 32), (48, 32), (64, 32), (48, 48), (64, 48), (80, 48), (64, 64), (96, 48), (80, 64), (96, 64),
+         (112, 64), (128, 64)]
+MAX_REL_ERR = 1e-5  # inductor reorders fp32 reductions and fuses; measured below, printed
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.double() - ref.double()).norm() / ref.double().norm())
+
+
+class LatentTap:
+    """The VAE decoder stage, keeping the final latent it receives (the denoiser's output, as a tensor)."""
+
+    def __init__(self, engine):
+        self.engine, self.latents = engine, []
+
+    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.latents.append(inputs["latent"].clone())
+        return self.engine(**inputs)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def tapped(rt: Step1XEditRuntime) -> LatentTap:
+    tap = rt.stages.resident["vae_decoder"] = LatentTap(rt.stages.resident["vae_decoder"])
+    return tap
+
+
+def image(w: int, h: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray((np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8))
+
+
+def edit(rt: Step1XEditRuntime, w: int, h: int) -> Image.Image:
+    return rt.edit(image(w, h), "add a red hat", seed=0, steps=STEPS, size_level=round((w * h) ** 0.5))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops; the generated C++ kernels and the tests share 2 loaded cores
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_twelve_sizes_one_compiled_runtime():
+    with Step1XEditRuntime.load("tiny", backend="torch", device="cpu", compile=True) as rt, \
+            Step1XEditRuntime.load("tiny", backend="torch", device="cpu", compile=False) as eager:
+        module = rt.stages.resident["dit"].module
+        assert rt.options.compile and is_compiled(module)
+        assert not eager.options.compile
+        compiled_tap, eager_tap = tapped(rt), tapped(eager)
+        for w, h in SIZES:
+            assert edit(rt, w, h).size == (w, h)
+        stats = rt.stats()
+        print(f"12 sizes through one compiled runtime: {stats.summary()}")
+        assert stats.edits == len(SIZES)
+        tokens = {lat.shape[-2] * lat.shape[-1] // 4 for lat in compiled_tap.latents}
+        assert len(tokens) == len(SIZES)  # really 12 token counts
+        # The bound: one compile per block type, whatever the number of sizes (dynamic token dim).
+        assert stats.compiles == len(BLOCK_LISTS)
+        for i in (0, len(SIZES) - 1):  # the first and last size against eager runtime of the same weights
+            edit(eager, *SIZES[i])
+            err = rel_err(compiled_tap.latents[i], eager_tap.latents[-1])
+            print(f"compiled vs eager final latent at {SIZES[i]}: rel err {err:.2e}")
+            assert err <= MAX_REL_ERR
+    assert not is_compiled(module)  # closing hands the DiT back eager
+
+
+def test_shipped_default_configuration_with_quant_and_compile(tmp_path: Path):
+    """What `step1x-export edit --quant A` runs on a GPU (compile auto = on there, CUDA graphs on), with
+    compile forced so the CPU runs it: quantized blocks compile (fullgraph) and match eager W8A8."""
+    pipe = Step1XEditPipeline.random("tiny", seed=0)
+    pairs = split_pairs()[0][:1]
+    stats = collect_stats(pipe, pairs, steps=STEPS, size_level=32, progress=False)
+    path = save_artifact(build_artifact(pipe.model, stats, "fp8", calibration=describe(pairs)), tmp_path / "fp8.st")
+    defaults = RuntimeOptions()
+    with Step1XEditRuntime.load("tiny", device="cpu", quant=path, compile=True) as rt, \
+            Step1XEditRuntime.load("tiny", device="cpu", quant=path, compile=False) as eager:
+        assert (rt.options.cuda_graphs, rt.options.graph_cache) == (False, defaults.graph_cache)  # resolved on CPU
+        assert rt.options.compile
+        taps = tapped(rt), tapped(eager)
+        for runtime in (rt, eager):
+            assert edit(runtime, 64, 48).size == (64, 48)
+        err = rel_err(taps[0].latents[0], taps[1].latents[0])
+        print(f"shipped default (fp8 artifact, compiled) vs eager W8A8: final latent rel err {err:.2e}; "
+              f"{rt.stats().summary()}")
+        assert err <= MAX_REL_ERR
+        assert rt.stats().compiles == len(BLOCK_LISTS)
+
+
+def test_graph_cache_is_bounded_lru():
+    counts = GraphCounts()
+    graphed = CudaGraphed(lambda a: a * 2, enabled=False, capacity=2, counts=counts)
+    for n in (1, 2, 1, 3, 2):  # 3 evicts 2 (1 was used more recently); 2 then evicts 1
+        assert graphed(torch.ones(n)).tolist() == [2.0] * n
+    assert [k[0][0] for k in graphed.entries] == [(3,), (2,)]  # least recently used first
+    assert counts.evicted == 2 and counts.captured == 0  # nothing is captured without CUDA
+    with pytest.raises(ValueError, match="capacity"):
+        CudaGraphed(lambda a: a, enabled=False, capacity=0)
+
+
+def test_step_events_report_finished_steps_in_order():
+    seen: list[tuple[int, int]] = []
+    steps = StepEvents(torch.device("cpu"), lambda done, total: seen.append((done, total)))
+    for i in range(3):
+        steps(i + 1, 3)
+    steps.finish()
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert len(steps.step_seconds()) == 3 and all(s >= 0 for s in steps.step_seconds())
+
+
+def test_compile_option_resolution():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not RuntimeOptions().resolved(cpu).compile  # auto: where it helps, the torch DiT on CUDA
+    assert RuntimeOptions().resolved(cuda).compile
+    assert RuntimeOptions(compile=True).resolved(cpu).compile  # forced: CPU too (how tests run it)
+    assert not RuntimeOptions(compile=False).resolved(cuda).compile
+    assert not RuntimeOptions(backend="onnxruntime", compile=True).resolved(cpu).compile  # no torch DiT there
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="graph_cache"):
+            RuntimeOptions(graph_cache=bad)  # type: ignore[arg-type]
