@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from step1x_export.bench.environment import environment_info
-from step1x_export.bench.ladder import LADDER, LadderSettings, psnr, rel_err, run_ladder
+from step1x_export.bench.ladder import DEFAULT_ROW, LADDER, LadderSettings, psnr, rel_err, row_options, run_ladder
 from step1x_export.bench.measure import FAILED, OK, SKIPPED, measure, percentile
 from step1x_export.bench.models import activation_check, build_models, dit_inputs
 from step1x_export.bench.report import (
@@ -25,6 +25,7 @@ from step1x_export.bench.report import (
     write_text_atomic,
 )
 from step1x_export.bench.stages import StageSettings, run_stages
+from step1x_export.runtime.options import RuntimeOptions
 
 SIZES = (32, 48)
 
@@ -53,9 +54,9 @@ def stage_results(models):
 @pytest.fixture(scope="module")
 def ladder_results(models):
     inputs = [dit_inputs(models.config, s, 2, models.device) for s in SIZES]
-    settings = LadderSettings(dtype=torch.bfloat16, steps=2, full_steps=28, truncate=models.config.cfg_truncate)
-    dit = build_models("tiny", "cpu", dtype=torch.bfloat16, with_mllm=False, with_vae=False).dit
-    return run_ladder(dit, inputs, settings)
+    settings = LadderSettings(base=RuntimeOptions(precision="bf16"), steps=2, full_steps=28)
+    bf16 = build_models("tiny", "cpu", dtype=torch.bfloat16, with_mllm=False, with_vae=True)
+    return run_ladder(bf16, inputs, settings)
 
 
 def _report(stages, ladder) -> BenchReport:
@@ -134,8 +135,8 @@ def test_ladder_on_cpu_runs_the_reference_and_skips_the_rest_explicitly(ladder_r
 
 def test_ladder_deadline_skips_remaining_rows(models):
     inputs = [dit_inputs(models.config, 32, 1, models.device)]
-    settings = LadderSettings(dtype=torch.float32, steps=1, deadline=0.0, fp32_reference=False)
-    results = run_ladder(models.dit, inputs, settings, rows=LADDER[:1])
+    settings = LadderSettings(base=RuntimeOptions(precision="fp32"), steps=1, deadline=0.0, fp32_reference=False)
+    results = run_ladder(models, inputs, settings, rows=LADDER[:1])
     assert results[0].row == "eager float32"  # the reference row names the dtype it really ran
     assert results[0].status == SKIPPED and "time budget" in results[0].note
 
@@ -235,10 +236,11 @@ def test_bench_cli_tiny(tmp_path: Path):
 
 def test_fp8_row_quantizes_with_the_calibrate_recipe(models):
     """The FP8 row's transform (emulated GEMMs on CPU): calibrated on the bench inputs, close to bf16."""
-    from step1x_export.bench.ladder import quantize_fp8
+    from step1x_export.bench.ladder import quantize
     from step1x_export.calibrate.qlinear import QuantLinear
 
-    dit = build_models("tiny", "cpu", dtype=torch.bfloat16, with_mllm=False, with_vae=False).dit
+    bf16 = build_models("tiny", "cpu", dtype=torch.bfloat16, with_mllm=False, with_vae=False)
+    dit = bf16.dit
     x = dit_inputs(models.config, 32, 2, models.device)
 
     def run() -> torch.Tensor:
@@ -246,8 +248,33 @@ def test_fp8_row_quantizes_with_the_calibrate_recipe(models):
             return dit(x.img.bfloat16(), x.pe, x.t.bfloat16(), x.llm_embedding.bfloat16(), x.llm_mask).float()
 
     ref = run()
-    note = quantize_fp8(dit, [x], torch.bfloat16)
+    note = quantize(bf16, "fp8", [x])[1]
     assert "calibrate 'fp8' recipe" in note
     assert isinstance(dit.single_blocks[0].linear1, QuantLinear)
     assert isinstance(dit.double_blocks[0].img_mod.lin, torch.nn.Linear)  # modulation stays high precision
     assert 1e-4 < rel_err(run(), ref) < 0.05
+
+
+def test_ladder_rows_are_runtime_options():
+    """Every row is RuntimeOptions (no toggles of its own); the default row is the shipped default."""
+    settings = LadderSettings(base=RuntimeOptions(precision="bf16"))
+    assert row_options(next(r for r in LADDER if r.name == DEFAULT_ROW), settings) == RuntimeOptions()
+    eager, compiled = (row_options(r, settings) for r in LADDER[:2])
+    assert (eager.compile, eager.cuda_graphs, compiled.compile, compiled.cuda_graphs) == (False, False, True, False)
+    with pytest.raises(NotImplementedError, match="attention_fp8"):
+        row_options(LADDER[-1], settings)
+
+
+def test_compile_row_runs_through_the_runtime_on_cpu(models):
+    """The '+ compile' row forced on CPU: compiled by the runtime (one compile per block type), the same
+    final latent as the eager row within fp32 rounding, and the DiT handed back eager afterwards."""
+    from step1x_export.runtime.compile import is_compiled
+
+    inputs = [dit_inputs(models.config, 32, 1, models.device)]
+    settings = LadderSettings(base=RuntimeOptions(precision="fp32"), steps=1, compile_on_cpu=True,
+                              fp32_reference=False)
+    eager, compiled = run_ladder(models, inputs, settings, rows=LADDER[:2])
+    assert eager.status == OK and compiled.status == OK, (eager.error, compiled.error)
+    assert compiled.options["compile"] is True and compiled.compiles == 2
+    assert compiled.psnr_db > 100, compiled.psnr_db  # fp32 rounding only (inductor reorders reductions)
+    assert not is_compiled(models.dit)

@@ -1,14 +1,20 @@
-"""The ablation ladder: reference eager bf16, then one runtime toggle more per row, each row with its own
-latency and fidelity figures on the same inputs.
+"""The ablation ladder: reference eager, then one `RuntimeOptions` field more per row, each row a
+`Step1XEditRuntime` over the same weights, with its own latency and fidelity figures on the same inputs.
 
-Fidelity per row and size:
-  rel_err_fp32  ||pred - pred_fp32|| / ||pred_fp32|| of one DiT step (noisy half only: the reference half
-                is discarded), against an fp32 run of the same weights;
-  psnr_db       PSNR of the final latent after the ladder's K steps vs the eager bf16 row's latent,
-                peak = the reference latent's range.
+A row is `RuntimeOptions` overrides (+ a quantization recipe): the runtime compiles, captures and quantizes
+exactly as it does for `step1x-export edit`, so the ladder measures the product, not a copy of its toggles.
+The row "+ CUDA graphs" is the default configuration (`RuntimeOptions()` as the CLI ships it); "+ FP8 GEMMs"
+is that configuration with a calibration artifact (`--quant`).
 
-The ladder mutates the model as it climbs (compiles blocks, swaps Linear layers for FP8 ones and drops the
-bf16 weights), so rows run in order, each at every size before the next row, and FP8 rows come last.
+Per row and size, two edits of K steps at size x size: the first pays compile and capture (`first_call_ms`
+= its first step), the second is timed step by step (CUDA events on a GPU, via the runtime's step times).
+Fidelity:
+  rel_err_fp32  ||pred - pred_fp32|| / ||pred_fp32|| of one call of the row's DiT engine (noisy half only:
+                the reference half is discarded), against an fp32 run of the same weights;
+  psnr_db       PSNR of the final latent after the K steps vs the eager row's, peak = the reference's range.
+
+Quantization swaps Linear layers in place and drops the float weights, so rows run in order, each at every
+size before the next row, and the quantized rows come last.
 """
 
 from __future__ import annotations
@@ -16,64 +22,63 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..runtime.cudagraph import CudaGraphed
+from ..precision import Precision
+from ..runtime.options import RuntimeOptions
 from ..step1x_ref.model import Step1XEdit
-from ..step1x_ref.sampling import StepFn, denoise, guided_euler
-from ..timing import StageTimer
 from .measure import FAILED, NOT_IMPLEMENTED, OK, SKIPPED, peak_memory_gb, reset_peak_memory, short_error, synchronize
 from .measure import percentile as _percentile
 
-if TYPE_CHECKING:  # models imports the MLLM (transformers); the ladder only needs the type
-    from .models import DiTInputs
-
-
-@dataclass(frozen=True)
-class Toggles:
-    """The runtime's optimisation flags (mirrors `runtime.RuntimeOptions`: compile, cuda_graphs, precision,
-    attention_fp8); `fp8_gemm` stands for precision=fp8."""
-
-    compile: bool = False
-    cuda_graphs: bool = False
-    fp8_gemm: bool = False
-    fp8_attention: bool = False
+if TYPE_CHECKING:  # models imports the MLLM (transformers); the ladder only needs the types
+    from ..calibrate.artifact import QuantArtifact
+    from ..runtime.runtime import Step1XEditRuntime
+    from .models import BenchModels, DiTInputs
 
 
 @dataclass(frozen=True)
 class LadderRow:
     name: str
-    toggles: Toggles
+    options: dict[str, Any]  # RuntimeOptions fields this row sets over the run's base options
     description: str
+    quant: str | None = None  # calibration recipe applied to the DiT (the runtime's --quant), e.g. "fp8"
+
+    @property
+    def quantized(self) -> bool:
+        return self.quant is not None or bool(self.options.get("attention_fp8"))
 
 
 LADDER: tuple[LadderRow, ...] = (
-    LadderRow("eager bf16", Toggles(), "reference: eager PyTorch, bf16"),
-    LadderRow("+ compile", Toggles(compile=True),
-              "torch.compile of each DiT block (fuses norm+modulation, RoPE, GELU, residual gates)"),
-    LadderRow("+ CUDA graphs", Toggles(compile=True, cuda_graphs=True), "the whole step captured once per shape"),
-    LadderRow("+ FP8 GEMMs", Toggles(compile=True, cuda_graphs=True, fp8_gemm=True), "E4M3 W8A8 block GEMMs"),
-    LadderRow("+ FP8 attention", Toggles(compile=True, cuda_graphs=True, fp8_gemm=True, fp8_attention=True),
-              "E4M3 attention"),
+    LadderRow("eager bf16", {"compile": False, "cuda_graphs": False}, "reference: eager PyTorch, bf16"),
+    LadderRow("+ compile", {"compile": True, "cuda_graphs": False},
+              "torch.compile of each DiT block, token count dynamic (fuses norm+modulation, RoPE, GELU, gates)"),
+    LadderRow("+ CUDA graphs", {}, "the default configuration: compile (auto: on CUDA) + the whole step captured "
+              "once per shape"),
+    LadderRow("+ FP8 GEMMs", {"precision": Precision.FP8}, "the default configuration + an FP8 W8A8 artifact "
+              "(E4M3 block GEMMs)", quant="fp8"),
+    LadderRow("+ FP8 attention", {"precision": Precision.FP8, "attention_fp8": True}, "E4M3 attention", quant="fp8"),
 )
+DEFAULT_ROW = "+ CUDA graphs"
 
 
 @dataclass
 class LadderSettings:
-    dtype: torch.dtype = torch.bfloat16
+    base: RuntimeOptions = field(default_factory=RuntimeOptions)  # every row's options before its overrides
     steps: int = 4  # K timed denoising steps per row (the figures' sample count)
     full_steps: int = 28  # per-edit estimate = full_steps x median step (extrapolated, not measured)
     guidance: float = 6.0
-    truncate: float = 0.93
-    compile_mode: str = "max-autotune-no-cudagraphs"
-    compile_on_cpu: bool = False  # inductor on CPU builds C++ for minutes: off unless asked
+    compile_on_cpu: bool = False  # inductor on CPU builds C++ (tens of seconds even for the tiny model)
     fp32_reference: bool = True
     deadline: float | None = None  # time.monotonic() after which remaining cells are skipped
     min_cell_s: float = 0.0  # a cell starts only if this much time is left before the deadline
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.precision.compute_dtype
 
 
 @dataclass
@@ -82,17 +87,20 @@ class LadderResult:
     size: int
     status: str = OK
     description: str = ""
+    options: dict[str, Any] = field(default_factory=dict)  # the RuntimeOptions that ran (resolved for the device)
     steps_timed: int = 0
-    median_ms: float | None = None  # per DiT step (batch 2, CFG)
+    median_ms: float | None = None  # per denoising step (DiT batch 2 + CFG + Euler)
     p10_ms: float | None = None
     p90_ms: float | None = None
-    first_call_ms: float | None = None  # compile / autotune / capture
+    first_call_ms: float | None = None  # the first edit's first step: compile / autotune / capture
     est_edit_s: float | None = None  # full_steps x median (extrapolated)
-    speedup: float | None = None  # eager bf16 median / this median, same size, same run
+    speedup: float | None = None  # eager median / this median, same size, same run
     rel_err_fp32: float | None = None
     psnr_db: float | None = None
-    lossless: bool | None = None  # rel_err_fp32 <= 1.1 x eager bf16's (non-quantized rows)
+    lossless: bool | None = None  # rel_err_fp32 <= 1.1 x eager's (non-quantized rows)
     peak_mem_gb: float | None = None
+    compiles: int = 0  # the runtime's stats after this cell
+    graphs_captured: int = 0
     note: str = ""
     error: str | None = None
 
@@ -103,16 +111,15 @@ class LadderResult:
 @dataclass
 class _Reference:
     fp32_pred: Tensor | None = None
-    bf16_latent: Tensor | None = None
+    eager_latent: Tensor | None = None
     eager_rel_err: float | None = None
     eager_ms: float | None = None
 
 
 @dataclass
 class ModelState:
-    compiled: bool = False
-    fp8: bool = False
-    fp8_note: str = ""
+    quantized: str | None = None  # the recipe the shared DiT was quantized with (in place, for good)
+    quant_note: str = ""
     calibration: list[DiTInputs] = field(default_factory=list)  # what the FP8 row calibrates on
     references: dict[int, _Reference] = field(default_factory=dict)
 
@@ -150,186 +157,132 @@ def fp32_reference_pred(model: Step1XEdit, inputs: DiTInputs, dtype: torch.dtype
         model.to(dtype)
 
 
-# -- toggles ------------------------------------------------------------------------------------------------
-def _blocks(model: Step1XEdit) -> list[nn.Module]:
-    return [*model.double_blocks, *model.single_blocks]
+# -- rows ---------------------------------------------------------------------------------------------
+def row_options(row: LadderRow, settings: LadderSettings) -> RuntimeOptions:
+    """The row's `RuntimeOptions` (raises NotImplementedError for what the runtime cannot do yet)."""
+    base = {f.name: getattr(settings.base, f.name) for f in fields(RuntimeOptions)}
+    return RuntimeOptions(**{**base, **row.options})
 
 
-def set_compiled(model: Step1XEdit, on: bool, mode: str) -> None:
-    """torch.compile each block in place (per block: one compile per block type, not per model)."""
-    import torch._dynamo
-
-    # Blocks of a type share one code object: entries = block types x sizes x (bf16, FP8) must all fit.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    for block in _blocks(model):
-        if on:
-            # fullgraph=False: a graph break (e.g. inside a quantized Linear) costs speed, not the row;
-            # run_cell reports how many there were.
-            block.compile(mode=mode, fullgraph=False, dynamic=False)
-        else:
-            block._compiled_call_impl = None  # what nn.Module.compile sets; None restores eager
-
-
-def quantize_fp8(model: Step1XEdit, calibration: list[DiTInputs], dtype: torch.dtype) -> str:
-    """FP8 W8A8 GEMMs, in place, with `step1x_export.calibrate`'s recipe: static activation scales calibrated
-    on one eager step of each ladder input, per-channel weight scales, its layer selection. Returns what ran,
-    for the row's note."""
+def quantize(models: BenchModels, recipe: str, calibration: list[DiTInputs]) -> tuple[QuantArtifact, str]:
+    """Calibrate `recipe` (step1x_export.calibrate's recipe: static activation scales from one eager step of
+    each ladder input, per-channel weight scales, its layer selection) and apply it to the shared DiT in place,
+    with the transform the runtime's --quant uses. Returns the artifact and what ran, for the row's note."""
     from ..calibrate.apply import quantize_model
     from ..calibrate.collect import StatsCollector
     from ..calibrate.recipes import build_artifact
 
+    model, dtype = models.dit, models.dtype
     collector = StatsCollector(model)
     with collector.active(), torch.inference_mode():
         for x in calibration:  # the measured inputs themselves: optimistic for fidelity, exact for speed
             model(x.img.to(dtype), x.pe, x.t.to(dtype), x.llm_embedding.to(dtype), x.llm_mask)
-    artifact = build_artifact(model, collector.stats, "fp8", model_hash="bench-random-weights",
+    artifact = build_artifact(model, collector.stats, recipe, model_hash="bench-random-weights",
                               calibration={"source": "bench ladder inputs, one step each"})
-    quantize_model(model, artifact, check_hash=False)
-    return (f"calibrate 'fp8' recipe: {len(artifact.layers)} Linear layers, static activation scales from "
-            f"{len(calibration)} bench input(s)")
+    quantize_model(model, artifact, check_hash=False)  # no hash: hashing 24 GB of random weights proves nothing
+    return artifact, (f"calibrate {recipe!r} recipe: {len(artifact.layers)} Linear layers, static activation "
+                      f"scales from {len(calibration)} bench input(s)")
 
 
-def fp8_attention_status() -> str | None:
-    """None when the runtime can run FP8 attention; else why not (the row then says 'not implemented')."""
-    from ..runtime.options import RuntimeOptions
-
-    try:
-        RuntimeOptions(attention_fp8=True)
-    except NotImplementedError as err:
-        return str(err)
-    return "the runtime accepts attention_fp8 but the ladder has no hook for it yet"
-
-
-def unsupported(toggles: Toggles, device: torch.device, settings: LadderSettings) -> tuple[str, str] | None:
+def unsupported(row: LadderRow, device: torch.device, settings: LadderSettings) -> tuple[str, str] | None:
     """(status, reason) when a row cannot run here, checked before any work."""
+    try:
+        options = row_options(row, settings)
+    except NotImplementedError as err:
+        return NOT_IMPLEMENTED, f"not implemented: {err}"
     cuda = device.type == "cuda"
-    if toggles.fp8_attention and (reason := fp8_attention_status()):
-        return NOT_IMPLEMENTED, f"not implemented: {reason}"
-    if (toggles.cuda_graphs or toggles.fp8_gemm) and not cuda:
+    if (options.cuda_graphs or row.quant) and not cuda:
         return SKIPPED, "skipped: needs CUDA"
-    if toggles.fp8_gemm and torch.cuda.get_device_capability(device) < (8, 9):
+    if row.quant == "fp8" and torch.cuda.get_device_capability(device) < (8, 9):
         cap = torch.cuda.get_device_capability(device)
         return SKIPPED, f"skipped: FP8 GEMMs need compute capability >= 8.9, got {cap[0]}.{cap[1]}"
-    if toggles.compile and not cuda and not settings.compile_on_cpu:
-        return SKIPPED, "skipped: torch.compile on CPU is off (slow C++ builds; enable with compile_on_cpu)"
+    if options.compile and not cuda and not settings.compile_on_cpu:
+        return SKIPPED, "skipped: torch.compile on CPU is off (C++ builds; enable with compile_on_cpu)"
     return None
 
 
-def _graphed(step: StepFn) -> StepFn:
-    """The DiT call as one CUDA graph per input shape: the runtime's wrapper (static inputs, warm-up, capture)."""
-    return CudaGraphed(step, enabled=True)
-
-
-def build_step(model: Step1XEdit, inputs: DiTInputs, toggles: Toggles, state: ModelState,
-               settings: LadderSettings) -> StepFn:
-    """Bring the model to `toggles` (compile / FP8 are applied in place) and return its step function."""
-    if state.fp8 and not toggles.fp8_gemm:
-        raise ValueError("the model was already quantized to FP8: order the ladder's FP8 rows last")
-    if toggles.fp8_gemm and not state.fp8:
-        if state.compiled:  # calibration hooks run eagerly; the blocks are recompiled below
-            set_compiled(model, False, settings.compile_mode)
-            state.compiled = False
-        state.fp8_note = quantize_fp8(model, state.calibration or [inputs], settings.dtype)
-        state.fp8 = True
-    if toggles.compile != state.compiled:
-        set_compiled(model, toggles.compile, settings.compile_mode)
-        state.compiled = toggles.compile
-    step = dit_step_fn(model, inputs, settings.dtype)
-    return _graphed(step) if toggles.cuda_graphs else step
-
-
-def dit_step_fn(model: Step1XEdit, inputs: DiTInputs, dtype: torch.dtype) -> StepFn:
-    """The eager DiT call on `inputs`' conditioning, in `dtype`, returning float32 (what `guided_euler` takes)."""
-    emb, mask, pe = inputs.llm_embedding.to(dtype), inputs.llm_mask, inputs.pe
-
-    @torch.inference_mode()
-    def step(img: Tensor, t: Tensor) -> Tensor:
-        return model(img.to(dtype), pe, t.to(dtype), emb, mask).float()
-
-    return step
-
-
-def _graph_breaks() -> int:
-    from torch._dynamo.utils import counters
-
-    return sum(counters["graph_break"].values())
-
-
-def timed_calls(fn: Callable[..., Tensor], device: torch.device, timers: list[StageTimer]) -> Callable[..., Tensor]:
-    """`fn`, timing each call under the stage "step" of a new `StageTimer` appended to `timers` (CUDA events:
-    no sync per call; `timer.resolve()` afterwards)."""
-
-    def run(*args: Tensor) -> Tensor:
-        timer = StageTimer(device)
-        with timer.stage("step"):
-            out = fn(*args)
-        timers.append(timer)
-        return out
-
-    return run
+def _dit_pred(rt: Step1XEditRuntime, x: DiTInputs) -> Tensor:
+    """One call of the row's DiT engine (compiled / quantized as the runtime made it) on the ladder inputs."""
+    assert rt.stages is not None
+    engine = rt.stages.load("dit")
+    with torch.inference_mode():
+        return engine(img=x.img, pe=x.pe, timestep=x.t, llm_embedding=x.llm_embedding, llm_mask=x.llm_mask)["pred"]
 
 
 # -- running ---------------------------------------------------------------------------------------------
-def _fill_timing(result: LadderResult, seconds: list[float], settings: LadderSettings) -> None:
-    ms = sorted(s * 1000 for s in seconds)
+def _fill_timing(result: LadderResult, step_ms: list[float], settings: LadderSettings) -> None:
+    ms = sorted(step_ms)
     result.steps_timed = len(ms)
     result.median_ms = _percentile(ms, 50)
     result.p10_ms, result.p90_ms = _percentile(ms, 10), _percentile(ms, 90)
     result.est_edit_s = settings.full_steps * result.median_ms / 1000
 
 
-def run_cell(row: LadderRow, model: Step1XEdit, inputs: DiTInputs, state: ModelState,
-             settings: LadderSettings, device: torch.device) -> LadderResult:
-    """One row at one size. Any failure becomes the row's status and error; the ladder goes on."""
-    result = LadderResult(row=row.name, size=inputs.size, description=row.description)
-    ref = state.references.setdefault(inputs.size, _Reference())
-    if (why := unsupported(row.toggles, device, settings)) is not None:
+def run_cell(row: LadderRow, models: BenchModels, x: DiTInputs, state: ModelState, settings: LadderSettings,
+             *, reference: bool = False) -> LadderResult:
+    """One row at one size through its own runtime. Any failure becomes the row's status; the ladder goes on."""
+    from .models import bench_picture, bench_runtime
+
+    device = models.device
+    result = LadderResult(row=row.name, size=x.size, description=row.description)
+    ref = state.references.setdefault(x.size, _Reference())
+    if (why := unsupported(row, device, settings)) is not None:
         result.status, result.note = why
         return result
     if settings.deadline is not None and time.monotonic() + settings.min_cell_s > settings.deadline:
         result.status, result.note = SKIPPED, "skipped: time budget of the run spent"
         return result
+    rt = None
     try:
-        step = build_step(model, inputs, row.toggles, state, settings)
-        result.note = state.fp8_note if row.toggles.fp8_gemm else ""
+        if row.quant != state.quantized:
+            if state.quantized is not None:
+                raise ValueError(f"the DiT is already quantized with {state.quantized!r}: order quantized rows last")
+            state.quant_note = quantize(models, row.quant, state.calibration or [x])[1]  # type: ignore[arg-type]
+            state.quantized = row.quant
+        result.note = state.quant_note if row.quant else ""
+        options = row_options(row, settings)
+        rt = bench_runtime(models, options)
+        result.options = {k: getattr(rt.options, k) for k in row.options} | {
+            "compile": rt.options.compile, "cuda_graphs": rt.options.cuda_graphs}
+        picture = bench_picture(x.size)
+
+        def edit() -> list[float]:
+            rt.edit(picture, "", seed=0, steps=settings.steps, cfg=settings.guidance, size_level=x.size)
+            return rt.stats().step_ms
+
         synchronize(device)
         reset_peak_memory(device)
-        breaks = _graph_breaks()
-        t0 = time.perf_counter()
-        step(inputs.img, inputs.t)
-        synchronize(device)
-        result.first_call_ms = (time.perf_counter() - t0) * 1000
-        if row.toggles.compile and (n_breaks := _graph_breaks() - breaks):
-            result.note = f"{result.note}; {n_breaks} graph break(s) while compiling".lstrip("; ")
-        n = inputs.noise.shape[1]
-        pred = step(inputs.img, inputs.t)  # steady state: what the fidelity figure judges
+        result.first_call_ms = edit()[0]  # compile, autotune and capture land in the first step
+        step_ms = edit()
+        _fill_timing(result, step_ms, settings)
+        result.peak_mem_gb = peak_memory_gb(device)
+        latent = rt.last_latent
+        pred = _dit_pred(rt, x).float()
+        stats = rt.stats()
+        result.compiles, result.graphs_captured = stats.compiles, stats.graphs_captured
+        n = x.noise.shape[1]
         if ref.fp32_pred is not None:
             result.rel_err_fp32 = rel_err(pred[:, :n], ref.fp32_pred[:, :n])
-        timers: list[StageTimer] = []
-        latent = denoise(guided_euler(timed_calls(step, device, timers)), inputs.noise, inputs.ref, inputs.timesteps,
-                         guidance=settings.guidance, truncate=settings.truncate)
-        _fill_timing(result, [t.resolve()["step"] for t in timers], settings)
-        result.peak_mem_gb = peak_memory_gb(device)
-        if row.toggles == Toggles():
-            ref.bf16_latent, ref.eager_rel_err, ref.eager_ms = latent, result.rel_err_fp32, result.median_ms
-        elif ref.bf16_latent is not None:
-            result.psnr_db = psnr(latent, ref.bf16_latent)
+        if reference:
+            ref.eager_latent, ref.eager_rel_err, ref.eager_ms = latent, result.rel_err_fp32, result.median_ms
+        elif ref.eager_latent is not None and latent is not None:
+            result.psnr_db = psnr(latent, ref.eager_latent)
         if ref.eager_ms and result.median_ms:
             result.speedup = ref.eager_ms / result.median_ms
-        quantized = row.toggles.fp8_gemm or row.toggles.fp8_attention
-        if not quantized and ref.eager_rel_err is not None and result.rel_err_fp32 is not None:
+        if not row.quantized and ref.eager_rel_err is not None and result.rel_err_fp32 is not None:
             result.lossless = result.rel_err_fp32 <= max(1.1 * ref.eager_rel_err, 1e-5)  # floor: fp32 rows
-        del step
     except Exception as err:  # one failed row is a row of the table, not the end of the run
         result.status, result.error = FAILED, short_error(err)
     finally:
+        if rt is not None:
+            rt.close()  # frees its graphs and hands the DiT back uncompiled
         if device.type == "cuda":
-            torch.cuda.empty_cache()  # graph pools and autotune buffers of this cell
+            torch.cuda.empty_cache()
     return result
 
 
 def run_ladder(
-    model: Step1XEdit,
+    models: BenchModels,
     inputs: list[DiTInputs],
     settings: LadderSettings,
     *,
@@ -337,27 +290,29 @@ def run_ladder(
     on_result: Callable[[LadderResult], None] | None = None,
     state: ModelState | None = None,
 ) -> list[LadderResult]:
-    """Every row at every size, rows outer (the model is mutated as the ladder climbs)."""
-    device = inputs[0].noise.device
+    """Every row at every size, rows outer (quantization changes the shared DiT for good)."""
+    device = models.device
     state = state or ModelState()
     state.calibration = state.calibration or list(inputs)
     for x in inputs:
         ref = state.references.setdefault(x.size, _Reference())
-        if settings.fp32_reference and ref.fp32_pred is None:
+        if settings.fp32_reference and ref.fp32_pred is None and state.quantized is None:
             try:
-                ref.fp32_pred = fp32_reference_pred(model, x, settings.dtype)
+                ref.fp32_pred = fp32_reference_pred(models.dit, x, settings.dtype)
             except Exception as err:  # e.g. out of memory: rows then report no rel. error, and say why
                 ref.fp32_pred = None
                 print(f"fp32 reference at {x.size}px failed ({short_error(err)}): no rel_err_fp32 figures")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     results: list[LadderResult] = []
+    reference_row = rows[0].name if rows else None
     if settings.dtype != torch.bfloat16:  # the reference row says what it really ran
         dtype_name = str(settings.dtype).removeprefix("torch.")
-        rows = tuple(replace(r, name=r.name.replace("bf16", dtype_name)) if r.toggles == Toggles() else r for r in rows)
+        rows = tuple(replace(r, name=r.name.replace("bf16", dtype_name)) for r in rows)
+        reference_row = rows[0].name if rows else None
     for row in rows:
         for x in inputs:
-            result = run_cell(row, model, x, state, settings, device)
+            result = run_cell(row, models, x, state, settings, reference=row.name == reference_row)
             results.append(result)
             if on_result is not None:
                 on_result(result)

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..precision import Precision
+from ..runtime.options import DEFAULT_GRAPH_CACHE, RuntimeOptions
 from .environment import environment_info
 from .ladder import LADDER, LadderSettings, run_ladder
 from .measure import short_error
@@ -35,7 +36,8 @@ class BenchConfig:
     ladder: bool = True
     ladder_sizes: tuple[int, ...] | None = None  # default: `sizes`
     ladder_steps: int = 4  # timed denoising steps per ladder row
-    compile_mode: str = "max-autotune-no-cudagraphs"
+    compile_mode: str | None = None  # RuntimeOptions.compile_mode of every row (None: inductor's default)
+    graph_cache: int = DEFAULT_GRAPH_CACHE
     compile_on_cpu: bool = False
     fp32_reference: bool = True
     budget_s: float | None = None  # ladder cells are skipped once this much wall time has passed
@@ -56,13 +58,18 @@ class BenchConfig:
     def dtype(self) -> torch.dtype:
         return Precision.parse(self.precision).compute_dtype
 
+    def base_options(self) -> RuntimeOptions:
+        """The `RuntimeOptions` every ladder row starts from (the default configuration at this precision)."""
+        return RuntimeOptions(precision=Precision.parse(self.precision), compile_mode=self.compile_mode,
+                              graph_cache=self.graph_cache)
+
     def conditions(self) -> dict[str, object]:
         """The short form printed on every table (the full config goes to the JSON)."""
         return {
             "model": self.model, "precision": self.precision, "batch": "1 + CFG (DiT batch 2)",
             "steps/edit": self.steps, "runs": self.runs, "warmup": self.warmup,
             "ladder steps timed": self.ladder_steps if self.ladder else "-",
-            "compile mode": self.compile_mode, "weights": "random, seeded",
+            "compile mode": self.compile_mode or "default", "weights": "random, seeded",
         }
 
 
@@ -72,7 +79,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
     report = BenchReport(env=environment_info(device), conditions=cfg.conditions(), config=asdict(cfg))
     log(f"building '{cfg.model}' with random weights on {device} ({cfg.precision})")
     t0 = time.perf_counter()
-    models = build_models(cfg.model, device, dtype=cfg.dtype, with_mllm=cfg.with_mllm, seed=cfg.seed)
+    models = build_models(cfg.model, device, dtype=cfg.dtype, with_mllm=cfg.with_mllm, with_vae=True, seed=cfg.seed)
     report.notes.append(f"models built in {time.perf_counter() - t0:.1f} s")
     ladder_sizes = cfg.ladder_sizes or cfg.sizes
     for size in sorted(set(cfg.sizes) | set(ladder_sizes if cfg.ladder else ())):
@@ -86,12 +93,12 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
     report.stages = run_stages(models, stage_settings, progress=lambda s: log(f"stage {s}"))
     if cfg.ladder:
         settings = LadderSettings(
-            dtype=models.dtype, steps=cfg.ladder_steps, full_steps=cfg.steps, truncate=models.config.cfg_truncate,
-            compile_mode=cfg.compile_mode, compile_on_cpu=cfg.compile_on_cpu, fp32_reference=cfg.fp32_reference,
+            base=cfg.base_options(), steps=cfg.ladder_steps, full_steps=cfg.steps,
+            compile_on_cpu=cfg.compile_on_cpu, fp32_reference=cfg.fp32_reference,
             deadline=None if cfg.budget_s is None else start + cfg.budget_s, min_cell_s=cfg.min_cell_s,
         )
         inputs = [dit_inputs(models.config, s, cfg.ladder_steps, device) for s in ladder_sizes]
-        report.ladder = run_ladder(models.dit, inputs, settings, rows=LADDER,
+        report.ladder = run_ladder(models, inputs, settings, rows=LADDER,
                                    on_result=lambda r: log(f"ladder {r.row} {r.size}: {r.status}"))
     report.notes.append(f"total wall time {time.monotonic() - start:.1f} s")
     return report

@@ -15,9 +15,8 @@ import torch
 from torch import Tensor
 
 from ..step1x_ref.sampling import StepFn, denoise, guided_euler, unpack
-from .ladder import dit_step_fn
 from .measure import StageResult, measure, skipped
-from .models import BenchModels, DiTInputs, dit_inputs, mllm_stage_fn
+from .models import BenchModels, DiTInputs, dit_inputs, dit_step_fn, mllm_stage_fn
 
 STAGES = ("mllm", "connector", "dit_step", "vae_encode", "vae_decode", "edit")
 

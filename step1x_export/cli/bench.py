@@ -14,6 +14,7 @@ from ..bench.run import BenchConfig, run_benchmark
 from ..bench.stages import STAGES
 from ..step1x_ref.configs import CONFIGS
 from .common import default_device, user_errors
+from .runtime_options import RuntimeArgs, runtime_options
 
 
 def _int_list(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
@@ -62,12 +63,11 @@ def _work_items(cfg: BenchConfig) -> int:
 @click.option("--mllm/--no-mllm", default=True, show_default=True,
               help="Build and time the MLLM (full size: Qwen2.5-VL-7B shape, ~16 GB in bf16).")
 @click.option("--ladder/--no-ladder", default=True, show_default=True,
-              help="Run the ablation ladder: eager -> +compile -> +CUDA graphs -> +FP8 GEMMs -> +FP8 attention.")
+              help="Run the ablation ladder: eager -> +compile -> +CUDA graphs (the default configuration) -> +FP8 "
+                   "GEMMs -> +FP8 attention, each row a runtime built from RuntimeOptions.")
 @click.option("--ladder-sizes", callback=_int_list, default=None, help="Ladder resolutions [default: --sizes].")
 @click.option("--ladder-steps", type=click.IntRange(1, 1000), default=4, show_default=True,
               help="Denoising steps timed per ladder row (per-edit time is extrapolated to --steps).")
-@click.option("--compile-mode", default="max-autotune-no-cudagraphs", show_default=True,
-              help="torch.compile mode of the '+ compile' rows.")
 @click.option("--compile-cpu", is_flag=True, help="Also run the compile row on CPU (inductor builds C++: minutes).")
 @click.option("--no-fp32-reference", "no_fp32_reference", is_flag=True,
               help="Skip the fp32 run of the same weights (no rel. error column; saves memory on small cards).")
@@ -77,10 +77,11 @@ def _work_items(cfg: BenchConfig) -> int:
               show_default=True, help="Folder for bench.json, bench_stages.csv, bench_ladder.csv, bench_ladder.png "
               "(created; files written atomically).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Weight and noise seed.")
+@runtime_options(source=False, only=("compile_mode", "graph_cache"))
 @user_errors
-def bench(model_name: str, device: str | None, precision: str, sizes: tuple[int, ...], steps: int, runs: int,
-          warmup: int, stages: tuple[str, ...], edit_sizes: tuple[int, ...] | None, mllm: bool, ladder: bool,
-          ladder_sizes: tuple[int, ...] | None, ladder_steps: int, compile_mode: str, compile_cpu: bool,
+def bench(runtime: RuntimeArgs, model_name: str, device: str | None, precision: str, sizes: tuple[int, ...],
+          steps: int, runs: int, warmup: int, stages: tuple[str, ...], edit_sizes: tuple[int, ...] | None, mllm: bool,
+          ladder: bool, ladder_sizes: tuple[int, ...] | None, ladder_steps: int, compile_cpu: bool,
           no_fp32_reference: bool, budget_s: float | None, out_dir: Path, seed: int) -> None:
     """Time every stage of an edit and walk the optimisation ladder, on random weights.
 
@@ -94,7 +95,8 @@ def bench(model_name: str, device: str | None, precision: str, sizes: tuple[int,
     cfg = BenchConfig(
         model=model_name, device=device or default_device(), precision=precision, sizes=sizes, steps=steps,
         runs=runs, warmup=warmup, stages=stages, edit_sizes=edit_sizes or (min(sizes),), with_mllm=mllm, ladder=ladder,
-        ladder_sizes=ladder_sizes, ladder_steps=ladder_steps, compile_mode=compile_mode,
+        ladder_sizes=ladder_sizes, ladder_steps=ladder_steps, compile_mode=runtime.compile_mode,
+        graph_cache=runtime.graph_cache,
         compile_on_cpu=compile_cpu, fp32_reference=not no_fp32_reference, budget_s=budget_s, seed=seed,
     )
     if CONFIGS[model_name].tiny_qwen is None and cfg.device == "cpu":

@@ -117,46 +117,56 @@ def _source_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]
     ]
 
 
-def _execution_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
-    return [
-        click.option("--device", default=None, help="torch device [default: cuda if available, else cpu]."),
-        click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
-                     help="Capture the whole denoising step once per edit size and replay it (torch and tensorrt "
-                     "backends on CUDA; ignored on CPU and for onnxruntime, whose kernels run on ORT's own stream)."),
-        click.option("--graph-cache", type=click.IntRange(1, 1000), default=DEFAULT_GRAPH_CACHE, show_default=True,
-                     help="CUDA graphs kept, one per edit size; the least recently used is evicted (its memory "
-                     "freed) when a new size needs room."),
-        click.option("--compile/--no-compile", "compile_dit", default=None,
-                     help="torch.compile each DiT block, the token count dynamic (one compile serves every size; the "
-                     "first edit pays it) [default: on for --backend torch on CUDA, off elsewhere]. --compile "
-                     "forces it on any device, CPU included (slow C++ builds)."),
-        click.option("--compile-mode", default=None,
-                     help="torch.compile mode (e.g. max-autotune-no-cudagraphs) [default: inductor's default]."),
-        click.option("--sequential-load", is_flag=True,
-                     help="Load one stage at a time and free it after (MLLM freed before the DiT): for GPUs with "
-                     "<= 24 GB."),
-    ]
+def _execution_options() -> dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]]:
+    return {
+        "device": click.option("--device", default=None, help="torch device [default: cuda if available, else cpu]."),
+        "cuda_graphs": click.option(
+            "--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
+            help="Capture the whole denoising step once per edit size and replay it (torch and tensorrt backends on "
+            "CUDA; ignored on CPU and for onnxruntime, whose kernels run on ORT's own stream)."),
+        "graph_cache": click.option(
+            "--graph-cache", type=click.IntRange(1, 1000), default=DEFAULT_GRAPH_CACHE, show_default=True,
+            help="CUDA graphs kept, one per edit size; the least recently used is evicted (its memory freed) when "
+            "a new size needs room."),
+        "compile": click.option(
+            "--compile/--no-compile", "compile_dit", default=None,
+            help="torch.compile each DiT block, the token count dynamic (one compile serves every size; the first "
+            "edit pays it) [default: on for --backend torch on CUDA, off elsewhere]. --compile forces it on any "
+            "device, CPU included (slow C++ builds)."),
+        "compile_mode": click.option(
+            "--compile-mode", default=None,
+            help="torch.compile mode (e.g. max-autotune-no-cudagraphs) [default: inductor's default]."),
+        "sequential_load": click.option(
+            "--sequential-load", is_flag=True,
+            help="Load one stage at a time and free it after (MLLM freed before the DiT): for GPUs with <= 24 GB."),
+    }
 
 
-RUNTIME_KEYS = ("model_dir", "model_name", "backend", "engine_dir", "quant", "version", "dtype", "device",
-                "cuda_graphs", "compile_dit", "compile_mode", "graph_cache", "sequential_load")
+SOURCE_KEYS = ("model_dir", "model_name", "backend", "engine_dir", "quant", "version", "dtype")
 
 
-def runtime_options(*, source: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def runtime_options(*, source: bool = True, only: tuple[str, ...] | None = None
+                    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Add the runtime flags to a click command and hand it one `RuntimeArgs` as `runtime`.
 
-    `source=False` leaves out what names the model (for commands that build their own, like `bench`).
+    `source=False` leaves out what names the model (for commands that build their own, like `bench`);
+    `only` keeps just these execution flags (by `RuntimeArgs` field name).
     """
+
+    names = [name for name in _execution_options() if only is None or name in only]
+    keys = (SOURCE_KEYS if source else ()) + tuple("compile_dit" if n == "compile" else n for n in names)
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         def command(**kwargs: Any) -> Any:
-            flags = {k: kwargs.pop(k) for k in RUNTIME_KEYS if k in kwargs}
-            flags["compile"] = flags.pop("compile_dit")
+            flags = {k: kwargs.pop(k) for k in keys}  # only this decorator's own flags
+            if "compile_dit" in flags:
+                flags["compile"] = flags.pop("compile_dit")
             return fn(runtime=RuntimeArgs(**flags), **kwargs)
 
         command.__name__, command.__doc__ = fn.__name__, fn.__doc__
         command.__click_params__ = list(getattr(fn, "__click_params__", []))  # type: ignore[attr-defined]
-        options = (_source_options() if source else []) + _execution_options()
+        execution = [o for name, o in _execution_options().items() if name in names]
+        options = (_source_options() if source else []) + execution
         for option in reversed(options):  # click lists options in decoration order, top first
             command = option(command)
         return command

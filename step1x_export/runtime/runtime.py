@@ -75,6 +75,7 @@ class Step1XEditRuntime:
         self._graph_counts = GraphCounts()
         self._edits = 0
         self.step_seconds: list[float] = []  # the last edit's denoising steps
+        self.last_latent: torch.Tensor | None = None  # the last edit's denoised tokens, before decode (fidelity checks)
         self.compiler = CompileBackend(self.options.compile_mode) if self.options.compile else None
         if self.compiler is not None:
             loaders = {**loaders, "dit": self._compiled(loaders["dit"])}
@@ -171,6 +172,7 @@ class Step1XEditRuntime:
                 finally:
                     if self.stages.sequential:  # the DiT is freed after this block: its graphs (and memory) too
                         self._update = self._graphs = None
+            self.last_latent = latent
             with self._stage(timer, "vae_decoder", "vae_decode") as vae_decoder:
                 pixels = vae_decoder(latent=unpack(latent.float(), img.height, img.width))["image"]
             with timer.stage("postprocess"):
@@ -247,7 +249,7 @@ class Step1XEditRuntime:
             if self.stages is not None:
                 self.stages.close()
                 self.stages.loaders.clear()
-            self.stages, self._update, self._graphs = None, None, None
+            self.stages, self._update, self._graphs, self.last_latent = None, None, None, None
             release_cached(self.device)
 
     @property
