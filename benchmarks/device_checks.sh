@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 3, 4 and 5 in one device call (run from the repo root; the device tool sets $OUT).
+# The GPU checks (runtime as shipped, quantization, export) in one device call (run from the repo root; the device tool sets $OUT).
 # JSON lands in $OUT/device_checks.json (rewritten after every check); the short table is printed last.
 #   CPU dry run:  OUT=/tmp/dc bash benchmarks/device_checks.sh --model tiny --device cpu
 set -uo pipefail

@@ -1,13 +1,14 @@
-"""The GPU run of issue 6, in one device call: full-size Step1X-Edit with random weights, the stage timings,
-the ablation ladder at 512² and 1024², the MLLM, and a whole FP8 edit at 512².
+"""The GPU benchmark in one device call: full-size Step1X-Edit with random weights, the stage timings, the
+ablation ladder at 512² and 1024² (each row a `Step1XEditRuntime` built from `RuntimeOptions`), the MLLM,
+and a whole edit at 512² through the runtime in the best configuration that ran (FP8 when it did).
 
     OUT=/some/dir bash benchmarks/device_ladder.sh            # what the device tool runs (repo root, $OUT set)
 
 The wrapper puts the checkout on PYTHONPATH (the package need not be installed there).
 
-Budgeted to finish in under 8 minutes: each ladder row times a few DiT steps (--ladder-steps) and the
+Budgeted to finish in under 8 minutes: each ladder row times a few denoising steps (--ladder-steps) and the
 per-edit time is extrapolated as 28 x the median step (labelled so); the whole edit is measured for real only
-at 512² in FP8. Every phase is in try/except and the JSON is rewritten after each one, so a failure or a
+at --edit-size. Every phase is in try/except and the JSON is rewritten after each one, so a failure or a
 timeout still leaves the figures gathered so far under $OUT. The short tables are printed last.
 """
 
@@ -24,9 +25,17 @@ from pathlib import Path
 import torch
 
 from step1x_export.bench.environment import environment_info
-from step1x_export.bench.ladder import LADDER, LadderResult, LadderSettings, ModelState, build_step, run_ladder
+from step1x_export.bench.ladder import LADDER, LadderResult, LadderSettings, ModelState, row_options, run_ladder
 from step1x_export.bench.measure import measure, short_error
-from step1x_export.bench.models import BenchModels, activation_check, build_dit, build_mllm, build_vae, dit_inputs
+from step1x_export.bench.models import (
+    BenchModels,
+    activation_check,
+    build_dit,
+    build_mllm,
+    build_mllm_with_processor,
+    build_vae,
+    dit_inputs,
+)
 from step1x_export.bench.report import (
     BenchReport,
     activation_lines,
@@ -37,10 +46,13 @@ from step1x_export.bench.report import (
     write_json,
 )
 from step1x_export.bench.run import BenchConfig
-from step1x_export.bench.stages import StageSettings, run_stages, whole_edit_fn
+from step1x_export.bench.runtimes import bench_picture, bench_runtime
+from step1x_export.bench.stages import StageSettings, run_stages
+from step1x_export.runtime.options import RuntimeOptions
+from step1x_export.runtime.torch_engine import TorchEncoder
 from step1x_export.step1x_ref.configs import get_config
 
-# issue 6's targets (H200 absolutes; on an H100 the same ratios to the eager reference apply)
+# The project's speed targets (H200 absolutes; on an H100 the same ratios to the eager reference apply)
 TARGETS = (
     ("+ compile", 1024, 500.0, 1.48, "bf16 lossless <= 0.50 s/step (>= 1.48x)"),
     ("+ CUDA graphs", 1024, 500.0, 1.48, "bf16 lossless <= 0.50 s/step (>= 1.48x)"),
@@ -57,11 +69,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ladder-steps", type=int, default=4, help="DiT steps timed per ladder row")
     p.add_argument("--runs", type=int, default=3, help="timed runs per stage")
     p.add_argument("--steps", type=int, default=28, help="steps of a whole edit")
-    p.add_argument("--edit-size", type=int, default=512, help="size of the measured whole FP8 edit (0: none)")
+    p.add_argument("--edit-size", type=int, default=512, help="size of the measured whole edit (0: none)")
     p.add_argument("--budget-s", type=float, default=390.0, help="ladder rows starting after this are skipped")
-    p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
+    p.add_argument("--compile-mode", default=None, help="RuntimeOptions.compile_mode (default: inductor's default, "
+                   "as the CLI ships)")
+    p.add_argument("--graph-cache", type=int, default=RuntimeOptions().graph_cache, help="RuntimeOptions.graph_cache")
     p.add_argument("--vae-dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--no-mllm", action="store_true", help="skip the Qwen2.5-VL-7B-shaped MLLM (16 GB)")
+    p.add_argument("--compile-cpu", action="store_true", help="run the '+ compile' row on CPU too (dry runs)")
     return p.parse_args()
 
 
@@ -83,7 +98,8 @@ def main() -> int:
     vae_dtype = torch.float32 if args.vae_dtype == "fp32" else torch.bfloat16
     cfg = BenchConfig(model=args.model, device=str(device), precision="bf16", sizes=sizes, steps=args.steps,
                       runs=args.runs, warmup=1, ladder_steps=args.ladder_steps, compile_mode=args.compile_mode,
-                      budget_s=args.budget_s, with_mllm=not args.no_mllm)
+                      graph_cache=args.graph_cache, budget_s=args.budget_s, with_mllm=not args.no_mllm,
+                      compile_on_cpu=args.compile_cpu)
     report = BenchReport(env=environment_info(device), conditions=cfg.conditions(),
                          config={**asdict(cfg), "script": "benchmarks/device_ladder.py", "argv": sys.argv[1:]})
     report.conditions["vae"] = args.vae_dtype
@@ -121,8 +137,8 @@ def main() -> int:
     report.stages = phase("eager stages", lambda: run_stages(models, stage_settings)) or []
 
     # The ladder: leaves 60 s of the budget for the MLLM and the whole FP8 edit.
-    settings = LadderSettings(dtype=dtype, steps=args.ladder_steps, full_steps=args.steps,
-                              truncate=config.cfg_truncate, compile_mode=args.compile_mode,
+    settings = LadderSettings(base=cfg.base_options(), steps=args.ladder_steps, full_steps=args.steps,
+                              compile_on_cpu=args.compile_cpu,
                               deadline=start + args.budget_s - 60, min_cell_s=20)
     state = ModelState()
 
@@ -131,7 +147,7 @@ def main() -> int:
         save()
         log(f"ladder {r.row} {r.size}: {r.status} {r.median_ms or ''} {r.error or ''}", start)
 
-    phase("ladder", lambda: run_ladder(dit, list(inputs.values()), settings, rows=LADDER, state=state,
+    phase("ladder", lambda: run_ladder(models, list(inputs.values()), settings, rows=LADDER, state=state,
                                        on_result=keep))
     plot = phase("chart", lambda: plot_ladder(report, out / "bench_ladder.png"))
     if plot:
@@ -145,19 +161,11 @@ def main() -> int:
             report.stages = (mllm_rows or []) + report.stages
 
     if args.edit_size and time.monotonic() - start < args.budget_s + 60:
-        best = next((r for r in reversed(LADDER) if any(
+        best = next((r for r in reversed(LADDER) if r.quant == state.quantized and any(
             x.row == r.name and x.status == "ok" for x in report.ladder)), None)
         if best is not None:
-            x = dit_inputs(config, args.edit_size, args.steps, device)
-
-            def edit() -> object:
-                step = build_step(dit, x, best.toggles, state, settings)
-                result = measure(f"edit ({best.name}, all stages resident)", whole_edit_fn(models, x, step, 6.0),
-                                 device=device, size=args.edit_size, warmup=1, runs=2, note=f"{args.steps} steps")
-                report.stages.append(result)
-                return result
-
-            phase(f"whole edit {args.edit_size} with '{best.name}'", edit)
+            phase(f"whole edit {args.edit_size} with '{best.name}'",
+                  lambda: whole_edit(report, models, row_options(best, settings), best.name, args, device))
     _reference_estimate(report, args)
     report.notes.append(f"total wall time {time.monotonic() - start:.1f} s")
     save()
@@ -174,6 +182,30 @@ def main() -> int:
     return 0
 
 
+def whole_edit(report: BenchReport, models: BenchModels, options: RuntimeOptions, row: str,
+               args: argparse.Namespace, device: torch.device) -> object:
+    """One whole edit through `Step1XEditRuntime` (MLLM with its processor unless --no-mllm, VAE, the row's
+    DiT configuration), all stages resident: warm-up edit (compile, capture), then two timed edits."""
+    encoder = None
+    models.mllm = None  # the stage timings' MLLM has no processor; this one does (same shape)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if not args.no_mllm:
+        encoder = TorchEncoder(build_mllm_with_processor(models.config, device, models.dtype))
+    rt = bench_runtime(models, options, encoder)
+    picture = bench_picture(args.edit_size)
+    try:
+        result = measure(f"edit ({row}, runtime, all stages resident)",
+                         lambda: rt.edit(picture, "make the sky blue", steps=args.steps, size_level=args.edit_size),
+                         device=device, size=args.edit_size, warmup=1, runs=2,
+                         note=f"{args.steps} steps; MLLM {'stub' if encoder is None else 'included'}")
+        result.extra = {"runtime": rt.stats().summary(), "options": str(rt.options)}
+    finally:
+        rt.close()
+    report.stages.append(result)
+    return result
+
+
 def _reference_estimate(report: BenchReport, args: argparse.Namespace) -> None:
     """Reference whole edit at --edit-size, as a sum of measured eager parts (not measured in one piece:
     the ladder quantizes the DiT in place, so the eager model is gone by the time the edit runs)."""
@@ -187,9 +219,9 @@ def _reference_estimate(report: BenchReport, args: argparse.Namespace) -> None:
 
 
 def _target_lines(report: BenchReport) -> list[str]:
-    """Each issue-6 target against this run. The speed-up ratio to the eager row of the same run is the verdict
+    """Each speed target against this run. The speed-up ratio to the eager row of the same run is the verdict
     (it holds on H100 and H200 alike); the absolute ms figures are the H200 targets, shown for reference."""
-    lines = [f"targets (issue 6) on {report.env['device']}:"]
+    lines = [f"targets on {report.env['device']}:"]
     by = {(r.row, r.size): r for r in report.ladder}
     for row, size, ms, ratio, what in TARGETS:
         r = by.get((row, size))

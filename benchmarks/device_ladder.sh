@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU benchmark of issue 6 in one device call (run from the repo root; the device tool sets $OUT).
+# The whole GPU benchmark (stages + ablation ladder) in one device call (run from the repo root; the device tool sets $OUT).
 # Figures, JSON, CSV and the ladder chart land in $OUT; the short tables are printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."

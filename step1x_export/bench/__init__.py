@@ -25,7 +25,7 @@ _EXPORTS = {
     "StageSettings": ".stages",
     "activation_check": ".models",
     "build_models": ".models",
-    "bench_runtime": ".models",
+    "bench_runtime": ".runtimes",
     "dit_inputs": ".models",
     "ladder_table": ".report",
     "measure": ".measure",

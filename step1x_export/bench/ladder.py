@@ -221,7 +221,7 @@ def _fill_timing(result: LadderResult, step_ms: list[float], settings: LadderSet
 def run_cell(row: LadderRow, models: BenchModels, x: DiTInputs, state: ModelState, settings: LadderSettings,
              *, reference: bool = False) -> LadderResult:
     """One row at one size through its own runtime. Any failure becomes the row's status; the ladder goes on."""
-    from .models import bench_picture, bench_runtime
+    from .runtimes import bench_picture, bench_runtime
 
     device = models.device
     result = LadderResult(row=row.name, size=x.size, description=row.description)

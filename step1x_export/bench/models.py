@@ -11,25 +11,17 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from ..specs import dit_spec, vae_decoder_spec, vae_encoder_spec
-from ..step1x_ref.autoencoder import AutoEncoder, VAEDecoder, VAEEncoder
+from ..step1x_ref.autoencoder import AutoEncoder
 from ..step1x_ref.conditioner import MLLMInputs, Qwen25VLEmbedder, select_tokens
 from ..step1x_ref.configs import ModelConfig, get_config
 from ..step1x_ref.model import Step1XEdit
 from ..step1x_ref.pipeline import sampling_inputs
 from ..step1x_ref.random_weights import randomize_
 from ..step1x_ref.sampling import StepFn, pack
-
-if TYPE_CHECKING:
-    from PIL import Image
-
-    from ..runtime.options import RuntimeOptions
-    from ..runtime.runtime import Step1XEditRuntime
 
 # Qwen2.5-VL-7B-Instruct's published config.json, set explicitly (transformers' defaults drift between versions).
 QWEN25_VL_7B_TEXT = {
@@ -161,6 +153,36 @@ def build_mllm(config: ModelConfig, device: torch.device, dtype: torch.dtype, se
         model = Qwen2_5_VLForConditionalGeneration(hf_config)
     # No tokenizer/processor: the harness feeds synthetic ids of the real sequence length (see mllm_inputs).
     return Qwen25VLEmbedder(model.eval(), None, config.embedder)
+
+
+def build_mllm_with_processor(config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 2
+                              ) -> Qwen25VLEmbedder:
+    """The MLLM with random weights that the runtime can drive end to end (image + instruction in): the tiny
+    Qwen2.5-VL for tiny configs; for full-size ones Qwen2.5-VL-7B's shape with the tiny (code-built) tokenizer
+    and processor.
+
+    No tokenizer can be downloaded: the tiny one's special-token ids go into the 7B config (ids only, the
+    shapes stay 7B's), so the real `Qwen25VLEmbedder.forward` runs.
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from ..step1x_ref.tiny_qwen import build_tiny_processor
+
+    if config.tiny_qwen is not None:
+        return Qwen25VLEmbedder.tiny(config.tiny_qwen, config.embedder, seed=seed, dtype=dtype).to(device)
+    processor = build_tiny_processor(config.embedder.min_pixels, config.embedder.max_pixels)
+    tok = processor.tokenizer
+    ids = {k: tok.convert_tokens_to_ids(t) for k, t in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    text = dict(QWEN25_VL_7B_TEXT, bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+                eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+    hf_config = Qwen2_5_VLConfig(text_config=text, vision_config=dict(QWEN25_VL_7B_VISION), **ids)
+    hf_config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    with torch.device(device), default_dtype(dtype):
+        model = Qwen2_5_VLForConditionalGeneration(hf_config)
+    return Qwen25VLEmbedder(model.eval(), processor, config.embedder)
 
 
 def build_models(
@@ -314,54 +336,3 @@ def dit_step_fn(model: Step1XEdit, inputs: DiTInputs, dtype: torch.dtype) -> Ste
         return model(img.to(dtype), pe, t.to(dtype), emb, mask).float()
 
     return step
-
-
-# -- the runtime over bench models --------------------------------------------------------------------
-class StubEncoder:
-    """Stands in for the MLLM when it is not built: the benchmark's MLLM-shaped conditioning (120 / 100 kept
-    tokens), whatever the image and instruction."""
-
-    def __init__(self, config: ModelConfig, device: torch.device):
-        x = dit_inputs(config, 32, 1, device)
-        self.emb, self.mask = x.llm_embedding, x.llm_mask
-
-    def __call__(self, instructions: list[str], image: Image.Image) -> tuple[Tensor, Tensor]:
-        return self.emb, self.mask
-
-    def close(self) -> None:
-        pass  # shared by every runtime of the run
-
-
-def bench_runtime(models: BenchModels, options: RuntimeOptions, encoder: Any = None) -> Step1XEditRuntime:
-    """A `Step1XEditRuntime` over the bench's models (weights shared, not copied), run as `options` say.
-
-    The runtime does what it does for a loaded model (compiles the DiT's blocks on load when `options`
-    resolve to compile, captures graphs, times steps); closing it hands the modules back eager. Without
-    an MLLM (`encoder` None and none built) a `StubEncoder` gives the conditioning.
-    """
-    from ..runtime.runtime import Step1XEditRuntime
-    from ..runtime.torch_engine import TorchEncoder, TorchEngine
-
-    if models.ae is None:
-        raise ValueError("a runtime needs the VAE: build the bench models with with_vae=True")
-    c, dev, ae = models.config, models.device, models.ae
-    if encoder is None:
-        encoder = TorchEncoder(models.mllm) if models.mllm is not None and models.mllm.processor is not None \
-            else StubEncoder(c, dev)
-    loaders = {
-        "encoder": lambda: encoder,
-        "vae_encoder": lambda: TorchEngine(VAEEncoder(ae), vae_encoder_spec(c), models.vae_dtype, dev),
-        "dit": lambda: TorchEngine(models.dit, dit_spec(c), options.precision.compute_dtype, dev),
-        "vae_decoder": lambda: TorchEngine(VAEDecoder(ae), vae_decoder_spec(c), models.vae_dtype, dev),
-    }
-    return Step1XEditRuntime(c, loaders, options, dev, notes=("random weights (bench models)",))
-
-
-def bench_picture(size: int) -> Image.Image:
-    """A smooth RGB test picture (ramps), size x size: what the runtime-level benchmarks edit."""
-    from PIL import Image
-
-    ramp = torch.linspace(0, 255, size).to(torch.uint8)
-    rgb = torch.stack([ramp[None, :].expand(size, size), ramp[:, None].expand(size, size),
-                       torch.full((size, size), 128, dtype=torch.uint8)], dim=-1)
-    return Image.fromarray(rgb.numpy())

@@ -1,0 +1,96 @@
+"""Bookkeeping of the device checks (`benchmarks/device_checks.py`): entries with a status and figures,
+saved atomically after each one, a time budget, and the short table printed last.
+
+A check that raises becomes a `failed` entry with its error (the run goes on); one that would start with
+less than its estimated time left is `skipped: budget`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .measure import short_error
+from .report import write_text_atomic
+
+SKIP_CUDA = "skipped: needs CUDA"
+SUMMARY_KEYS = ("eager_ms_step", "default_ms_step", "speedup", "rel_diff", "compiles", "graphs_captured",
+                "graphs_evicted", "peak_mem_gb", "mllm", "median_ms", "rel_err_vs_bf16", "kernels", "export_s",
+                "max_rel_err", "rel_err", "error")
+
+
+def log(msg: str, start: float) -> None:
+    print(f"[{time.monotonic() - start:6.1f}s] {msg}", flush=True)
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class CheckReport:
+    """Entries {name, status, elapsed_s, ...figures}, saved atomically after each one."""
+
+    def __init__(self, path: Path, env: dict[str, str], config: dict[str, Any], start: float, budget_s: float):
+        self.path, self.start, self.budget_s = path, start, budget_s
+        self.data: dict[str, Any] = {"env": env, "config": config, "entries": [], "notes": []}
+
+    def left_s(self) -> float:
+        return self.budget_s - (time.monotonic() - self.start)
+
+    def run(self, name: str, fn: Callable[[], dict[str, Any]], need_s: float = 0.0) -> dict[str, Any]:
+        """Run one entry unless fewer than `need_s` seconds of the budget are left; record and save it."""
+        entry: dict[str, Any] = {"name": name}
+        if self.left_s() < need_s:
+            entry["status"] = f"skipped: budget ({self.left_s():.0f} s left, needs ~{need_s:.0f} s)"
+        else:
+            log(f"{name} ...", self.start)
+            t0 = time.monotonic()
+            try:
+                entry.update(fn())
+                entry.setdefault("status", "ok")
+            except Exception as err:  # one failure must not cost the whole device call
+                traceback.print_exc()
+                entry["status"], entry["error"] = "failed", short_error(err)
+            entry["elapsed_s"] = round(time.monotonic() - t0, 2)
+        log(f"{name}: {entry['status']}", self.start)
+        self.data["entries"].append(entry)
+        self.save()
+        return entry
+
+    def save(self) -> None:
+        write_text_atomic(self.path, json.dumps(self.data, indent=1, default=_jsonable))
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, torch.dtype | torch.device | Path):
+        return str(value)
+    return repr(value)
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)
+
+
+def table(entries: list[dict[str, Any]]) -> str:
+    lines = [f"{'check':<30} {'status':<34} figures", "-" * 110]
+    for e in entries:
+        figures = ", ".join(f"{k}={_fmt(e[k])}" for k in SUMMARY_KEYS if e.get(k) is not None)
+        lines.append(f"{e['name']:<30} {e['status'][:34]:<34} {figures}")
+        for r in e.get("rows", []):
+            errs = ", ".join(f"{k.replace('rel_err_', '')}={_fmt(v)}" for k, v in r.items() if k.startswith("rel_err"))
+            lines.append(f"{'':<4}{r['format']:<9}{r['weights']:<12}{r['kernel']:<10}{r['status'][:20]:<21}{errs}")
+    return "\n".join(lines)
