@@ -6,11 +6,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/device_checks_out}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
-python3 -c "import torch, transformers, onnx, onnxruntime; print('torch', torch.__version__, 'transformers', \
-transformers.__version__, 'onnx', onnx.__version__, 'onnxruntime', onnxruntime.__version__)"
+source benchmarks/env.sh
 # A hard stop inside the device tool's own limit: a hung check still returns what $OUT holds.
 timeout --signal=TERM --kill-after=15 "${CHECKS_TIMEOUT_S:-470}" \
     python3 benchmarks/device_checks.py --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/device_checks.log"

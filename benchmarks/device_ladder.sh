@@ -5,11 +5,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/bench_out}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+source benchmarks/env.sh
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/tmp/step1x_inductor}"  # a rerun on a warm machine reuses it
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
-python3 -c "import torch, transformers, einops; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 # A hard stop inside the device tool's own limit: a hung compile still returns what $OUT holds.
 timeout --signal=TERM --kill-after=15 "${BENCH_TIMEOUT_S:-470}" \
     python3 benchmarks/device_ladder.py --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/device_ladder.log"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FLAGS = ["--model", "tiny", "--device", "cpu", "--sizes", "32", "--aspects", "2", "--graph-cache", "2", "--steps", "1",
+FLAGS = ["--model", "tiny", "--device", "cpu", "--sizes", "32", "--aspects", "3", "--graph-cache", "2", "--steps", "1",
          "--edit-size", "32", "--edit-steps", "1", "--quant-size", "32", "--export-size", "32", "--runs", "1"]
 
 

@@ -1,12 +1,12 @@
-"""ONNX Runtime backend: an `Engine` per exported graph, and a whole edit from an export folder.
+"""ONNX Runtime backend: an `Engine` per exported graph, and the MLLM from the vision + llm graphs.
 
 `OrtEngine` binds torch tensors to the session by pointer (I/O binding) on every provider, so CUDA
 inputs never leave the GPU and bf16 needs no numpy dtype; outputs come back as torch tensors through
 DLPack. (ORT's CPU provider has few bf16 kernels: run bf16 graphs with the CUDA provider, fp32 on CPU.)
 
-`load_ort_pipeline(dir)` returns the reference `Step1XEditPipeline` with its DiT, VAE and MLLM swapped
-for ORT-backed stand-ins: preprocessing, the denoising loop (`sampling.denoise`) and postprocessing are
-the reference code, so torch and ORT edits differ only in the graphs.
+A whole edit from an export folder is `Step1XEditRuntime.load(dir, backend="onnxruntime")`: the same
+preprocessing, denoising loop and postprocessing as every backend, so torch and ORT edits differ only in
+the graphs.
 """
 
 from __future__ import annotations
@@ -20,12 +20,11 @@ from torch import Tensor
 
 from ..export.components import pad_batch
 from ..export.export import QWEN_DIR
-from ..export.manifest import ComponentEntry, ExportError, Manifest, load_manifest
+from ..export.manifest import ComponentEntry, ExportError, Manifest
 from ..export.qwen import llm_position_ids, vision_inputs
-from ..specs import COMPONENTS, ComponentSpec
+from ..specs import ComponentSpec
 from ..step1x_ref.conditioner import build_mllm_inputs, select_tokens
-from ..step1x_ref.configs import EmbedderParams, ModelConfig, get_config
-from ..step1x_ref.pipeline import Step1XEditPipeline
+from ..step1x_ref.configs import EmbedderParams, ModelConfig
 
 _ONNX_TYPES = {
     "tensor(float)": (1, torch.float32),
@@ -108,33 +107,7 @@ class OrtEngine:
         self.session = None  # type: ignore[assignment]
 
 
-# -- a whole edit from an export folder ------------------------------------------------------------
-class OrtDiT:
-    """Stands in for `Step1XEdit`: called with the DiT's forward signature, runs the "dit" graph."""
-
-    def __init__(self, engine: OrtEngine):
-        self.engine = engine
-
-    def __call__(self, img: Tensor, pe: Tensor, timestep: Tensor, llm_embedding: Tensor, llm_mask: Tensor) -> Tensor:
-        out = self.engine(img=img, pe=pe, timestep=timestep, llm_embedding=llm_embedding, llm_mask=llm_mask)
-        return out["pred"]
-
-
-class OrtAutoEncoder:
-    """Stands in for `AutoEncoder` (encode -> scaled posterior mean, decode) with the two VAE graphs."""
-
-    def __init__(self, encoder: OrtEngine, decoder: OrtEngine):
-        self.encoder, self.decoder = encoder, decoder
-
-    def encode(self, x: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
-        if sample:
-            raise ValueError("vae_encoder graph returns the posterior mean: sample_posterior is not supported on ORT")
-        return self.encoder(image=x)["latent"]
-
-    def decode(self, latent: Tensor) -> Tensor:
-        return self.decoder(latent=latent)["image"]
-
-
+# -- the MLLM from its graphs ------------------------------------------------------------------------
 class OrtEmbedder:
     """Stands in for `Qwen25VLEmbedder`: vision graph once per image, one batched LLM graph call."""
 
@@ -172,17 +145,3 @@ def ort_embedder(manifest: Manifest, config: ModelConfig, *, providers: list[str
     processor, qwen_config = load_processor(qwen_dir, config.embedder), Qwen2_5_VLConfig.from_pretrained(qwen_dir)
     return OrtEmbedder(vision, llm, processor, qwen_config, config.embedder)
 
-
-def load_ort_pipeline(export_dir: str | Path, *, providers: list[str] | None = None) -> Step1XEditPipeline:
-    """The reference pipeline running every component from the export's graphs with ONNX Runtime."""
-    manifest = load_manifest(export_dir)
-    missing = [n for n in COMPONENTS if n not in manifest.components]
-    if missing:
-        raise ExportError(f"export {export_dir} lacks {missing} for a whole edit; re-export with all components")
-    config = get_config(manifest.config)
-    dit, vae_encoder, vae_decoder = (
-        OrtEngine.from_manifest(manifest, n, providers=providers) for n in ("dit", "vae_encoder", "vae_decoder")
-    )
-    embedder = ort_embedder(manifest, config, providers=providers)
-    return Step1XEditPipeline(config, OrtDiT(dit), OrtAutoEncoder(vae_encoder, vae_decoder), embedder,
-                              device=dit.device, dtype=torch.float32)

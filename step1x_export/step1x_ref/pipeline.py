@@ -209,18 +209,15 @@ class Step1XEditPipeline:
         negative_prompt: str = "",
         sample_posterior: bool = False,
         progress: ProgressFn | None = None,
-        step_fn: StepFn | None = None,
     ) -> Image.Image:
-        """Edit `image` as `instruction` says; returns an image of the input's size.
-
-        `step_fn` replaces the torch DiT with another engine (same inputs, same loop).
-        """
+        """Edit `image` as `instruction` says; returns an image of the input's size (other engines run the
+        same loop through `runtime.Step1XEditRuntime`)."""
         self.timer = StageTimer(self.device)
         inputs = self.prepare(
             image, instruction, seed=seed, steps=steps, size_level=size_level,
             negative_prompt=negative_prompt, sample_posterior=sample_posterior,
         )
-        step = step_fn or torch_step_fn(self.model, inputs, self.dtype)
+        step = torch_step_fn(self.model, inputs, self.dtype)
         with self.timer.stage("denoise"):
             latent = denoise(
                 guided_euler(step), inputs.noise, inputs.ref, inputs.timesteps,
@@ -228,7 +225,3 @@ class Step1XEditPipeline:
             )
         return self.decode(latent, inputs)
 
-
-def edit(image: Image.Image, instruction: str, *, pipeline: Step1XEditPipeline | None = None, **kwargs) -> Image.Image:
-    """Functional form of `Step1XEditPipeline.edit` (defaults to the tiny random model)."""
-    return (pipeline or Step1XEditPipeline.random()).edit(image, instruction, **kwargs)
