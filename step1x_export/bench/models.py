@@ -55,7 +55,7 @@ QWEN25_VL_7B_VISION = {
 QWEN25_VL_7B_IDS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
                     "vision_end_token_id": 151653}
 
-# What the real embedder sees (SPEC): 324 merged image tokens at the processor's max_pixels (a 36x36 patch grid
+# What the real embedder sees: 324 merged image tokens at the processor's max_pixels (a 36x36 patch grid
 # after the 2x2 merge -> grid_thw (1, 36, 36)), 626 tokens in all for a short instruction.
 MLLM_GRID_THW = (1, 36, 36)
 MLLM_SEQ_LEN = 626

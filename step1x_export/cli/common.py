@@ -21,6 +21,9 @@ IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP
 # Every package error below is a ValueError (CheckpointError, ImageInputError, ExportError, ArtifactError,
 # ProfileError); EngineMismatchError (a TensorRT engine built for another GPU/version) is a RuntimeError.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, EngineMismatchError)
+# Modules of the optional extras (pyproject.toml): a command that needs one says which extra to install.
+OPTIONAL_MODULES = {"onnx": "export", "onnxscript": "export", "onnxruntime": "ort", "tensorrt": "tensorrt",
+                    "matplotlib": "dev"}
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -35,6 +38,12 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 return fn(*args, **kwargs)
             except USER_ERRORS as e:
                 raise click.ClickException(str(e)) from e
+            except ModuleNotFoundError as e:
+                extra = OPTIONAL_MODULES.get((e.name or "").split(".")[0])
+                if extra is None:
+                    raise
+                raise click.ClickException(f"{e.name} is not installed; this needs the {extra!r} extra: "
+                                           f"pip install 'step1x-export[{extra}]'") from e
 
     return wrapper
 

@@ -45,7 +45,7 @@ class ConnectorParams:
     depth: int
     global_dim: int  # = DiT vec_in_dim
     mlp_ratio: float = 4.0
-    # The refiner's timestep embedding sees t * time_factor: 1000 in SPEC and in upstream's current
+    # The refiner's timestep embedding sees t * time_factor: 1000 in the model's description and upstream's current
     # (versioned) connector for both versions; the first v1.0 release passed t in [0, 1] unscaled.
     time_factor: float = 1000.0
 
