@@ -100,6 +100,21 @@ FULL_PROFILE = Profile(min_level=512, opt_level=1024, max_level=1024, max_aspect
 TINY_PROFILE = Profile(min_level=32, opt_level=64, max_level=256, max_aspect=2.0)
 
 
+# Optional shape buckets (RuntimeOptions.shape_buckets): the aspect ratios (width / height) an edit may be
+# snapped to, so a server sees a few shapes (few CUDA graphs, each a static shape) instead of one per input
+# aspect. Off by default: snapping changes the pixels the model sees, relative to upstream's resize rule.
+BUCKET_ASPECTS = (1 / 2, 9 / 16, 2 / 3, 3 / 4, 1.0, 4 / 3, 3 / 2, 16 / 9, 2.0)
+
+
+def shape_bucket(width: int, height: int, size_level: int) -> tuple[int, int]:
+    """The bucket size for a width x height input at `size_level`: the bucket aspect nearest to the input's
+    (in log ratio), sized by the same rule as any edit (`edit_size`)."""
+    import math
+
+    aspect = min(BUCKET_ASPECTS, key=lambda r: abs(math.log(r) - math.log(width / height)))
+    return edit_size(round(10_000 * aspect), 10_000, size_level)
+
+
 def profile_for(config: ModelConfig) -> Profile:
     return TINY_PROFILE if config.tiny_qwen is not None else FULL_PROFILE
 

@@ -19,6 +19,7 @@ from step1x_export.runtime import RuntimeOptions, Step1XEditRuntime
 from step1x_export.runtime.compile import BLOCK_LISTS, is_compiled
 from step1x_export.runtime.cudagraph import CudaGraphed, GraphCounts
 from step1x_export.runtime.progress import StepEvents
+from step1x_export.specs import BUCKET_ASPECTS, shape_bucket
 from step1x_export.step1x_ref.pipeline import Step1XEditPipeline
 
 pytestmark = pytest.mark.xdist_group("compile")  # one worker: inductor's C++ builds use both cores
@@ -33,31 +34,15 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.double() - ref.double()).norm() / ref.double().norm())
 
 
-class LatentTap:
-    """The VAE decoder stage, keeping the final latent it receives (the denoiser's output, as a tensor)."""
-
-    def __init__(self, engine):
-        self.engine, self.latents = engine, []
-
-    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        self.latents.append(inputs["latent"].clone())
-        return self.engine(**inputs)
-
-    def close(self) -> None:
-        self.engine.close()
-
-
-def tapped(rt: Step1XEditRuntime) -> LatentTap:
-    tap = rt.stages.resident["vae_decoder"] = LatentTap(rt.stages.resident["vae_decoder"])
-    return tap
-
-
 def image(w: int, h: int, seed: int = 0) -> Image.Image:
     return Image.fromarray((np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8))
 
 
-def edit(rt: Step1XEditRuntime, w: int, h: int) -> Image.Image:
-    return rt.edit(image(w, h), "add a red hat", seed=0, steps=STEPS, size_level=round((w * h) ** 0.5))
+def edit(rt: Step1XEditRuntime, w: int, h: int) -> torch.Tensor:
+    """Edit a w x h picture; the final latent (the denoiser's output, before decode)."""
+    assert rt.edit(image(w, h), "add a red hat", seed=0, steps=STEPS, size_level=round((w * h) ** 0.5)).size == (w, h)
+    assert rt.last_latent is not None
+    return rt.last_latent.clone()
 
 
 @pytest.fixture(autouse=True)
@@ -74,19 +59,16 @@ def test_twelve_sizes_one_compiled_runtime():
         module = rt.stages.resident["dit"].module
         assert rt.options.compile and is_compiled(module)
         assert not eager.options.compile
-        compiled_tap, eager_tap = tapped(rt), tapped(eager)
-        for w, h in SIZES:
-            assert edit(rt, w, h).size == (w, h)
+        latents = [edit(rt, w, h) for w, h in SIZES]
         stats = rt.stats()
         print(f"12 sizes through one compiled runtime: {stats.summary()}")
         assert stats.edits == len(SIZES)
-        tokens = {lat.shape[-2] * lat.shape[-1] // 4 for lat in compiled_tap.latents}
+        tokens = {lat.shape[1] for lat in latents}
         assert len(tokens) == len(SIZES)  # really 12 token counts
         # The bound: one compile per block type, whatever the number of sizes (dynamic token dim).
         assert stats.compiles == len(BLOCK_LISTS)
         for i in (0, len(SIZES) - 1):  # the first and last size against eager runtime of the same weights
-            edit(eager, *SIZES[i])
-            err = rel_err(compiled_tap.latents[i], eager_tap.latents[-1])
+            err = rel_err(latents[i], edit(eager, *SIZES[i]))
             print(f"compiled vs eager final latent at {SIZES[i]}: rel err {err:.2e}")
             assert err <= MAX_REL_ERR
     assert not is_compiled(module)  # closing hands the DiT back eager
@@ -104,10 +86,7 @@ def test_shipped_default_configuration_with_quant_and_compile(tmp_path: Path):
             Step1XEditRuntime.load("tiny", device="cpu", quant=path, compile=False) as eager:
         assert (rt.options.cuda_graphs, rt.options.graph_cache) == (False, defaults.graph_cache)  # resolved on CPU
         assert rt.options.compile
-        taps = tapped(rt), tapped(eager)
-        for runtime in (rt, eager):
-            assert edit(runtime, 64, 48).size == (64, 48)
-        err = rel_err(taps[0].latents[0], taps[1].latents[0])
+        err = rel_err(edit(rt, 64, 48), edit(eager, 64, 48))
         print(f"shipped default (fp8 artifact, compiled) vs eager W8A8: final latent rel err {err:.2e}; "
               f"{rt.stats().summary()}")
         assert err <= MAX_REL_ERR
@@ -145,3 +124,15 @@ def test_compile_option_resolution():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="graph_cache"):
             RuntimeOptions(graph_cache=bad)  # type: ignore[arg-type]
+
+
+def test_shape_buckets_bound_the_shapes_and_keep_the_output_size():
+    with Step1XEditRuntime.load("tiny", device="cpu", compile=False, shape_buckets=True) as rt:
+        tokens = set()
+        for w, h in [(40, 40), (44, 40), (41, 39), (100, 45), (45, 100)]:
+            out = rt.edit(image(w, h), "x", steps=1, size_level=32)
+            assert out.size == (w, h)  # resized back to the input's size
+            tokens.add(rt.last_latent.shape[1])
+        assert len(tokens) == 2  # 5 inputs, 5 aspects: snapped to 1:1 and 2:1 / 1:2 (same token count)
+    assert shape_bucket(41, 39, 64) == shape_bucket(40, 40, 64) == (64, 64)
+    assert len({shape_bucket(w, 100, 64) for w in range(40, 260, 7)}) <= len(BUCKET_ASPECTS)

@@ -42,6 +42,7 @@ class RuntimeArgs:
     compile: bool | None = None
     compile_mode: str | None = None
     graph_cache: int = DEFAULT_GRAPH_CACHE
+    shape_buckets: bool = False
     sequential_load: bool = False
 
     def check_source(self) -> None:
@@ -66,7 +67,7 @@ class RuntimeArgs:
         precision = precision_of(DTYPES[self.dtype]) if self.dtype else RuntimeOptions().precision
         base = RuntimeOptions(backend=self.backend, precision=precision, cuda_graphs=self.cuda_graphs,  # type: ignore[arg-type]
                               compile=self.compile, compile_mode=self.compile_mode, graph_cache=self.graph_cache,
-                              sequential_load=self.sequential_load)
+                              shape_buckets=self.shape_buckets, sequential_load=self.sequential_load)
         return replace(base, **overrides)
 
     def load_kwargs(self) -> dict[str, Any]:
@@ -83,7 +84,8 @@ class RuntimeArgs:
             "source": source, "backend": self.backend, "quant": self.quant, "device": self.device,
             "dtype": DTYPES[self.dtype] if self.dtype else None, "cuda_graphs": self.cuda_graphs,
             "compile": self.compile, "compile_mode": self.compile_mode, "graph_cache": self.graph_cache,
-            "sequential_load": self.sequential_load, "version": self.version, "mllm": mllm,
+            "shape_buckets": self.shape_buckets, "sequential_load": self.sequential_load, "version": self.version,
+            "mllm": mllm,
         }
 
     def load(self) -> Step1XEditRuntime:
@@ -136,6 +138,10 @@ def _execution_options() -> dict[str, Callable[[Callable[..., Any]], Callable[..
         "compile_mode": click.option(
             "--compile-mode", default=None,
             help="torch.compile mode (e.g. max-autotune-no-cudagraphs) [default: inductor's default]."),
+        "shape_buckets": click.option(
+            "--shape-buckets", is_flag=True,
+            help="Snap each edit to the nearest of a few fixed aspect ratios (fewer shapes: fewer CUDA graphs) and "
+            "resize the result back to the input's size. Changes the pixels the model sees vs upstream."),
         "sequential_load": click.option(
             "--sequential-load", is_flag=True,
             help="Load one stage at a time and free it after (MLLM freed before the DiT): for GPUs with <= 24 GB."),

@@ -33,6 +33,7 @@ class RuntimeOptions:
     compile: bool | None = None  # torch.compile each DiT block, the token count dynamic: one compile serves all sizes
     compile_mode: str | None = None  # torch.compile's mode (None: inductor's default), e.g. "max-autotune"
     graph_cache: int = DEFAULT_GRAPH_CACHE  # captured CUDA graphs kept (LRU); an evicted graph frees its memory
+    shape_buckets: bool = False  # snap each edit to the nearest of specs.BUCKET_ASPECTS (changes pixels vs upstream)
     attention_fp8: bool = False  # FP8 attention: not implemented
     sequential_load: bool = False  # load one stage at a time (encoder freed before the DiT): cards <= 24 GB
 

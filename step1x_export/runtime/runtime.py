@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from ..precision import Precision
-from ..specs import ComponentSpec, dit_spec, vae_decoder_spec, vae_encoder_spec
+from ..specs import ComponentSpec, dit_spec, shape_bucket, vae_decoder_spec, vae_encoder_spec
 from ..step1x_ref.configs import ModelConfig
 from ..step1x_ref.pipeline import Step1XEditPipeline, postprocess, prepare_image, sampling_inputs
 from ..step1x_ref.sampling import ProgressFn, UpdateFn, denoise, guided_euler, pack, unpack
@@ -99,6 +99,7 @@ class Step1XEditRuntime:
         compile: bool | None = None,
         compile_mode: str | None = None,
         graph_cache: int = DEFAULT_GRAPH_CACHE,
+        shape_buckets: bool = False,
         version: str = "v1.1",
         mllm: str | Path | None = None,
         seed: int = 0,
@@ -109,14 +110,16 @@ class Step1XEditRuntime:
         `mllm` (a Qwen2.5-VL directory, or a tiny config name), default: the export's tiny config.
         `quant` is a calibration artifact applied to the torch DiT. `compile`: None compiles the torch DiT
         on CUDA only, True on any device (CPU included), False never; `graph_cache` bounds the CUDA graphs
-        kept (one per edit size, least recently used evicted)."""
+        kept (one per edit size, least recently used evicted); `shape_buckets` snaps each edit to the nearest
+        of `specs.BUCKET_ASPECTS` (the output is still the input's size)."""
         device = torch.device(device) if device is not None else default_device()
         if dtype is None:  # bf16 on a GPU as upstream; fp32 on CPU (and for tiny models, the test reference)
             tiny = str(source) in TINY or str(mllm) in TINY  # a config name, never a guess from a path
             dtype = torch.bfloat16 if device.type == "cuda" and not tiny else torch.float32
         options = RuntimeOptions(
             backend=backend, precision=precision_of(dtype), cuda_graphs=cuda_graphs, compile=compile,
-            compile_mode=compile_mode, graph_cache=graph_cache, sequential_load=sequential_load,
+            compile_mode=compile_mode, graph_cache=graph_cache, shape_buckets=shape_buckets,
+            sequential_load=sequential_load,
         )
         if backend == "torch":
             config, loaders, notes = torch_loaders(source, options.resolved(device), device, version=version,
@@ -156,7 +159,8 @@ class Step1XEditRuntime:
             timer = self.timer = StageTimer(self.device)
             reset_peak(self.device)
             with timer.stage("preprocess"):
-                img = prepare_image(image, size_level)
+                bucket = shape_bucket(*image.size, size_level) if self.options.shape_buckets else None
+                img = prepare_image(image, size_level, bucket)
                 self.check_shapes(img.width, img.height)  # before any model work
             with self._stage(timer, "encoder", "mllm") as encoder:
                 emb, mask = encoder([instruction, negative_prompt], img.mllm_image)

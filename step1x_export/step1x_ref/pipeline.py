@@ -51,11 +51,12 @@ class EditImage:
     orig_size: tuple[int, int]
 
 
-def prepare_image(image: Image.Image, size_level: int) -> EditImage:
-    """Validate, convert to RGB and resize by the size_level rule (shared by every backend)."""
+def prepare_image(image: Image.Image, size_level: int, size: tuple[int, int] | None = None) -> EditImage:
+    """Validate, convert to RGB and resize by the size_level rule (shared by every backend), or to `size`
+    (width, height: a shape bucket) when given."""
     check_size(image)
     image = to_rgb(image)
-    width, height = edit_size(*image.size, size_level)
+    width, height = size or edit_size(*image.size, size_level)
     resized = pil_to_tensor(image.resize((width, height), Image.Resampling.BICUBIC))
     # Upstream hands the MLLM the resized image after a float round trip (to_pil truncates).
     return EditImage(resized, tensor_to_pil(resized[0]), width, height, image.size)
