@@ -136,7 +136,8 @@ def _tensorrt_loaders(source: Path, device: torch.device, dtype: torch.dtype, *,
     from .trt_manifest import EngineManifest, current_platform
 
     manifest = EngineManifest.read(source)
-    manifest.check_platform(current_platform())  # refuse before any engine is deserialised
+    manifest.verify_files(source)  # checksums and platform: both refused before any engine is deserialised
+    manifest.check_platform(current_platform())
     config = get_config(manifest.config)
     _check_components(source, manifest.components)
     specs = component_specs(config)
