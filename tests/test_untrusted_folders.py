@@ -32,6 +32,7 @@ from step1x_export.export import ExportError, load_manifest
 from step1x_export.export.manifest import MANIFEST, META_COMPONENT, META_EXPORT_ID, ComponentEntry, Manifest
 from step1x_export.hashing import file_sha256
 from step1x_export.precision import Precision
+from step1x_export.runtime.buffers import profile_shapes
 from step1x_export.runtime.trt_manifest import (
     MANIFEST_NAME,
     BuildPlatform,
@@ -39,7 +40,6 @@ from step1x_export.runtime.trt_manifest import (
     EngineManifest,
     EngineRecord,
 )
-from step1x_export.runtime.buffers import profile_shapes
 from step1x_export.specs import component_specs, dim_ranges, dit_spec
 from step1x_export.step1x_ref.configs import get_config
 

@@ -13,7 +13,7 @@ from ..bench.report import activation_lines, ladder_table, stages_table, write_a
 from ..bench.run import BenchConfig, run_benchmark
 from ..bench.stages import STAGES
 from ..step1x_ref.configs import CONFIGS
-from .common import default_device, user_errors
+from .common import DEVICE, SEED, FiniteFloat, default_device, user_errors
 
 
 def _int_list(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
@@ -44,7 +44,7 @@ def _work_items(cfg: BenchConfig) -> int:
 @click.command()
 @click.option("--model", "model_name", type=click.Choice(list(CONFIGS)), default="tiny", show_default=True,
               help="Config to build with RANDOM weights (v1.0/v1.1 are full size: 12 B DiT + 8 B MLLM, GPU only).")
-@click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
+@click.option("--device", type=DEVICE, default=None, help="torch device [default: cuda if available, else cpu].")
 @click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
               help="DiT/MLLM dtype of the stage timings and of the ladder's reference row (the VAE runs in fp32).")
 @click.option("--sizes", callback=_int_list, default="64,96", show_default=True,
@@ -71,12 +71,12 @@ def _work_items(cfg: BenchConfig) -> int:
 @click.option("--compile-cpu", is_flag=True, help="Also run the compile row on CPU (inductor builds C++: minutes).")
 @click.option("--no-fp32-reference", "no_fp32_reference", is_flag=True,
               help="Skip the fp32 run of the same weights (no rel. error column; saves memory on small cards).")
-@click.option("--budget-s", type=float, default=None,
+@click.option("--budget-s", type=FiniteFloat(0.0, 1e7), default=None,
               help="Skip the remaining ladder rows once this many seconds have passed (reported as skipped).")
 @click.option("--out-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("bench_out"),
               show_default=True, help="Folder for bench.json, bench_stages.csv, bench_ladder.csv, bench_ladder.png "
               "(created; files written atomically).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Weight and noise seed.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Weight and noise seed.")
 @user_errors
 def bench(model_name: str, device: str | None, precision: str, sizes: tuple[int, ...], steps: int, runs: int,
           warmup: int, stages: tuple[str, ...], edit_sizes: tuple[int, ...] | None, mllm: bool, ladder: bool,

@@ -6,11 +6,20 @@ from pathlib import Path
 
 import click
 
-from ..specs import profile_for
 from ..step1x_ref.configs import CONFIGS
 from ..step1x_ref.imaging import load_image
 from ..step1x_ref.pipeline import Step1XEditPipeline
-from .common import DTYPES, IMAGE_SUFFIXES, check_output_path, save_image, step_progress, user_errors
+from .common import (
+    CFG,
+    DEVICE,
+    DTYPES,
+    IMAGE_SUFFIXES,
+    SEED,
+    check_output_path,
+    save_image,
+    step_progress,
+    user_errors,
+)
 
 DEMO_INSTRUCTION = "Make the sky behind the astronaut a deep purple"
 
@@ -36,16 +45,17 @@ DEMO_INSTRUCTION = "Make the sky behind the astronaut a deep purple"
               help=f"Output image ({', '.join(IMAGE_SUFFIXES)}); its folder must exist; written atomically.")
 @click.option("--version", type=click.Choice(["v1.0", "v1.1"]), default="v1.1", show_default=True,
               help="Model version of the checkpoint in --model-dir.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Noise seed.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=28, show_default=True, help="Denoising steps.")
-@click.option("--cfg", type=float, default=6.0, show_default=True, help="True-CFG guidance scale.")
+@click.option("--cfg", type=CFG, default=6.0, show_default=True, help="True-CFG guidance scale (0 = unguided).")
 @click.option("--size-level", type=click.IntRange(16, 4096), default=None,
               help="Edit resolution: area ~ size_level^2, aspect kept; the output is resized back to the input's size "
                    "[default: 1024 for the real model (upstream's), 256 for the tiny ones (their largest profile)].")
 @click.option("--negative-prompt", default="", show_default=True, help="Instruction of the unconditional branch.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
               help="DiT/MLLM dtype [default: bf16 for --model-dir on a GPU, else fp32]; the VAE runs in fp32.")
-@click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
+@click.option("--device", type=DEVICE, default=None, help="torch device: cpu, cuda, cuda:N [default: cuda if "
+              "available, else cpu].")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
               help="Capture the whole denoising step once per shape and replay it (torch and tensorrt backends on "
                    "CUDA; ignored on CPU and for onnxruntime, whose kernels run on ORT's own stream).")
@@ -87,7 +97,6 @@ def edit(
         cuda_graphs=cuda_graphs, compile=compile_dit, sequential_load=sequential_load, version=version, mllm=mllm,
     )
     with runtime, step_progress(enabled=not quiet) as progress:
-        size_level = size_level or profile_for(runtime.config).max_level
         result = runtime.edit(image, prompt, seed=seed, steps=steps, cfg=cfg, size_level=size_level,
                               negative_prompt=negative_prompt, progress=progress)
     save_image(result, out_path)
@@ -107,7 +116,7 @@ def edit(
               default="tiny", show_default=True, help="Which tiny config.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=28, show_default=True, help="Denoising steps.")
 @click.option("--size-level", type=click.IntRange(16, 1024), default=256, show_default=True, help="Edit resolution.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Noise and weight seed.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Noise and weight seed.")
 @user_errors
 def demo(out_path: Path, prompt: str, model_name: str, steps: int, size_level: int, seed: int) -> None:
     """Run a whole edit on an embedded default: the tiny model, CPU, scikit-image's astronaut photo.

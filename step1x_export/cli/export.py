@@ -8,7 +8,7 @@ import click
 
 from ..precision import Precision
 from ..specs import COMPONENTS
-from .common import DTYPES, user_errors
+from .common import DTYPES, SEED, user_errors
 
 GRAPH_PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -30,7 +30,7 @@ GRAPH_PRECISIONS = ("fp32", "fp16", "bf16")
               help="Model version of the checkpoint in --model-dir.")
 @click.option("--opset", type=click.IntRange(18, 23), default=20, show_default=True,
               help="ONNX opset (TensorRT 10 parses up to 20; Q/DQ for fp8 needs >= 19).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Weight seed of --model tiny.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Weight seed of --model tiny.")
 @click.option("--quant", "quant_path", type=click.Path(path_type=Path, dir_okay=False),
               help="Calibration artifact (`step1x-export calibrate`): its DiT layers become explicit "
                    "QuantizeLinear/DequantizeLinear pairs in dit.onnx (FP8 E4M3 or INT8). The artifact must come "
