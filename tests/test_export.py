@@ -22,6 +22,7 @@ from step1x_export.export import ExportError, export_components, load_manifest
 from step1x_export.export.components import example_image, pad_batch
 from step1x_export.export.manifest import META_EXPORT_ID
 from step1x_export.export.qwen import llm_position_ids, vision_inputs
+from step1x_export.hashing import file_sha256
 from step1x_export.runtime.engine import Engine
 from step1x_export.runtime.onnxruntime import OrtEngine, load_ort_pipeline
 from step1x_export.specs import COMPONENTS
@@ -200,11 +201,17 @@ def test_missing_graph_names_component_and_shapes(copy_of):
 
 
 def test_graph_from_another_export_is_refused(copy_of):
+    """A graph of another export, even listed with its own checksum, is refused by its export id."""
     graph = onnx.load(copy_of / "dit.onnx")
     for prop in graph.metadata_props:
         if prop.key == META_EXPORT_ID:
             prop.value = uuid.uuid4().hex
     onnx.save(graph, copy_of / "dit.onnx")
+    with pytest.raises(ExportError, match=r"'dit'.*dit.onnx changed since it was written"):
+        load_manifest(copy_of)
+    data = json.loads((copy_of / "manifest.json").read_text())
+    data["components"]["dit"]["files"]["dit.onnx"] = file_sha256(copy_of / "dit.onnx")
+    (copy_of / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ExportError, match=r"'dit'.*another export.*img \[batch 1\.\.2, img_tokens"):
         load_manifest(copy_of)
 
