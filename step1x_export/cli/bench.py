@@ -13,7 +13,7 @@ from ..bench.report import activation_lines, ladder_table, stages_table, write_a
 from ..bench.run import BenchConfig, run_benchmark
 from ..bench.stages import STAGES
 from ..step1x_ref.configs import CONFIGS
-from .common import DEVICE, SEED, FiniteFloat, default_device, user_errors
+from .common import DEVICE, SEED, FiniteFloat, check_output_path, default_device, user_errors
 
 
 def _int_list(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
@@ -97,6 +97,8 @@ def bench(model_name: str, device: str | None, precision: str, sizes: tuple[int,
         ladder_sizes=ladder_sizes, ladder_steps=ladder_steps, compile_mode=compile_mode,
         compile_on_cpu=compile_cpu, fp32_reference=not no_fp32_reference, budget_s=budget_s, seed=seed,
     )
+    out_dir.mkdir(parents=True, exist_ok=True)  # the report's folder, made and checked before the long run
+    check_output_path(out_dir / "bench.json")
     if CONFIGS[model_name].tiny_qwen is None and cfg.device == "cpu":
         raise click.UsageError(f"--model {model_name} is full size (12 B + 8 B parameters): run it on a GPU")
     with tqdm(total=_work_items(cfg), desc="bench", unit="row", leave=False) as bar:

@@ -22,7 +22,8 @@ IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP
 # Every package error below is a ValueError (CheckpointError, ImageInputError, ExportError, ArtifactError,
 # ProfileError, InputError, NonFiniteError); EngineMismatchError (a TensorRT engine built for another
 # GPU/version) is a RuntimeError.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, EngineMismatchError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,
+               EngineMismatchError)
 INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
 
 

@@ -18,7 +18,7 @@ GRAPH_PRECISIONS = ("fp32", "fp16", "bf16")
               "safetensors, vae.safetensors, Qwen2.5-VL-7B-Instruct/), as for `edit`.")
 @click.option("--model", "model_name", type=click.Choice(["tiny", "tiny-v1.0"]),
               help="Export a tiny random-weight model instead of --model-dir (testing).")
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Export folder: {component}.onnx (+ .onnx.data above 2 GB), qwen/ (config, processor), "
                    "manifest.json written last. Refused if not empty, unless --force.")
 @click.option("--components", default=",".join(COMPONENTS), show_default=True,

@@ -26,7 +26,7 @@ from ..step1x_ref.configs import ModelConfig
 from ..step1x_ref.pipeline import Step1XEditPipeline, postprocess, prepare_image, sampling_inputs
 from ..step1x_ref.sampling import ProgressFn, UpdateFn, denoise, guided_euler, pack, unpack
 from ..timing import StageTimer
-from ..validate import InputError, check_device, check_edit_numbers, check_finite
+from ..validate import SEED_RANGE, InputError, check_device, check_edit_numbers, check_finite, check_int
 from .buffers import Shape, edit_dims
 from .cudagraph import CudaGraphed
 from .engine import Engine
@@ -96,6 +96,7 @@ class Step1XEditRuntime:
         `mllm` (a Qwen2.5-VL directory, or a tiny config name), default: the export's tiny config.
         `quant` is a calibration artifact applied to the torch DiT."""
         device = check_device(device) if device is not None else default_device()
+        check_int("seed", seed, *SEED_RANGE)
         if dtype is None:  # bf16 on a GPU as upstream; fp32 on CPU (and for tiny models, the test reference)
             tiny = str(source) in TINY or str(mllm) in TINY  # a config name, never a guess from a path
             dtype = torch.bfloat16 if device.type == "cuda" and not tiny else torch.float32

@@ -39,6 +39,8 @@ class ModelFiles:
     def in_dir(cls, model_dir: str | Path, version: str) -> ModelFiles:
         """Find the files of `version` in `model_dir` (the layout the official download has)."""
         root = Path(model_dir)
+        if root.exists() and not root.is_dir():
+            raise CheckpointError(f"model directory {root} is a file, not a folder")
         if not root.is_dir():
             raise CheckpointError(f"model directory {root} does not exist")
         names = DIT_FILES.get(version)
