@@ -193,8 +193,8 @@ MANIFEST_SCHEMA = {
         "libraries": {"type": "object", "maxProperties": 64, "additionalProperties": _SHORT},
         "components": {"type": "object", "minProperties": 1, "propertyNames": {"enum": list(COMPONENTS)},
                        "additionalProperties": _ENTRY},
-        "shared_files": {"type": "object", "maxProperties": 256, "propertyNames": FILE_NAME,
-                         "additionalProperties": SHA256},
+        "shared_files": {"type": "object", "maxProperties": 256,
+                         "propertyNames": {**FILE_NAME, "pattern": f"^{QWEN_DIR}/"}, "additionalProperties": SHA256},
     },
 }
 
@@ -219,11 +219,11 @@ def _entry_from_dict(name: str, d: dict, directory: Path) -> ComponentEntry:
     )
 
 
-def load_manifest(directory: str | Path, *, verify: bool = True) -> Manifest:
+def load_manifest(directory: str | Path) -> Manifest:
     """Read and verify an export folder: every file listed, inside the folder, unchanged, and from this export.
 
     The manifest is untrusted input (`folders`): its JSON is checked against `MANIFEST_SCHEMA`, its specs
-    against this package's, and (with `verify`) every file's sha256 before any graph is parsed.
+    against this package's, and every file's sha256 before any graph is parsed.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -244,12 +244,11 @@ def load_manifest(directory: str | Path, *, verify: bool = True) -> Manifest:
         directory=directory, shared_files=data["shared_files"],
     )
     check_consistent(manifest, path)
-    if verify:
-        verify_files(directory, manifest.shared_files, f"export {directory}", error=ExportError)
-        if manifest.shared_files:  # the files transformers reads for the MLLM: every one of them verified
-            check_no_unlisted(directory, QWEN_DIR, manifest.shared_files, f"export {directory}", error=ExportError)
-        for entry in manifest.components.values():
-            verify_component(manifest, entry)
+    verify_files(directory, manifest.shared_files, f"export {directory}", error=ExportError)
+    if manifest.shared_files:  # the files transformers reads for the MLLM: every one of them verified
+        check_no_unlisted(directory, QWEN_DIR, manifest.shared_files, f"export {directory}", error=ExportError)
+    for entry in manifest.components.values():
+        verify_component(manifest, entry)
     return manifest
 
 
