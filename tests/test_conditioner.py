@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -20,6 +21,7 @@ from step1x_export.step1x_ref.conditioner import (
     split_string,
 )
 from step1x_export.step1x_ref.configs import get_config
+from step1x_export.step1x_ref.loading import CheckpointError
 
 CFG = get_config("tiny")
 PARAMS = CFG.embedder
@@ -200,7 +202,7 @@ def test_truncation_at_max_length(embedder, image):
 
 
 def test_from_pretrained_roundtrip_and_errors(embedder, image, tmp_path):
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / "missing")):
+    with pytest.raises(CheckpointError, match=str(tmp_path / "missing")):
         Qwen25VLEmbedder.from_pretrained(tmp_path / "missing", PARAMS)
     embedder.model.save_pretrained(tmp_path / "qwen")
     embedder.processor.save_pretrained(tmp_path / "qwen")
@@ -210,7 +212,10 @@ def test_from_pretrained_roundtrip_and_errors(embedder, image, tmp_path):
     assert torch.equal(ma, mb) and rel_err(b, a) <= 1e-6
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{not json")
-    with pytest.raises(RuntimeError, match=str(tmp_path / "bad")):
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'bad'} has config.json but no weights"):
+        Qwen25VLEmbedder.from_pretrained(tmp_path / "bad", PARAMS)
+    shutil.copy(tmp_path / "qwen" / "model.safetensors", tmp_path / "bad")
+    with pytest.raises(CheckpointError, match=f"cannot load Qwen2.5-VL from {tmp_path / 'bad'}"):
         Qwen25VLEmbedder.from_pretrained(tmp_path / "bad", PARAMS)
 
 

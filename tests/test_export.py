@@ -6,38 +6,37 @@ dynamic-shape check runs several sizes and aspect ratios through that one set of
 
 from __future__ import annotations
 
+import json
 import shutil
 import uuid
 
-import numpy as np
 import onnx
 import pytest
 import torch
 from click.testing import CliRunner
 from conftest import EXTERNAL_THRESHOLD
-from PIL import Image
+from test_runtime import edit_and_latent, rel_err
 
 from step1x_export.cli.export import export as export_cmd
 from step1x_export.export import ExportError, export_components, load_manifest
 from step1x_export.export.components import example_image, pad_batch
 from step1x_export.export.manifest import META_EXPORT_ID
 from step1x_export.export.qwen import llm_position_ids, vision_inputs
+from step1x_export.hashing import file_sha256
 from step1x_export.runtime import Step1XEditRuntime
 from step1x_export.runtime.engine import Engine
 from step1x_export.runtime.onnxruntime import OrtEngine
 from step1x_export.specs import COMPONENTS
+from step1x_export.step1x_ref import pipeline as pipeline_module
 from step1x_export.step1x_ref.math import rope_table
 from step1x_export.step1x_ref.pipeline import Step1XEditPipeline
 from step1x_export.step1x_ref.sampling import position_ids
 
 pytestmark = pytest.mark.xdist_group("tiny_export")  # shares the session's one tiny export
-FP32_TOL = 1e-4
+FP32_TOL = 1e-4  # one graph call vs torch, fp32
+LATENT_TOL = 1e-5  # a whole edit's final latent vs torch, fp32
 # (width, height): two resolutions x two aspect ratios, all from one graph per component
 SIZES = [(32, 32), (64, 64), (96, 48), (48, 80)]
-
-
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((got.float() - ref.float()).abs().max() / ref.float().abs().max())
 
 
 @pytest.fixture(scope="module")
@@ -133,24 +132,20 @@ def test_mllm_parity(engines, pipe, size):
     assert v_err <= FP32_TOL and l_err <= FP32_TOL
 
 
-def psnr(a: Image.Image, b: Image.Image) -> float:
-    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    mse = float(((x - y) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
 def test_whole_edit_through_ort_matches_torch(export_dir, pipe):
+    """The same edit from the export's five graphs (ORT) and from torch: final latents within fp32 rounding."""
     image = example_image(80, 56, seed=7)
     kwargs = dict(seed=3, steps=4, cfg=4.0, size_level=64)
-    ref = pipe.edit(image, 'Make the "sky" purple', **kwargs)
+    ref, ref_latent = edit_and_latent(pipeline_module, pipe.edit, image, 'Make the "sky" purple', **kwargs)
     with Step1XEditRuntime.load(export_dir, backend="onnxruntime", device="cpu") as rt:  # MLLM from its graphs too
         assert any("vision + llm graphs" in n for n in rt.notes)
         got = rt.edit(image, 'Make the "sky" purple', **kwargs)
-    value = psnr(got, ref)
-    print(f"whole tiny edit (ORT CPU vs torch, fp32): PSNR {value:.1f} dB")
+        latent = rt.last_latent
+    err = rel_err(latent, ref_latent)
+    print(f"whole tiny edit (ORT CPU vs torch, fp32): final latent max rel err {err:.2e}")
     assert got.size == ref.size == image.size
-    assert np.asarray(ref, dtype=np.float64).std() > 5  # not a flat (saturated) picture, which any graph matches
-    assert value >= 40.0
+    assert float(ref_latent.std()) > 0.1  # a latent with structure, not a constant any graph would match
+    assert err <= LATENT_TOL
 
 
 def test_external_data_written_and_loaded(manifest, export_dir):
@@ -182,6 +177,26 @@ def test_manifest_detects_a_changed_file(copy_of):
         load_manifest(copy_of)
 
 
+def test_truncated_graph_is_refused_by_its_checksum_not_by_protobuf(copy_of):
+    graph = copy_of / "dit.onnx"
+    graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])  # an interrupted copy
+    with pytest.raises(ExportError, match=r"'dit'.*dit.onnx changed since it was written \(sha256 mismatch\)"):
+        load_manifest(copy_of)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("file", "../../../../etc/passwd", "outside the folder"),
+    ("file", "/etc/hostname", "outside the folder"),
+    ("files", {}, r"\$\.components\.dit\.files: \{\} should be non-empty"),
+])
+def test_manifest_naming_files_outside_or_no_checksums_is_refused(copy_of, field, value, message):
+    data = json.loads((copy_of / "manifest.json").read_text())
+    data["components"]["dit"][field] = value
+    (copy_of / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ExportError, match=message):
+        load_manifest(copy_of)
+
+
 def test_missing_graph_names_component_and_shapes(copy_of):
     (copy_of / "llm.onnx").unlink()
     with pytest.raises(ExportError, match=r"'llm'.*missing.*input_ids \[batch 1\.\.2, llm_seq \d+\.\.\d+\]"):
@@ -189,11 +204,17 @@ def test_missing_graph_names_component_and_shapes(copy_of):
 
 
 def test_graph_from_another_export_is_refused(copy_of):
+    """A graph of another export, even listed with its own checksum, is refused by its export id."""
     graph = onnx.load(copy_of / "dit.onnx")
     for prop in graph.metadata_props:
         if prop.key == META_EXPORT_ID:
             prop.value = uuid.uuid4().hex
     onnx.save(graph, copy_of / "dit.onnx")
+    with pytest.raises(ExportError, match=r"'dit'.*dit.onnx changed since it was written"):
+        load_manifest(copy_of)
+    data = json.loads((copy_of / "manifest.json").read_text())
+    data["components"]["dit"]["files"]["dit.onnx"] = file_sha256(copy_of / "dit.onnx")
+    (copy_of / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ExportError, match=r"'dit'.*another export.*img \[batch 1\.\.2, img_tokens"):
         load_manifest(copy_of)
 

@@ -96,5 +96,11 @@ def test_model_dir_layout_errors(tmp_path: Path) -> None:
         ModelFiles.in_dir(tmp_path, "v1.0")
     (tmp_path / "vae.safetensors").write_bytes(b"")
     (tmp_path / "Qwen2.5-VL-7B-Instruct").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        ModelFiles.in_dir(tmp_path, "v1.0")
+    (tmp_path / "Qwen2.5-VL-7B-Instruct" / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="has config.json but no weights"):
+        ModelFiles.in_dir(tmp_path, "v1.0")  # caught before anything is loaded
+    (tmp_path / "Qwen2.5-VL-7B-Instruct" / "model.safetensors").write_bytes(b"")
     files = ModelFiles.in_dir(tmp_path, "v1.0")
     assert files.dit.name == "step1x-edit-i1258-FP8.safetensors"

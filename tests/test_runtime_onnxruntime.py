@@ -1,4 +1,8 @@
-"""The runtime on the ONNX Runtime backend (tiny model, fp32 graphs) equals the reference pipeline."""
+"""The runtime on the ONNX Runtime backend (tiny model, fp32 graphs) against the reference pipeline.
+
+ORT and torch run the same fp32 maths with different kernels: the final latents are compared by relative
+error (max |a - b| / max |b|), which must stay at the level of fp32 rounding, not by 8-bit image PSNR.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,13 @@ import pytest
 import test_runtime as base
 
 from step1x_export.runtime import ProfileError, Step1XEditRuntime
+from step1x_export.runtime import runtime as runtime_module
 
 pytestmark = pytest.mark.xdist_group("tiny_export")  # shares the session's one tiny export
 
-EDIT, PROMPT, psnr = base.EDIT, base.PROMPT, base.psnr
-image, reference = base.image, base.reference  # the same module-scoped fixtures
+EDIT, PROMPT = base.EDIT, base.PROMPT
+image, reference_run = base.image, base.reference_run  # the same module-scoped fixtures
+LATENT_TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -18,11 +24,13 @@ def export_dir(tiny_export):
     return tiny_export
 
 
-def test_onnxruntime_backend_equals_reference(export_dir, image, reference):
+def test_onnxruntime_backend_equals_reference(export_dir, image, reference_run):
     with Step1XEditRuntime.load(export_dir, "onnxruntime", device="cpu", seed=0) as rt:
-        out = rt.edit(image, PROMPT, **EDIT)
-        figure = psnr(out, reference)
-        print(f"onnxruntime backend vs reference, fp32: PSNR {figure:.1f} dB; {rt.notes}")
-        assert figure >= 40.0
+        out, latent = base.edit_and_latent(runtime_module, rt.edit, image, PROMPT, **EDIT)
+        err = base.rel_err(latent, reference_run[1])
+        print(f"onnxruntime backend vs reference, fp32: final latent max rel err {err:.2e}; {rt.notes}")
+        assert out.size == reference_run[0].size
+        assert err <= LATENT_TOL
+        assert rt.default_size_level == 256  # the export's model (tiny): inside its profile
         with pytest.raises((ProfileError, ValueError), match="dit|vae_encoder"):
             rt.edit(image, PROMPT, seed=0, steps=1, size_level=1024)  # outside the tiny export's profile

@@ -197,7 +197,7 @@ def unsupported(row: LadderRow, device: torch.device, settings: LadderSettings) 
         cap = torch.cuda.get_device_capability(device)
         return SKIPPED, f"skipped: FP8 GEMMs need compute capability >= 8.9, got {cap[0]}.{cap[1]}"
     if options.compile and not cuda and not settings.compile_on_cpu:
-        return SKIPPED, "skipped: torch.compile on CPU is off (C++ builds; enable with compile_on_cpu)"
+        return SKIPPED, "skipped: torch.compile on CPU is off (slow C++ builds; enable with --compile-cpu)"
     return None
 
 

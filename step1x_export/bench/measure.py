@@ -18,6 +18,12 @@ import torch
 from ..timing import StageTimer
 
 OK, FAILED, SKIPPED, NOT_IMPLEMENTED = "ok", "failed", "skipped", "not implemented"
+# A row whose p10..p90 spread exceeds this share of its median is not a steady-state figure (a busy
+# machine, clock changes, too few runs): it is flagged, not trusted.
+SPREAD_LIMIT = 0.25
+# A larger size (same stage or ladder row) timed this much faster than a smaller one contradicts the work
+# done: the run was disturbed.
+SIZE_SLACK = 1.2
 
 
 @dataclass
@@ -50,6 +56,18 @@ def percentile(values: list[float], q: float) -> float:
     pos = (len(ordered) - 1) * q / 100
     lo, hi = int(pos), min(int(pos) + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def spread(median: float | None, p10: float | None, p90: float | None) -> float | None:
+    """(p90 - p10) / median: the relative width of a row's middle 80 %; None where not measured."""
+    if median is None or p10 is None or p90 is None or median <= 0:
+        return None
+    return (p90 - p10) / median
+
+
+def too_wide(median: float | None, p10: float | None, p90: float | None, limit: float = SPREAD_LIMIT) -> bool:
+    width = spread(median, p10, p90)
+    return width is not None and width > limit
 
 
 def summarize(result: StageResult, seconds: list[float]) -> StageResult:

@@ -18,7 +18,7 @@ from typing import Any
 from ..files import atomic_path, write_text_atomic
 from .environment import header_lines
 from .ladder import LadderResult
-from .measure import StageResult
+from .measure import OK, SIZE_SLACK, SPREAD_LIMIT, StageResult, spread, too_wide
 
 SCHEMA = "step1x-export.bench/1"
 ENV_COLUMNS = ("device", "driver", "cuda", "torch", "transformers", "onnxruntime", "triton")
@@ -44,6 +44,7 @@ class BenchReport:
             "stages": [r.to_dict() for r in self.stages],
             "ladder": [r.to_dict() for r in self.ladder],
             "notes": self.notes,
+            "warnings": timing_warnings(self),
         }
 
 
@@ -119,28 +120,64 @@ def _status(r: StageResult | LadderResult) -> str:
     return f"{r.status}: {r.error}" if r.error else (r.note or r.status)
 
 
+def _spread(r: StageResult | LadderResult) -> str:
+    """"12%", with " NOISY" when p10..p90 is wider than SPREAD_LIMIT of the median."""
+    width = spread(r.median_ms, r.p10_ms, r.p90_ms)
+    if width is None:
+        return "n/a"
+    return f"{100 * width:.0f}%" + (" NOISY" if too_wide(r.median_ms, r.p10_ms, r.p90_ms) else "")
+
+
+def _row_key(r: StageResult | LadderResult) -> str:
+    return r.stage if isinstance(r, StageResult) else r.row
+
+
+def timing_warnings(report: BenchReport) -> list[str]:
+    """Rows too noisy to trust, and sizes whose timings contradict the work (a larger size faster)."""
+    rows = [r for r in (*report.stages, *report.ladder) if r.status == OK and r.median_ms is not None]
+    out = [f"{_row_key(r)} at {r.size}: p10..p90 spread {_spread(r)} of the median (limit "
+           f"{100 * SPREAD_LIMIT:.0f}%): not a steady-state figure; rerun on an idle machine or with more --runs"
+           for r in rows if too_wide(r.median_ms, r.p10_ms, r.p90_ms)]
+    by_key: dict[str, list[StageResult | LadderResult]] = {}
+    for r in rows:
+        if r.size is not None:
+            by_key.setdefault(_row_key(r), []).append(r)
+    for key, group in by_key.items():
+        group.sort(key=lambda r: r.size)
+        for small, large in zip(group, group[1:], strict=False):
+            if small.median_ms > SIZE_SLACK * large.median_ms:
+                out.append(f"{key}: {small.size} timed {small.median_ms / large.median_ms:.1f}x slower than "
+                           f"{large.size}, which does more work: the machine was busy; these timings are suspect")
+    return out
+
+
 def stages_table(report: BenchReport) -> str:
-    columns = ["stage", "size", "median ms", "p10 ms", "p90 ms", "first call ms", "peak GB", "runs", "status"]
+    columns = ["stage", "size", "median ms", "p10 ms", "p90 ms", "spread", "first call ms", "peak GB", "runs",
+               "status"]
     rows = []
     for r in report.stages:
-        rows.append([r.stage, _fmt(r.size), _fmt(r.median_ms, 2), _fmt(r.p10_ms, 2), _fmt(r.p90_ms, 2),
+        rows.append([r.stage, _fmt(r.size), _fmt(r.median_ms, 2), _fmt(r.p10_ms, 2), _fmt(r.p90_ms, 2), _spread(r),
                      _fmt(r.first_call_ms), _fmt(r.peak_mem_gb, 2), str(r.runs), _status(r)])
         if r.stage == "dit_step" and "denoise_est_ms" in r.extra:
             rows.append([f"  dit_step x {r.extra['steps']} (extrapolated)", _fmt(r.size),
-                         _fmt(r.extra["denoise_est_ms"], 1), "", "", "", "", "", ""])
-    return "\n".join([*header_lines(report.env, report.conditions), *_render(columns, rows)])
+                         _fmt(r.extra["denoise_est_ms"], 1), "", "", "", "", "", "", ""])
+    return "\n".join([*header_lines(report.env, report.conditions), *_render(columns, rows), *_warning_lines(report)])
+
+
+def _warning_lines(report: BenchReport) -> list[str]:
+    return [f"WARNING: {w}" for w in timing_warnings(report)]
 
 
 def ladder_table(report: BenchReport) -> str:
-    columns = ["row", "size", "ms/step", "p10", "p90", "speedup", "first call s", "est. edit s",
+    columns = ["row", "size", "ms/step", "p10", "p90", "spread", "speedup", "first call s", "est. edit s",
                "rel err vs fp32", "PSNR dB vs bf16", "lossless", "peak GB", "status"]
-    rows = [[r.row, str(r.size), _fmt(r.median_ms), _fmt(r.p10_ms), _fmt(r.p90_ms),
+    rows = [[r.row, str(r.size), _fmt(r.median_ms), _fmt(r.p10_ms), _fmt(r.p90_ms), _spread(r),
              f"{r.speedup:.2f}x" if r.speedup else "n/a",
              _fmt(None if r.first_call_ms is None else r.first_call_ms / 1000, 2),
              _fmt(r.est_edit_s, 2), "n/a" if r.rel_err_fp32 is None else f"{100 * r.rel_err_fp32:.2f}%",
              _fmt(r.psnr_db), _fmt(r.lossless), _fmt(r.peak_mem_gb, 2),
              _status(r) + (f" ({r.note})" if r.status == "ok" and r.note else "")] for r in report.ladder]
-    return "\n".join([*header_lines(report.env, report.conditions), *_render(columns, rows)])
+    return "\n".join([*header_lines(report.env, report.conditions), *_render(columns, rows), *_warning_lines(report)])
 
 
 def activation_lines(report: BenchReport) -> list[str]:
@@ -151,6 +188,14 @@ def activation_lines(report: BenchReport) -> list[str]:
 
 
 # -- chart --------------------------------------------------------------------------------------------------
+def chart_title(report: BenchReport) -> str:
+    """What was measured, on what: the model, that its weights are random, the device and torch."""
+    model = report.config.get("model", report.conditions.get("model", "?"))
+    weights = report.conditions.get("weights", "random")
+    return (f"Step1X-Edit ablation ladder: model '{model}' ({weights} weights)\n"
+            f"{report.env['device']}, torch {report.env['torch']}")
+
+
 def plot_ladder(report: BenchReport, path: Path) -> str:
     """A PNG bar chart of ms/step per ladder row and size; returns a message (the chart is skipped without
     matplotlib, a dev dependency)."""
@@ -170,17 +215,29 @@ def plot_ladder(report: BenchReport, path: Path) -> str:
     width = 0.8 / len(sizes)
     for j, size in enumerate(sizes):
         xs = [i + (j - (len(sizes) - 1) / 2) * width for i in range(len(rows))]
-        values = [(by_key.get((row, size)) and by_key[(row, size)].median_ms) or 0.0 for row in rows]
-        bars = ax.bar(xs, values, width, label=f"{size}²")
+        cells = [by_key.get((row, size)) for row in rows]
+        values = [(r and r.median_ms) or 0.0 for r in cells]
+        # p10..p90 as the error bar: a reader sees at once which bars are steady and which are noise
+        below = [max(0.0, v - r.p10_ms) if r and r.p10_ms is not None and v else 0.0 for r, v in zip(cells, values,
+                                                                                                       strict=True)]
+        above = [max(0.0, r.p90_ms - v) if r and r.p90_ms is not None and v else 0.0 for r, v in zip(cells, values,
+                                                                                                      strict=True)]
+        bars = ax.bar(xs, values, width, label=f"{size}²", yerr=[below, above], capsize=3,
+                      error_kw={"elinewidth": 0.8})
         for bar, row in zip(bars, rows, strict=True):
             r = by_key.get((row, size))
             label = (f"{r.speedup:.2f}x" if r and r.speedup else "") if r and r.status == "ok" else \
                 (r.status if r else "")
+            if r and too_wide(r.median_ms, r.p10_ms, r.p90_ms):
+                label += " (noisy)"
             ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                         fontsize=7, rotation=90 if r and r.status != "ok" else 0)
     ax.set_xticks(range(len(rows)), rows, rotation=15, fontsize=8)
-    ax.set_ylabel("ms per DiT step (batch 2, CFG)")
-    ax.set_title(f"Step1X-Edit ablation ladder: {report.env['device']}\ntorch {report.env['torch']}", fontsize=9)
+    ax.set_ylabel("ms per DiT step (batch 2, CFG); bars p10..p90")
+    ax.set_title(chart_title(report), fontsize=9)
+    if any(w for w in timing_warnings(report)):
+        ax.text(0.01, 0.98, "WARNING: noisy or inconsistent timings (see the table)", transform=ax.transAxes,
+                va="top", fontsize=7, color="red")
     ax.legend(fontsize=8)
     fig.tight_layout()
     try:

@@ -23,13 +23,14 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..files import atomic_path
+from ..folders import SHA256, UntrustedFileError, check_schema, parse_json
 from .formats import QuantFormat
 
 FORMAT_VERSION = 1
 METADATA_KEY = "step1x_export.quant"
 
 
-class ArtifactError(ValueError):
+class ArtifactError(UntrustedFileError):
     """A quantization artifact is missing, malformed, or of another format version."""
 
 
@@ -108,39 +109,98 @@ def save_artifact(artifact: QuantArtifact, path: str | Path) -> Path:
     return path
 
 
+_COUNT = {"type": "integer", "minimum": 1, "maximum": 1 << 20}
+_PATTERNS = {"type": "array", "maxItems": 1024, "items": {"type": "string", "maxLength": 1000}}
+# Known keys are typed strictly; others are allowed so later writers can add information within a version.
+ARTIFACT_SCHEMA = {
+    "type": "object",
+    "required": ["format_version", "recipe", "format", "alpha", "weight_granularity", "model_hash", "model_dtype",
+                 "include", "exclude", "layers", "calibration"],
+    "properties": {
+        "format_version": {"const": FORMAT_VERSION},
+        "recipe": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,31}$"},
+        "format": {"enum": [f.value for f in QuantFormat]},
+        "alpha": {"anyOf": [{"type": "null"}, {"type": "number", "minimum": 0, "maximum": 1}]},
+        "weight_granularity": {"enum": ["per_channel", "per_tensor"]},
+        "model_hash": SHA256,
+        "model_dtype": {"enum": ["float32", "bfloat16", "float16"]},
+        "include": _PATTERNS,
+        "exclude": _PATTERNS,
+        "layers": {"type": "object", "minProperties": 1, "maxProperties": 100_000,
+                   "propertyNames": {"type": "string", "maxLength": 500},
+                   "additionalProperties": {
+                       "type": "object", "required": ["in_features", "out_features"], "additionalProperties": False,
+                       "properties": {"in_features": _COUNT, "out_features": _COUNT}}},
+        "calibration": {"type": "object"},
+    },
+}
+_TENSOR_KINDS = ("input_scale", "weight_scale", "smooth", "weight_probe")
+
+
 def load_artifact(path: str | Path) -> QuantArtifact:
-    """Read an artifact written by `save_artifact`; errors name the file and what is wrong."""
+    """Read an artifact written by `save_artifact`: untrusted input, checked before use.
+
+    The safetensors container checks its own header and lengths; the metadata is checked against
+    `ARTIFACT_SCHEMA`; every tensor must belong to a listed layer, have its layer's shape, be float32,
+    finite, and (scales, smoothing factors) positive. Errors name the file and what is wrong.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ArtifactError(f"quantization artifact {path} is a directory, not a .safetensors file")
     if not path.is_file():
         raise FileNotFoundError(f"quantization artifact {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(METADATA_KEY)
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except (SafetensorError, OSError) as e:
+    except (SafetensorError, OSError, RuntimeError) as e:
         raise ArtifactError(f"{path} is not a safetensors file: {e}") from e
     if raw is None:
         raise ArtifactError(f"{path} has no '{METADATA_KEY}' metadata: not a step1x-export quantization artifact")
-    meta = json.loads(raw)
-    version = meta.get("format_version")
+    meta = parse_json(raw, f"{path} metadata", error=ArtifactError)
+    version = meta.get("format_version") if isinstance(meta, dict) else None
     if version != FORMAT_VERSION:
         raise ArtifactError(f"{path}: artifact format version {version}, this step1x-export reads {FORMAT_VERSION}")
-    layers = {}
-    for name, dims in meta["layers"].items():
-        try:
-            layers[name] = LayerScales(
-                in_features=dims["in_features"], out_features=dims["out_features"],
-                input_scale=tensors[f"{name}.input_scale"], weight_scale=tensors[f"{name}.weight_scale"],
-                smooth=tensors.get(f"{name}.smooth"), weight_probe=tensors.get(f"{name}.weight_probe"),
-            )
-        except KeyError as e:
-            raise ArtifactError(f"{path}: layer {name} lacks tensor {e}") from None
+    check_schema(meta, ARTIFACT_SCHEMA, f"{path} metadata", error=ArtifactError)
+    check_tensors(path, meta["layers"], tensors)
+    layers = {
+        name: LayerScales(
+            in_features=dims["in_features"], out_features=dims["out_features"],
+            input_scale=tensors[f"{name}.input_scale"], weight_scale=tensors[f"{name}.weight_scale"],
+            smooth=tensors.get(f"{name}.smooth"), weight_probe=tensors.get(f"{name}.weight_probe"),
+        )
+        for name, dims in meta["layers"].items()
+    }
     return QuantArtifact(
         recipe=meta["recipe"], fmt=QuantFormat(meta["format"]), model_hash=meta["model_hash"],
         model_dtype=meta["model_dtype"], layers=layers, include=tuple(meta["include"]),
         exclude=tuple(meta["exclude"]), alpha=meta["alpha"], weight_granularity=meta["weight_granularity"],
         calibration=meta["calibration"], format_version=version,
     )
+
+
+def check_tensors(path: Path, layers: dict[str, dict], tensors: dict[str, Tensor]) -> None:
+    """Each tensor belongs to a listed layer and has its shape; scales are finite and positive."""
+    for key in tensors:
+        layer, _, kind = key.rpartition(".")
+        if layer not in layers or kind not in _TENSOR_KINDS:
+            raise ArtifactError(f"{path}: tensor {key} belongs to no layer listed in the metadata")
+    for name, dims in layers.items():
+        n, k = dims["out_features"], dims["in_features"]
+        shapes = {"input_scale": [()], "weight_scale": [(n,), (1,)], "smooth": [(k,)], "weight_probe": [(PROBE_SIZE,)]}
+        for kind, allowed in shapes.items():
+            t = tensors.get(f"{name}.{kind}")
+            if t is None:
+                if kind in ("input_scale", "weight_scale"):
+                    raise ArtifactError(f"{path}: layer {name} lacks tensor {name}.{kind}")
+                continue
+            if t.dtype != torch.float32 or tuple(t.shape) not in allowed:
+                raise ArtifactError(f"{path}: {name}.{kind} is {t.dtype} {list(t.shape)}; expected float32 of "
+                                    f"shape {' or '.join(str(list(a)) for a in allowed)}")
+            if not bool(torch.isfinite(t).all()):
+                raise ArtifactError(f"{path}: {name}.{kind} holds NaN or infinity")
+            if kind != "weight_probe" and not bool((t > 0).all()):
+                raise ArtifactError(f"{path}: {name}.{kind} holds a zero or negative value; scales must be > 0")
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -7,11 +7,12 @@ import click
 from .bench import bench
 from .build import build
 from .calibrate import calibrate
+from .common import Step1XGroup
 from .edit import demo, edit
 from .export import export
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=Step1XGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="step1x-export")
 def main() -> None:
     """Step1X-Edit, fast: reference model, ONNX export, INT8/FP8 calibration, runtime and benchmarks.

@@ -13,7 +13,7 @@ from ..bench.report import activation_lines, ladder_table, stages_table, write_a
 from ..bench.run import BenchConfig, run_benchmark
 from ..bench.stages import STAGES
 from ..step1x_ref.configs import CONFIGS
-from .common import default_device, user_errors
+from .common import DEVICE, SEED, FiniteFloat, check_output_path, default_device, user_errors
 from .runtime_options import RuntimeArgs, runtime_options
 
 
@@ -45,7 +45,7 @@ def _work_items(cfg: BenchConfig) -> int:
 @click.command()
 @click.option("--model", "model_name", type=click.Choice(list(CONFIGS)), default="tiny", show_default=True,
               help="Config to build with RANDOM weights (v1.0/v1.1 are full size: 12 B DiT + 8 B MLLM, GPU only).")
-@click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
+@click.option("--device", type=DEVICE, default=None, help="torch device [default: cuda if available, else cpu].")
 @click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
               help="DiT/MLLM dtype of the stage timings and of the ladder's reference row (the VAE runs in fp32).")
 @click.option("--sizes", callback=_int_list, default="64,96", show_default=True,
@@ -71,12 +71,12 @@ def _work_items(cfg: BenchConfig) -> int:
 @click.option("--compile-cpu", is_flag=True, help="Also run the compile row on CPU (inductor builds C++: minutes).")
 @click.option("--no-fp32-reference", "no_fp32_reference", is_flag=True,
               help="Skip the fp32 run of the same weights (no rel. error column; saves memory on small cards).")
-@click.option("--budget-s", type=float, default=None,
+@click.option("--budget-s", type=FiniteFloat(0.0, 1e7), default=None,
               help="Skip the remaining ladder rows once this many seconds have passed (reported as skipped).")
 @click.option("--out-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("bench_out"),
               show_default=True, help="Folder for bench.json, bench_stages.csv, bench_ladder.csv, bench_ladder.png "
               "(created; files written atomically).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Weight and noise seed.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Weight and noise seed.")
 @runtime_options(source=False, only=("compile_mode", "graph_cache"))
 @user_errors
 def bench(runtime: RuntimeArgs, model_name: str, device: str | None, precision: str, sizes: tuple[int, ...],
@@ -99,6 +99,8 @@ def bench(runtime: RuntimeArgs, model_name: str, device: str | None, precision: 
         graph_cache=runtime.graph_cache,
         compile_on_cpu=compile_cpu, fp32_reference=not no_fp32_reference, budget_s=budget_s, seed=seed,
     )
+    out_dir.mkdir(parents=True, exist_ok=True)  # the report's folder, made and checked before the long run
+    check_output_path(out_dir / "bench.json")
     if CONFIGS[model_name].tiny_qwen is None and cfg.device == "cpu":
         raise click.UsageError(f"--model {model_name} is full size (12 B + 8 B parameters): run it on a GPU")
     with tqdm(total=_work_items(cfg), desc="bench", unit="row", leave=False) as bar:

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..precision import Precision
-from .common import user_errors
+from .common import FiniteFloat, user_errors
 
 COMPONENTS = ("dit", "vae_encoder", "vae_decoder")
 
@@ -26,7 +26,7 @@ COMPONENTS = ("dit", "vae_encoder", "vae_decoder")
 @click.option("--strongly-typed/--weakly-typed", default=True, show_default=True,
               help="Strongly typed: every tensor keeps the ONNX graph's type (required for FP8/INT8 Q/DQ graphs). "
                    "Weakly typed: TensorRT may pick kernels in the graph's precision (bf16/fp16 flag).")
-@click.option("--workspace-gib", type=click.FloatRange(min=0.1), default=None,
+@click.option("--workspace-gib", type=FiniteFloat(0.1, 1e4), default=None,
               help="Cap TensorRT's scratch memory [default: TensorRT's own].")
 @user_errors
 def build(onnx_dir: Path, out_dir: Path, components: str, opt_level: int, timing_cache: Path | None,

@@ -15,7 +15,7 @@ from ..calibrate.evaluate import evaluate, format_table, summarize
 from ..calibrate.recipes import DEFAULT_EXCLUDE, RECIPES, build_artifact
 from ..specs import profile_for
 from ..step1x_ref.pipeline import Step1XEditPipeline
-from .common import DTYPES, check_output_path, default_device, user_errors
+from .common import CFG, DEVICE, DTYPES, SEED, FiniteFloat, check_output_path, default_device, user_errors
 
 
 @click.command()
@@ -27,7 +27,7 @@ from .common import DTYPES, check_output_path, default_device, user_errors
               help="Model version of the checkpoint in --model-dir.")
 @click.option("--recipe", required=True, type=click.Choice(list(RECIPES)),
               help="fp8: FP8 E4M3 W8A8 (static per-tensor activation scale); int8-sq: INT8 SmoothQuant W8A8.")
-@click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+@click.option("--alpha", type=FiniteFloat(0.0, 1.0), default=0.5, show_default=True,
               help="SmoothQuant migration strength (int8-sq only).")
 @click.option("--weight-scale", "weight_granularity", type=click.Choice(["per-channel", "per-tensor"]),
               default="per-channel", show_default=True, help="Weight scale granularity.")
@@ -38,8 +38,8 @@ from .common import DTYPES, check_output_path, default_device, user_errors
 @click.option("--size-level", type=click.IntRange(16, 4096), default=None,
               help="Edit resolution of the calibration runs (use the one you deploy at) [default: 1024 for the real "
                    "model, 256 for the tiny ones].")
-@click.option("--cfg", type=float, default=6.0, show_default=True, help="True-CFG guidance scale.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed of the first pair (pair i: seed+i).")
+@click.option("--cfg", type=CFG, default=6.0, show_default=True, help="True-CFG guidance scale.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Noise seed of the first pair (pair i: seed+i).")
 @click.option("--include", multiple=True, default=("*",), show_default=True,
               help="Layers to quantize: fnmatch pattern over module names ('re:' prefix: regex); repeatable.")
 @click.option("--exclude", multiple=True, default=DEFAULT_EXCLUDE, show_default=True,
@@ -50,7 +50,7 @@ from .common import DTYPES, check_output_path, default_device, user_errors
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
               help="Model dtype during calibration [default: bf16 for --model-dir, fp32 for --model]; the "
                    "artifact only applies to a model loaded in this same dtype (its hash is recorded).")
-@click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
+@click.option("--device", type=DEVICE, default=None, help="torch device [default: cuda if available, else cpu].")
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
               help="Artifact file (.safetensors: scales + JSON metadata); its folder must exist; written atomically.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")

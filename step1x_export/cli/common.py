@@ -1,4 +1,4 @@
-"""Shared CLI pieces: atomic output, progress bars, error translation."""
+"""Shared CLI pieces: checked option types, atomic output, progress bars, error translation, Ctrl-C."""
 
 from __future__ import annotations
 
@@ -16,14 +16,72 @@ from tqdm import tqdm
 
 from ..files import atomic_path
 from ..runtime.trt_manifest import EngineMismatchError
+from ..validate import CFG_RANGE, SEED_RANGE, InputError, check_device, check_float, check_output_file
 
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP"}
 # Every package error below is a ValueError (CheckpointError, ImageInputError, ExportError, ArtifactError,
-# ProfileError); EngineMismatchError (a TensorRT engine built for another GPU/version) is a RuntimeError.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, EngineMismatchError)
+# ProfileError, InputError, NonFiniteError); EngineMismatchError (a TensorRT engine built for another
+# GPU/version) is a RuntimeError.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,
+               EngineMismatchError)
 # Modules of the optional extras (pyproject.toml): a command that needs one says which extra to install.
 OPTIONAL_MODULES = {"onnx": "export", "onnxscript": "export", "onnxruntime": "ort", "tensorrt": "tensorrt",
                     "matplotlib": "dev"}
+INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
+
+
+class Step1XGroup(click.Group):
+    """The command group: Ctrl-C ends any command with exit code 130 and one line (atomic writes and the
+    export's temp files are removed on the way out, so nothing half-written is left)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("interrupted: stopped before finishing; no partial output was written", err=True)
+            ctx.exit(INTERRUPTED)
+
+
+class FiniteFloat(click.ParamType):
+    """A float option that must be finite and within [lo, hi] (click's FloatRange lets NaN through)."""
+
+    name = "float"
+
+    def __init__(self, lo: float, hi: float):
+        self.lo, self.hi = lo, hi
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            raw = value
+        else:
+            try:
+                raw = float(value)
+            except (TypeError, ValueError):
+                self.fail(f"{value!r} is not a number", param, ctx)
+        try:
+            return check_float("value", raw, self.lo, self.hi)
+        except InputError as err:
+            self.fail(str(err).removeprefix("value "), param, ctx)
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return f"FLOAT {self.lo:g}..{self.hi:g}"
+
+
+class DeviceType(click.ParamType):
+    """A torch device this machine has (`cpu`, `cuda`, `cuda:N`): checked before any model work."""
+
+    name = "device"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            return str(check_device(value))
+        except InputError as err:
+            self.fail(str(err), param, ctx)
+
+
+CFG = FiniteFloat(*CFG_RANGE)
+SEED = click.IntRange(*SEED_RANGE)
+DEVICE = DeviceType()
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -49,11 +107,8 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def check_output_path(path: Path, *, suffixes: dict[str, str] | None = None) -> None:
-    """Fail before any work if the output cannot be written where asked."""
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output folder {path.parent} does not exist")
-    if suffixes is not None and path.suffix.lower() not in suffixes:
-        raise ValueError(f"output {path}: unknown image type {path.suffix!r}; use one of {', '.join(suffixes)}")
+    """Fail before any work if the output cannot be written where asked (folder missing, a directory, ...)."""
+    check_output_file(path, suffixes=tuple(suffixes) if suffixes is not None else None)
 
 
 def save_image(image: Image.Image, path: Path) -> None:

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import click
 
-from ..specs import profile_for
 from ..step1x_ref.configs import CONFIGS
 from ..step1x_ref.imaging import load_image
 from ..step1x_ref.pipeline import Step1XEditPipeline
-from .common import IMAGE_SUFFIXES, check_output_path, save_image, step_progress, user_errors
+from .common import CFG, IMAGE_SUFFIXES, SEED, check_output_path, save_image, step_progress, user_errors
 from .runtime_options import RuntimeArgs, runtime_options
 
 DEMO_INSTRUCTION = "Make the sky behind the astronaut a deep purple"
@@ -22,9 +21,9 @@ DEMO_INSTRUCTION = "Make the sky behind the astronaut a deep purple"
 @click.option("--prompt", required=True, help='Edit instruction; may be "" (allowed upstream).')
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
               help=f"Output image ({', '.join(IMAGE_SUFFIXES)}); its folder must exist; written atomically.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Noise seed.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=28, show_default=True, help="Denoising steps.")
-@click.option("--cfg", type=float, default=6.0, show_default=True, help="True-CFG guidance scale.")
+@click.option("--cfg", type=CFG, default=6.0, show_default=True, help="True-CFG guidance scale (0 = unguided).")
 @click.option("--size-level", type=click.IntRange(16, 4096), default=None,
               help="Edit resolution: area ~ size_level^2, aspect kept; the output is resized back to the input's size "
                    "[default: 1024 for the real model (upstream's), 256 for the tiny ones (their largest profile)].")
@@ -41,7 +40,6 @@ def edit(
     image = load_image(image_path)
     rt = runtime.load()
     with rt, step_progress(enabled=not quiet) as progress:
-        size_level = size_level or profile_for(rt.config).max_level
         result = rt.edit(image, prompt, seed=seed, steps=steps, cfg=cfg, size_level=size_level,
                          negative_prompt=negative_prompt, progress=progress)
     save_image(result, out_path)
@@ -62,7 +60,7 @@ def edit(
               default="tiny", show_default=True, help="Which tiny config.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=28, show_default=True, help="Denoising steps.")
 @click.option("--size-level", type=click.IntRange(16, 1024), default=256, show_default=True, help="Edit resolution.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Noise and weight seed.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Noise and weight seed.")
 @user_errors
 def demo(out_path: Path, prompt: str, model_name: str, steps: int, size_level: int, seed: int) -> None:
     """Run a whole edit on an embedded default: the tiny model, CPU, scikit-image's astronaut photo.

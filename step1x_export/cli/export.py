@@ -8,7 +8,7 @@ import click
 
 from ..precision import Precision
 from ..specs import COMPONENTS
-from .common import DTYPES, user_errors
+from .common import DTYPES, SEED, user_errors
 
 GRAPH_PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -18,7 +18,7 @@ GRAPH_PRECISIONS = ("fp32", "fp16", "bf16")
               "safetensors, vae.safetensors, Qwen2.5-VL-7B-Instruct/), as for `edit`.")
 @click.option("--model", "model_name", type=click.Choice(["tiny", "tiny-v1.0"]),
               help="Export a tiny random-weight model instead of --model-dir (testing).")
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Export folder: {component}.onnx (+ .onnx.data above 2 GB), qwen/ (config, processor), "
                    "manifest.json written last. Refused if not empty, unless --force.")
 @click.option("--components", default=",".join(COMPONENTS), show_default=True,
@@ -30,7 +30,7 @@ GRAPH_PRECISIONS = ("fp32", "fp16", "bf16")
               help="Model version of the checkpoint in --model-dir.")
 @click.option("--opset", type=click.IntRange(18, 23), default=20, show_default=True,
               help="ONNX opset (TensorRT 10 parses up to 20; Q/DQ for fp8 needs >= 19).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Weight seed of --model tiny.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Weight seed of --model tiny.")
 @click.option("--quant", "quant_path", type=click.Path(path_type=Path, dir_okay=False),
               help="Calibration artifact (`step1x-export calibrate`): its DiT layers become explicit "
                    "QuantizeLinear/DequantizeLinear pairs in dit.onnx (FP8 E4M3 or INT8). The artifact must come "

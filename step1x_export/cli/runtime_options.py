@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..runtime.options import BACKENDS, DEFAULT_GRAPH_CACHE, RuntimeOptions
-from .common import DTYPES
+from .common import DEVICE, DTYPES
 
 if TYPE_CHECKING:
     from ..runtime.runtime import Step1XEditRuntime
@@ -121,7 +121,8 @@ def _source_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]
 
 def _execution_options() -> dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]]:
     return {
-        "device": click.option("--device", default=None, help="torch device [default: cuda if available, else cpu]."),
+        "device": click.option("--device", type=DEVICE, default=None,
+                               help="torch device: cpu, cuda, cuda:N [default: cuda if available, else cpu]."),
         "cuda_graphs": click.option(
             "--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
             help="Capture the whole denoising step once per edit size and replay it (torch and tensorrt backends on "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import shutil
 import time
 import uuid
 from collections.abc import Sequence
@@ -17,14 +18,13 @@ from ..specs import COMPONENTS, component_specs, dim_ranges
 from ..step1x_ref.configs import ModelConfig
 from ..step1x_ref.pipeline import Step1XEditPipeline
 from .components import build_units
-from .manifest import MANIFEST, META_COMPONENT, META_EXPORT_ID, ComponentEntry, Manifest
+from .manifest import MANIFEST, META_COMPONENT, META_EXPORT_ID, QWEN_DIR, ComponentEntry, Manifest
 from .onnx_io import DEFAULT_OPSET, EXPORTER, EXTERNAL_DATA_THRESHOLD, export_graph, save_graph
 
 if TYPE_CHECKING:
     from ..calibrate.artifact import QuantArtifact
 
 GRAPH_PRECISIONS = (Precision.FP32, Precision.FP16, Precision.BF16)  # fp8/int8: calibration inserts Q/DQ later
-QWEN_DIR = "qwen"  # the Qwen config + processor, so a runtime needs nothing but the export folder
 
 
 def _versions() -> dict[str, str]:
@@ -107,10 +107,10 @@ def export_components(
             path=files[0],
         )
         del units[name]  # free the precision copy before the next graph
-    if {"vision", "llm"} & set(names):
-        save_qwen_files(pipeline, out_dir / QWEN_DIR)
+    shared = save_qwen_files(pipeline, out_dir) if {"vision", "llm"} & set(names) else {}
     manifest = Manifest(export_id=export_id, config=config.name, version=config.version, opset=opset,
-                        exporter=EXPORTER, libraries=_versions(), components=entries, directory=out_dir)
+                        exporter=EXPORTER, libraries=_versions(), components=entries, directory=out_dir,
+                        shared_files=shared)
     manifest.write(out_dir)
     return manifest
 
@@ -126,8 +126,13 @@ def _insert_qdq(files: list[Path], quant: QuantArtifact, external_data_threshold
     return new_files, Precision.FP8 if quant.recipe == "fp8" else Precision.INT8
 
 
-def save_qwen_files(pipeline: Step1XEditPipeline, directory: Path) -> None:
-    """The Qwen2.5-VL config and processor (tokenizer, chat template, image processor) the runtime needs."""
-    directory.mkdir(exist_ok=True)
+def save_qwen_files(pipeline: Step1XEditPipeline, out_dir: Path) -> dict[str, str]:
+    """The Qwen2.5-VL config and processor (tokenizer, chat template, image processor) the runtime needs,
+    under `qwen/`; returns {path relative to out_dir: sha256} of every file written, for the manifest."""
+    directory = out_dir / QWEN_DIR
+    if directory.exists():  # a re-export (--force) must not leave files of the old processor behind
+        shutil.rmtree(directory)
+    directory.mkdir()
     pipeline.embedder.model.config.save_pretrained(directory)
     pipeline.embedder.processor.save_pretrained(directory)
+    return {p.relative_to(out_dir).as_posix(): file_sha256(p) for p in sorted(directory.rglob("*")) if p.is_file()}

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -179,15 +180,20 @@ def graph_bytes(model: onnx.ModelProto) -> int:
 
 
 def save_graph(model: onnx.ModelProto, path: Path, *, external_data_threshold: int) -> list[Path]:
-    """Write `path` (and `path.data` when the weights reach the threshold), each via a temp name + rename."""
+    """Write `path` (and `path.data` when the weights reach the threshold), each via a temp name + rename;
+    an error or Ctrl-C part way leaves no temporary file behind."""
     external = graph_bytes(model) >= external_data_threshold
     tmp = path.with_name(f".{path.name}.tmp")
     data_name = f"{path.name}.data"
     tmp_data = path.with_name(f".{data_name}.tmp")
-    if external:
+    tmp_dir = path.with_name(f".{path.name}.parts")
+    try:
+        if not external:
+            onnx.save_model(model, tmp)
+            os.replace(tmp, path)
+            return [path]
         # onnx writes the data file under the name recorded in the graph: record the final name, write
         # the temp graph into a sibling temp folder, then move both.
-        tmp_dir = path.with_name(f".{path.name}.parts")
         tmp_dir.mkdir(exist_ok=True)
         onnx.save_model(
             model, tmp_dir / path.name, save_as_external_data=True, all_tensors_to_one_file=True,
@@ -195,10 +201,10 @@ def save_graph(model: onnx.ModelProto, path: Path, *, external_data_threshold: i
         )
         os.replace(tmp_dir / data_name, tmp_data)
         os.replace(tmp_dir / path.name, tmp)
-        tmp_dir.rmdir()
         os.replace(tmp_data, path.with_name(data_name))
         os.replace(tmp, path)
         return [path, path.with_name(data_name)]
-    onnx.save_model(model, tmp)
-    os.replace(tmp, path)
-    return [path]
+    finally:
+        for leftover in (tmp, tmp_data):
+            leftover.unlink(missing_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)

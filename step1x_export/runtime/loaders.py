@@ -12,7 +12,7 @@ from ..specs import component_specs, dit_spec, vae_decoder_spec, vae_encoder_spe
 from ..step1x_ref.autoencoder import AutoEncoder, VAEDecoder, VAEEncoder
 from ..step1x_ref.conditioner import Qwen25VLEmbedder
 from ..step1x_ref.configs import CONFIGS, ModelConfig, get_config
-from ..step1x_ref.loading import ModelFiles, load_into
+from ..step1x_ref.loading import ModelFiles, check_qwen_dir, load_into
 from ..step1x_ref.model import Step1XEdit
 from ..step1x_ref.pipeline import Step1XEditPipeline
 from .buffers import BufferPool, Shape, select_profile
@@ -89,6 +89,7 @@ def mllm_loader(config: ModelConfig, mllm: str | Path | None, device: torch.devi
     if mllm is None:
         raise ValueError(f"the engines are for {config.name}: pass the Qwen2.5-VL-7B-Instruct directory as mllm "
                          "(the MLLM runs in torch)")
+    check_qwen_dir(Path(mllm))  # now, not when the stage is first loaded
     return (lambda: TorchEncoder(Qwen25VLEmbedder.from_pretrained(Path(mllm), config.embedder, dtype, device)),
             f"MLLM: torch, from {mllm}")
 
@@ -137,7 +138,8 @@ def _tensorrt_loaders(source: Path, device: torch.device, dtype: torch.dtype, *,
     from .trt_manifest import EngineManifest, current_platform
 
     manifest = EngineManifest.read(source)
-    manifest.check_platform(current_platform())  # refuse before any engine is deserialised
+    manifest.verify_files(source)  # checksums and platform: both refused before any engine is deserialised
+    manifest.check_platform(current_platform())
     config = get_config(manifest.config)
     _check_components(source, manifest.components)
     specs = component_specs(config)

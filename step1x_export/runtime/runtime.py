@@ -23,11 +23,12 @@ import torch
 from PIL import Image
 
 from ..precision import Precision
-from ..specs import ComponentSpec, dit_spec, shape_bucket, vae_decoder_spec, vae_encoder_spec
+from ..specs import ComponentSpec, dit_spec, profile_for, shape_bucket, vae_decoder_spec, vae_encoder_spec
 from ..step1x_ref.configs import ModelConfig
 from ..step1x_ref.pipeline import Step1XEditPipeline, postprocess, prepare_image, sampling_inputs
 from ..step1x_ref.sampling import ProgressFn, UpdateFn, denoise, guided_euler, pack, unpack
 from ..timing import StageTimer
+from ..validate import SEED_RANGE, InputError, check_device, check_edit_numbers, check_finite, check_int
 from .buffers import Shape, edit_dims
 from .compile import CompileBackend, compile_blocks
 from .cudagraph import CudaGraphed, GraphCounts
@@ -112,7 +113,8 @@ class Step1XEditRuntime:
         on CUDA only, True on any device (CPU included), False never; `graph_cache` bounds the CUDA graphs
         kept (one per edit size, least recently used evicted); `shape_buckets` snaps each edit to the nearest
         of `specs.BUCKET_ASPECTS` (the output is still the input's size)."""
-        device = torch.device(device) if device is not None else default_device()
+        device = check_device(device) if device is not None else default_device()
+        check_int("seed", seed, *SEED_RANGE)
         if dtype is None:  # bf16 on a GPU as upstream; fp32 on CPU (and for tiny models, the test reference)
             tiny = str(source) in TINY or str(mllm) in TINY  # a config name, never a guess from a path
             dtype = torch.bfloat16 if device.type == "cuda" and not tiny else torch.float32
@@ -148,11 +150,21 @@ class Step1XEditRuntime:
         seed: int = 0,
         steps: int = 28,
         cfg: float = 6.0,
-        size_level: int = 1024,
+        size_level: int | None = None,
         negative_prompt: str = "",
         progress: ProgressFn | None = None,
     ) -> Image.Image:
-        """Edit `image` as `instruction` says; an image of the input's size. Serialised per runtime."""
+        """Edit `image` as `instruction` says; an image of the input's size. Serialised per runtime.
+
+        `size_level` defaults to the model's: 1024 for the real model (upstream's), the largest its
+        profile covers for a tiny one. Numbers are checked first (InputError naming the argument), and a
+        stage that yields NaN or infinity raises NonFiniteError naming it: no picture is made of it.
+        """
+        size_level = self.default_size_level if size_level is None else size_level
+        check_edit_numbers(steps=steps, cfg=cfg, size_level=size_level, seed=seed)
+        for name, text in (("instruction", instruction), ("negative_prompt", negative_prompt)):
+            if not isinstance(text, str):
+                raise InputError(f"{name} must be a str, got {type(text).__name__}")
         with self._lock:
             if self.stages is None:
                 raise RuntimeError("Step1XEditRuntime is closed")
@@ -164,8 +176,10 @@ class Step1XEditRuntime:
                 self.check_shapes(img.width, img.height)  # before any model work
             with self._stage(timer, "encoder", "mllm") as encoder:
                 emb, mask = encoder([instruction, negative_prompt], img.mllm_image)
+                check_finite("the MLLM encoder (text embedding)", emb)
             with self._stage(timer, "vae_encoder", "vae_encode") as vae_encoder:
                 ref = pack(vae_encoder(image=img.resized.to(self.device) * 2 - 1)["latent"].float())
+                check_finite("the VAE encoder (reference latent)", ref)
             noise, pe, timesteps = sampling_inputs(
                 self.config, emb.shape[1], img.width, img.height, seed=seed, steps=steps
             )
@@ -176,9 +190,11 @@ class Step1XEditRuntime:
                 finally:
                     if self.stages.sequential:  # the DiT is freed after this block: its graphs (and memory) too
                         self._update = self._graphs = None
+                check_finite("denoising (final latent)", latent)
             self.last_latent = latent
             with self._stage(timer, "vae_decoder", "vae_decode") as vae_decoder:
                 pixels = vae_decoder(latent=unpack(latent.float(), img.height, img.width))["image"]
+                check_finite("the VAE decoder (image)", pixels)
             with timer.stage("postprocess"):
                 out = postprocess(pixels, img.orig_size)
             self.timings = timer.resolve()
@@ -234,6 +250,11 @@ class Step1XEditRuntime:
                 self.stages.load(name)
         with self.stages.use(name) as engine, timer.stage(label):
             yield engine
+
+    @property
+    def default_size_level(self) -> int:
+        """The edit resolution `edit` uses when none is given: the model's (1024 real, the profile's top tiny)."""
+        return profile_for(self.config).max_level
 
     def check_shapes(self, width: int, height: int) -> None:
         """Raise ProfileError (naming the component and its min/max) if an engine cannot run this size."""

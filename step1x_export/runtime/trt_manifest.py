@@ -2,6 +2,8 @@
 
 A serialized TensorRT engine only runs on the GPU architecture and TensorRT version that built it
 (and is tuned for that exact GPU model): `check_compatible` refuses any other, before deserialising.
+An engine folder is untrusted input (`folders`): `read` checks engines.json against a schema and keeps
+every engine file inside the folder; `verify_files` checks each engine's sha256 before TensorRT parses it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..files import write_text_atomic
+from ..folders import FILE_NAME, SHA256, UntrustedFileError, check_schema, member, read_json, verify_files
+from ..precision import Precision
+from ..specs import COMPONENTS, component_specs
+from ..step1x_ref.configs import CONFIGS
 from .buffers import ProfileShapes
 
 MANIFEST_NAME = "engines.json"
@@ -19,6 +25,40 @@ FORMAT_VERSION = 1
 
 class EngineMismatchError(RuntimeError):
     """An engine was built for another GPU or TensorRT version."""
+
+
+class EngineFolderError(UntrustedFileError):
+    """An engine folder's engines.json is malformed, or names a file outside, missing or changed."""
+
+
+_SHAPE = {"type": "array", "maxItems": 8, "items": {"type": "integer", "minimum": 0, "maximum": 1 << 24}}
+_PROFILE = {"type": "object", "maxProperties": 64,
+            "additionalProperties": {"type": "array", "minItems": 3, "maxItems": 3, "items": _SHAPE}}
+_RECORD = {
+    "type": "object", "additionalProperties": False,
+    "required": ["file", "sha256", "onnx_sha256", "precision", "strongly_typed", "opt_level", "profiles"],
+    "properties": {
+        "file": FILE_NAME, "sha256": SHA256, "onnx_sha256": SHA256,
+        "precision": {"enum": [p.value for p in Precision]},
+        "strongly_typed": {"type": "boolean"},
+        "opt_level": {"type": "integer", "minimum": 0, "maximum": 5},
+        "profiles": {"type": "array", "minItems": 1, "maxItems": 64, "items": _PROFILE},
+    },
+}
+_TEXT = {"type": "string", "maxLength": 200}
+ENGINES_SCHEMA = {
+    "type": "object", "additionalProperties": False,
+    "required": ["format_version", "config", "platform", "components"],
+    "properties": {
+        "format_version": {"const": FORMAT_VERSION},
+        "config": {"enum": sorted(CONFIGS)},
+        "platform": {"type": "object", "additionalProperties": False,
+                     "required": ["gpu_name", "compute_capability", "tensorrt_version"],
+                     "properties": {"gpu_name": _TEXT, "compute_capability": _TEXT, "tensorrt_version": _TEXT}},
+        "components": {"type": "object", "minProperties": 1, "propertyNames": {"enum": list(COMPONENTS)},
+                       "additionalProperties": _RECORD},
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -84,18 +124,41 @@ class EngineManifest:
 
     @classmethod
     def read(cls, engine_dir: Path) -> EngineManifest:
-        path = Path(engine_dir) / MANIFEST_NAME
-        if not path.is_file():
+        """engines.json, checked against `ENGINES_SCHEMA`, every engine file named inside the folder."""
+        engine_dir = Path(engine_dir)
+        if not engine_dir.is_dir() or not (engine_dir / MANIFEST_NAME).exists():
             raise FileNotFoundError(f"{engine_dir} has no {MANIFEST_NAME}: not a TensorRT engine dir "
                                     "(build one with `step1x-export build`)")
-        d = json.loads(path.read_text())
-        if d.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: format_version {d.get('format_version')}, this code reads {FORMAT_VERSION}")
+        path = member(engine_dir, MANIFEST_NAME, error=EngineFolderError)
+        d = read_json(path, error=EngineFolderError)
+        version = d.get("format_version") if isinstance(d, dict) else None
+        if version != FORMAT_VERSION:
+            raise EngineFolderError(f"{path}: format_version {version!r}, this code reads {FORMAT_VERSION}")
+        check_schema(d, ENGINES_SCHEMA, path, error=EngineFolderError)
+        specs = component_specs(CONFIGS[d["config"]])
+        for name, record in d["components"].items():
+            member(engine_dir, record["file"], error=EngineFolderError)
+            for profile in record["profiles"]:
+                if sorted(profile) != sorted(specs[name].input_names):
+                    raise EngineFolderError(f"{path}: component {name!r}: a profile covers {sorted(profile)}, "
+                                            f"the engine's inputs are {specs[name].input_names}")
+                for shapes in profile.values():
+                    ok = len(shapes[0]) == len(shapes[1]) == len(shapes[2]) and all(
+                        a <= b <= c for a, b, c in zip(*shapes, strict=True))
+                    if not ok:
+                        raise EngineFolderError(f"{path}: component {name!r}: profile shapes {shapes} are not "
+                                                "min <= opt <= max of one rank")
         return cls(
             config=d["config"],
             platform_=BuildPlatform(**d["platform"]),
             components={k: EngineRecord.from_json(dict(v)) for k, v in d["components"].items()},
         )
+
+    def verify_files(self, engine_dir: Path) -> None:
+        """Each engine file's sha256, before TensorRT deserialises any of them."""
+        verify_files(Path(engine_dir), {r.file: r.sha256 for r in self.components.values()},
+                     f"engine folder {engine_dir}", error=EngineFolderError, hint="; rebuild it with "
+                     "`step1x-export build`")
 
 
 def current_platform() -> BuildPlatform:

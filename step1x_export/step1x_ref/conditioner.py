@@ -13,6 +13,7 @@ Pipeline, one sample at a time:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from PIL import Image
 from torch import nn
 
 from step1x_export.step1x_ref.configs import EmbedderParams
+from step1x_export.step1x_ref.loading import CheckpointError, check_qwen_dir
 
 # The prompt-enhancer prefix: part of the model's contract, byte for byte. Upstream writes it as a
 # triple-quoted string whose lines 3 and 5 end with a "\n" escape before the real line break, so the
@@ -167,13 +169,28 @@ def build_mllm_inputs(processor, instruction: str, image: Image.Image, params: E
     vision_end = processor.tokenizer.convert_tokens_to_ids(VISION_END)
     cut_old = int((old_ids == vision_end).nonzero()[0, 0])
     cut_new = int((new_ids == vision_end).nonzero()[0, 0])
-    input_ids = torch.cat([old_ids[:cut_old], new_ids[cut_new:]]).unsqueeze(0)
+    input_ids = cut_to_kept(torch.cat([old_ids[:cut_old], new_ids[cut_new:]]).unsqueeze(0), params)
     return MLLMInputs(
         input_ids=input_ids,
         attention_mask=(input_ids > 0).long(),
         pixel_values=processed["pixel_values"],
         image_grid_thw=processed["image_grid_thw"],
     )
+
+
+def cut_to_kept(input_ids: torch.Tensor, params: EmbedderParams) -> torch.Tensor:
+    """Drop the tokens `select_tokens` would discard, before the LLM runs, and say so.
+
+    The LLM is causal, so the kept hidden states do not depend on the tokens after them: cutting the ids
+    is exact, and a 100k-character instruction costs no more than one that fits.
+    """
+    limit = params.drop_tokens + params.max_length
+    if input_ids.shape[1] <= limit:
+        return input_ids
+    warnings.warn(f"instruction too long: the model reads {params.max_length} tokens after its template (image "
+                  f"included) and this input has {input_ids.shape[1] - params.drop_tokens}; the last "
+                  f"{input_ids.shape[1] - limit} tokens of the instruction are ignored", stacklevel=3)
+    return input_ids[:, :limit]
 
 
 def select_tokens(last_hidden: torch.Tensor, params: EmbedderParams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,8 +226,7 @@ class Qwen25VLEmbedder(nn.Module):
         from transformers import Qwen2_5_VLForConditionalGeneration
 
         model_dir = Path(model_dir)
-        if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"not a Hugging Face Qwen2.5-VL directory (no config.json): {model_dir}")
+        check_qwen_dir(model_dir)
         try:
             from .qwen_processor import load_processor
 
@@ -219,7 +235,7 @@ class Qwen25VLEmbedder(nn.Module):
                 model_dir, dtype=dtype, attn_implementation="sdpa"
             )
         except (OSError, ValueError, KeyError) as err:
-            raise RuntimeError(f"cannot load Qwen2.5-VL from {model_dir}: {err}") from err
+            raise CheckpointError(f"cannot load Qwen2.5-VL from {model_dir}: {err}") from err
         return cls(model.to(device), processor, params)
 
     @classmethod

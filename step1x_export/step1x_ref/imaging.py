@@ -47,6 +47,8 @@ def check_size(image: Image.Image, source: str = "image") -> None:
 def load_image(path: str | Path) -> Image.Image:
     """Open, validate and convert an image file to RGB; errors name the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ImageInputError(f"input image {path} is a directory; give an image file")
     if not path.is_file():
         raise ImageInputError(f"input image {path} does not exist")
     try:

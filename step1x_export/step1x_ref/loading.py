@@ -20,6 +20,9 @@ DIT_FILES = {
 }
 VAE_FILE = "vae.safetensors"
 QWEN_DIR = "Qwen2.5-VL-7B-Instruct"
+# What a Hugging Face model folder holds its weights in (single file or sharded, safetensors or pickle).
+QWEN_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 class CheckpointError(ValueError):
@@ -36,6 +39,8 @@ class ModelFiles:
     def in_dir(cls, model_dir: str | Path, version: str) -> ModelFiles:
         """Find the files of `version` in `model_dir` (the layout the official download has)."""
         root = Path(model_dir)
+        if root.exists() and not root.is_dir():
+            raise CheckpointError(f"model directory {root} is a file, not a folder")
         if not root.is_dir():
             raise CheckpointError(f"model directory {root} does not exist")
         names = DIT_FILES.get(version)
@@ -47,9 +52,19 @@ class ModelFiles:
         vae, qwen = root / VAE_FILE, root / QWEN_DIR
         if not vae.is_file():
             raise CheckpointError(f"missing VAE checkpoint {vae}")
-        if not qwen.is_dir():
-            raise CheckpointError(f"missing Qwen2.5-VL directory {qwen}")
+        check_qwen_dir(qwen)
         return cls(dit=dit, vae=vae, qwen=qwen)
+
+
+def check_qwen_dir(qwen: Path) -> None:
+    """A Qwen2.5-VL folder must hold config.json and its weights: checked before anything is loaded."""
+    if not qwen.is_dir():
+        raise CheckpointError(f"missing Qwen2.5-VL directory {qwen}")
+    if not (qwen / "config.json").is_file():
+        raise CheckpointError(f"{qwen} is not a Hugging Face Qwen2.5-VL directory: no config.json")
+    if not any((qwen / name).is_file() for name in QWEN_WEIGHTS):
+        raise CheckpointError(f"{qwen} has config.json but no weights (expected one of {', '.join(QWEN_WEIGHTS)}); "
+                              "download the whole Qwen2.5-VL-7B-Instruct folder")
 
 
 def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

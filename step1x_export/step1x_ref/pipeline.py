@@ -13,7 +13,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from ..specs import profile_for
 from ..timing import StageTimer
+from ..validate import check_edit_numbers, check_finite
 from .autoencoder import AutoEncoder
 from .conditioner import Qwen25VLEmbedder
 from .configs import ModelConfig, get_config
@@ -193,8 +195,10 @@ class Step1XEditPipeline:
         )
 
     def decode(self, latent_tokens: torch.Tensor, inputs: EditInputs) -> Image.Image:
+        check_finite("denoising (final latent)", latent_tokens)
         with self.timer.stage("vae_decode"), torch.inference_mode():
             pixels = self.ae.decode(unpack(latent_tokens.float(), inputs.height, inputs.width))
+            check_finite("the VAE decoder (image)", pixels)
         with self.timer.stage("postprocess"):
             return postprocess(pixels, inputs.orig_size)
 
@@ -206,13 +210,18 @@ class Step1XEditPipeline:
         seed: int = 0,
         steps: int = 28,
         cfg: float = 6.0,
-        size_level: int = 1024,
+        size_level: int | None = None,
         negative_prompt: str = "",
         sample_posterior: bool = False,
         progress: ProgressFn | None = None,
     ) -> Image.Image:
-        """Edit `image` as `instruction` says; returns an image of the input's size (other engines run the
-        same loop through `runtime.Step1XEditRuntime`)."""
+        """Edit `image` as `instruction` says; returns an image of the input's size.
+
+        `size_level` defaults to the model's (1024 real, the profile's top for a tiny config). Other engines
+        run the same loop through `runtime.Step1XEditRuntime`.
+        """
+        size_level = profile_for(self.config).max_level if size_level is None else size_level
+        check_edit_numbers(steps=steps, cfg=cfg, size_level=size_level, seed=seed)
         self.timer = StageTimer(self.device)
         inputs = self.prepare(
             image, instruction, seed=seed, steps=steps, size_level=size_level,

@@ -1,0 +1,235 @@
+"""Every user mistake ends in one line, a non-zero exit, no traceback and no output file.
+
+One test per class of mistake: numbers (NaN, infinity, out of range), devices, the output path, the input
+image, the model folder, an over-long instruction, Ctrl-C, file modes, and a stage that yields NaN. The
+output path and the numbers are checked before any model work: these tests make loading a model fail
+loudly, so a check that came too late would show.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from step1x_export.cli import main
+from step1x_export.runtime import Step1XEditRuntime
+from step1x_export.step1x_ref.pipeline import Step1XEditPipeline
+from step1x_export.validate import InputError, NonFiniteError
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--model", "tiny", "--steps", "1", "--size-level", "32", "--quiet"]
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def no_model_work(monkeypatch):
+    """Loading any model is an error: the mistake must be caught before."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("model work started before the mistake was refused")
+
+    monkeypatch.setattr(Step1XEditRuntime, "load", refuse)
+
+
+@pytest.fixture
+def built_once(monkeypatch, tiny_pipe):
+    """`--model tiny` reuses the session's tiny pipeline (same seed, same weights) instead of building its own."""
+    original = Step1XEditPipeline.random
+
+    def cached(name: str = "tiny", *, seed: int = 0, dtype=torch.float32) -> Step1XEditPipeline:
+        same = (name, seed, dtype) == ("tiny", 0, torch.float32)
+        return tiny_pipe if same else original(name, seed=seed, dtype=dtype)
+
+    monkeypatch.setattr(Step1XEditPipeline, "random", staticmethod(cached))
+
+
+def run(args: list[str]):
+    return CliRunner().invoke(main, args)
+
+
+def assert_refused(result, *needles: str, code: int | None = None) -> None:
+    """Non-zero exit, the message named, one `Error:` line, no traceback."""
+    assert result.exit_code != 0, result.output
+    if code is not None:
+        assert result.exit_code == code, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)  # not an uncaught exception
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    for needle in needles:
+        assert needle in errors[0], (needle, result.output)
+
+
+def files_in(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("--cfg", "nan"), ("--cfg", "inf"), ("--cfg", "-1"), ("--cfg", "1e9"), ("--seed", str(2**70)),
+    ("--seed", "-1"), ("--steps", "0"), ("--size-level", "100000"),
+])
+def test_bad_numbers_are_refused_before_any_model_work(tmp_path, image, no_model_work, option, value):
+    before = files_in(tmp_path)
+    result = run(["edit", *FAST, "--image", str(image), "--prompt", "x", "--out", str(tmp_path / "o.png"),
+                  option, value])
+    assert_refused(result, option, code=2)
+    assert files_in(tmp_path) == before
+
+
+def test_bad_numbers_are_refused_by_the_api(tiny_pipe):
+    pipe = tiny_pipe
+    rt = Step1XEditRuntime.from_pipeline(pipe)
+    img = Image.new("RGB", (32, 32))
+    for kwargs, name in (({"cfg": math.nan}, "cfg"), ({"cfg": math.inf}, "cfg"), ({"seed": 2**70}, "seed"),
+                         ({"steps": 0}, "steps"), ({"steps": 2.5}, "steps"), ({"size_level": 8}, "size_level")):
+        with pytest.raises(InputError, match=rf"^{name} must"):
+            rt.edit(img, "x", **kwargs)
+        with pytest.raises(InputError, match=rf"^{name} must"):
+            pipe.edit(img, "x", **kwargs)
+    assert "mllm" not in rt.timer.resolve()  # refused before the first stage
+    rt.close()
+
+
+@pytest.mark.parametrize(("device", "needle"), [("tpu9", "not a torch device"), ("cuda:x", "not a torch device"),
+                                                ("meta", "not available")])
+def test_bad_devices_are_refused(tmp_path, image, no_model_work, device, needle):
+    result = run(["edit", *FAST, "--image", str(image), "--prompt", "x", "--out", str(tmp_path / "o.png"),
+                  "--device", device])
+    assert_refused(result, "--device", needle, code=2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_cuda_without_a_gpu_is_refused(tmp_path, image, no_model_work):
+    for command in (["edit", *FAST, "--image", str(image), "--prompt", "x", "--out", str(tmp_path / "o.png")],
+                    ["calibrate", "--model", "tiny", "--recipe", "fp8", "--out", str(tmp_path / "a.safetensors")],
+                    ["bench", "--out-dir", str(tmp_path / "b")]):
+        assert_refused(run([*command, "--device", "cuda"]), "--device", "no CUDA GPU", code=2)
+    assert files_in(tmp_path) == {"in.png"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_the_api_refuses_cuda_without_a_gpu():
+    with pytest.raises(InputError, match="no CUDA GPU"):
+        Step1XEditRuntime.load("tiny", device="cuda")
+
+
+def test_output_path_mistakes_are_refused_before_any_model_work(tmp_path, image, no_model_work):
+    (tmp_path / "taken.png").mkdir()
+    cases = [(tmp_path / "taken.png", "is a directory"), (tmp_path / "no" / "o.png", "does not exist"),
+             (tmp_path / "o.gif", "unknown file type")]
+    for out, needle in cases:
+        assert_refused(run(["edit", *FAST, "--image", str(image), "--prompt", "x", "--out", str(out)]), needle, code=1)
+    assert_refused(run(["calibrate", "--model", "tiny", "--recipe", "fp8", "--out", str(tmp_path / "taken.png")]),
+                   "is a directory", code=1)
+
+
+def test_input_mistakes_name_the_file(tmp_path, image, no_model_work):
+    out = tmp_path / "o.png"
+    result = run(["edit", *FAST, "--image", str(tmp_path), "--prompt", "x", "--out", str(out)])
+    assert_refused(result, "is a directory", code=1)
+    (tmp_path / "q").mkdir()
+    result = run(["edit", *FAST, "--image", str(image), "--prompt", "x", "--out", str(out), "--quant",
+                  str(tmp_path / "q")])
+    assert_refused(result, "--quant", code=2)
+
+
+def test_qwen_folder_without_weights_is_refused(tmp_path, image):
+    model = tmp_path / "model"
+    (model / "Qwen2.5-VL-7B-Instruct").mkdir(parents=True)
+    (model / "Qwen2.5-VL-7B-Instruct" / "config.json").write_text("{}")
+    for name in ("step1x-edit-v1p1-official.safetensors", "vae.safetensors"):
+        (model / name).write_bytes(b"")
+    out = tmp_path / "o.png"
+    result = run(["edit", "--model-dir", str(model), "--image", str(image), "--prompt", "x", "--out", str(out),
+                  "--quiet"])
+    assert_refused(result, "Qwen2.5-VL-7B-Instruct has config.json but no weights", code=1)
+    assert not out.exists()
+
+
+def test_long_instruction_is_cut_and_announced(tmp_path, image, built_once):
+    out = tmp_path / "o.png"
+    result = run(["edit", *FAST, "--image", str(image), "--prompt", "make it red " * 9000, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "warning: instruction too long" in result.output and "are ignored" in result.output
+    assert out.is_file()
+
+
+def test_ctrl_c_exits_130_and_leaves_nothing(tmp_path, image, monkeypatch, built_once):
+    """Interrupted while the image is being written: the half-written temporary file is removed."""
+    original = Image.Image.save
+
+    def interrupted_save(self, fp, *args, **kwargs):
+        original(self, fp, *args, **kwargs)  # the temporary file is complete on disk ...
+        raise KeyboardInterrupt  # ... and the rename never happens
+
+    monkeypatch.setattr(Image.Image, "save", interrupted_save)
+    before = files_in(tmp_path)
+    result = run(["edit", *FAST, "--image", str(image), "--prompt", "x", "--out", str(tmp_path / "o.png")])
+    assert result.exit_code == 130, result.output
+    assert "interrupted" in result.output and "Traceback" not in result.output
+    assert files_in(tmp_path) == before
+
+
+def test_sigint_exits_130_and_leaves_nothing(tmp_path, image):
+    """A real Ctrl-C (SIGINT) in the middle of the denoising loop of a real process."""
+    out = tmp_path / "o.png"
+    cmd = [sys.executable, "-m", "step1x_export.cli", "edit", "--model", "tiny", "--steps", "1000",
+           "--size-level", "32", "--image", str(image), "--prompt", "x", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    seen = b""
+    while b"denoising" not in seen and time.monotonic() < deadline:  # the progress bar is drawn: in the loop
+        seen += os.read(proc.stderr.fileno(), 4096)
+    assert b"denoising" in seen, seen
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (seen + err).decode()
+    assert b"Traceback" not in err and b"interrupted" in err
+    assert files_in(tmp_path) == {"in.png"}
+
+
+def test_outputs_follow_the_umask(tmp_path, image, built_once):
+    for umask in (0o022, 0o077):
+        out = tmp_path / f"o{umask:o}.png"
+        old = os.umask(umask)
+        try:
+            result = run(["edit", *FAST, "--image", str(image), "--prompt", "x", "--out", str(out)])
+        finally:
+            os.umask(old)
+        assert result.exit_code == 0, result.output
+        assert out.stat().st_mode & 0o777 == 0o666 & ~umask, oct(out.stat().st_mode)
+
+
+def test_a_nan_stage_is_an_error_not_a_picture(tmp_path, image, monkeypatch, tiny_pipe):
+    poisoned = copy.copy(tiny_pipe)  # the same MLLM and VAE; a DiT whose every prediction is NaN
+    poisoned.model = copy.deepcopy(tiny_pipe.model)
+    with torch.no_grad():
+        poisoned.model.final_layer.linear.bias.fill_(math.nan)
+    rt = Step1XEditRuntime.from_pipeline(poisoned)
+    with pytest.raises(NonFiniteError, match=r"^denoising \(final latent\) produced \d+ non-finite"):
+        rt.edit(Image.new("RGB", (32, 32)), "x", steps=1, size_level=32)
+    with pytest.raises(NonFiniteError, match=r"^denoising"):
+        poisoned.edit(Image.new("RGB", (32, 32)), "x", steps=1, size_level=32)
+    monkeypatch.setattr(Step1XEditPipeline, "random", staticmethod(lambda *a, **k: poisoned))
+    result = run(["edit", *FAST, "--image", str(image), "--prompt", "x", "--out", str(tmp_path / "o.png")])
+    assert_refused(result, "denoising (final latent) produced", "no image is written", code=1)
+    assert files_in(tmp_path) == {"in.png"}
