@@ -118,12 +118,12 @@ def fake_cuda(monkeypatch) -> FakeCuda:
 
 
 def test_capture_once_per_shape_then_replay_with_new_inputs(fake_cuda):
-    pool = object()
-    wrapped = CudaGraphed(fake_cuda.recorded(lambda x, y: (x * 2 + y, x - y)), enabled=True, warmup=2, pool=pool)
+    wrapped = CudaGraphed(fake_cuda.recorded(lambda x, y: (x * 2 + y, x - y)), enabled=True, warmup=2)
     a, b = torch.randn(4, 3), torch.randn(4, 3)
     first = wrapped(a, b)
     assert fake_cuda.on_side_stream == 2  # warm-up on the side stream
-    assert len(fake_cuda.graphs) == 1 and fake_cuda.graphs[0].captured and fake_cuda.pools == [pool]
+    assert len(fake_cuda.graphs) == 1 and fake_cuda.graphs[0].captured
+    assert fake_cuda.pools == [None]  # a private pool per graph, so evicting it frees its memory
     assert torch.equal(first[0], a * 2 + b) and torch.equal(first[1], a - b)
 
     c, d = torch.randn(4, 3), torch.randn(4, 3)
@@ -139,6 +139,15 @@ def test_capture_once_per_shape_then_replay_with_new_inputs(fake_cuda):
     again = wrapped(a, b)  # back to the first shape: its own graph replays
     assert len(fake_cuda.graphs) == 2 and torch.equal(again[0], a * 2 + b)
     assert fake_cuda.eager_calls == 0  # with graphs on, fn never runs outside warm-up / capture / replay
+
+
+def test_evicted_shape_is_captured_again(fake_cuda):
+    wrapped = CudaGraphed(fake_cuda.recorded(lambda x: x + 1), enabled=True, capacity=1, warmup=1)
+    a, b = torch.randn(3), torch.randn(2, 2)
+    assert torch.equal(wrapped(a), a + 1) and torch.equal(wrapped(b), b + 1)  # b's graph evicts a's
+    assert wrapped.graphs == 1 and wrapped.counts.captured == 2 and wrapped.counts.evicted == 1
+    assert torch.equal(wrapped(a), a + 1)  # a again: captured anew, b's graph evicted
+    assert len(fake_cuda.graphs) == 3 and wrapped.counts.evicted == 2 and fake_cuda.eager_calls == 0
 
 
 def test_single_tensor_output_stays_a_tensor(fake_cuda):
