@@ -1,0 +1,149 @@
+"""One edit request: the form fields of `POST /v1/edits`, checked, with errors that name the field."""
+
+from __future__ import annotations
+
+import io
+import math
+import secrets
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from PIL import Image, UnidentifiedImageError
+
+from ..step1x_ref.imaging import MIN_SIDE, to_rgb
+
+MAX_SEED = 2**63 - 1
+MAX_TEXT = 4000  # characters of instruction / negative prompt: the MLLM reads far fewer tokens anyway
+FIELDS = ("image", "instruction", "seed", "steps", "cfg", "size_level", "negative_prompt", "timeout_s")
+
+
+class RequestError(Exception):
+    """A client mistake: answered as JSON with `status`, never with a traceback."""
+
+    def __init__(self, status: int, code: str, message: str, *, retry_after: int | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+
+    def body(self) -> dict[str, str]:
+        return {"error": self.code, "message": self.message}
+
+
+def bad_request(message: str) -> RequestError:
+    return RequestError(400, "bad_request", message)
+
+
+@dataclass(frozen=True)
+class EditParams:
+    """Everything an edit needs besides the image; `seed` is always set (drawn when the client gave none)."""
+
+    instruction: str
+    seed: int
+    steps: int
+    cfg: float
+    size_level: int
+    negative_prompt: str = ""
+    timeout_s: float | None = None  # the client's own deadline, if shorter than the server's
+
+    def as_dict(self) -> dict[str, object]:
+        return {"instruction": self.instruction, "seed": self.seed, "steps": self.steps, "cfg": self.cfg,
+                "size_level": self.size_level, "negative_prompt": self.negative_prompt}
+
+
+@dataclass
+class EditRequest:
+    image: Image.Image
+    params: EditParams
+    warnings: list[str] = field(default_factory=list)  # lossy conversions of the input (alpha dropped, 16-bit)
+
+
+@dataclass(frozen=True)
+class ParamRules:
+    """The server's ranges and defaults for the optional fields."""
+
+    max_steps: int
+    min_size_level: int
+    max_size_level: int
+    default_size_level: int
+    default_steps: int = 28
+    default_cfg: float = 6.0
+    max_pixels: int = 16 * 1024 * 1024
+    timeout_s: float = 300.0
+
+
+def _int_field(form: Mapping[str, object], name: str, lo: int, hi: int, default: int | None) -> int | None:
+    raw = form.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        raise bad_request(f"{name} must be an integer in {lo}..{hi}, got {str(raw)[:40]!r}") from None
+    if not lo <= value <= hi:
+        raise bad_request(f"{name} must be in {lo}..{hi}, got {value}")
+    return value
+
+
+def _float_field(form: Mapping[str, object], name: str, lo: float, hi: float, default: float) -> float:
+    raw = form.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(str(raw).strip())
+    except ValueError:
+        raise bad_request(f"{name} must be a number in [{lo}, {hi}], got {str(raw)[:40]!r}") from None
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise bad_request(f"{name} must be a number in [{lo}, {hi}], got {value}")
+    return value
+
+
+def _text_field(form: Mapping[str, object], name: str, *, required: bool) -> str:
+    raw = form.get(name)
+    if raw is None:
+        if required:
+            raise bad_request(f"the form lacks the field {name!r} (it may be empty)")
+        return ""
+    if not isinstance(raw, str):
+        raise bad_request(f"{name} must be a text field, got a file upload")
+    if len(raw) > MAX_TEXT:
+        raise bad_request(f"{name} is {len(raw)} characters; the limit is {MAX_TEXT}")
+    return raw
+
+
+def parse_params(form: Mapping[str, object], rules: ParamRules) -> EditParams:
+    unknown = sorted(set(form) - set(FIELDS))
+    if unknown:
+        raise bad_request(f"unknown form field(s) {unknown}; the fields are {', '.join(FIELDS)}")
+    seed = _int_field(form, "seed", 0, MAX_SEED, None)
+    return EditParams(
+        instruction=_text_field(form, "instruction", required=True),
+        seed=secrets.randbelow(2**31) if seed is None else seed,
+        steps=_int_field(form, "steps", 1, rules.max_steps, rules.default_steps),  # type: ignore[arg-type]
+        cfg=_float_field(form, "cfg", 0.0, 100.0, rules.default_cfg),
+        size_level=_int_field(form, "size_level", rules.min_size_level, rules.max_size_level,  # type: ignore[arg-type]
+                              rules.default_size_level),
+        negative_prompt=_text_field(form, "negative_prompt", required=False),
+        timeout_s=_float_field(form, "timeout_s", 0.01, rules.timeout_s, rules.timeout_s),
+    )
+
+
+def decode_image(data: bytes, max_pixels: int, name: str = "image") -> tuple[Image.Image, list[str]]:
+    """Uploaded bytes -> RGB image; 400 if unreadable or too small, 413 if over `max_pixels`."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size  # from the header: refuse a huge image before decoding it
+            if w * h > max_pixels:
+                raise RequestError(413, "image_too_large",
+                                   f"{name} is {w}x{h} ({w * h / 1e6:.1f} MP); the limit is {max_pixels / 1e6:.1f} MP")
+            if min(w, h) < MIN_SIDE:
+                raise bad_request(f"{name} is {w}x{h}: both sides must be at least {MIN_SIDE} px")
+            im.load()
+            image = im.copy()
+    except UnidentifiedImageError:
+        raise bad_request(f"{name} is not an image in a format this server reads (PNG, JPEG, WebP, ...)") from None
+    except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as e:
+        raise bad_request(f"{name} is a damaged image ({type(e).__name__}: {e})") from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image = to_rgb(image, name)
+    return image, [str(w.message) for w in caught]
