@@ -8,6 +8,7 @@ import secrets
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from PIL import Image, UnidentifiedImageError
 
@@ -15,6 +16,7 @@ from ..step1x_ref.imaging import MIN_SIDE, to_rgb
 
 MAX_SEED = 2**63 - 1
 MAX_TEXT = 4000  # characters of instruction / negative prompt: the MLLM reads far fewer tokens anyway
+N = TypeVar("N", int, float)
 FIELDS = ("image", "instruction", "seed", "steps", "cfg", "size_level", "negative_prompt", "timeout_s")
 
 
@@ -71,29 +73,18 @@ class ParamRules:
     timeout_s: float = 300.0
 
 
-def _int_field(form: Mapping[str, object], name: str, lo: int, hi: int, default: int | None) -> int | None:
+def _number_field(form: Mapping[str, object], name: str, kind: type[N], lo: N, hi: N, default: N | None) -> N | None:
+    """An optional int or float field within [lo, hi]; empty or absent is `default`."""
     raw = form.get(name)
     if raw is None or raw == "":
         return default
+    what = f"an integer in {lo}..{hi}" if kind is int else f"a number in [{lo}, {hi}]"
     try:
-        value = int(str(raw).strip())
+        value = kind(str(raw).strip())
     except ValueError:
-        raise bad_request(f"{name} must be an integer in {lo}..{hi}, got {str(raw)[:40]!r}") from None
-    if not lo <= value <= hi:
-        raise bad_request(f"{name} must be in {lo}..{hi}, got {value}")
-    return value
-
-
-def _float_field(form: Mapping[str, object], name: str, lo: float, hi: float, default: float) -> float:
-    raw = form.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(str(raw).strip())
-    except ValueError:
-        raise bad_request(f"{name} must be a number in [{lo}, {hi}], got {str(raw)[:40]!r}") from None
+        raise bad_request(f"{name} must be {what}, got {str(raw)[:40]!r}") from None
     if not (math.isfinite(value) and lo <= value <= hi):
-        raise bad_request(f"{name} must be a number in [{lo}, {hi}], got {value}")
+        raise bad_request(f"{name} must be {what}, got {value}")
     return value
 
 
@@ -114,16 +105,16 @@ def parse_params(form: Mapping[str, object], rules: ParamRules) -> EditParams:
     unknown = sorted(set(form) - set(FIELDS))
     if unknown:
         raise bad_request(f"unknown form field(s) {unknown}; the fields are {', '.join(FIELDS)}")
-    seed = _int_field(form, "seed", 0, MAX_SEED, None)
+    seed = _number_field(form, "seed", int, 0, MAX_SEED, None)
     return EditParams(
         instruction=_text_field(form, "instruction", required=True),
         seed=secrets.randbelow(2**31) if seed is None else seed,
-        steps=_int_field(form, "steps", 1, rules.max_steps, rules.default_steps),  # type: ignore[arg-type]
-        cfg=_float_field(form, "cfg", 0.0, 100.0, rules.default_cfg),
-        size_level=_int_field(form, "size_level", rules.min_size_level, rules.max_size_level,  # type: ignore[arg-type]
-                              rules.default_size_level),
+        steps=_number_field(form, "steps", int, 1, rules.max_steps, rules.default_steps),  # type: ignore[arg-type]
+        cfg=_number_field(form, "cfg", float, 0.0, 100.0, rules.default_cfg),  # type: ignore[arg-type]
+        size_level=_number_field(form, "size_level", int, rules.min_size_level,  # type: ignore[arg-type]
+                                 rules.max_size_level, rules.default_size_level),
         negative_prompt=_text_field(form, "negative_prompt", required=False),
-        timeout_s=_float_field(form, "timeout_s", 0.01, rules.timeout_s, rules.timeout_s),
+        timeout_s=_number_field(form, "timeout_s", float, 0.01, rules.timeout_s, rules.timeout_s),
     )
 
 
