@@ -133,7 +133,6 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install -y chromium)")
 def test_the_page_makes_an_edit_in_a_real_browser(roomy, tmp_path):
     from playwright.sync_api import sync_playwright
-
     from skimage import data
 
     Image.fromarray(data.astronaut()).resize((96, 64)).save(tmp_path / "astronaut.png")  # a real photo
