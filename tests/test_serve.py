@@ -81,14 +81,14 @@ def test_json_variant_carries_the_same_png_and_a_drawn_seed(roomy, reference):
 
 @pytest.mark.parametrize(("fields", "png", "content"), [
     (EDIT, b"this is not an image", "not an image"),
-    ({**EDIT, "steps": "abc"}, PNG, "steps must be an integer"),
-    ({**EDIT, "steps": "0"}, PNG, "steps must be an integer in 1..100, got 0"),
-    ({**EDIT, "cfg": "nan"}, PNG, "cfg must be a number"),
-    ({**EDIT, "size_level": "100000"}, PNG, "size_level must be an integer in 16..256"),
-    ({**EDIT, "seed": "-1"}, PNG, "seed must be an integer in 0.."),
+    ({**EDIT, "steps": "abc"}, PNG, "steps must be an integer in [1, 100], got 'abc'"),
+    ({**EDIT, "steps": "0"}, PNG, "steps must be in [1, 100], got 0"),
+    ({**EDIT, "cfg": "nan"}, PNG, "cfg must be a finite number"),
+    ({**EDIT, "size_level": "100000"}, PNG, "size_level must be in [16, 256]"),
+    ({**EDIT, "seed": "-1"}, PNG, "seed must be in [0, "),
     ({**EDIT, "strength": "0.5"}, PNG, "unknown form field(s) ['strength']"),
     ({"steps": "2"}, PNG, "lacks the field 'instruction'"),
-    ({**EDIT, "timeout_s": "1000"}, PNG, "timeout_s must be a number in [0.01, 60.0]"),
+    ({**EDIT, "timeout_s": "1000"}, PNG, "timeout_s must be in [0.01, 60]"),
     (EDIT, None, "lacks an image file"),
     (EDIT, input_png(8, 8), "at least 16 px"),
 ])
@@ -207,3 +207,20 @@ def test_shutdown_finishes_the_running_edit(tight):
     assert tight.proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{tight.url}/healthz", timeout=2)
+
+
+def test_cli_serves_the_tiny_model_by_default_and_refuses_missing_paths(monkeypatch):
+    from click.testing import CliRunner
+
+    import step1x_export.serve.server as server_module
+    from step1x_export.cli import main
+
+    seen = {}
+    monkeypatch.setattr(server_module, "run_server", lambda spec, limits, **kw: seen.update(spec=spec, kw=kw))
+    result = CliRunner().invoke(main, ["serve", "--port", "8123", "--max-queue", "3"])
+    assert result.exit_code == 0, result.output
+    assert seen["spec"].source == "tiny" and seen["kw"] == {"host": "127.0.0.1", "port": 8123, "log_level": "info"}
+    result = CliRunner().invoke(main, ["serve", "--model-dir", "/no/such/folder"])
+    assert result.exit_code == 1 and "--model-dir /no/such/folder does not exist" in result.output
+    assert "Traceback" not in result.output
+    assert CliRunner().invoke(main, ["serve", "--help"]).exit_code == 0

@@ -28,7 +28,7 @@ def ray_url():
     port = free_port()
     limits = ServeLimits(max_queue=16, timeout_s=120, default_size_level=32)
     try:
-        run_ray(RuntimeSpec("tiny", device="cpu"), limits, ReplicaPlan(replicas=2, cpus_per_replica=1),
+        run_ray(RuntimeSpec("tiny", options={"device": "cpu"}), limits, ReplicaPlan(replicas=2, cpus_per_replica=1),
                 host="127.0.0.1", port=port, blocking=False)  # returns once both replicas are loaded and warm
         yield f"http://127.0.0.1:{port}"
     finally:

@@ -2,36 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import replace
 
 import click
 
 from .common import user_errors
-
-EXISTING_DIR = click.Path(path_type=Path, exists=True, file_okay=False)
+from .runtime_options import RuntimeArgs, runtime_options
 
 
 @click.command()
-@click.option("--model", "model_name", type=click.Choice(["tiny", "tiny-v1.0"]),
-              help="A tiny random-weight model (testing; outputs are not real edits) [default when neither "
-                   "--model-dir nor --engine-dir is given: tiny]. With --engine-dir it names the torch MLLM.")
-@click.option("--model-dir", type=EXISTING_DIR, help="Folder with the official files (as `edit`).")
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="torch",
-              show_default=True, help="What runs the VAE and DiT (as `edit`); onnxruntime/tensorrt need --engine-dir.")
-@click.option("--engine-dir", type=EXISTING_DIR, help="Export folder (onnxruntime) or engine folder (tensorrt).")
-@click.option("--quant", "quant_path", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              help="Calibration artifact applied to the torch DiT (FP8 / INT8 W8A8), for every request.")
-@click.option("--version", type=click.Choice(["v1.0", "v1.1"]), default="v1.1", show_default=True,
-              help="Model version of the checkpoint in --model-dir.")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
-              help="DiT/MLLM dtype [default: bf16 for --model-dir on a GPU, else fp32].")
-@click.option("--device", default=None, help="torch device [default: cuda if available, else cpu]. With --ray each "
-              "replica sees only its own GPUs, so leave it unset there.")
-@click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
-              help="Capture the whole denoising step per shape (CUDA only; as `edit`).")
-@click.option("--compile/--no-compile", "compile_dit", default=True, show_default=True,
-              help="torch.compile each DiT block (torch backend on CUDA; the warm-up edit pays the compile).")
-@click.option("--sequential-load", is_flag=True, help="Load one stage at a time (GPUs with <= 24 GB; slower edits).")
+@runtime_options()
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind. The default answers this machine only; 0.0.0.0 exposes the service.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="TCP port.")
@@ -69,11 +49,9 @@ EXISTING_DIR = click.Path(path_type=Path, exists=True, file_okay=False)
               show_default=True)
 @user_errors
 def serve(
-    model_name: str | None, model_dir: Path | None, backend: str, engine_dir: Path | None, quant_path: Path | None,
-    version: str, dtype: str | None, device: str | None, cuda_graphs: bool, compile_dit: bool, sequential_load: bool,
-    host: str, port: int, max_queue: int, timeout_s: float, max_upload_mb: float, max_megapixels: float,
-    max_steps: int, size_level: int | None, max_size_level: int | None, warmup: bool, use_ray: bool,
-    ray_address: str | None, replicas: int, min_replicas: int | None, max_replicas: int | None,
+    runtime: RuntimeArgs, host: str, port: int, max_queue: int, timeout_s: float, max_upload_mb: float,
+    max_megapixels: float, max_steps: int, size_level: int | None, max_size_level: int | None, warmup: bool,
+    use_ray: bool, ray_address: str | None, replicas: int, min_replicas: int | None, max_replicas: int | None,
     gpus_per_replica: float | None, cpus_per_replica: float, log_level: str,
 ) -> None:
     """Serve edits over HTTP: POST /v1/edits (multipart image + instruction -> PNG), a web page at /,
@@ -81,15 +59,20 @@ def serve(
 
     One process runs one runtime and edits one image at a time behind a bounded queue; --ray runs
     --replicas runtimes (one per GPU by default) behind Ray Serve's HTTP proxy. Ctrl-C stops after the
-    accepted edits finish.
+    accepted edits finish. The model flags are edit's; without any, the tiny random-weight model is served.
+    With --ray, leave --device unset: each replica sees only the GPUs Ray gave it.
     """
     from ..serve.spec import RuntimeSpec, ServeLimits
 
     if ray_address and not use_ray:
         raise click.UsageError("--ray-address needs --ray")
-    spec = RuntimeSpec(**_runtime_source(model_name, model_dir, backend, engine_dir, quant_path), backend=backend,
-                       device=device, dtype=dtype, cuda_graphs=cuda_graphs, compile=compile_dit,
-                       sequential_load=sequential_load, version=version)
+    for flag, path in (("--model-dir", runtime.model_dir), ("--engine-dir", runtime.engine_dir),
+                       ("--quant", runtime.quant)):
+        if path is not None and not path.exists():  # now, not later in the background load
+            raise FileNotFoundError(f"{flag} {path} does not exist")
+    if runtime.backend == "torch" and runtime.model_dir is None and runtime.model_name is None:
+        runtime = replace(runtime, model_name="tiny")  # the embedded default: try the service anywhere
+    spec = RuntimeSpec.from_load_kwargs(runtime.load_kwargs())
     limits = ServeLimits(
         max_queue=max_queue, timeout_s=timeout_s, max_upload_bytes=round(max_upload_mb * 1e6),
         max_pixels=round(max_megapixels * 1e6), max_steps=max_steps, max_size_level=max_size_level,
@@ -105,31 +88,10 @@ def serve(
     from ..serve.ray_app import ReplicaPlan, run_ray
 
     plan = ReplicaPlan(replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
-                       gpus_per_replica=_default_gpus(device) if gpus_per_replica is None else gpus_per_replica,
+                       gpus_per_replica=_default_gpus(runtime.device) if gpus_per_replica is None else gpus_per_replica,
                        cpus_per_replica=cpus_per_replica)
     click.echo(f"starting Ray Serve ({ray_address or 'local Ray'}): {plan} on http://{host}:{port}/")
     run_ray(spec, limits, plan, host=host, port=port, address=ray_address)
-
-
-def _runtime_source(model_name: str | None, model_dir: Path | None, backend: str, engine_dir: Path | None,
-                    quant_path: Path | None) -> dict[str, str | None]:
-    """`RuntimeSpec`'s source / mllm / quant from the options, with edit's rules for which go together."""
-    from ..step1x_ref.loading import QWEN_DIR
-
-    if model_dir is not None and model_name is not None:
-        raise click.UsageError("give --model-dir DIR or --model tiny, not both")
-    if backend == "torch" and engine_dir is not None:
-        raise click.UsageError("--engine-dir is for --backend onnxruntime or tensorrt")
-    if backend != "torch" and engine_dir is None:
-        raise click.UsageError(f"--backend {backend} needs --engine-dir")
-    if quant_path is not None and backend != "torch":
-        raise click.UsageError("--quant applies to --backend torch (exported graphs carry their own quantization)")
-    quant = str(quant_path) if quant_path else None
-    if backend == "torch":
-        return {"source": str(model_dir) if model_dir is not None else model_name or "tiny", "mllm": None,
-                "quant": quant}
-    mllm = str(model_dir / QWEN_DIR) if model_dir is not None else model_name
-    return {"source": str(engine_dir), "mllm": mllm, "quant": quant}
 
 
 def _default_gpus(device: str | None) -> float:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import math
 import secrets
 import warnings
 from collections.abc import Mapping
@@ -13,8 +12,8 @@ from typing import TypeVar
 from PIL import Image, UnidentifiedImageError
 
 from ..step1x_ref.imaging import MIN_SIDE, to_rgb
+from ..validate import CFG_RANGE, SEED_RANGE, STEPS_RANGE, InputError, check_float, check_int
 
-MAX_SEED = 2**63 - 1
 MAX_TEXT = 4000  # characters of instruction / negative prompt: the MLLM reads far fewer tokens anyway
 N = TypeVar("N", int, float)
 FIELDS = ("image", "instruction", "seed", "steps", "cfg", "size_level", "negative_prompt", "timeout_s")
@@ -74,18 +73,22 @@ class ParamRules:
 
 
 def _number_field(form: Mapping[str, object], name: str, kind: type[N], lo: N, hi: N, default: N | None) -> N | None:
-    """An optional int or float field within [lo, hi]; empty or absent is `default`."""
+    """An optional int or float field within [lo, hi] (the shared input rules); empty or absent is `default`."""
     raw = form.get(name)
     if raw is None or raw == "":
         return default
-    what = f"an integer in {lo}..{hi}" if kind is int else f"a number in [{lo}, {hi}]"
+    text = str(raw).strip()
+    value: object = text
+    for parse in (int, float):  # a number when it reads as one; the check names what was expected either way
+        try:
+            value = parse(text)
+            break
+        except ValueError:
+            pass
     try:
-        value = kind(str(raw).strip())
-    except ValueError:
-        raise bad_request(f"{name} must be {what}, got {str(raw)[:40]!r}") from None
-    if not (math.isfinite(value) and lo <= value <= hi):
-        raise bad_request(f"{name} must be {what}, got {value}")
-    return value
+        return kind(check_int(name, value, lo, hi) if kind is int else check_float(name, value, lo, hi))  # type: ignore[arg-type]
+    except InputError as e:
+        raise bad_request(str(e)) from None
 
 
 def _text_field(form: Mapping[str, object], name: str, *, required: bool) -> str:
@@ -105,12 +108,13 @@ def parse_params(form: Mapping[str, object], rules: ParamRules) -> EditParams:
     unknown = sorted(set(form) - set(FIELDS))
     if unknown:
         raise bad_request(f"unknown form field(s) {unknown}; the fields are {', '.join(FIELDS)}")
-    seed = _number_field(form, "seed", int, 0, MAX_SEED, None)
+    seed = _number_field(form, "seed", int, *SEED_RANGE, None)
     return EditParams(
         instruction=_text_field(form, "instruction", required=True),
         seed=secrets.randbelow(2**31) if seed is None else seed,
-        steps=_number_field(form, "steps", int, 1, rules.max_steps, rules.default_steps),  # type: ignore[arg-type]
-        cfg=_number_field(form, "cfg", float, 0.0, 100.0, rules.default_cfg),  # type: ignore[arg-type]
+        steps=_number_field(form, "steps", int, STEPS_RANGE[0], min(rules.max_steps, STEPS_RANGE[1]),  # type: ignore[arg-type]
+                            rules.default_steps),
+        cfg=_number_field(form, "cfg", float, *CFG_RANGE, rules.default_cfg),  # type: ignore[arg-type]
         size_level=_number_field(form, "size_level", int, rules.min_size_level,  # type: ignore[arg-type]
                                  rules.max_size_level, rules.default_size_level),
         negative_prompt=_text_field(form, "negative_prompt", required=False),

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
+from ..validate import NonFiniteError
 from .metrics import ServeMetrics
 from .queue import Cancel, EditCancelled, EditQueue, QueueFull
 from .request import EditParams, EditRequest, ParamRules, RequestError
@@ -117,6 +118,8 @@ class EditService:
             raise RequestError(503, "queue_full", str(e), retry_after=e.retry_after_s) from None
         except EditCancelled as e:
             raise RequestError(499, "cancelled", f"the edit was cancelled ({e})") from None
+        except NonFiniteError as e:  # the model, not the request, went wrong
+            raise RequestError(500, "non_finite", str(e)) from None
         except ValueError as e:  # the runtime refused the input (e.g. a size outside an engine's profile)
             raise RequestError(400, "bad_request", str(e)) from None
         result = admitted.value

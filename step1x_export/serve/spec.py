@@ -3,58 +3,46 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..runtime.options import BACKENDS
 
 if TYPE_CHECKING:
     from ..runtime import Step1XEditRuntime
 
-DTYPE_NAMES = ("fp32", "bf16", "fp16")
-
-
 @dataclass(frozen=True)
 class RuntimeSpec:
-    """How to build the `Step1XEditRuntime` that serves edits (the arguments of `Step1XEditRuntime.load`)."""
+    """How to build the `Step1XEditRuntime` that serves edits: `Step1XEditRuntime.load(source, backend, **options)`.
 
-    source: str  # a tiny config name, a model dir (torch) or an export / engine dir
+    `source` is a tiny config name, a model dir (torch) or an export / engine dir; `options` are `load`'s
+    keywords (quant, device, dtype, compile, cuda_graphs, version, mllm, ...), as the runtime CLI flags give them.
+    """
+
+    source: str
     backend: str = "torch"
-    quant: str | None = None  # calibration artifact applied to the torch DiT
-    device: str | None = None  # None: cuda if available, else cpu
-    dtype: str | None = None  # None: the runtime's default for the device and model
-    cuda_graphs: bool = True
-    compile: bool = True
-    sequential_load: bool = False
-    version: str = "v1.1"
-    mllm: str | None = None  # engine backends: Qwen2.5-VL dir or tiny config name for the torch MLLM
-    seed: int = 0  # weight seed of tiny random-weight models
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
-        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
-            raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
+
+    @classmethod
+    def from_load_kwargs(cls, kwargs: dict[str, Any]) -> RuntimeSpec:
+        rest = {k: v for k, v in kwargs.items() if k not in ("source", "backend")}
+        return cls(str(kwargs["source"]), kwargs.get("backend", "torch"), rest)
 
     def load(self) -> Step1XEditRuntime:
-        import torch
-
         from ..runtime import Step1XEditRuntime
 
-        dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[self.dtype]) \
-            if self.dtype else None
-        return Step1XEditRuntime.load(
-            self.source, self.backend, quant=self.quant, device=self.device, dtype=dtype,  # type: ignore[arg-type]
-            cuda_graphs=self.cuda_graphs, compile=self.compile, sequential_load=self.sequential_load,
-            version=self.version, mllm=self.mllm, seed=self.seed,
-        )
+        return Step1XEditRuntime.load(self.source, self.backend, **self.options)  # type: ignore[arg-type]
 
     def identity(self) -> dict[str, str | None]:
         """What the model is, for response headers and /v1/model (folders by name, not full path)."""
-        quant = Path(self.quant).name if self.quant else None
-        return {"source": Path(self.source).name or self.source, "backend": self.backend, "version": self.version,
-                "quant": quant}
+        quant = self.options.get("quant")
+        return {"source": Path(self.source).name or self.source, "backend": self.backend,
+                "version": self.options.get("version", "v1.1"), "quant": Path(quant).name if quant else None}
 
 
 @dataclass(frozen=True)
