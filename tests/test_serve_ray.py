@@ -23,8 +23,10 @@ def ray_url():
     import ray
     from ray import serve
 
-    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "OMP_NUM_THREADS")}
-    os.environ.update({k: env_with_worktree()[k] for k in saved})  # Ray's workers import this checkout
+    env = {k: env_with_worktree()[k] for k in ("PYTHONPATH", "OMP_NUM_THREADS")}  # workers import this checkout
+    env |= {"RAY_raylet_start_wait_time_s": "300"}  # a busy 2-core machine can take minutes to register the node
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     port = free_port()
     limits = ServeLimits(max_queue=16, timeout_s=120, default_size_level=32)
     try:
