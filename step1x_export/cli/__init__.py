@@ -10,6 +10,7 @@ from .calibrate import calibrate
 from .common import Step1XGroup
 from .edit import demo, edit
 from .export import export
+from .serve import serve
 
 
 @click.group(cls=Step1XGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -21,5 +22,5 @@ def main() -> None:
     """
 
 
-for command in (demo, edit, export, calibrate, build, bench):
+for command in (demo, edit, export, calibrate, build, bench, serve):
     main.add_command(command)

@@ -1,0 +1,100 @@
+"""`step1x-export serve`: the HTTP edit service, in one process or as Ray Serve replicas."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import click
+
+from .common import user_errors
+from .runtime_options import RuntimeArgs, runtime_options
+
+
+@click.command()
+@runtime_options()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. The default answers this machine only; 0.0.0.0 exposes the service.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="TCP port.")
+@click.option("--max-queue", type=click.IntRange(0, 10_000), default=8, show_default=True,
+              help="Edits that may wait behind the running one (per replica); more get 503 + Retry-After.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(0.1, 86_400), default=300.0, show_default=True,
+              help="Seconds per request, queue wait included; past it the edit is stopped and the answer is 504.")
+@click.option("--max-upload-mb", type=click.FloatRange(0.01, 1024), default=20.0, show_default=True,
+              help="Largest request body (MB); larger is 413.")
+@click.option("--max-megapixels", type=click.FloatRange(0.001, 64), default=16.0, show_default=True,
+              help="Largest input image (decoded); larger is 413.")
+@click.option("--max-steps", type=click.IntRange(1, 1000), default=100, show_default=True,
+              help="Most denoising steps a request may ask for.")
+@click.option("--size-level", type=click.IntRange(16, 4096), default=None,
+              help="Edit resolution of requests that give none [default: the model's largest profile level, as "
+                   "`edit`: 1024 for the real model, 256 for the tiny ones]; also the warm-up's size.")
+@click.option("--max-size-level", type=click.IntRange(16, 4096), default=None,
+              help="Largest size_level a request may ask for [default: the model's largest profile level].")
+@click.option("--warmup/--no-warmup", default=True, show_default=True,
+              help="Run one small edit at startup; /readyz turns ready after it.")
+@click.option("--ray", "use_ray", is_flag=True, help="Serve through Ray Serve replicas (needs the `ray` extra).")
+@click.option("--ray-address", default=None,
+              help="An existing Ray cluster (e.g. ray://head:10001 or auto) [default: start a local Ray].")
+@click.option("--replicas", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="Ray replicas, each with its own runtime.")
+@click.option("--min-replicas", type=click.IntRange(0, 1024), default=None,
+              help="Autoscaling lower bound (with --max-replicas; replaces --replicas).")
+@click.option("--max-replicas", type=click.IntRange(1, 1024), default=None, help="Autoscaling upper bound.")
+@click.option("--gpus-per-replica", type=click.FloatRange(0, 64), default=None,
+              help="GPUs each replica holds; above 1 they are reserved together on one machine (a placement "
+                   "group) [default: 1 if this machine has CUDA and --device is not cpu, else 0].")
+@click.option("--cpus-per-replica", type=click.FloatRange(0.1, 256), default=1.0, show_default=True,
+              help="CPUs each replica holds (also its torch thread count on CPU).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+@user_errors
+def serve(
+    runtime: RuntimeArgs, host: str, port: int, max_queue: int, timeout_s: float, max_upload_mb: float,
+    max_megapixels: float, max_steps: int, size_level: int | None, max_size_level: int | None, warmup: bool,
+    use_ray: bool, ray_address: str | None, replicas: int, min_replicas: int | None, max_replicas: int | None,
+    gpus_per_replica: float | None, cpus_per_replica: float, log_level: str,
+) -> None:
+    """Serve edits over HTTP: POST /v1/edits (multipart image + instruction -> PNG), a web page at /,
+    /healthz, /readyz and /metrics (Prometheus).
+
+    One process runs one runtime and edits one image at a time behind a bounded queue; --ray runs
+    --replicas runtimes (one per GPU by default) behind Ray Serve's HTTP proxy. Ctrl-C stops after the
+    accepted edits finish. The model flags are edit's; without any, the tiny random-weight model is served.
+    With --ray, leave --device unset: each replica sees only the GPUs Ray gave it.
+    """
+    from ..serve.spec import RuntimeSpec, ServeLimits
+
+    if ray_address and not use_ray:
+        raise click.UsageError("--ray-address needs --ray")
+    for flag, path in (("--model-dir", runtime.model_dir), ("--engine-dir", runtime.engine_dir),
+                       ("--quant", runtime.quant)):
+        if path is not None and not path.exists():  # now, not later in the background load
+            raise FileNotFoundError(f"{flag} {path} does not exist")
+    if runtime.backend == "torch" and runtime.model_dir is None and runtime.model_name is None:
+        runtime = replace(runtime, model_name="tiny")  # the embedded default: try the service anywhere
+    spec = RuntimeSpec.from_load_kwargs(runtime.load_kwargs())
+    limits = ServeLimits(
+        max_queue=max_queue, timeout_s=timeout_s, max_upload_bytes=round(max_upload_mb * 1e6),
+        max_pixels=round(max_megapixels * 1e6), max_steps=max_steps, max_size_level=max_size_level,
+        default_size_level=size_level, warmup=warmup,
+    )
+    if not use_ray:
+        from ..serve.server import run_server
+
+        click.echo(f"serving {spec.identity()} on http://{host}:{port}/ (the model loads in the background; "
+                   "GET /readyz says when it is ready)")
+        run_server(spec, limits, host=host, port=port, log_level=log_level)
+        return
+    from ..serve.ray_app import ReplicaPlan, run_ray
+
+    plan = ReplicaPlan(replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
+                       gpus_per_replica=_default_gpus(runtime.device) if gpus_per_replica is None else gpus_per_replica,
+                       cpus_per_replica=cpus_per_replica)
+    click.echo(f"starting Ray Serve ({ray_address or 'local Ray'}): {plan} on http://{host}:{port}/")
+    run_ray(spec, limits, plan, host=host, port=port, address=ray_address)
+
+
+def _default_gpus(device: str | None) -> float:
+    import torch
+
+    return 1.0 if device != "cpu" and torch.cuda.is_available() else 0.0

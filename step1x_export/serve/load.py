@@ -1,0 +1,117 @@
+"""A bounded load generator for the edit service: N requests from C concurrent clients, latency percentiles.
+
+Used by the capacity benchmark and the load tests. It refuses any host that is not a loopback address
+unless told otherwise: a load test is for a server you run, not someone else's.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import socket
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+
+@dataclass
+class Reply:
+    seed: int
+    status: int
+    seconds: float
+    body: bytes
+    headers: dict[str, str]
+
+
+@dataclass
+class LoadReport:
+    replies: list[Reply]
+    wall_s: float
+    clients: int
+    errors: list[str] = field(default_factory=list)  # transport failures (no HTTP answer at all)
+
+    @property
+    def ok(self) -> list[Reply]:
+        return [r for r in self.replies if r.status == 200]
+
+    def percentile(self, q: float) -> float:
+        """Latency percentile (seconds) over the successful replies, nearest-rank."""
+        times = sorted(r.seconds for r in self.ok)
+        if not times:
+            return float("nan")
+        return times[max(0, math.ceil(q / 100 * len(times)) - 1)]
+
+    def summary(self) -> dict[str, float | int]:
+        ok = self.ok
+        return {
+            "requests": len(self.replies) + len(self.errors), "ok": len(ok), "clients": self.clients,
+            "p50_s": round(self.percentile(50), 4), "p99_s": round(self.percentile(99), 4),
+            "mean_s": round(statistics.fmean(r.seconds for r in ok), 4) if ok else float("nan"),
+            "throughput_rps": round(len(ok) / self.wall_s, 3) if self.wall_s else 0.0, "wall_s": round(self.wall_s, 3),
+        }
+
+
+def check_loopback(url: str) -> None:
+    host = urlsplit(url).hostname or ""
+    addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    if not addresses or not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+        raise ValueError(f"load target {url} is not a loopback address ({sorted(addresses)}); pass allow_remote=True "
+                         "only for a server you run")
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (for test and benchmark servers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, timeout_s: float = 600) -> list[int]:
+    """Poll `url`/readyz until it answers 200; returns the statuses seen (503 while loading or warming)."""
+    import httpx
+
+    seen: list[int] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            seen.append(httpx.get(f"{url}/readyz", timeout=5).status_code)
+            if seen[-1] == 200:
+                return seen
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} was not ready within {timeout_s} s (statuses seen: {sorted(set(seen))})")
+
+
+def run_load(url: str, image_png: bytes, seeds: list[int], *, clients: int, fields: dict[str, str],
+             timeout_s: float = 120.0, allow_remote: bool = False) -> LoadReport:
+    """POST one edit per seed to `url` + /v1/edits from `clients` threads; every request has its own
+    `timeout_s`, so the whole run is bounded by about len(seeds) / clients * timeout_s."""
+    import httpx
+
+    if not allow_remote:
+        check_loopback(url)
+    endpoint = url.rstrip("/") + "/v1/edits"
+    errors: list[str] = []
+
+    def one(client: httpx.Client, seed: int) -> Reply | None:
+        t0 = time.perf_counter()
+        try:
+            r = client.post(endpoint, files={"image": ("input.png", image_png, "image/png")},
+                            data={**fields, "seed": str(seed)})
+        except httpx.HTTPError as e:
+            errors.append(f"seed {seed}: {type(e).__name__}: {e}")
+            return None
+        return Reply(seed, r.status_code, time.perf_counter() - t0, r.content, dict(r.headers))
+
+    def worker(chunk: list[int]) -> list[Reply]:
+        with httpx.Client(timeout=timeout_s) as client:
+            return [r for seed in chunk if (r := one(client, seed)) is not None]
+
+    chunks = [seeds[i::clients] for i in range(clients)]  # interleaved: every client runs to the end
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        replies = [r for part in pool.map(worker, chunks) for r in part]
+    return LoadReport(replies, time.perf_counter() - t0, clients, errors)
