@@ -5,5 +5,7 @@
 - `recipes`: stats -> scales (`build_artifact`), layer selection by name patterns;
 - `artifact`: the versioned file (`save_artifact` / `load_artifact`);
 - `apply`: `quantize_model` (torch, `QuantLinear` from `qlinear`); `onnx_qdq`: `insert_qdq` (ONNX Q/DQ);
-- `evaluate`: SQNR per step and image PSNR against the reference.
+- `evaluate`: SQNR per step and image PSNR against the reference;
+- `weight_only`: 8-bit weight-only Linears (modulation, connector, the MLLM);
+- `qcheckpoint`: the quantized DiT as one safetensors file, streamed from the source checkpoint.
 """

@@ -68,6 +68,9 @@ class QuantArtifact:
     weight_granularity: str = "per_channel"
     calibration: dict = field(default_factory=dict)  # dataset description, steps, size_level, seed, cfg
     format_version: int = FORMAT_VERSION
+    # The checkpoint file the model was loaded from ({"file", "size", "sha256"}, `hashing.file_identity`);
+    # empty for models built in code. Lets a load check identity from the file, not by hashing tensors.
+    source: dict = field(default_factory=dict)
 
     def summary(self) -> str:
         alpha = f", alpha {self.alpha}" if self.alpha is not None else ""
@@ -88,6 +91,7 @@ def _metadata(a: QuantArtifact) -> dict:
         "exclude": list(a.exclude),
         "layers": {n: {"in_features": s.in_features, "out_features": s.out_features} for n, s in a.layers.items()},
         "calibration": a.calibration,
+        "source": a.source,
     }
 
 
@@ -132,6 +136,8 @@ ARTIFACT_SCHEMA = {
                        "type": "object", "required": ["in_features", "out_features"], "additionalProperties": False,
                        "properties": {"in_features": _COUNT, "out_features": _COUNT}}},
         "calibration": {"type": "object"},
+        "source": {"type": "object", "properties": {"file": {"type": "string", "maxLength": 500},
+                                                    "size": {"type": "integer", "minimum": 0}, "sha256": SHA256}},
     },
 }
 _TENSOR_KINDS = ("input_scale", "weight_scale", "smooth", "weight_probe")
@@ -175,7 +181,7 @@ def load_artifact(path: str | Path) -> QuantArtifact:
         recipe=meta["recipe"], fmt=QuantFormat(meta["format"]), model_hash=meta["model_hash"],
         model_dtype=meta["model_dtype"], layers=layers, include=tuple(meta["include"]),
         exclude=tuple(meta["exclude"]), alpha=meta["alpha"], weight_granularity=meta["weight_granularity"],
-        calibration=meta["calibration"], format_version=version,
+        calibration=meta["calibration"], format_version=version, source=meta.get("source", {}),
     )
 
 

@@ -1,12 +1,19 @@
 """W8A8 Linear modules: static per-tensor activation scale, per-channel (or per-tensor) weight scale.
 
 `QuantLinear.from_linear` quantizes a float `nn.Linear` with scales from a calibration artifact.
-Which GEMM runs is decided in one place, `select_kernel`:
-- FP8 E4M3 on CUDA with compute capability >= 8.9: `torch._scaled_mm` (fp8 x fp8, fp32 accumulate);
+Which GEMM runs is decided in one place, `select_kernel`, when the module is built or moved to a
+device (never inside forward, so a compiled or captured forward sees a fixed choice):
+- FP8 E4M3 on CUDA with compute capability >= 8.9: `torch._scaled_mm` (fp8 x fp8), bf16 output with the
+  bias fused and fast accumulation; a CUDA GPU without FP8 is refused (`UnsupportedKernelError`);
 - INT8 on CUDA: `torch._int_mm` (int8 x int8 -> int32) with the weight column-major (`w[N, K].t()`),
-  which ran 733 TOP/s on an H200 against 127 with a row-major weight;
+  then one pass that scales, adds the bias and rounds to bf16 (`torch.addcmul` into a bf16 output:
+  the arithmetic runs in float32 per element, no float32 [M, N] tensor is made);
 - anywhere else: an exact emulation of the Q/DQ graph, as ONNX and TensorRT define it:
   quantize x with the static scale, dequantize x and the weight to float32, matmul in float32.
+
+The GPU kernels quantize activations in the compute dtype (one multiply by smooth_inv / input_scale
+folded into one [K] vector, saturate, cast), not through float32: this differs from the emulation by
+the rounding of that product (at most one bf16 ulp before the 8-bit rounding).
 """
 
 from __future__ import annotations
@@ -26,16 +33,30 @@ class Kernel(str, Enum):
     EMULATE = "emulate"
 
 
-def select_kernel(fmt: QuantFormat, device: torch.device, in_features: int, out_features: int) -> Kernel:
+class UnsupportedKernelError(ValueError):
+    """The GPU cannot run the asked-for 8-bit GEMM (FP8 W8A8 needs FP8 tensor cores)."""
+
+
+FP8_CAPABILITY = (8, 9)  # Ada / Hopper and newer
+
+
+def select_kernel(fmt: QuantFormat, device: torch.device, in_features: int, out_features: int,
+                  out_dtype: torch.dtype = torch.bfloat16) -> Kernel:
     """The GEMM a quantized Linear uses on `device` (the only place this is decided)."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return Kernel.EMULATE
     if fmt is QuantFormat.FP8_E4M3:
-        # _scaled_mm needs sm89+ (Ada / Hopper) and both GEMM dims of the weight divisible by 16.
-        ok = torch.cuda.get_device_capability(device) >= (8, 9) and in_features % 16 == 0 and out_features % 16 == 0
+        capability = torch.cuda.get_device_capability(device)
+        if capability < FP8_CAPABILITY:
+            raise UnsupportedKernelError(
+                f"FP8 W8A8 needs FP8 tensor cores (compute capability >= 8.9); {torch.cuda.get_device_name(device)} "
+                f"is {capability[0]}.{capability[1]}: calibrate with the int8-sq recipe instead")
+        # _scaled_mm needs both GEMM dims divisible by 16, and a bf16 output for per-channel scales.
+        ok = in_features % 16 == 0 and out_features % 16 == 0 and out_dtype == torch.bfloat16
         return Kernel.SCALED_MM if ok else Kernel.EMULATE
     # _int_mm needs K and N divisible by 8 (M > 16 is handled by padding rows).
-    return Kernel.INT_MM if in_features % 8 == 0 and out_features % 8 == 0 else Kernel.EMULATE
+    ok = in_features % 8 == 0 and out_features % 8 == 0 and out_dtype in (torch.bfloat16, torch.float16)
+    return Kernel.INT_MM if ok else Kernel.EMULATE
 
 
 class QuantLinear(nn.Module):
@@ -44,7 +65,8 @@ class QuantLinear(nn.Module):
     Buffers: `weight` [N, K] in the storage dtype (float8_e4m3fn / int8), `weight_scale` float32 [N]
     (per channel) or [1] (per tensor), `input_scale` float32 [] (static, from calibration),
     `smooth_inv` float32 [K] (SmoothQuant's 1/s; None when the recipe does not smooth),
-    `bias` [N] in the original Linear's dtype (or None).
+    `bias` [N] in the original Linear's dtype (or None). `kernel` is chosen when the module is built
+    and again whenever it moves to another device (`_apply`).
     """
 
     def __init__(self, in_features: int, out_features: int, fmt: QuantFormat, *, bias: bool, per_channel: bool,
@@ -58,7 +80,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("input_scale", torch.ones((), **kw))
         self.register_buffer("smooth_inv", torch.ones(in_features, **kw) if smooth else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias else None)
-        self._kernel: tuple[torch.device, Kernel] | None = None  # (device it was chosen for, kernel)
+        self.kernel = Kernel.EMULATE
+        self._forced: Kernel | None = None
+        self.choose_kernel()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: QuantFormat, *, input_scale: Tensor, weight_scale: Tensor,
@@ -75,43 +99,48 @@ class QuantLinear(nn.Module):
         dev = w.device
         q.input_scale.copy_(input_scale.to(dev, torch.float32).reshape(()))
         q.weight_scale.copy_(weight_scale.to(dev, torch.float32).reshape(-1))
+        s = None
         if smooth is not None:
             s = smooth.to(dev, torch.float32)
             q.smooth_inv.copy_(1.0 / s)
-            w = w.float() * s[None, :]
-        q.weight.copy_(quantize_weight(w, q.weight_scale, q.fmt))
+        quantize_weight(w, q.weight_scale, q.fmt, smooth=s, out=q.weight)
         if linear.bias is not None:
             q.bias.copy_(linear.bias.detach())
-        return q
+        return q.choose_kernel()
 
-    @property
-    def kernel(self) -> Kernel:
-        # Chosen once per device, not per call: querying the GPU in forward would break torch.compile graphs.
+    def choose_kernel(self) -> QuantLinear:
+        """Pick the GEMM for the current device and precompute what it needs (call after loading buffers)."""
         device = self.weight.device
-        if self._kernel is None or self._kernel[0] != device:
-            self._kernel = (device, select_kernel(self.fmt, device, self.in_features, self.out_features))
-        return self._kernel[1]
+        self.kernel = self._forced or (
+            Kernel.EMULATE if device.type == "meta"
+            else select_kernel(self.fmt, device, self.in_features, self.out_features, self.out_dtype))
+        self._act_mul: Tensor | None = None
+        self._out_scale: Tensor | None = None
+        if self.kernel is not Kernel.EMULATE:
+            # x * (smooth_inv / input_scale) in the compute dtype: one [K] (or scalar) multiply per call.
+            inv = 1.0 / self.input_scale.float()
+            self._act_mul = (inv * self.smooth_inv if self.smooth_inv is not None else inv).to(self.out_dtype)
+            self._out_scale = (self.input_scale * self.weight_scale).float().reshape(-1)  # int8: per-column scale
+        return self
+
+    def _apply(self, fn, recurse=True):  # .to(device) / .cuda(): the kernel follows the device, once
+        out = super()._apply(fn, recurse)
+        self.choose_kernel()
+        return out
 
     def use_kernel(self, kernel: Kernel | None) -> QuantLinear:
         """Force a GEMM on the current device (e.g. the emulation, to check a GPU kernel against it);
         None goes back to `select_kernel`'s choice."""
-        self._kernel = None if kernel is None else (self.weight.device, Kernel(kernel))
-        return self
+        self._forced = None if kernel is None else Kernel(kernel)
+        return self.choose_kernel()
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).float()
-        if self.smooth_inv is not None:
-            x2 = x2 * self.smooth_inv
-        xq = quantize(x2, self.input_scale, self.fmt)
-        y = _GEMMS[self.kernel](xq, self)  # float32, or bf16 from rowwise _scaled_mm
-        if y.dtype != x.dtype:
-            # One rounding to x.dtype after the bias, as the Q/DQ graph does. When the GEMM already returns
-            # x.dtype (bf16 rowwise FP8), `y + bias` is that same single rounding (bf16 adds run in float32),
-            # so the [M, N] output skips a bf16 -> fp32 -> bf16 round trip: two full passes over it per call.
-            y = y.float()
-        if self.bias is not None:
-            y = y + self.bias  # promotes a bf16 bias to y's dtype inside the add: no separate cast
+        x2 = x.reshape(-1, self.in_features)
+        if self.kernel is Kernel.EMULATE:
+            y = _emulate(x2, self)
+        else:
+            y = _GEMMS[self.kernel](quantize_activation(x2.to(self.out_dtype), self._act_mul, self.fmt), self)
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -121,33 +150,59 @@ class QuantLinear(nn.Module):
                 f"bias={self.bias is not None}, kernel={self.kernel.value}")
 
 
-def quantize_weight(w: Tensor, weight_scale: Tensor, fmt: QuantFormat) -> Tensor:
-    """[N, K] float weight -> storage dtype, scale per output row (or one for all)."""
-    scale = weight_scale.float().reshape(-1, 1) if weight_scale.numel() > 1 else weight_scale.float().reshape(())
-    return quantize(w, scale, fmt)
+WEIGHT_CHUNK = 1 << 22  # elements quantized at a time: float32 temporaries of 16 MiB, not of the whole layer
 
 
-def _weight_scale_row(q: QuantLinear) -> Tensor:
-    return q.weight_scale.reshape(1, -1) if q.weight_scale.numel() > 1 else q.weight_scale.reshape(())
+def quantize_weight(w: Tensor, weight_scale: Tensor, fmt: QuantFormat, *, smooth: Tensor | None = None,
+                    out: Tensor | None = None) -> Tensor:
+    """[N, K] float weight (times smooth [K], if given) -> storage dtype, scale per output row (or one for all).
+
+    Row blocks at a time (the maths is per element, so the result is the same bits): a 21504 x 3072 layer
+    needs 16 MiB of float32 scratch, not 264 MiB.
+    """
+    n, k = w.shape
+    out = torch.empty(n, k, dtype=fmt.storage_dtype, device=w.device) if out is None else out
+    per_row = weight_scale.numel() > 1
+    step = max(1, WEIGHT_CHUNK // max(k, 1))
+    for i in range(0, n, step):
+        block = w[i:i + step].float()
+        if smooth is not None:
+            block = block * smooth[None, :]
+        scale = weight_scale[i:i + step].float().reshape(-1, 1) if per_row else weight_scale.float().reshape(())
+        out[i:i + step] = quantize(block, scale, fmt)
+    return out
 
 
-def _emulate(xq: Tensor, q: QuantLinear) -> Tensor:
-    x = dequantize(xq, q.input_scale)
+def quantize_activation(x: Tensor, act_mul: Tensor, fmt: QuantFormat) -> Tensor:
+    """x [M, K] in the compute dtype -> 8-bit, as x * act_mul saturated and rounded (two [M, K] temporaries)."""
+    y = x * act_mul
+    if fmt is QuantFormat.INT8:
+        return y.round_().clamp_(-128, 127).to(torch.int8)
+    return y.clamp_(-448.0, 448.0).to(torch.float8_e4m3fn)
+
+
+def _emulate(x: Tensor, q: QuantLinear) -> Tensor:
+    """The Q/DQ graph in float32: quantize x (smoothed), dequantize both, matmul, bias, one rounding."""
+    x = x.float()
+    if q.smooth_inv is not None:
+        x = x * q.smooth_inv
+    xd = dequantize(quantize(x, q.input_scale, q.fmt), q.input_scale)
     w = dequantize(q.weight, q.weight_scale.reshape(-1, 1) if q.weight_scale.numel() > 1 else q.weight_scale)
-    return F.linear(x, w)
+    y = F.linear(xd, w)
+    return y if q.bias is None else y + q.bias  # a bf16 bias is promoted inside the add
 
 
 def _scaled_mm(xq: Tensor, q: QuantLinear) -> Tensor:
-    # torch._scaled_mm(a [M, K] row-major, b [K, N] column-major, scale_a, scale_b, bias=, out_dtype=).
-    # Per-tensor x per-tensor: scalar scales. Per-channel weights need "rowwise" scaling, for which
-    # both scales must be rowwise ([M, 1] and [1, N]) and the output bf16.
-    m = xq.shape[0]
+    # torch._scaled_mm(a [M, K] row-major, b [K, N] column-major, scale_a, scale_b, bias=, out_dtype=):
+    # bf16 out with the bias added in the epilogue, no float32 [M, N]. Per-channel weights need "rowwise"
+    # scaling: both scales rowwise ([M, 1] and [1, N]).
     if q.weight_scale.numel() == 1:
-        return torch._scaled_mm(xq, q.weight.t(), scale_a=q.input_scale, scale_b=q.weight_scale.reshape(()),
-                                out_dtype=torch.float32)
-    scale_a = q.input_scale.reshape(1, 1).expand(m, 1).contiguous()
-    return torch._scaled_mm(xq, q.weight.t(), scale_a=scale_a, scale_b=q.weight_scale.reshape(1, -1),
-                            out_dtype=torch.bfloat16)
+        scale_a, scale_b = q.input_scale, q.weight_scale.reshape(())
+    else:
+        scale_a = q.input_scale.reshape(1, 1).expand(xq.shape[0], 1).contiguous()
+        scale_b = q.weight_scale.reshape(1, -1)
+    return torch._scaled_mm(xq, q.weight.t(), scale_a=scale_a, scale_b=scale_b, bias=q.bias,
+                            out_dtype=q.out_dtype, use_fast_accum=True)
 
 
 def _int_mm(xq: Tensor, q: QuantLinear) -> Tensor:
@@ -156,7 +211,11 @@ def _int_mm(xq: Tensor, q: QuantLinear) -> Tensor:
     if m <= 16:
         xq = F.pad(xq, (0, 0, 0, 17 - m))
     acc = torch._int_mm(xq, q.weight.t())[:m]
-    return acc.float() * (q.input_scale * _weight_scale_row(q))
+    out = torch.empty(acc.shape, dtype=q.out_dtype, device=acc.device)
+    if q.bias is None:
+        return torch.mul(acc, q._out_scale, out=out)
+    # bias + acc * scale computed in float32 per element and rounded once into the bf16 output.
+    return torch.addcmul(q.bias.float(), acc, q._out_scale, out=out)
 
 
-_GEMMS = {Kernel.EMULATE: _emulate, Kernel.SCALED_MM: _scaled_mm, Kernel.INT_MM: _int_mm}
+_GEMMS = {Kernel.SCALED_MM: _scaled_mm, Kernel.INT_MM: _int_mm}

@@ -111,6 +111,7 @@ def build_artifact(
     per_channel: bool = True,
     calibration: dict | None = None,
     model_hash: str | None = None,
+    source: dict | None = None,
 ) -> QuantArtifact:
     """Scales for the selected Linear layers of `model` (the model the stats were collected on)."""
     r = get_recipe(recipe)
@@ -128,4 +129,5 @@ def build_artifact(
         recipe=r.name, fmt=r.fmt, model_hash=model_hash or module_hash(model), model_dtype=dtype_name(dtype),
         layers=layers, include=tuple(include), exclude=tuple(exclude), alpha=alpha if r.smooth else None,
         weight_granularity="per_channel" if per_channel else "per_tensor", calibration=calibration or {},
+        source=source or {},
     )

@@ -10,6 +10,8 @@ from .calibrate import calibrate
 from .common import Step1XGroup
 from .edit import demo, edit
 from .export import export
+from .plan import plan
+from .quantize import quantize
 from .serve import serve
 
 
@@ -22,5 +24,5 @@ def main() -> None:
     """
 
 
-for command in (demo, edit, export, calibrate, build, bench, serve):
+for command in (demo, edit, export, calibrate, build, bench, serve, plan, quantize):
     main.add_command(command)

@@ -13,7 +13,9 @@ from ..calibrate.collect import collect_stats
 from ..calibrate.dataset import describe, split_pairs
 from ..calibrate.evaluate import evaluate, format_table, summarize
 from ..calibrate.recipes import DEFAULT_EXCLUDE, RECIPES, build_artifact
+from ..hashing import file_identity
 from ..specs import profile_for
+from ..step1x_ref.loading import ModelFiles
 from ..step1x_ref.pipeline import Step1XEditPipeline
 from .common import CFG, DEVICE, DTYPES, SEED, FiniteFloat, check_output_path, default_device, user_errors
 
@@ -73,7 +75,11 @@ def calibrate(
     calib, held_out = split_pairs()
     if samples > len(calib):
         raise ValueError(f"--samples {samples}: the calibration split has {len(calib)} pairs")
+    source = None
     if model_dir is not None:
+        # The artifact names the checkpoint file by identity (size + sha256, cached beside it): a later load
+        # checks that, not a hash of 25 GB of tensors.
+        source = file_identity(ModelFiles.in_dir(model_dir, version).dit).as_dict()
         pipe = Step1XEditPipeline.from_pretrained(model_dir, version, device=device or default_device(),
                                                   dtype=DTYPES[dtype or "bf16"])
     else:
@@ -84,7 +90,8 @@ def calibrate(
     calibration = describe(pairs) | {"steps": steps, "size_level": size_level, "cfg": cfg, "seed": seed,
                                      "model": str(model_dir or model_name)}
     artifact = build_artifact(pipe.model, stats, recipe, alpha=alpha, include=include, exclude=exclude,
-                              per_channel=weight_granularity == "per-channel", calibration=calibration)
+                              per_channel=weight_granularity == "per-channel", calibration=calibration,
+                              source=source, model_hash=source and source["sha256"])
     save_artifact(artifact, out_path)
     click.echo(f"wrote {out_path}: {artifact.summary()}")
     if n_eval:

@@ -44,6 +44,13 @@ class RuntimeArgs:
     graph_cache: int = DEFAULT_GRAPH_CACHE
     shape_buckets: bool = False
     sequential_load: bool = False
+    mllm_quant: str | None = None
+    preset: str | None = None
+
+    @property
+    def mllm_quant_asked(self) -> str | None:
+        """--mllm-quant, or the preset's (24gb: int8) when not given."""
+        return self.mllm_quant or ("int8" if self.preset == "24gb" else None)
 
     def check_source(self) -> None:
         """One-line usage errors for a combination of flags that names no model or mixes backends."""
@@ -59,6 +66,13 @@ class RuntimeArgs:
             raise click.UsageError("--quant applies to --backend torch (exported graphs carry their own quantization)")
         if self.compile and self.backend != "torch":
             raise click.UsageError(f"--compile applies to --backend torch; {self.backend} runs its own graphs")
+        if self.preset == "24gb":
+            from ..calibrate.qcheckpoint import read_qcheckpoint_info
+
+            if self.quant is None or read_qcheckpoint_info(self.quant) is None:
+                raise click.UsageError("--preset 24gb needs --quant FILE, a quantized checkpoint (`step1x-export "
+                                       "quantize --artifact FP8_ARTIFACT --weight-only int8`): the bf16 DiT does "
+                                       "not fit")
 
     def options(self, **overrides: Any) -> RuntimeOptions:
         """The `RuntimeOptions` these flags ask for (precision from --dtype; bf16 when unset)."""
@@ -67,7 +81,8 @@ class RuntimeArgs:
         precision = precision_of(DTYPES[self.dtype]) if self.dtype else RuntimeOptions().precision
         base = RuntimeOptions(backend=self.backend, precision=precision, cuda_graphs=self.cuda_graphs,  # type: ignore[arg-type]
                               compile=self.compile, compile_mode=self.compile_mode, graph_cache=self.graph_cache,
-                              shape_buckets=self.shape_buckets, sequential_load=self.sequential_load)
+                              shape_buckets=self.shape_buckets, sequential_load=self.sequential_load,
+                              mllm_quant=self.mllm_quant_asked)
         return replace(base, **overrides)
 
     def load_kwargs(self) -> dict[str, Any]:
@@ -85,7 +100,7 @@ class RuntimeArgs:
             "dtype": DTYPES[self.dtype] if self.dtype else None, "cuda_graphs": self.cuda_graphs,
             "compile": self.compile, "compile_mode": self.compile_mode, "graph_cache": self.graph_cache,
             "shape_buckets": self.shape_buckets, "sequential_load": self.sequential_load, "version": self.version,
-            "mllm": mllm,
+            "mllm": mllm, "mllm_quant": self.mllm_quant_asked,
         }
 
     def load(self) -> Step1XEditRuntime:
@@ -111,7 +126,8 @@ def _source_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]
                      help="Export folder (onnxruntime) or engine folder (tensorrt)."),
         click.option("--quant", type=click.Path(path_type=Path, dir_okay=False),
                      help="Calibration artifact (`step1x-export calibrate`) applied to the torch DiT (FP8 / INT8 "
-                     "W8A8)."),
+                     "W8A8), or a quantized checkpoint (`step1x-export quantize`) loaded as the DiT without a bf16 "
+                     "copy."),
         click.option("--version", type=click.Choice(["v1.0", "v1.1"]), default="v1.1", show_default=True,
                      help="Model version of the checkpoint in --model-dir."),
         click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
@@ -146,6 +162,14 @@ def _execution_options() -> dict[str, Callable[[Callable[..., Any]], Callable[..
         "sequential_load": click.option(
             "--sequential-load", is_flag=True,
             help="Load one stage at a time and free it after (MLLM freed before the DiT): for GPUs with <= 24 GB."),
+        "mllm_quant": click.option(
+            "--mllm-quant", type=click.Choice(["none", "fp8", "int8"]), default=None,
+            help="Qwen2.5-VL's Linears as 8-bit weight-only layers, quantized on the host before they reach the "
+            "device [default: none; int8 with --preset 24gb]."),
+        "preset": click.option(
+            "--preset", type=click.Choice(["24gb"]), default=None,
+            help="24gb: every stage resident on a 24 GB card at 1024^2 (`step1x-export plan --preset 24gb`); needs "
+            "--quant QUANTIZED_CHECKPOINT (FP8 W8A8 + int8 weight-only) and sets --mllm-quant int8."),
     }
 
 

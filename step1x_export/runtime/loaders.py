@@ -8,14 +8,18 @@ from pathlib import Path
 
 import torch
 
+from ..calibrate.qcheckpoint import load_quantized_checkpoint, read_qcheckpoint_info
+from ..hashing import FileIdentity, file_identity
+from ..safetensors_io import TensorReader
 from ..specs import component_specs, dit_spec, vae_decoder_spec, vae_encoder_spec
 from ..step1x_ref.autoencoder import AutoEncoder, VAEDecoder, VAEEncoder
 from ..step1x_ref.conditioner import Qwen25VLEmbedder
 from ..step1x_ref.configs import CONFIGS, ModelConfig, get_config
-from ..step1x_ref.loading import ModelFiles, check_qwen_dir, load_into
+from ..step1x_ref.loading import CheckpointError, ModelFiles, check_qwen_dir, check_state_dict, load_into
 from ..step1x_ref.model import Step1XEdit
 from ..step1x_ref.pipeline import Step1XEditPipeline
 from .buffers import BufferPool, Shape, select_profile
+from .mllm import prepare_mllm
 from .options import RuntimeOptions
 from .stages import Loader
 from .torch_engine import TorchEncoder, TorchEngine
@@ -36,62 +40,108 @@ def pipeline_loaders(pipe: Step1XEditPipeline, device: torch.device, dtype: torc
     }
 
 
-def quantized_dit(model: torch.nn.Module, quant: str | Path | None) -> torch.nn.Module:
+def quantized_dit(model: torch.nn.Module, quant: str | Path | None, source: FileIdentity | None = None
+                  ) -> torch.nn.Module:
     """The DiT with a calibration artifact's W8A8 layers swapped in (in place), or as it is without one.
 
-    Compiling is the runtime's job (on load of the dit stage), the same for every loader.
+    `source`: the identity of the file the model was loaded from (checked against the artifact's, no tensor
+    hashing). Compiling is the runtime's job (on load of the dit stage), the same for every loader.
     """
     if quant is None:
         return model
     from ..calibrate.apply import quantize_model  # imported only when asked for
     from ..calibrate.artifact import load_artifact
 
-    return quantize_model(model, load_artifact(Path(quant)))
+    return quantize_model(model, load_artifact(Path(quant)), source=source)
+
+
+def checkpoint_dit(quant: Path, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The DiT from a quantized checkpoint: 8-bit tensors read straight onto the device (no float copy)."""
+    model, info = load_quantized_checkpoint(quant, device, dtype)
+    if info.config != config.name:
+        raise ValueError(f"quantized checkpoint {quant} is for config {info.config}, the runtime loads {config.name}")
+    return model
+
+
+def _vae_half(files: ModelFiles, config: ModelConfig, half: str, device: torch.device) -> AutoEncoder:
+    """The AutoEncoder with only `half` ("encoder" / "decoder") loaded: each VAE stage reads its own half once,
+    so the two stages never hold the same weights twice (the other half stays on `meta`, unused)."""
+    with torch.device("meta"):
+        ae = AutoEncoder(config.vae)
+    part = getattr(ae, half)
+    reader = TensorReader(files.vae, device=device)
+    stray = sorted(k for k in reader.infos if not k.startswith(("encoder.", "decoder.")))
+    if stray:
+        shown = ", ".join(stray[:10])
+        raise CheckpointError(f"{files.vae} does not match the model: {len(stray)} unexpected keys: {shown}")
+    state = {k.removeprefix(f"{half}."): v.float()
+             for k, v in reader.read(k for k in reader.infos if k.startswith(f"{half}.")).items()}
+    check_state_dict(part, state, f"{files.vae} ({half})")
+    part.load_state_dict(state, strict=True, assign=True)
+    return ae.eval().requires_grad_(False)
+
+
+def qwen_encoder(qwen_dir: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device,
+                 quant: str | None) -> TorchEncoder:
+    """The MLLM stage from a Qwen2.5-VL directory: loaded on the host, trimmed and quantized there, then
+    moved, so the device only ever holds what the stage keeps."""
+    embedder = Qwen25VLEmbedder.from_pretrained(qwen_dir, config.embedder, dtype, "cpu")
+    return TorchEncoder(prepare_mllm(embedder, quant).to(device))
 
 
 def torch_loaders(
     source: str | Path, options: RuntimeOptions, device: torch.device, *, version: str, quant, seed: int
 ) -> tuple[ModelConfig, dict[str, Loader], tuple[str, ...]]:
+    """`quant`: a calibration artifact (scales; applied to the float DiT) or a quantized checkpoint (the DiT itself)."""
     dtype = options.precision.compute_dtype
+    # A missing file falls through to the artifact loader, whose error names it.
+    qcheckpoint = quant is not None and Path(quant).is_file() and read_qcheckpoint_info(quant) is not None
     if str(source) in TINY:
         pipe = Step1XEditPipeline.random(str(source), seed=seed, dtype=dtype)
+        prepare_mllm(pipe.embedder, options.mllm_quant)
         for module in (pipe.model, pipe.ae, pipe.embedder):
             module.to(device)
-        model = quantized_dit(pipe.model, quant)
+        if qcheckpoint:
+            model = checkpoint_dit(Path(quant), pipe.config, device, dtype)
+        else:
+            model = quantized_dit(pipe.model, quant)
         return pipe.config, pipeline_loaders(pipe, device, dtype, dit=model), (f"tiny random weights (seed {seed})",)
     config = get_config(version)
     files = ModelFiles.in_dir(source, version)
 
     def dit() -> TorchEngine:
-        model = load_into(lambda: Step1XEdit(config), files.dit, dtype=dtype, device=device)
-        return TorchEngine(quantized_dit(model, quant), dit_spec(config), dtype, device)
-
-    def autoencoder() -> AutoEncoder:  # fp32 as upstream; loaded per VAE stage so each frees its half
-        return load_into(lambda: AutoEncoder(config.vae), files.vae, dtype=torch.float32, device=device)
+        if qcheckpoint:
+            model = checkpoint_dit(Path(quant), config, device, dtype)
+        else:
+            model = load_into(lambda: Step1XEdit(config), files.dit, dtype=dtype, device=device)
+            model = quantized_dit(model, quant, file_identity(files.dit) if quant is not None else None)
+        return TorchEngine(model, dit_spec(config), dtype, device)
 
     return config, {
-        "encoder": lambda: TorchEncoder(Qwen25VLEmbedder.from_pretrained(files.qwen, config.embedder, dtype, device)),
-        "vae_encoder": lambda: TorchEngine(VAEEncoder(autoencoder()), vae_encoder_spec(config), torch.float32, device),
+        "encoder": lambda: qwen_encoder(files.qwen, config, dtype, device, options.mllm_quant),
+        "vae_encoder": lambda: TorchEngine(VAEEncoder(_vae_half(files, config, "encoder", device)),
+                                           vae_encoder_spec(config), torch.float32, device),
         "dit": dit,
-        "vae_decoder": lambda: TorchEngine(VAEDecoder(autoencoder()), vae_decoder_spec(config), torch.float32, device),
+        "vae_decoder": lambda: TorchEngine(VAEDecoder(_vae_half(files, config, "decoder", device)),
+                                           vae_decoder_spec(config), torch.float32, device),
     }, ()
 
 
 def mllm_loader(config: ModelConfig, mllm: str | Path | None, device: torch.device, dtype: torch.dtype,
-                seed: int) -> tuple[Loader, str]:
+                seed: int, quant: str | None = None) -> tuple[Loader, str]:
     """The MLLM stage for engine backends: torch, from a Qwen2.5-VL dir or a tiny config's seeded weights."""
     name = str(mllm) if mllm is not None else config.name
     if name in TINY:
         def tiny() -> TorchEncoder:  # the same weights as Step1XEditPipeline.random(name, seed=seed)
-            return TorchEncoder(Step1XEditPipeline.random(name, seed=seed, dtype=dtype).embedder.to(device))
+            embedder = Step1XEditPipeline.random(name, seed=seed, dtype=dtype).embedder
+            return TorchEncoder(prepare_mllm(embedder, quant).to(device))
 
         return tiny, f"MLLM: torch, tiny random weights (seed {seed})"
     if mllm is None:
         raise ValueError(f"the engines are for {config.name}: pass the Qwen2.5-VL-7B-Instruct directory as mllm "
                          "(the MLLM runs in torch)")
     check_qwen_dir(Path(mllm))  # now, not when the stage is first loaded
-    return (lambda: TorchEncoder(Qwen25VLEmbedder.from_pretrained(Path(mllm), config.embedder, dtype, device)),
-            f"MLLM: torch, from {mllm}")
+    return (lambda: qwen_encoder(Path(mllm), config, dtype, device, quant)), f"MLLM: torch, from {mllm}"
 
 
 def _check_components(source: Path, present: Iterable[str]) -> None:
@@ -100,7 +150,8 @@ def _check_components(source: Path, present: Iterable[str]) -> None:
         raise FileNotFoundError(f"{source} lacks component(s) {missing}; it has {sorted(present)}")
 
 
-def engine_loaders(source: Path, backend: str, device: torch.device, dtype: torch.dtype, *, mllm, seed: int):
+def engine_loaders(source: Path, backend: str, device: torch.device, dtype: torch.dtype, *, mllm, seed: int,
+                   mllm_quant: str | None = None):
     """Loaders for an ONNX export dir (onnxruntime) or a TensorRT engine dir, and their shape check.
 
     The model config is the one the export / engines were made from (their manifest names it).
@@ -108,7 +159,7 @@ def engine_loaders(source: Path, backend: str, device: torch.device, dtype: torc
     if not source.is_dir():
         raise FileNotFoundError(f"{backend} engine directory {source} does not exist")
     if backend == "tensorrt":
-        return _tensorrt_loaders(source, device, dtype, mllm=mllm, seed=seed)
+        return _tensorrt_loaders(source, device, dtype, mllm=mllm, seed=seed, mllm_quant=mllm_quant)
     from ..export import load_manifest
     from .onnxruntime import OrtEngine, ort_embedder
 
@@ -123,7 +174,7 @@ def engine_loaders(source: Path, backend: str, device: torch.device, dtype: torc
     if mllm is None and {"vision", "llm"} <= manifest.components.keys():
         encoder, note = (lambda: ort_embedder(manifest, config)), "MLLM: ONNX Runtime (vision + llm graphs)"
     else:
-        encoder, note = mllm_loader(config, mllm, device, dtype, seed)
+        encoder, note = mllm_loader(config, mllm, device, dtype, seed, mllm_quant)
         note += " (the export has no vision/llm graphs, or mllm was given)"
     loaders = {"encoder": encoder, **{c: ort(c) for c in ENGINE_COMPONENTS}}
 
@@ -133,7 +184,8 @@ def engine_loaders(source: Path, backend: str, device: torch.device, dtype: torc
     return config, loaders, check, (note,)
 
 
-def _tensorrt_loaders(source: Path, device: torch.device, dtype: torch.dtype, *, mllm, seed: int):
+def _tensorrt_loaders(source: Path, device: torch.device, dtype: torch.dtype, *, mllm, seed: int,
+                      mllm_quant: str | None = None):
     from .trt_engine import TensorRTEngine
     from .trt_manifest import EngineManifest, current_platform
 
@@ -149,7 +201,7 @@ def _tensorrt_loaders(source: Path, device: torch.device, dtype: torch.dtype, *,
         record = manifest.components[name]
         return lambda: TensorRTEngine(source / record.file, specs[name], record.profiles, pool)
 
-    encoder, note = mllm_loader(config, mllm, device, dtype, seed)
+    encoder, note = mllm_loader(config, mllm, device, dtype, seed, mllm_quant)
     loaders = {"encoder": encoder, **{c: trt(c) for c in ENGINE_COMPONENTS}}
 
     def check(component: str, shapes: dict[str, Shape]) -> None:

@@ -36,6 +36,7 @@ class RuntimeOptions:
     shape_buckets: bool = False  # snap each edit to the nearest of specs.BUCKET_ASPECTS (changes pixels vs upstream)
     attention_fp8: bool = False  # FP8 attention: not implemented
     sequential_load: bool = False  # load one stage at a time (encoder freed before the DiT): cards <= 24 GB
+    mllm_quant: str | None = None  # "fp8" / "int8": the MLLM's Linears weight-only 8-bit (None: as loaded)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -43,6 +44,8 @@ class RuntimeOptions:
         object.__setattr__(self, "precision", Precision.parse(self.precision))
         if isinstance(self.graph_cache, bool) or not isinstance(self.graph_cache, int) or self.graph_cache < 1:
             raise ValueError(f"graph_cache must be an integer >= 1 (graphs kept), got {self.graph_cache!r}")
+        if self.mllm_quant not in (None, "none", "fp8", "int8"):
+            raise ValueError(f"unknown mllm_quant {self.mllm_quant!r}; choose none, fp8 or int8")
         if self.attention_fp8:
             raise NotImplementedError("RuntimeOptions.attention_fp8: FP8 attention is not implemented yet")
 

@@ -34,7 +34,7 @@ from .compile import CompileBackend, compile_blocks
 from .cudagraph import CudaGraphed, GraphCounts
 from .engine import Engine
 from .loaders import TINY, engine_loaders, pipeline_loaders, torch_loaders
-from .memory import PeakMemory, read_peak, release_cached, reset_peak
+from .memory import DriverMemory, PeakMemory, read_peak, release_cached, reset_peak
 from .options import DEFAULT_GRAPH_CACHE, Backend, RuntimeOptions
 from .progress import StepEvents
 from .stages import Loader, Stages
@@ -84,6 +84,7 @@ class Step1XEditRuntime:
         self.timer = StageTimer(self.device)
         self.timings: dict[str, float] = {}
         self.peak_memory = PeakMemory(None, "no edit yet")
+        self._driver = DriverMemory(self.device)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -104,12 +105,15 @@ class Step1XEditRuntime:
         version: str = "v1.1",
         mllm: str | Path | None = None,
         seed: int = 0,
+        mllm_quant: str | None = None,
     ) -> Step1XEditRuntime:
         """A runtime over `source`: a tiny config name ("tiny": random weights from `seed`, as
         `Step1XEditPipeline.random`), a model dir with the official files (torch backend), or an
         export / engine dir (onnxruntime, tensorrt). For engine dirs the MLLM runs in torch from
         `mllm` (a Qwen2.5-VL directory, or a tiny config name), default: the export's tiny config.
-        `quant` is a calibration artifact applied to the torch DiT. `compile`: None compiles the torch DiT
+        `quant` is a calibration artifact applied to the torch DiT, or a quantized checkpoint (`step1x-export
+        quantize`) loaded as the DiT; `mllm_quant` ("fp8" / "int8") makes the MLLM's Linears weight-only 8-bit.
+        `compile`: None compiles the torch DiT
         on CUDA only, True on any device (CPU included), False never; `graph_cache` bounds the CUDA graphs
         kept (one per edit size, least recently used evicted); `shape_buckets` snaps each edit to the nearest
         of `specs.BUCKET_ASPECTS` (the output is still the input's size)."""
@@ -121,7 +125,7 @@ class Step1XEditRuntime:
         options = RuntimeOptions(
             backend=backend, precision=precision_of(dtype), cuda_graphs=cuda_graphs, compile=compile,
             compile_mode=compile_mode, graph_cache=graph_cache, shape_buckets=shape_buckets,
-            sequential_load=sequential_load,
+            sequential_load=sequential_load, mllm_quant=mllm_quant,
         )
         if backend == "torch":
             config, loaders, notes = torch_loaders(source, options.resolved(device), device, version=version,
@@ -130,7 +134,8 @@ class Step1XEditRuntime:
         if quant is not None:
             raise ValueError(f"--quant applies to the torch backend; a {backend} export has its quantization "
                              "(Q/DQ nodes) in the graph already")
-        config, loaders, check, notes = engine_loaders(Path(source), backend, device, dtype, mllm=mllm, seed=seed)
+        config, loaders, check, notes = engine_loaders(Path(source), backend, device, dtype, mllm=mllm, seed=seed,
+                                                       mllm_quant=mllm_quant)
         return cls(config, loaders, options, device, shape_check=check, notes=notes)
 
     @classmethod
@@ -170,6 +175,7 @@ class Step1XEditRuntime:
                 raise RuntimeError("Step1XEditRuntime is closed")
             timer = self.timer = StageTimer(self.device)
             reset_peak(self.device)
+            self._driver = DriverMemory(self.device)
             with timer.stage("preprocess"):
                 bucket = shape_bucket(*image.size, size_level) if self.options.shape_buckets else None
                 img = prepare_image(image, size_level, bucket)
@@ -198,7 +204,7 @@ class Step1XEditRuntime:
             with timer.stage("postprocess"):
                 out = postprocess(pixels, img.orig_size)
             self.timings = timer.resolve()
-            self.peak_memory = read_peak(self.device)
+            self.peak_memory = read_peak(self.device, self._driver)
             self._edits += 1
             return out
 
@@ -250,6 +256,7 @@ class Step1XEditRuntime:
                 self.stages.load(name)
         with self.stages.use(name) as engine, timer.stage(label):
             yield engine
+            self._driver.sample()  # before a sequential load frees the stage
 
     @property
     def default_size_level(self) -> int:

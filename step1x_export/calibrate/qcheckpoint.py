@@ -1,0 +1,227 @@
+"""Quantized checkpoints: the deployable product of calibration.
+
+One safetensors file holds the whole DiT (connector included) as the runtime runs it: the W8A8 layers'
+8-bit weights with their scales and smoothing factors (`QuantLinear`'s buffers), the weight-only layers'
+8-bit weights and scales (`WeightOnlyLinear`), every other tensor as it is, all keyed by module name.
+The header's `step1x_export.qcheckpoint` metadata holds the recipe, the layer selection, the source
+checkpoint's identity, the artifact's calibration set and the model config.
+
+`write_quantized_checkpoint` streams the source one layer at a time (`safetensors_io`): host memory
+stays near one layer, whether the source is bf16 or the FP8-stored v1.0 file (each layer is cast to
+the calibration dtype on its own, exactly as `load_into` would cast the whole model). Each layer goes
+through the same `QuantLinear.from_linear` as `quantize_model`, so the checkpoint's weights are the
+artifact path's weights bit for bit. `load_quantized_checkpoint` builds the model on `meta`, swaps in
+the 8-bit modules and assigns the file's tensors read straight onto the device: no float copy of a
+quantized layer exists there.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..hashing import FileIdentity, file_identity
+from ..safetensors_io import SafetensorsIOError, TensorInfo, TensorReader, group_by_module, stream_safetensors
+from ..step1x_ref.configs import ModelConfig, get_config
+from ..step1x_ref.loading import CheckpointError, check_state_dict
+from ..step1x_ref.model import Step1XEdit
+from .artifact import QuantArtifact, _metadata, dtype_name
+from .formats import QuantFormat
+from .qlinear import QuantLinear
+from .recipes import select_layers
+from .weight_only import WeightOnlyLinear, set_submodule
+
+METADATA_KEY = "step1x_export.qcheckpoint"
+FORMAT_VERSION = 1
+# The modulation Linears: 3.2 B of the DiT's 12.4 B parameters, acting on one vector per sample.
+MODULATION = ("*_mod.lin", "*.modulation.lin")
+# What W8A8's default selection keeps in high precision and weight-only 8 bits can take: the modulation
+# Linears and the connector (0.5 B parameters, 640 text tokens per step).
+WEIGHT_ONLY_DEFAULT = (*MODULATION, "connector.*")
+DTYPES = {dtype_name(d): d for d in (torch.float32, torch.bfloat16, torch.float16)}
+
+
+@dataclass(frozen=True)
+class QuantizedLayout:
+    """Which Linear becomes what: W8A8 layers (from an artifact) and weight-only layers."""
+
+    w8a8: dict[str, dict]  # name -> {"in_features", "out_features", "per_channel", "smooth"}
+    w8a8_format: QuantFormat | None
+    weight_only: tuple[str, ...]
+    weight_only_format: QuantFormat | None
+
+    def as_dict(self) -> dict:
+        return {"w8a8": self.w8a8, "w8a8_format": self.w8a8_format and self.w8a8_format.value,
+                "weight_only": list(self.weight_only),
+                "weight_only_format": self.weight_only_format and self.weight_only_format.value}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantizedLayout:
+        fmt, wo = d.get("w8a8_format"), d.get("weight_only_format")
+        return cls(d["w8a8"], fmt and QuantFormat(fmt), tuple(d["weight_only"]), wo and QuantFormat(wo))
+
+
+def layout_for(model: nn.Module, artifact: QuantArtifact | None, weight_only: tuple[str, ...],
+               weight_only_format: QuantFormat | None) -> QuantizedLayout:
+    """The layout for `model`: the artifact's layers W8A8; Linears matching `weight_only` (and not W8A8) weight-only."""
+    w8a8 = {} if artifact is None else {
+        n: {"in_features": s.in_features, "out_features": s.out_features,
+            "per_channel": s.weight_scale.numel() > 1, "smooth": s.smooth is not None}
+        for n, s in artifact.layers.items()}
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    wo = tuple(n for n in select_layers(linears, weight_only, ()) if n not in w8a8) if weight_only else ()
+    if wo and weight_only_format is None:
+        raise ValueError("weight-only layers were selected without a weight-only format (fp8_e4m3 or int8)")
+    return QuantizedLayout(w8a8, artifact.fmt if artifact else None, wo, weight_only_format if wo else None)
+
+
+def swap_on_meta(model: nn.Module, layout: QuantizedLayout, dtype: torch.dtype) -> nn.Module:
+    """Replace the layout's Linears by empty 8-bit modules on `meta` (the shapes a checkpoint must have)."""
+    for name, d in layout.w8a8.items():
+        linear = _linear(model, name)
+        set_submodule(model, name, QuantLinear(
+            linear.in_features, linear.out_features, layout.w8a8_format, bias=linear.bias is not None,
+            per_channel=d["per_channel"], smooth=d["smooth"], dtype=dtype, device="meta"))
+    for name in layout.weight_only:
+        linear = _linear(model, name)
+        set_submodule(model, name, WeightOnlyLinear(linear.in_features, linear.out_features,
+                                                    layout.weight_only_format, bias=linear.bias is not None,
+                                                    dtype=dtype, device="meta"))
+    return model
+
+
+def _linear(model: nn.Module, name: str) -> nn.Linear:
+    try:
+        m = model.get_submodule(name)
+    except AttributeError:
+        m = None
+    if not isinstance(m, nn.Linear):
+        got = type(m).__name__ if m else "nothing"
+        raise ValueError(f"layer {name}: the model has {got} there, expected nn.Linear")
+    return m
+
+
+@dataclass(frozen=True)
+class QCheckpointInfo:
+    path: Path
+    config: str
+    dtype: torch.dtype  # of every tensor that is not 8-bit or a scale
+    layout: QuantizedLayout
+    source: dict  # identity of the checkpoint it was quantized from
+    quant: dict  # the artifact's metadata (recipe, selection, calibration set), {} if weight-only only
+
+    def summary(self) -> str:
+        fmt = self.layout.w8a8_format.value if self.layout.w8a8_format else "-"
+        wo = self.layout.weight_only_format.value if self.layout.weight_only_format else "-"
+        return (f"{len(self.layout.w8a8)} W8A8 layers ({fmt}), {len(self.layout.weight_only)} weight-only layers "
+                f"({wo}), other tensors {dtype_name(self.dtype)}; config {self.config}; "
+                f"from {self.source.get('file', '?')} {self.source.get('sha256', '')[:12]}")
+
+
+def write_quantized_checkpoint(
+    source: str | Path, config: str | ModelConfig, out: str | Path, *, artifact: QuantArtifact | None = None,
+    weight_only: tuple[str, ...] = (), weight_only_format: QuantFormat | None = None,
+    dtype: torch.dtype | None = None, progress: bool = False,
+) -> QCheckpointInfo:
+    """Stream the DiT checkpoint `source` into a quantized checkpoint at `out` (written atomically).
+
+    `config`: a registered config name (what the runtime will look up when loading), or a ModelConfig.
+    """
+    config = get_config(config) if isinstance(config, str) else config
+    if dtype is None:  # the dtype the artifact's scales were calibrated in
+        dtype = DTYPES.get(artifact.model_dtype, torch.bfloat16) if artifact else torch.bfloat16
+    reader = TensorReader(source)
+    identity = file_identity(source)
+    if artifact is not None:
+        _check_artifact_source(artifact, identity, dtype)
+    with torch.device("meta"):
+        model = Step1XEdit(config).to(dtype)  # the dtypes the output declares
+    check_state_dict(model, {k: torch.empty(i.shape, device="meta") for k, i in reader.infos.items()}, str(source))
+    layout = layout_for(model, artifact, weight_only, weight_only_format)
+    swap_on_meta(model, layout, dtype)
+    entries = {k: TensorInfo(t.dtype, tuple(t.shape)) for k, t in model.state_dict().items()}
+    info = QCheckpointInfo(Path(out), config.name, dtype, layout, identity.as_dict(),
+                           _metadata(artifact) if artifact else {})
+    groups = group_by_module(entries)
+    with stream_safetensors(out, entries, {METADATA_KEY: json.dumps(_info_dict(info), ensure_ascii=False)}) as w:
+        for name, keys in tqdm(groups.items(), desc="quantizing", unit="layer", disable=not progress, leave=False):
+            for k, t in _quantized_group(model.get_submodule(name), name, keys, reader, artifact, dtype).items():
+                w.write(k, t)
+    return info
+
+
+def _quantized_group(module: nn.Module, name: str, keys: list[str], reader: TensorReader,
+                     artifact: QuantArtifact | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The output tensors of one module, read (and, for 8-bit modules, quantized) from the source."""
+    prefix = f"{name}." if name else ""
+    if isinstance(module, QuantLinear | WeightOnlyLinear):
+        src = {k.removeprefix(prefix): v.to(dtype) for k, v in reader.read(
+            f"{prefix}{p}" for p in ("weight", "bias") if module.bias is not None or p == "weight").items()}
+        linear = nn.Linear(module.in_features, module.out_features, bias="bias" in src, device="meta", dtype=dtype)
+        linear.load_state_dict(src, assign=True)
+        if isinstance(module, QuantLinear):
+            s = artifact.layers[name]
+            q = QuantLinear.from_linear(linear, module.fmt, input_scale=s.input_scale, weight_scale=s.weight_scale,
+                                        smooth=s.smooth)
+        else:
+            q = WeightOnlyLinear.from_linear(linear, module.fmt)
+        state = q.state_dict()
+        return {k: state[k.removeprefix(prefix)] for k in keys}
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in reader.read(keys).items()}
+
+
+def _check_artifact_source(artifact: QuantArtifact, identity: FileIdentity, dtype: torch.dtype) -> None:
+    if artifact.source and artifact.source.get("sha256") != identity.sha256:
+        raise ValueError(f"the quantization artifact was calibrated on {artifact.source.get('file')} "
+                         f"(sha256 {artifact.source.get('sha256', '')[:12]}), not on {identity.name} "
+                         f"(sha256 {identity.sha256[:12]}): recalibrate on this checkpoint")
+    if artifact.model_dtype != dtype_name(dtype):
+        raise ValueError(f"the quantization artifact was calibrated in {artifact.model_dtype}; quantizing in "
+                         f"{dtype_name(dtype)} would not match its scales")
+
+
+def _info_dict(info: QCheckpointInfo) -> dict:
+    return {"format_version": FORMAT_VERSION, "config": info.config, "dtype": dtype_name(info.dtype),
+            "layout": info.layout.as_dict(), "source": info.source, "quant": info.quant}
+
+
+def read_qcheckpoint_info(path: str | Path) -> QCheckpointInfo | None:
+    """The checkpoint's metadata, or None when `path` is not a quantized checkpoint (e.g. an artifact)."""
+    raw = TensorReader(path).metadata.get(METADATA_KEY)
+    if raw is None:
+        return None
+    d = json.loads(raw)
+    if d.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: quantized checkpoint version {d.get('format_version')}, "
+                              f"this step1x-export reads {FORMAT_VERSION}")
+    return QCheckpointInfo(Path(path), d["config"], DTYPES[d["dtype"]], QuantizedLayout.from_dict(d["layout"]),
+                           d["source"], d["quant"])
+
+
+def load_quantized_checkpoint(path: str | Path, device: str | torch.device,
+                              dtype: torch.dtype | None = None) -> tuple[nn.Module, QCheckpointInfo]:
+    """The quantized DiT, built on `meta` and assigned the file's tensors read onto `device`."""
+    info = read_qcheckpoint_info(path)
+    if info is None:
+        raise CheckpointError(f"{path} is not a quantized checkpoint (no '{METADATA_KEY}' metadata)")
+    if dtype is not None and dtype != info.dtype:
+        raise CheckpointError(f"{path} holds its high-precision layers in {dtype_name(info.dtype)}; the runtime asked "
+                              f"for {dtype_name(dtype)}: load it with dtype {dtype_name(info.dtype)}")
+    with torch.device("meta"):
+        model = Step1XEdit(get_config(info.config)).to(info.dtype)
+    swap_on_meta(model, info.layout, info.dtype)
+    try:
+        state = TensorReader(path, device=device).read_all()
+    except SafetensorsIOError as e:
+        raise CheckpointError(str(e)) from e
+    check_state_dict(model, state, str(path))
+    model.load_state_dict(state, strict=True, assign=True)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.choose_kernel()  # assign=True replaced the buffers: pick the GEMM for their device now
+    return model.eval().requires_grad_(False), info

@@ -1,0 +1,49 @@
+"""`step1x-export plan`: device memory per stage of an edit, for any configuration, without weights."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..plan.plan import DIT_QUANT, PRESETS, WEIGHT_ONLY, GiB, PlanConfig, make_plan
+from ..step1x_ref.configs import CONFIGS
+from .common import user_errors
+
+
+@click.command()
+@click.option("--version", "model", type=click.Choice(list(CONFIGS)), default="v1.1", show_default=True,
+              help="Model config (the real v1.0 / v1.1, or a tiny one).")
+@click.option("--size-level", type=click.IntRange(16, 4096), default=1024, show_default=True,
+              help="Edit resolution: a square image of about size_level^2 pixels.")
+@click.option("--width", type=click.IntRange(16), default=None, help="Input image width (with --height): its aspect "
+              "ratio at size_level, as the edit resizes it [default: square].")
+@click.option("--height", type=click.IntRange(16), default=None, help="Input image height (with --width).")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
+              help="A named configuration (overrides the quantization and load options): bf16, fp8 (W8A8 DiT), "
+                   "24gb (FP8 W8A8 DiT + weight-only INT8 modulation, connector and MLLM, all resident).")
+@click.option("--quant", type=click.Choice(DIT_QUANT), default="none", show_default=True,
+              help="The DiT's W8A8 recipe with its default layer selection.")
+@click.option("--weight-only", type=click.Choice(list(WEIGHT_ONLY)), default="none", show_default=True,
+              help="The DiT's modulation and connector Linears as 8-bit weight-only layers.")
+@click.option("--mllm-quant", type=click.Choice(list(WEIGHT_ONLY)), default="none", show_default=True,
+              help="Qwen2.5-VL's Linears as 8-bit weight-only layers (the unused LM head is always dropped).")
+@click.option("--sequential-load", is_flag=True, help="One stage on the device at a time (as the runtime's option).")
+@click.option("--budget-gib", type=click.FloatRange(min=0.1), default=None,
+              help="Exit with status 2 if the plan's peak exceeds this many GiB (for scripts).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (bytes per stage) instead of a table.")
+@user_errors
+def plan(model: str, size_level: int, width: int | None, height: int | None, preset: str | None, quant: str,
+         weight_only: str, mllm_quant: str, sequential_load: bool, budget_gib: float | None, as_json: bool) -> None:
+    """Print the device memory of one edit, stage by stage: the weights each stage holds, its activation
+    peak (a forward traced on meta tensors from the real configs: no weights, no GPU, seconds) and the
+    total while it runs. Not counted: the CUDA context, library workspaces and allocator rounding.
+    """
+    if (width is None) != (height is None):
+        raise click.UsageError("give both --width and --height, or neither")
+    config = PlanConfig(quant=quant, weight_only=weight_only, mllm_quant=mllm_quant, sequential_load=sequential_load)
+    result = make_plan(model, size_level, config=config, preset=preset, width=width, height=height)
+    click.echo(json.dumps(result.as_json(), indent=2) if as_json else result.table())
+    if budget_gib is not None and result.total > budget_gib * GiB:
+        click.echo(f"plan peak {result.total / GiB:.2f} GiB exceeds --budget-gib {budget_gib}", err=True)
+        raise SystemExit(2)

@@ -1,0 +1,128 @@
+"""The device memory of an edit, stage by stage, for any configuration, computed without weights.
+
+Per stage: the weights it holds (its modules' parameters and buffers, built on `meta` from the real
+configs, quantized as asked), its activation peak (a traced forward, `tracer.trace_peak`), and the
+device total while it runs: every stage's weights plus this stage's activations when all stages are
+resident, this stage's weights plus its activations with sequential loading. The edit's figure is
+the largest stage total. Not counted: the CUDA context (about 0.3-0.6 GiB, per driver and GPU),
+cuBLAS / attention workspaces, allocator rounding, CUDA-graph pools and compile caches: the runtime's
+driver-level peak (`runtime.memory`) is the figure to check a plan against on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..calibrate.weight_only import WEIGHT_ONLY_FORMATS
+from ..step1x_ref.configs import get_config
+from ..step1x_ref.imaging import edit_size
+from .stages import STAGES, StageModel, build_stage
+from .tracer import resident_bytes, trace_peak
+
+GiB = 2**30
+WEIGHT_ONLY = WEIGHT_ONLY_FORMATS
+DIT_QUANT = ("none", "fp8", "int8-sq")
+# Usable memory of a 24 GB card (24 GiB minus the CUDA context and driver reserve).
+CARD_24GB_USABLE = 23.6 * GiB
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """What the device holds: the DiT's W8A8 recipe, weight-only layers of the DiT and the MLLM, and the load order."""
+
+    quant: str = "none"  # the DiT's W8A8 recipe (default layer selection), or none
+    weight_only: str = "none"  # the DiT's modulation and connector Linears, weight-only 8-bit
+    mllm_quant: str = "none"  # Qwen2.5-VL's Linears, weight-only
+    sequential_load: bool = False
+
+    def __post_init__(self) -> None:
+        if self.quant not in DIT_QUANT:
+            raise ValueError(f"unknown --quant {self.quant!r}; choose one of {', '.join(DIT_QUANT)}")
+        for name in ("weight_only", "mllm_quant"):
+            if getattr(self, name) not in WEIGHT_ONLY:
+                raise ValueError(f"unknown --{name.replace('_', '-')} {getattr(self, name)!r}; "
+                                 f"choose one of {', '.join(WEIGHT_ONLY)}")
+
+
+# Named configurations. "24gb": every stage resident at 1024^2 on a 24 GB card (see the README's table).
+PRESETS: dict[str, PlanConfig] = {
+    "bf16": PlanConfig(),
+    "fp8": PlanConfig(quant="fp8"),
+    # Weight-only layers in int8 (per-channel): the same bytes as fp8 and 4x less error on the tiny model.
+    "24gb": PlanConfig(quant="fp8", weight_only="int8", mllm_quant="int8"),
+}
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    name: str
+    weights: int  # bytes this stage's modules hold
+    activations: int  # activation peak of its largest forward
+    resident: int  # weights on the device while it runs (all stages', or its own when sequential)
+    total: int  # resident + activations
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    model: str
+    width: int
+    height: int
+    config: PlanConfig
+    preset: str | None
+    stages: list[StagePlan] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return max(s.total for s in self.stages)
+
+    @property
+    def peak_stage(self) -> str:
+        return max(self.stages, key=lambda s: s.total).name
+
+    def as_json(self) -> dict:
+        return {"model": self.model, "width": self.width, "height": self.height, "preset": self.preset,
+                "config": asdict(self.config), "stages": [asdict(s) for s in self.stages],
+                "total_bytes": self.total, "total_gib": round(self.total / GiB, 3), "peak_stage": self.peak_stage,
+                "not_counted": "CUDA context, library workspaces, allocator rounding, CUDA-graph pools"}
+
+    def table(self) -> str:
+        c = self.config
+        head = (f"{self.model} {self.width}x{self.height}, batch 2 (true CFG); DiT {c.quant}, weight-only "
+                f"{c.weight_only}, MLLM {c.mllm_quant}, {'sequential' if c.sequential_load else 'all resident'}"
+                + (f" (preset {self.preset})" if self.preset else ""))
+        rows = [f"{'stage':<12} {'weights':>9} {'activ.':>9} {'resident':>9} {'total':>9}  (GiB)"]
+        rows += [f"{s.name:<12} {s.weights / GiB:9.2f} {s.activations / GiB:9.2f} {s.resident / GiB:9.2f} "
+                 f"{s.total / GiB:9.2f}" for s in self.stages]
+        rows.append(f"peak: {self.total / GiB:.2f} GiB during {self.peak_stage} (+ CUDA context, workspaces)")
+        return "\n".join([head, *rows])
+
+
+def stage_activations(stage: StageModel) -> int:
+    """The largest activation peak of the stage's forwards (weights and inputs not counted)."""
+    existing = (*stage.module.parameters(), *stage.module.buffers(), *stage.inputs)
+    return max(trace_peak(lambda f=f, x=x: f(*x), existing).peak_bytes for f, x in stage.passes)
+
+
+def make_plan(model: str = "v1.1", size_level: int = 1024, *, config: PlanConfig | None = None,
+              preset: str | None = None, width: int | None = None, height: int | None = None,
+              dtype: torch.dtype = torch.bfloat16) -> MemoryPlan:
+    """The plan for an edit of a square image at `size_level` (or `width` x `height` input pixels)."""
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        config = PRESETS[preset]
+    config = config or PlanConfig()
+    cfg = get_config(model)
+    w, h = edit_size(width or size_level, height or size_level, size_level)
+    stages = [build_stage(name, cfg, w, h, dtype=dtype, quant=None if config.quant == "none" else config.quant,
+                          weight_only=WEIGHT_ONLY[config.weight_only], mllm_quant=WEIGHT_ONLY[config.mllm_quant])
+              for name in STAGES]
+    weights = {s.name: resident_bytes(s.module) for s in stages}
+    out = []
+    for s in stages:
+        act = stage_activations(s)
+        resident = weights[s.name] if config.sequential_load else sum(weights.values())
+        out.append(StagePlan(s.name, weights[s.name], act, resident, resident + act))
+    return MemoryPlan(model, w, h, config, preset, out)

@@ -1,0 +1,34 @@
+"""The MLLM stage's memory: the unused LM head dropped, optionally 8-bit weight-only Linears.
+
+The embedder reads Qwen2.5-VL's last hidden state; the LM head (152,064 x 3,584: 1.09 GB in bf16 for
+the 7B model) never runs, so it is not kept. With `quant`, every Linear of the vision tower, its merger
+and the language model's decoder layers becomes a `WeightOnlyLinear` (8-bit weight, per-channel scale,
+bf16 compute); the token embedding table and the norms stay as loaded. Quantize on the host before
+moving to the device: the bf16 copy of the quantized layers never reaches the GPU.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..calibrate.recipes import select_layers
+from ..calibrate.weight_only import parse_weight_only, quantize_weights_
+from ..step1x_ref.conditioner import Qwen25VLEmbedder
+
+MLLM_WEIGHT_ONLY = ("model.visual.blocks.*", "model.visual.merger.*", "model.language_model.layers.*")
+
+
+def drop_lm_head(model: nn.Module) -> nn.Module:
+    if isinstance(getattr(model, "lm_head", None), nn.Linear):
+        model.lm_head = nn.Identity()  # logits are never computed: the embedder stops at the last hidden state
+    return model
+
+
+def prepare_mllm(embedder: Qwen25VLEmbedder, quant: str | None) -> Qwen25VLEmbedder:
+    """Drop the LM head and, with `quant` ("fp8" / "int8"), make the Linears weight-only 8-bit (in place)."""
+    fmt = parse_weight_only(quant, "mllm_quant")
+    model = drop_lm_head(embedder.model)
+    if fmt is not None:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        quantize_weights_(model, select_layers(linears, MLLM_WEIGHT_ONLY, ()), fmt)
+    return embedder
