@@ -12,6 +12,7 @@ from ..specs import component_specs, dit_spec, vae_decoder_spec, vae_encoder_spe
 from ..step1x_ref.autoencoder import AutoEncoder, VAEDecoder, VAEEncoder
 from ..step1x_ref.conditioner import Qwen25VLEmbedder
 from ..step1x_ref.configs import CONFIGS, ModelConfig, get_config
+from ..step1x_ref.edit_v1p2 import with_rules
 from ..step1x_ref.loading import ModelFiles, check_qwen_dir, load_into
 from ..step1x_ref.model import Step1XEdit
 from ..step1x_ref.pipeline import Step1XEditPipeline
@@ -70,7 +71,8 @@ def torch_loaders(
         return load_into(lambda: AutoEncoder(config.vae), files.vae, dtype=torch.float32, device=device)
 
     return config, {
-        "encoder": lambda: TorchEncoder(Qwen25VLEmbedder.from_pretrained(files.qwen, config.embedder, dtype, device)),
+        "encoder": lambda: TorchEncoder(with_rules(
+            Qwen25VLEmbedder.from_pretrained(files.qwen, config.embedder, dtype, device), config)),
         "vae_encoder": lambda: TorchEngine(VAEEncoder(autoencoder()), vae_encoder_spec(config), torch.float32, device),
         "dit": dit,
         "vae_decoder": lambda: TorchEngine(VAEDecoder(autoencoder()), vae_decoder_spec(config), torch.float32, device),
@@ -90,7 +92,8 @@ def mllm_loader(config: ModelConfig, mllm: str | Path | None, device: torch.devi
         raise ValueError(f"the engines are for {config.name}: pass the Qwen2.5-VL-7B-Instruct directory as mllm "
                          "(the MLLM runs in torch)")
     check_qwen_dir(Path(mllm))  # now, not when the stage is first loaded
-    return (lambda: TorchEncoder(Qwen25VLEmbedder.from_pretrained(Path(mllm), config.embedder, dtype, device)),
+    return (lambda: TorchEncoder(with_rules(
+                Qwen25VLEmbedder.from_pretrained(Path(mllm), config.embedder, dtype, device), config)),
             f"MLLM: torch, from {mllm}")
 
 
@@ -120,11 +123,13 @@ def engine_loaders(source: Path, backend: str, device: torch.device, dtype: torc
         entry = manifest.components[name]
         return lambda: OrtEngine(entry.path, entry.spec)
 
-    if mllm is None and {"vision", "llm"} <= manifest.components.keys():
+    # v1.2's token mapping reads the LLM's input embeddings, which the llm graph does not output: torch MLLM.
+    if mllm is None and config.reason_edit is None and {"vision", "llm"} <= manifest.components.keys():
         encoder, note = (lambda: ort_embedder(manifest, config)), "MLLM: ONNX Runtime (vision + llm graphs)"
     else:
         encoder, note = mllm_loader(config, mllm, device, dtype, seed)
-        note += " (the export has no vision/llm graphs, or mllm was given)"
+        note += (" (v1.2's MLLM always runs in torch)" if config.reason_edit is not None
+                 else " (the export has no vision/llm graphs, or mllm was given)")
     loaders = {"encoder": encoder, **{c: ort(c) for c in ENGINE_COMPONENTS}}
 
     def check(component: str, shapes: dict[str, Shape]) -> None:
