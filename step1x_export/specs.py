@@ -154,14 +154,16 @@ def dim_ranges(config: ModelConfig, profile: Profile | None = None) -> DimRanges
     t_min, t_max = vision_token_range(config)
     t_opt = t_max  # a typical edit image fills the processor's max_pixels
     llm_fixed = config.embedder.drop_tokens + LLM_TEMPLATE_TAIL
+    txt_min, txt_opt = text_length_range(config)
     return {
+        "txt_len": (txt_min, txt_opt, txt),
         "batch": (1, 2, 2),
         "vis_tokens": (t_min, t_opt, t_max),
         "vis_patches": (merge * t_min, merge * t_opt, merge * t_max),
         # prefix + image + instruction: short instructions at min, up to max_length instruction tokens at max
         "llm_seq": (llm_fixed + t_min, llm_fixed + t_opt + 32, llm_fixed + t_max + txt),
         "img_tokens": (2 * n_min, 2 * n_opt, 2 * n_max),  # noisy + reference tokens
-        "seq_len": (txt + 2 * n_min, txt + 2 * n_opt, txt + 2 * n_max),
+        "seq_len": (txt_min + 2 * n_min, txt_opt + 2 * n_opt, txt + 2 * n_max),
         "height": (min(sides), oh, max(sides)),
         "width": (min(sides), ow, max(sides)),
         "lat_h": (min(sides) // 8, oh // 8, max(sides) // 8),
@@ -169,17 +171,44 @@ def dim_ranges(config: ModelConfig, profile: Profile | None = None) -> DimRanges
     }
 
 
+def text_length_range(config: ModelConfig) -> tuple[int, int]:
+    """(min, opt) text tokens the DiT reads; max is `max_length`. Static (padded) before v1.2.
+
+    v1.2 trims the padding, so the length varies per edit: at least the image tokens at the processor's
+    min_pixels (the empty negative prompt keeps little else), typically max_pixels' image plus an instruction.
+    """
+    if config.reason_edit is None:
+        return config.embedder.max_length, config.embedder.max_length
+    t_min, t_max = vision_token_range(config)
+    return t_min, min(t_max + 64, config.embedder.max_length)
+
+
+def text_dim(config: ModelConfig) -> Dim:
+    """The DiT's text axis: dynamic ("txt_len") where the length varies per edit (v1.2), else static.
+
+    Dynamic, not bucketed: the DiT's joint attention has no mask, so padding to a bucket would change
+    every output; one graph with a dynamic axis stays exact (TensorRT: one profile min..max)."""
+    return "txt_len" if config.reason_edit is not None else config.embedder.max_length
+
+
 def dit_spec(config: ModelConfig) -> ComponentSpec:
-    """Connector + DiT, one denoising step: the connector depends on t, so it runs inside the step."""
-    p, txt = config.dit, config.embedder.max_length
+    """Connector + DiT, one denoising step: the connector depends on t, so it runs inside the step.
+
+    v1.2 adds the MLLM's input embeddings and the quoted-character mask (its text-token mapping)."""
+    p, txt, hidden = config.dit, text_dim(config), config.embedder.hidden_size
+    v12 = (
+        (TensorSpec("text_embeds", "compute", ("batch", txt, hidden)), TensorSpec("text_mask", "int64", ("batch", txt)))
+        if config.reason_edit is not None else ()
+    )
     return ComponentSpec(
         name="dit",
         inputs=(
             TensorSpec("img", "compute", ("batch", "img_tokens", p.in_channels)),
             TensorSpec("pe", "float32", (1, 1, "seq_len", p.hidden_size // p.num_heads // 2, 2, 2)),
             TensorSpec("timestep", "compute", ("batch",)),
-            TensorSpec("llm_embedding", "compute", ("batch", txt, config.embedder.hidden_size)),
+            TensorSpec("llm_embedding", "compute", ("batch", txt, hidden)),
             TensorSpec("llm_mask", "int64", ("batch", txt)),
+            *v12,
         ),
         outputs=(TensorSpec("pred", "compute", ("batch", "img_tokens", p.out_channels)),),
     )

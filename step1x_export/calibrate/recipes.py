@@ -45,8 +45,9 @@ RECIPES = {
 # FLUX keep (they see raw inputs / produce the output, and are a negligible share of the FLOPs); the
 # connector runs once per step on 640 text tokens; the modulation Linears act on one vector per sample
 # (no GEMM speed to gain, M = batch) and scale every token of their block, so their error is amplified.
+# v1.2's text_token_mapping sees raw token embeddings, like the embedders.
 DEFAULT_EXCLUDE: tuple[str, ...] = (
-    "img_in", "txt_in", "time_in.*", "vector_in.*", "final_layer.*", "connector.*",
+    "img_in", "txt_in", "time_in.*", "vector_in.*", "final_layer.*", "connector.*", "text_token_mapping",
     "*_mod.lin", "*.modulation.lin",
 )
 DEFAULT_INCLUDE: tuple[str, ...] = ("*",)

@@ -23,9 +23,9 @@ from .common import CFG, DEVICE, DTYPES, SEED, FiniteFloat, check_output_path, d
 @click.command()
 @click.option("--model-dir", type=click.Path(path_type=Path), help="Folder with the official files (DiT "
               "safetensors, vae.safetensors, Qwen2.5-VL-7B-Instruct/), as for `edit`.")
-@click.option("--model", "model_name", type=click.Choice(["tiny", "tiny-v1.0"]),
+@click.option("--model", "model_name", type=click.Choice(["tiny", "tiny-v1.0", "tiny-v1.2"]),
               help="Calibrate a tiny random-weight model instead of --model-dir (testing).")
-@click.option("--version", type=click.Choice(["v1.0", "v1.1"]), default="v1.1", show_default=True,
+@click.option("--version", type=click.Choice(["v1.0", "v1.1", "v1.2"]), default="v1.1", show_default=True,
               help="Model version of the checkpoint in --model-dir.")
 @click.option("--recipe", required=True, type=click.Choice(list(RECIPES)),
               help="fp8: FP8 E4M3 W8A8 (static per-tensor activation scale); int8-sq: INT8 SmoothQuant W8A8.")

@@ -16,17 +16,18 @@ GRAPH_PRECISIONS = ("fp32", "fp16", "bf16")
 @click.command("export")
 @click.option("--model-dir", type=click.Path(path_type=Path), help="Folder with the official files (DiT "
               "safetensors, vae.safetensors, Qwen2.5-VL-7B-Instruct/), as for `edit`.")
-@click.option("--model", "model_name", type=click.Choice(["tiny", "tiny-v1.0"]),
+@click.option("--model", "model_name", type=click.Choice(["tiny", "tiny-v1.0", "tiny-v1.2"]),
               help="Export a tiny random-weight model instead of --model-dir (testing).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Export folder: {component}.onnx (+ .onnx.data above 2 GB), qwen/ (config, processor), "
                    "manifest.json written last. Refused if not empty, unless --force.")
-@click.option("--components", default=",".join(COMPONENTS), show_default=True,
-              help=f"Comma-separated subset of: {', '.join(COMPONENTS)}.")
+@click.option("--components", default=None,
+              help=f"Comma-separated subset of: {', '.join(COMPONENTS)} [default: all; v1.2: vae_encoder,dit,"
+                   "vae_decoder, as its MLLM runs in torch].")
 @click.option("--precision", type=click.Choice(GRAPH_PRECISIONS), default="fp32", show_default=True,
               help="Graph precision of vision, llm and dit (the VAE graphs are always fp32, as upstream runs "
                    "them). fp8/int8 graphs come from calibration of an fp32/bf16 export.")
-@click.option("--version", type=click.Choice(["v1.0", "v1.1"]), default="v1.1", show_default=True,
+@click.option("--version", type=click.Choice(["v1.0", "v1.1", "v1.2"]), default="v1.1", show_default=True,
               help="Model version of the checkpoint in --model-dir.")
 @click.option("--opset", type=click.IntRange(18, 23), default=20, show_default=True,
               help="ONNX opset (TensorRT 10 parses up to 20; Q/DQ for fp8 needs >= 19).")
@@ -39,7 +40,7 @@ GRAPH_PRECISIONS = ("fp32", "fp16", "bf16")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def export(
-    model_dir: Path | None, model_name: str | None, out_dir: Path, components: str, precision: str, version: str,
+    model_dir: Path | None, model_name: str | None, out_dir: Path, components: str | None, precision: str, version: str,
     opset: int, seed: int, quant_path: Path | None, force: bool, quiet: bool,
 ) -> None:
     """Export Step1X-Edit's components to ONNX (dynamo exporter) with a verified manifest.
@@ -56,6 +57,9 @@ def export(
 
     if (model_dir is None) == (model_name is None):
         raise click.UsageError("give exactly one of --model-dir DIR or --model tiny")
+    v12 = (model_name or version).endswith("v1.2")
+    if components is None:
+        components = ",".join(c for c in COMPONENTS if not (v12 and c in ("vision", "llm")))
     names = [c.strip() for c in components.split(",") if c.strip()]
     unknown = [c for c in names if c not in COMPONENTS]
     if unknown or not names:

@@ -23,7 +23,7 @@ from .common import DEVICE, DTYPES
 if TYPE_CHECKING:
     from ..runtime.runtime import Step1XEditRuntime
 
-TINY_MODELS = ("tiny", "tiny-v1.0")
+TINY_MODELS = ("tiny", "tiny-v1.0", "tiny-v1.2")
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def _source_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]
                      help="Calibration artifact (`step1x-export calibrate`) applied to the torch DiT (FP8 / INT8 "
                      "W8A8), or a quantized checkpoint (`step1x-export quantize`) loaded as the DiT without a bf16 "
                      "copy."),
-        click.option("--version", type=click.Choice(["v1.0", "v1.1"]), default="v1.1", show_default=True,
+        click.option("--version", type=click.Choice(["v1.0", "v1.1", "v1.2"]), default="v1.1", show_default=True,
                      help="Model version of the checkpoint in --model-dir."),
         click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
                      help="DiT/MLLM dtype [default: bf16 for --model-dir on a GPU, else fp32]; the VAE runs in fp32."),

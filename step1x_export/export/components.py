@@ -92,7 +92,8 @@ def build_units(pipe: Step1XEditPipeline, names: list[str], precision: Precision
             )
     if "dit" in names:
         n_h, n_w = 2, 3
-        p, txt = cfg.dit, cfg.embedder.max_length
+        p = cfg.dit
+        txt = cfg.embedder.max_length if cfg.reason_edit is None else 9  # v1.2: a dynamic text axis
         n = n_h * n_w
         args = (
             torch.randn(2, 2 * n, p.in_channels, dtype=dtype),
@@ -101,6 +102,9 @@ def build_units(pipe: Step1XEditPipeline, names: list[str], precision: Precision
             torch.randn(2, txt, cfg.embedder.hidden_size, dtype=dtype),
             (torch.arange(txt) < 7).long().expand(2, -1).contiguous(),
         )
+        if cfg.reason_edit is not None:  # the MLLM's input embeddings and the quoted-character mask
+            args += (torch.randn(2, txt, cfg.embedder.hidden_size, dtype=dtype),
+                     (torch.arange(txt) % 3 == 1).long().expand(2, -1).contiguous())
         units["dit"] = ExportUnit(_cast(pipe.model, dtype).eval(), pipe.model, args, precision)
     fp32 = Precision.FP32
     if "vae_encoder" in names:

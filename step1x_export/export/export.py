@@ -76,6 +76,11 @@ def export_components(
     unknown = [c for c in components if c not in specs]
     if unknown or not components:
         raise ValueError(f"unknown components {unknown or '(none given)'}; choose from {', '.join(specs)}")
+    mllm = sorted({"vision", "llm"} & set(components))
+    if config.reason_edit is not None and mllm:
+        raise ValueError(f"{config.name}: components {mllm} are not exported for v1.2 (its text-token mapping "
+                         "reads the LLM's input embeddings, which the llm graph does not output; the MLLM runs in "
+                         "torch); export vae_encoder,dit,vae_decoder")
     if quant is not None:
         from ..calibrate.apply import check_model_hash  # only a quantized export needs the calibration code
 

@@ -20,13 +20,17 @@ class ProfileError(ValueError):
     """An edit's shapes fall outside what an engine was built or exported for."""
 
 
-def edit_dims(config: ModelConfig, width: int, height: int, batch: int) -> dict[str, int]:
-    """Every named dim of the specs for an edit of width x height pixels (multiples of 16)."""
+def edit_dims(config: ModelConfig, width: int, height: int, batch: int, txt_len: int | None = None) -> dict[str, int]:
+    """Every named dim of the specs for an edit of width x height pixels (multiples of 16).
+
+    `txt_len`: the text tokens the DiT reads (v1.2: known after the MLLM; default max_length)."""
     n = (width // 16) * (height // 16)
+    txt = config.embedder.max_length if txt_len is None else txt_len
     return {
         "batch": batch,
         "img_tokens": 2 * n,
-        "seq_len": config.embedder.max_length + 2 * n,
+        "txt_len": txt,
+        "seq_len": txt + 2 * n,
         "height": height,
         "width": width,
         "lat_h": height // 8,

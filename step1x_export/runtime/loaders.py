@@ -15,6 +15,7 @@ from ..specs import component_specs, dit_spec, vae_decoder_spec, vae_encoder_spe
 from ..step1x_ref.autoencoder import AutoEncoder, VAEDecoder, VAEEncoder
 from ..step1x_ref.conditioner import Qwen25VLEmbedder
 from ..step1x_ref.configs import CONFIGS, ModelConfig, get_config
+from ..step1x_ref.edit_v1p2 import with_rules
 from ..step1x_ref.loading import CheckpointError, ModelFiles, check_qwen_dir, check_state_dict, load_into
 from ..step1x_ref.model import Step1XEdit
 from ..step1x_ref.pipeline import Step1XEditPipeline
@@ -86,7 +87,7 @@ def qwen_encoder(qwen_dir: Path, config: ModelConfig, dtype: torch.dtype, device
     """The MLLM stage from a Qwen2.5-VL directory: loaded on the host, trimmed and quantized there, then
     moved, so the device only ever holds what the stage keeps."""
     embedder = Qwen25VLEmbedder.from_pretrained(qwen_dir, config.embedder, dtype, "cpu")
-    return TorchEncoder(prepare_mllm(embedder, quant).to(device))
+    return TorchEncoder(with_rules(prepare_mllm(embedder, quant).to(device), config))
 
 
 def torch_loaders(
@@ -134,7 +135,7 @@ def mllm_loader(config: ModelConfig, mllm: str | Path | None, device: torch.devi
     if name in TINY:
         def tiny() -> TorchEncoder:  # the same weights as Step1XEditPipeline.random(name, seed=seed)
             embedder = Step1XEditPipeline.random(name, seed=seed, dtype=dtype).embedder
-            return TorchEncoder(prepare_mllm(embedder, quant).to(device))
+            return TorchEncoder(with_rules(prepare_mllm(embedder, quant).to(device), config))
 
         return tiny, f"MLLM: torch, tiny random weights (seed {seed})"
     if mllm is None:
@@ -171,11 +172,13 @@ def engine_loaders(source: Path, backend: str, device: torch.device, dtype: torc
         entry = manifest.components[name]
         return lambda: OrtEngine(entry.path, entry.spec)
 
-    if mllm is None and {"vision", "llm"} <= manifest.components.keys():
+    # v1.2's token mapping reads the LLM's input embeddings, which the llm graph does not output: torch MLLM.
+    if mllm is None and config.reason_edit is None and {"vision", "llm"} <= manifest.components.keys():
         encoder, note = (lambda: ort_embedder(manifest, config)), "MLLM: ONNX Runtime (vision + llm graphs)"
     else:
         encoder, note = mllm_loader(config, mllm, device, dtype, seed, mllm_quant)
-        note += " (the export has no vision/llm graphs, or mllm was given)"
+        note += (" (v1.2's MLLM always runs in torch)" if config.reason_edit is not None
+                 else " (the export has no vision/llm graphs, or mllm was given)")
     loaders = {"encoder": encoder, **{c: ort(c) for c in ENGINE_COMPONENTS}}
 
     def check(component: str, shapes: dict[str, Shape]) -> None:

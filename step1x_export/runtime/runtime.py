@@ -25,7 +25,10 @@ from PIL import Image
 from ..precision import Precision
 from ..specs import ComponentSpec, dit_spec, profile_for, shape_bucket, vae_decoder_spec, vae_encoder_spec
 from ..step1x_ref.configs import ModelConfig
-from ..step1x_ref.pipeline import Step1XEditPipeline, postprocess, prepare_image, sampling_inputs
+from ..step1x_ref.edit_v1p2 import branch_conditioning, per_branch, postprocess_v1p2, prepare_image_v1p2
+from ..step1x_ref.generation import TextGenerator
+from ..step1x_ref.pipeline import EditImage, Step1XEditPipeline, postprocess, prepare_image, sampling_inputs
+from ..step1x_ref.reasoning import JUDGE_RETRIES, ReasonedEdit, reasoned_edit
 from ..step1x_ref.sampling import ProgressFn, UpdateFn, denoise, guided_euler, pack, unpack
 from ..timing import StageTimer
 from ..validate import SEED_RANGE, InputError, check_device, check_edit_numbers, check_finite, check_int
@@ -70,7 +73,7 @@ class Step1XEditRuntime:
         self.options = options.resolved(self.device)
         self.notes = notes  # how the stages were built (e.g. "MLLM runs in torch"), for logs
         self._shape_check = shape_check
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered by edit_reasoned's edits
         self._update: tuple[Engine, UpdateFn] | None = None
         self._graphs: CudaGraphed | None = None
         self._graph_counts = GraphCounts()
@@ -153,7 +156,7 @@ class Step1XEditRuntime:
         instruction: str,
         *,
         seed: int = 0,
-        steps: int = 28,
+        steps: int | None = None,
         cfg: float = 6.0,
         size_level: int | None = None,
         negative_prompt: str = "",
@@ -166,6 +169,8 @@ class Step1XEditRuntime:
         stage that yields NaN or infinity raises NonFiniteError naming it: no picture is made of it.
         """
         size_level = self.default_size_level if size_level is None else size_level
+        steps = steps or self.config.default_steps
+        v12 = self.config.reason_edit is not None
         check_edit_numbers(steps=steps, cfg=cfg, size_level=size_level, seed=seed)
         for name, text in (("instruction", instruction), ("negative_prompt", negative_prompt)):
             if not isinstance(text, str):
@@ -177,22 +182,25 @@ class Step1XEditRuntime:
             reset_peak(self.device)
             self._driver = DriverMemory(self.device)
             with timer.stage("preprocess"):
-                bucket = shape_bucket(*image.size, size_level) if self.options.shape_buckets else None
-                img = prepare_image(image, size_level, bucket)
+                bucket = shape_bucket(*image.size, size_level) if self.options.shape_buckets and not v12 else None
+                img = (EditImage(*prepare_image_v1p2(image, size_level)) if v12
+                       else prepare_image(image, size_level, bucket))
                 self.check_shapes(img.width, img.height)  # before any model work
             with self._stage(timer, "encoder", "mllm") as encoder:
-                emb, mask = encoder([instruction, negative_prompt], img.mllm_image)
-                check_finite("the MLLM encoder (text embedding)", emb)
+                encoded = encoder([instruction, negative_prompt], img.mllm_image)
+                for text in encoded if v12 else encoded[:1]:
+                    check_finite("the MLLM encoder (text embedding)", text.embedding if v12 else text)
             with self._stage(timer, "vae_encoder", "vae_encode") as vae_encoder:
                 ref = pack(vae_encoder(image=img.resized.to(self.device) * 2 - 1)["latent"].float())
                 check_finite("the VAE encoder (reference latent)", ref)
-            noise, pe, timesteps = sampling_inputs(
-                self.config, emb.shape[1], img.width, img.height, seed=seed, steps=steps
-            )
-            noise, pe, emb, mask = (t.to(self.device) for t in (noise, pe, emb, mask))
+            txt_len = 1 if v12 else encoded[0].shape[1]  # v1.2's per-branch pe comes with its conditioning
+            noise, pe, timesteps = sampling_inputs(self.config, txt_len, img.width, img.height, seed=seed, steps=steps)
+            conditioning = (branch_conditioning(self.config, encoded, img.width, img.height) if v12
+                            else (pe, *encoded))
+            noise, *conditioning = (t.to(self.device) for t in (noise, *conditioning))
             with self._stage(timer, "dit", "denoise") as dit:
                 try:
-                    latent = self._denoise(dit, noise, ref, pe, emb, mask, timesteps, cfg, progress)
+                    latent = self._denoise(dit, noise, ref, tuple(conditioning), timesteps, cfg, progress)
                 finally:
                     if self.stages.sequential:  # the DiT is freed after this block: its graphs (and memory) too
                         self._update = self._graphs = None
@@ -202,15 +210,44 @@ class Step1XEditRuntime:
                 pixels = vae_decoder(latent=unpack(latent.float(), img.height, img.width))["image"]
                 check_finite("the VAE decoder (image)", pixels)
             with timer.stage("postprocess"):
-                out = postprocess(pixels, img.orig_size)
+                out = (postprocess_v1p2 if v12 else postprocess)(pixels, img.orig_size)
             self.timings = timer.resolve()
             self.peak_memory = read_peak(self.device, self._driver)
             self._edits += 1
             return out
 
-    def _denoise(self, dit: Engine, noise, ref, pe, emb, mask, timesteps, cfg: float, progress) -> torch.Tensor:
+    def edit_reasoned(
+        self, image: Image.Image, instruction: str, *, think: bool = False, reflect: int = 0,
+        judge_retries: int = JUDGE_RETRIES, seed: int = 0, **edit_options: Any,
+    ) -> ReasonedEdit:
+        """v1.2's thinking (the MLLM rewrites the instruction) and up to `reflect` rounds of edit + the MLLM's
+        judgement, around `edit`; returns the chosen image, every round's image and every generated text.
+        The MLLM generates in torch, seeded from `seed`; edit i (0-based) draws its noise from `seed + i`, so
+        each round starts from new noise, as upstream's one generator gives it."""
+        if self.config.reason_edit is None:
+            raise ValueError(f"thinking and reflection are v1.2 features; this runtime runs {self.config.name}")
+        with self._lock:
+            if self.stages is None:
+                raise RuntimeError("Step1XEditRuntime is closed")
+            embedder = getattr(self.stages.load("encoder"), "embedder", None)
+            if embedder is None:
+                raise ValueError("thinking and reflection need the MLLM in torch (its generate loop)")
+            generate = TextGenerator.for_embedder(embedder, seed)
+            edits = 0
+
+            def edit(img: Image.Image, prompt: str) -> Image.Image:
+                nonlocal edits
+                edits += 1
+                return self.edit(img, prompt, seed=seed + edits - 1, **edit_options)
+
+            return reasoned_edit(edit, generate, image, instruction, think=think, reflect=reflect,
+                                 retries=judge_retries)
+
+    def _denoise(self, dit: Engine, noise, ref, conditioning, timesteps, cfg: float, progress) -> torch.Tensor:
         if self._update is None or self._update[0] is not dit:  # an update (and its graphs) per engine instance
-            update = guided_euler(engine_step_fn(dit))
+            step = engine_step_fn(dit)
+            # v1.2: the CFG branches' text lengths differ, so the DiT runs once per branch (batch 1).
+            update = guided_euler(per_branch(step) if self.config.reason_edit is not None else step)
             self._graphs = None
             if self.options.cuda_graphs:  # the whole step (DiT + CFG + Euler), captured once per shape
                 update = self._graphs = CudaGraphed(update, enabled=True, capacity=self.options.graph_cache,
@@ -218,7 +255,7 @@ class Step1XEditRuntime:
             self._update = (dit, update)
         steps = StepEvents(self.device, progress)  # the bar follows finished steps, not queued ones
         latent = denoise(self._update[1], noise, ref, timesteps, guidance=cfg, truncate=self.config.cfg_truncate,
-                         conditioning=(pe, emb, mask), progress=steps)
+                         conditioning=conditioning, progress=steps)
         self.step_seconds = steps.step_seconds()
         return latent
 

@@ -14,9 +14,11 @@ from .engine import Engine
 
 
 def engine_step_fn(dit: Engine) -> StepFn:
-    """(img [2, 2N, 64], t [2], pe, llm_embedding, llm_mask) -> pred float32, for `guided_euler`."""
+    """(img [2, 2N, 64], t [2], *conditioning) -> pred float32, for `guided_euler`; the conditioning is the
+    dit spec's other inputs in spec order (pe, llm_embedding, llm_mask; v1.2 adds text_embeds, text_mask)."""
+    names = [n for n in dit.spec.input_names if n not in ("img", "timestep")]
 
-    def step(img: Tensor, t: Tensor, pe: Tensor, llm_embedding: Tensor, llm_mask: Tensor) -> Tensor:
-        return dit(img=img, pe=pe, timestep=t, llm_embedding=llm_embedding, llm_mask=llm_mask)["pred"].float()
+    def step(img: Tensor, t: Tensor, *conditioning: Tensor) -> Tensor:
+        return dit(img=img, timestep=t, **dict(zip(names, conditioning, strict=True)))["pred"].float()
 
     return step

@@ -288,16 +288,19 @@ class Qwen25VLEmbedder(nn.Module):
         )
         return positions
 
-    def last_hidden_state(self, inputs: MLLMInputs, image_embeds: torch.Tensor) -> torch.Tensor:
-        """The language model's final-norm hidden states [1, S, H] with `image_embeds` in the image slots."""
+    def input_embeds(self, inputs: MLLMInputs, image_embeds: torch.Tensor) -> torch.Tensor:
+        """The language model's input [1, S, H]: token embeddings with `image_embeds` in the image slots."""
         ids = inputs.input_ids.to(self.device)
         embeds = self.model.get_input_embeddings()(ids)
         slots = (ids == self.model.config.image_token_id).unsqueeze(-1)
         if int(slots.sum()) * embeds.shape[-1] != image_embeds.numel():
             raise ValueError(f"{int(slots.sum())} image tokens but image features of shape {tuple(image_embeds.shape)}")
-        embeds = embeds.masked_scatter(slots, image_embeds.to(embeds.dtype))
+        return embeds.masked_scatter(slots, image_embeds.to(embeds.dtype))
+
+    def last_hidden_state(self, inputs: MLLMInputs, image_embeds: torch.Tensor) -> torch.Tensor:
+        """The language model's final-norm hidden states [1, S, H] with `image_embeds` in the image slots."""
         out = self.model.model.language_model(
-            inputs_embeds=embeds,
+            inputs_embeds=self.input_embeds(inputs, image_embeds),
             attention_mask=inputs.attention_mask.to(self.device),
             position_ids=self.position_ids(inputs).to(self.device),
             use_cache=False,

@@ -1,7 +1,7 @@
 """Named configurations of Step1X-Edit: one registry of dataclass instances.
 
-`v1.0` and `v1.1` are the published models; `tiny` (v1.1 semantics) and `tiny-v1.0` are
-small models with the same structure, used by the tests and the demo on CPU.
+`v1.0`, `v1.1` and `v1.2` are the published models; `tiny` (v1.1 semantics), `tiny-v1.0` and
+`tiny-v1.2` are small models with the same structure, used by the tests and the demo on CPU.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-Version = Literal["v1.0", "v1.1"]
+Version = Literal["v1.0", "v1.1", "v1.2"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,26 @@ class EmbedderParams:
 
 
 @dataclass(frozen=True)
+class ReasonEditParams:
+    """What v1.2 (ReasonEdit) changes besides the embedder's numbers. Each published-pipeline rule
+    that differs from v1.1's is a value here, defaulting to what v1.2 was released with."""
+
+    # Linear(MLLM hidden -> connector hidden) on the MLLM's *input* embeddings of quoted characters,
+    # added to the connector's output.
+    token_mapping_in: int
+    token_mapping_out: int
+    # The published pipeline compares the scheduler's 0-1000 timestep with the CFG truncation 0.93, so
+    # the norm rescale runs while sigma > 0.93 / 1000 (every step in practice); 1.0 compares sigma (v1.1).
+    rescale_timestep_scale: float = 1000.0
+    # Qwen's "!" has token id 0 and the published pipeline builds the mask as ids > 0, so "!" is treated
+    # as padding when computing mRoPE positions (later tokens shift back by one; "!" itself gets position
+    # 1, as transformers 4.x fills masked slots). False: every token is real.
+    bang_is_padding: bool = True
+    # The published embedder returns its embeddings in bf16 whatever the MLLM's dtype; False keeps them.
+    bf16_embeddings: bool = True
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     version: Version
@@ -93,10 +113,14 @@ class ModelConfig:
     embedder: EmbedderParams
     # Only the tiny configs build their Qwen2.5-VL from code; real ones read the HF directory.
     tiny_qwen: dict | None = field(default=None, compare=False)
+    reason_edit: ReasonEditParams | None = None  # v1.2 only
+    default_steps: int = 28  # denoising steps of the published pipeline
 
     @property
     def cfg_truncate(self) -> float:
         """CFG norm rescale applies while t > this (v1.0: never)."""
+        if self.reason_edit is not None:
+            return 0.93 / self.reason_edit.rescale_timestep_scale
         return 1.0 if self.version == "v1.0" else 0.93
 
     @property
@@ -188,23 +212,37 @@ _TINY_QWEN = {
 _TINY_EMBEDDER = replace(_FULL_EMBEDDER, hidden_size=64, max_length=640, drop_tokens=286)
 
 
+# v1.2: 90 leading tokens dropped (system turn + the edit prefix), up to 2048 kept, no padding; Qwen's
+# pixel bounds 256..400 x 28^2. The tiny tokenizer gives that same head 222 tokens (tests/test_v1p2.py).
+_V12_EMBEDDER = replace(_FULL_EMBEDDER, max_length=2048, drop_tokens=90, max_pixels=400 * 28 * 28)
+_TINY_V12_EMBEDDER = replace(_V12_EMBEDDER, hidden_size=64, drop_tokens=222)
+_V12 = ReasonEditParams(token_mapping_in=3584, token_mapping_out=4096)
+_TINY_V12 = replace(_V12, token_mapping_in=64, token_mapping_out=64)
+
+
 def _tiny(name: str, version: Version) -> ModelConfig:
+    v12 = version == "v1.2"
     return ModelConfig(
         name=name,
         version=version,
         dit=_TINY_DIT,
         connector=_TINY_CONNECTOR,
         vae=_TINY_VAE,
-        embedder=_TINY_EMBEDDER,
+        embedder=_TINY_V12_EMBEDDER if v12 else _TINY_EMBEDDER,
         tiny_qwen=_TINY_QWEN,
+        reason_edit=_TINY_V12 if v12 else None,
+        default_steps=50 if v12 else 28,
     )
 
 
 CONFIGS: dict[str, ModelConfig] = {
     "v1.0": ModelConfig("v1.0", "v1.0", _FULL_DIT, _FULL_CONNECTOR, _FLUX_VAE, _FULL_EMBEDDER),
     "v1.1": ModelConfig("v1.1", "v1.1", _FULL_DIT, _FULL_CONNECTOR, _FLUX_VAE, _FULL_EMBEDDER),
+    "v1.2": ModelConfig("v1.2", "v1.2", _FULL_DIT, _FULL_CONNECTOR, _FLUX_VAE, _V12_EMBEDDER,
+                        reason_edit=_V12, default_steps=50),
     "tiny": _tiny("tiny", "v1.1"),
     "tiny-v1.0": _tiny("tiny-v1.0", "v1.0"),
+    "tiny-v1.2": _tiny("tiny-v1.2", "v1.2"),
 }
 
 

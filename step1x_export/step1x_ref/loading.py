@@ -17,6 +17,9 @@ from torch import nn
 DIT_FILES = {
     "v1.0": ("step1x-edit-i1258.safetensors", "step1x-edit-i1258-FP8.safetensors"),
     "v1.1": ("step1x-edit-v1p1-official.safetensors",),
+    # v1.2 is published in the diffusers layout only; this official-style name is what `save_pretrained`
+    # writes (keys as v1.1's plus `text_token_mapping.weight/bias`).
+    "v1.2": ("step1x-edit-v1p2-official.safetensors",),
 }
 VAE_FILE = "vae.safetensors"
 QWEN_DIR = "Qwen2.5-VL-7B-Instruct"

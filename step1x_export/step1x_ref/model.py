@@ -38,11 +38,22 @@ class Step1XEdit(nn.Module):
         )
         self.final_layer = LastLayer(p.hidden_size, p.out_channels)
         self.connector = Qwen2Connector(config.connector, with_scale_factor=config.has_scale_factor)
+        # v1.2: quoted characters' MLLM input embeddings, mapped and added to the connector's text tokens.
+        v12 = config.reason_edit
+        self.text_token_mapping = nn.Linear(v12.token_mapping_in, v12.token_mapping_out) if v12 else None
 
-    def forward(self, img: Tensor, pe: Tensor, timestep: Tensor, llm_embedding: Tensor, llm_mask: Tensor) -> Tensor:
+    def forward(
+        self, img: Tensor, pe: Tensor, timestep: Tensor, llm_embedding: Tensor, llm_mask: Tensor,
+        text_embeds: Tensor | None = None, text_mask: Tensor | None = None,
+    ) -> Tensor:
         """img [B, N_img, 64] (noisy | reference tokens), pe [1, 1, L_txt + N_img, D/2, 2, 2],
-        timestep [B] in [0, 1], llm_embedding [B, L_txt, C_llm], llm_mask [B, L_txt] -> [B, N_img, 64]."""
+        timestep [B] in [0, 1], llm_embedding [B, L_txt, C_llm], llm_mask [B, L_txt] -> [B, N_img, 64].
+        v1.2 also takes text_embeds [B, L_txt, C_llm] (the MLLM's input embeddings) and text_mask [B, L_txt]."""
         txt, y = self.connector(llm_embedding, timestep, llm_mask)
+        if self.text_token_mapping is not None:
+            if text_embeds is None or text_mask is None:
+                raise ValueError("this DiT has a text-token mapping (v1.2): pass text_embeds and text_mask")
+            txt = txt + self.text_token_mapping(text_embeds) * text_mask[..., None].to(txt.dtype)
         return self.transformer(img, txt, y, timestep, pe)
 
     def transformer(self, img: Tensor, txt: Tensor, y: Tensor, timestep: Tensor, pe: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ from ..validate import check_edit_numbers, check_finite
 from .autoencoder import AutoEncoder
 from .conditioner import Qwen25VLEmbedder
 from .configs import ModelConfig, get_config
+from .edit_v1p2 import branch_conditioning, per_branch, postprocess_v1p2, prepare_image_v1p2, torch_dit_step, with_rules
 from .imaging import check_size, edit_size, pil_to_tensor, tensor_to_pil, to_rgb
 from .loading import DIT_FILES, QWEN_DIR, VAE_FILE, ModelFiles, load_into
 from .math import rope_table
@@ -40,6 +41,9 @@ class EditInputs:
     width: int  # edit resolution (multiples of 16)
     height: int
     orig_size: tuple[int, int]
+    # v1.2: both CFG branches' DiT inputs (their text lengths differ); llm_embedding, llm_mask and pe
+    # then hold the cond branch's. None before v1.2 (one batch of 2 over the fields above).
+    branches: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -88,6 +92,9 @@ def make_noise(width: int, height: int, seed: int) -> torch.Tensor:
 
 def torch_step_fn(model: Step1XEdit, inputs: EditInputs, dtype: torch.dtype) -> StepFn:
     """The DiT as a denoising-step callable: (img [2, 2N, 64], t [2]) -> pred float32."""
+    if inputs.branches is not None:
+        branch_step, branches = per_branch(torch_dit_step(model, dtype)), inputs.branches
+        return lambda img, t: branch_step(img, t, *branches)
     emb, mask, pe = inputs.llm_embedding.to(dtype), inputs.llm_mask, inputs.pe
 
     @torch.inference_mode()
@@ -135,7 +142,7 @@ class Step1XEditPipeline:
         if config.tiny_qwen is None and config.embedder.hidden_size != 3584:
             raise ValueError(f"config {config.name}: full-size models read Qwen2.5-VL-7B (hidden 3584)")
         embedder = Qwen25VLEmbedder.from_pretrained(files.qwen, config.embedder, dtype=dtype, device=device)
-        return cls(config, model, ae, embedder, device=device, dtype=dtype)
+        return cls(config, model, ae, with_rules(embedder, config), device=device, dtype=dtype)
 
     @classmethod
     def random(
@@ -148,7 +155,7 @@ class Step1XEditPipeline:
         model = randomize_(Step1XEdit(config), seed).to(dtype).eval().requires_grad_(False)
         ae = randomize_(AutoEncoder(config.vae), seed + 1).eval().requires_grad_(False)
         embedder = Qwen25VLEmbedder.tiny(config.tiny_qwen, params=config.embedder, seed=seed + 2, dtype=dtype)
-        return cls(config, model, ae, embedder, dtype=dtype)
+        return cls(config, model, ae, with_rules(embedder, config), dtype=dtype)
 
     def save_pretrained(self, model_dir: str | Path) -> ModelFiles:
         """Write this pipeline's weights in the official layout (what `from_pretrained` reads)."""
@@ -174,14 +181,18 @@ class Step1XEditPipeline:
         sample_posterior: bool = False,
     ) -> EditInputs:
         """Everything before the denoising loop: resize, MLLM cond+uncond, reference latent, noise, RoPE."""
+        v12 = self.config.reason_edit is not None
         with self.timer.stage("preprocess"):
-            img = prepare_image(image, size_level)
+            img = EditImage(*prepare_image_v1p2(image, size_level)) if v12 else prepare_image(image, size_level)
         with self.timer.stage("mllm"), torch.inference_mode():
-            emb, mask = self.embedder([instruction, negative_prompt], img.mllm_image)
+            encoded = self.embedder([instruction, negative_prompt], img.mllm_image)
+        branches = branch_conditioning(self.config, encoded, img.width, img.height) if v12 else None
+        emb, mask = branches[1:3] if branches else encoded
         with self.timer.stage("vae_encode"), torch.inference_mode():
             gen = torch.Generator().manual_seed(seed + 1) if sample_posterior else None
             ref_latent = self.ae.encode(img.resized.to(self.device) * 2 - 1, sample=sample_posterior, generator=gen)
         noise, pe, timesteps = sampling_inputs(self.config, emb.shape[1], img.width, img.height, seed=seed, steps=steps)
+        pe = branches[0] if branches else pe
         return EditInputs(
             noise=noise.to(self.device),
             ref=pack(ref_latent.float()),
@@ -192,6 +203,7 @@ class Step1XEditPipeline:
             width=img.width,
             height=img.height,
             orig_size=img.orig_size,
+            branches=branches,
         )
 
     def decode(self, latent_tokens: torch.Tensor, inputs: EditInputs) -> Image.Image:
@@ -200,7 +212,8 @@ class Step1XEditPipeline:
             pixels = self.ae.decode(unpack(latent_tokens.float(), inputs.height, inputs.width))
             check_finite("the VAE decoder (image)", pixels)
         with self.timer.stage("postprocess"):
-            return postprocess(pixels, inputs.orig_size)
+            finish = postprocess_v1p2 if self.config.reason_edit is not None else postprocess
+            return finish(pixels, inputs.orig_size)
 
     def edit(
         self,
@@ -208,7 +221,7 @@ class Step1XEditPipeline:
         instruction: str,
         *,
         seed: int = 0,
-        steps: int = 28,
+        steps: int | None = None,
         cfg: float = 6.0,
         size_level: int | None = None,
         negative_prompt: str = "",
@@ -219,7 +232,9 @@ class Step1XEditPipeline:
 
         `size_level` defaults to the model's (1024 real, the profile's top for a tiny config). Other engines
         run the same loop through `runtime.Step1XEditRuntime`.
+        `steps` defaults to the model's (28; v1.2: 50).
         """
+        steps = steps or self.config.default_steps
         size_level = profile_for(self.config).max_level if size_level is None else size_level
         check_edit_numbers(steps=steps, cfg=cfg, size_level=size_level, seed=seed)
         self.timer = StageTimer(self.device)

@@ -1,0 +1,81 @@
+"""v1.2's edit around the shared denoising loop: its image preparation, its per-branch conditioning and
+the step function that runs the DiT once per CFG branch.
+
+The two CFG branches have different text lengths (padding is trimmed) and the DiT's joint attention is
+unmasked, so they cannot share a padded batch without changing the result: the step runs the DiT with
+batch 1 per branch, as the published pipeline does, and concatenates. The loop (`sampling.denoise`) is
+unchanged; only its step function differs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .conditioner import Qwen25VLEmbedder
+from .conditioner_v1p2 import Qwen25VLEmbedderV12, V12Text
+from .configs import ModelConfig
+from .imaging import check_size, edit_size, to_rgb
+from .positions_v1p2 import branch_inputs
+from .sampling import StepFn
+
+# The DiT's inputs per branch besides img and timestep, in the dit spec's order.
+BRANCH_INPUTS = ("pe", "llm_embedding", "llm_mask", "text_embeds", "text_mask")
+
+
+def prepare_image_v1p2(image: Image.Image, size_level: int) -> tuple[Tensor, Image.Image, int, int, tuple[int, int]]:
+    """(VAE input [1, 3, H, W] in [0, 1], the MLLM's image, width, height, input size), as v1.2's pipeline
+    resizes: the VAE input by bilinear antialiased interpolation of the float image, the MLLM's image by
+    Pillow's LANCZOS, both to the size_level edit size."""
+    check_size(image)
+    image = to_rgb(image)
+    width, height = edit_size(*image.size, size_level)
+    pixels = torch.from_numpy(np.asarray(image).copy()).float().permute(2, 0, 1)[None] / 255.0
+    resized = torch.nn.functional.interpolate(pixels, (height, width), mode="bilinear", antialias=True)
+    return resized, image.resize((width, height), Image.Resampling.LANCZOS), width, height, image.size
+
+
+def postprocess_v1p2(pixels: Tensor, orig_size: tuple[int, int]) -> Image.Image:
+    """Decoded pixels [1, 3, H, W] -> PIL at the input's size (rounded to uint8, then Pillow's default resize)."""
+    x = (pixels[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray((x * 255).round().astype(np.uint8)).resize(orig_size)
+
+
+def with_rules(embedder: Qwen25VLEmbedder, config: ModelConfig) -> Qwen25VLEmbedder:
+    """The embedder `config` needs: v1.2's (with its rules) over the same Qwen model, or `embedder` unchanged."""
+    rules = config.reason_edit
+    if rules is None or isinstance(embedder, Qwen25VLEmbedderV12):
+        return embedder
+    return Qwen25VLEmbedderV12(embedder.model, embedder.processor, config.embedder,
+                               bang_is_padding=rules.bang_is_padding, bf16_embeddings=rules.bf16_embeddings)
+
+
+def branch_conditioning(config: ModelConfig, texts: list[V12Text], width: int, height: int) -> tuple[Tensor, ...]:
+    """The loop's explicit conditioning: the cond branch's DiT inputs, then the uncond branch's."""
+    branches = [branch_inputs(config, text, height // 16, width // 16) for text in texts]
+    return tuple(b[name] for b in branches for name in BRANCH_INPUTS)
+
+
+def per_branch(step_fn: StepFn, n_inputs: int = len(BRANCH_INPUTS)) -> StepFn:
+    """A step over (img [2, ...], t [2], *cond inputs, *uncond inputs) from a batch-1 `step_fn(img, t, *inputs)`."""
+
+    def step(img: Tensor, t: Tensor, *conditioning: Tensor) -> Tensor:
+        if len(conditioning) != 2 * n_inputs:
+            raise ValueError(f"per-branch step: expected {2 * n_inputs} conditioning tensors, got {len(conditioning)}")
+        cond, uncond = conditioning[:n_inputs], conditioning[n_inputs:]
+        return torch.cat([step_fn(img[:1], t[:1], *cond), step_fn(img[1:], t[1:], *uncond)])
+
+    return step
+
+
+def torch_dit_step(model: torch.nn.Module, dtype: torch.dtype) -> StepFn:
+    """The torch DiT as a batch-1 step over v1.2's inputs (in `BRANCH_INPUTS` order) -> pred float32."""
+
+    @torch.inference_mode()
+    def step(img: Tensor, t: Tensor, pe: Tensor, emb: Tensor, mask: Tensor, text_embeds: Tensor,
+             text_mask: Tensor) -> Tensor:
+        return model(img.to(dtype), pe, t.to(dtype), emb.to(dtype), mask, text_embeds.to(dtype), text_mask).float()
+
+    return step
