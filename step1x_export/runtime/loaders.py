@@ -15,6 +15,7 @@ from ..step1x_ref.configs import CONFIGS, ModelConfig, get_config
 from ..step1x_ref.loading import ModelFiles, check_qwen_dir, load_into
 from ..step1x_ref.model import Step1XEdit
 from ..step1x_ref.pipeline import Step1XEditPipeline
+from ..toy import small_pipeline, weights_note
 from .buffers import BufferPool, Shape, select_profile
 from .options import RuntimeOptions
 from .stages import Loader
@@ -54,11 +55,11 @@ def torch_loaders(
 ) -> tuple[ModelConfig, dict[str, Loader], tuple[str, ...]]:
     dtype = options.precision.compute_dtype
     if str(source) in TINY:
-        pipe = Step1XEditPipeline.random(str(source), seed=seed, dtype=dtype)
+        pipe = small_pipeline(str(source), seed=seed, dtype=dtype)
         for module in (pipe.model, pipe.ae, pipe.embedder):
             module.to(device)
         model = quantized_dit(pipe.model, quant)
-        return pipe.config, pipeline_loaders(pipe, device, dtype, dit=model), (f"tiny random weights (seed {seed})",)
+        return pipe.config, pipeline_loaders(pipe, device, dtype, dit=model), (weights_note(str(source), seed),)
     config = get_config(version)
     files = ModelFiles.in_dir(source, version)
 
@@ -82,10 +83,10 @@ def mllm_loader(config: ModelConfig, mllm: str | Path | None, device: torch.devi
     """The MLLM stage for engine backends: torch, from a Qwen2.5-VL dir or a tiny config's seeded weights."""
     name = str(mllm) if mllm is not None else config.name
     if name in TINY:
-        def tiny() -> TorchEncoder:  # the same weights as Step1XEditPipeline.random(name, seed=seed)
-            return TorchEncoder(Step1XEditPipeline.random(name, seed=seed, dtype=dtype).embedder.to(device))
+        def tiny() -> TorchEncoder:  # the same weights as the torch backend's for this name and seed
+            return TorchEncoder(small_pipeline(name, seed=seed, dtype=dtype).embedder.to(device))
 
-        return tiny, f"MLLM: torch, tiny random weights (seed {seed})"
+        return tiny, f"MLLM: torch, {weights_note(name, seed)}"
     if mllm is None:
         raise ValueError(f"the engines are for {config.name}: pass the Qwen2.5-VL-7B-Instruct directory as mllm "
                          "(the MLLM runs in torch)")
