@@ -115,7 +115,13 @@ def shape_bucket(width: int, height: int, size_level: int) -> tuple[int, int]:
     return edit_size(round(10_000 * aspect), 10_000, size_level)
 
 
+# The trained toy model edits at 64 x 64 (its training resolution): its largest profile is that size.
+TOY_PROFILE = Profile(min_level=32, opt_level=64, max_level=64, max_aspect=2.0)
+
+
 def profile_for(config: ModelConfig) -> Profile:
+    if config.name == "toy":
+        return TOY_PROFILE
     return TINY_PROFILE if config.tiny_qwen is not None else FULL_PROFILE
 
 

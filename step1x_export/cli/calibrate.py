@@ -11,20 +11,25 @@ from ..calibrate.apply import quantize_model
 from ..calibrate.artifact import save_artifact
 from ..calibrate.collect import collect_stats
 from ..calibrate.dataset import describe, split_pairs
-from ..calibrate.evaluate import evaluate, format_table, summarize
+from ..calibrate.evaluate import evaluate, format_table, summarize, task_psnr
 from ..calibrate.recipes import DEFAULT_EXCLUDE, RECIPES, build_artifact
 from ..hashing import file_identity
 from ..specs import profile_for
 from ..step1x_ref.loading import ModelFiles
 from ..step1x_ref.pipeline import Step1XEditPipeline
-from .common import CFG, DEVICE, DTYPES, SEED, FiniteFloat, check_output_path, default_device, user_errors
+from ..toy import PACKAGED, small_pipeline
+from ..toy.calibration import calibration_pairs
+from ..toy.evaluate import format_scores
+from ..toy.weights import default_cfg
+from .common import CFG, DEVICE, DTYPES, SEED, SMALL_MODELS, FiniteFloat, check_output_path, default_device, user_errors
 
 
 @click.command()
 @click.option("--model-dir", type=click.Path(path_type=Path), help="Folder with the official files (DiT "
               "safetensors, vae.safetensors, Qwen2.5-VL-7B-Instruct/), as for `edit`.")
-@click.option("--model", "model_name", type=click.Choice(["tiny", "tiny-v1.0", "tiny-v1.2"]),
-              help="Calibrate a tiny random-weight model instead of --model-dir (testing).")
+@click.option("--model", "model_name", type=click.Choice(SMALL_MODELS),
+              help="Calibrate a small model instead of --model-dir: toy (trained; calibrated on its own tasks' "
+              "instructions over the training photos, --eval adds task PSNR) or tiny (random weights, testing).")
 @click.option("--version", type=click.Choice(["v1.0", "v1.1", "v1.2"]), default="v1.1", show_default=True,
               help="Model version of the checkpoint in --model-dir.")
 @click.option("--recipe", required=True, type=click.Choice(list(RECIPES)),
@@ -39,8 +44,9 @@ from .common import CFG, DEVICE, DTYPES, SEED, FiniteFloat, check_output_path, d
               help="Denoising steps per pair (statistics cover every step, both CFG branches).")
 @click.option("--size-level", type=click.IntRange(16, 4096), default=None,
               help="Edit resolution of the calibration runs (use the one you deploy at) [default: 1024 for the real "
-                   "model, 256 for the tiny ones].")
-@click.option("--cfg", type=CFG, default=6.0, show_default=True, help="True-CFG guidance scale.")
+                   "model, 64 for toy, 256 for the tiny ones].")
+@click.option("--cfg", type=CFG, default=None,
+              help="True-CFG guidance scale [default: 6.0 (upstream's); 3.0 for toy (what it runs with)].")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Noise seed of the first pair (pair i: seed+i).")
 @click.option("--include", multiple=True, default=("*",), show_default=True,
               help="Layers to quantize: fnmatch pattern over module names ('re:' prefix: regex); repeatable.")
@@ -59,7 +65,7 @@ from .common import CFG, DEVICE, DTYPES, SEED, FiniteFloat, check_output_path, d
 @user_errors
 def calibrate(
     model_dir: Path | None, model_name: str | None, version: str, recipe: str, alpha: float,
-    weight_granularity: str, samples: int, steps: int, size_level: int | None, cfg: float, seed: int,
+    weight_granularity: str, samples: int, steps: int, size_level: int | None, cfg: float | None, seed: int,
     include: tuple[str, ...], exclude: tuple[str, ...], n_eval: int, dtype: str | None, device: str | None,
     out_path: Path, quiet: bool,
 ) -> None:
@@ -73,6 +79,8 @@ def calibrate(
         raise click.UsageError("give exactly one of --model-dir DIR or --model tiny")
     check_output_path(out_path)
     calib, held_out = split_pairs()
+    if model_name in PACKAGED:  # its own instructions: the generic ones are not edits it was trained for
+        calib = calibration_pairs()
     if samples > len(calib):
         raise ValueError(f"--samples {samples}: the calibration split has {len(calib)} pairs")
     source = None
@@ -83,8 +91,9 @@ def calibrate(
         pipe = Step1XEditPipeline.from_pretrained(model_dir, version, device=device or default_device(),
                                                   dtype=DTYPES[dtype or "bf16"])
     else:
-        pipe = Step1XEditPipeline.random(model_name, dtype=DTYPES[dtype or "fp32"])
+        pipe = small_pipeline(model_name, dtype=DTYPES[dtype or "fp32"])
     size_level = size_level or profile_for(pipe.config).max_level
+    cfg = cfg if cfg is not None else default_cfg(pipe.config.name)
     pairs = calib[:samples]
     stats = collect_stats(pipe, pairs, steps=steps, size_level=size_level, cfg=cfg, seed=seed, progress=not quiet)
     calibration = describe(pairs) | {"steps": steps, "size_level": size_level, "cfg": cfg, "seed": seed,
@@ -99,3 +108,6 @@ def calibrate(
         reports = evaluate(pipe, qmodel, held_out[:n_eval], steps=steps, size_level=size_level, cfg=cfg,
                            seed=seed, progress=not quiet)
         click.echo(format_table({recipe: summarize(reports)}))
+        if pipe.config.name in PACKAGED:  # a trained model with exact-target tasks: is the edit still right?
+            scores = task_psnr(pipe, qmodel, recipe, steps=steps, size_level=size_level, cfg=cfg, seed=seed)
+            click.echo(f"task PSNR vs the exact target on the held-out photos (dB):\n{format_scores(scores)}")

@@ -18,6 +18,8 @@ from ..files import atomic_path
 from ..runtime.trt_manifest import EngineMismatchError
 from ..validate import CFG_RANGE, SEED_RANGE, InputError, check_device, check_float, check_output_file
 
+# Small models chosen by name: `toy` has trained weights shipped in the package, the `tiny` ones random weights.
+SMALL_MODELS = ("toy", "tiny", "tiny-v1.0", "tiny-v1.2")
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP"}
 # Every package error below is a ValueError (CheckpointError, ImageInputError, ExportError, ArtifactError,
 # ProfileError, InputError, NonFiniteError); EngineMismatchError (a TensorRT engine built for another

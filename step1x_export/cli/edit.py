@@ -6,13 +6,14 @@ from pathlib import Path
 
 import click
 
-from ..step1x_ref.configs import CONFIGS
+from ..specs import profile_for
 from ..step1x_ref.imaging import load_image
-from ..step1x_ref.pipeline import Step1XEditPipeline
-from .common import CFG, IMAGE_SUFFIXES, SEED, check_output_path, save_image, step_progress, user_errors
+from ..toy.weights import default_cfg
+from .common import CFG, IMAGE_SUFFIXES, SEED, SMALL_MODELS, check_output_path, save_image, step_progress, user_errors
 from .runtime_options import RuntimeArgs, runtime_options
 
-DEMO_INSTRUCTION = "Make the sky behind the astronaut a deep purple"
+DEMO_INSTRUCTION = "swap red and blue"
+RANDOM_DEMO_INSTRUCTION = "Make the sky behind the astronaut a deep purple"
 
 
 @click.command()
@@ -24,7 +25,9 @@ DEMO_INSTRUCTION = "Make the sky behind the astronaut a deep purple"
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Noise seed.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=None,
               help="Denoising steps [default: the model's: 28; v1.2: 50].")
-@click.option("--cfg", type=CFG, default=6.0, show_default=True, help="True-CFG guidance scale (0 = unguided).")
+@click.option("--cfg", type=CFG, default=None,
+              help="True-CFG guidance scale (0 = unguided) [default: 6.0 (upstream's); 3.0 for toy (measured best "
+              "for it)].")
 @click.option("--think", is_flag=True, help="v1.2: the MLLM first rewrites the instruction (printed).")
 @click.option("--reflect", type=click.IntRange(0, 10), default=0, show_default=True,
               help="v1.2: up to N rounds of edit + the MLLM's judgement (re-edit or restart); the best round is "
@@ -38,8 +41,9 @@ DEMO_INSTRUCTION = "Make the sky behind the astronaut a deep purple"
 @click.option("--quiet", is_flag=True, help="No progress bar or timing table.")
 @user_errors
 def edit(
-    runtime: RuntimeArgs, image_path: Path, prompt: str, out_path: Path, seed: int, steps: int | None, cfg: float,
-    think: bool, reflect: int, judge_retries: int, size_level: int | None, negative_prompt: str, quiet: bool,
+    runtime: RuntimeArgs, image_path: Path, prompt: str, out_path: Path, seed: int, steps: int | None,
+    cfg: float | None, think: bool, reflect: int, judge_retries: int, size_level: int | None, negative_prompt: str,
+    quiet: bool,
 ) -> None:
     """Edit one image with the runtime (torch, ONNX Runtime or TensorRT engines); prints the per-stage times."""
     runtime.check_source()
@@ -47,6 +51,7 @@ def edit(
     image = load_image(image_path)
     rt = runtime.load()
     with rt, step_progress(enabled=not quiet) as progress:
+        cfg = cfg if cfg is not None else default_cfg(rt.config.name)
         options = {"steps": steps, "cfg": cfg, "size_level": size_level, "negative_prompt": negative_prompt,
                    "progress": progress}
         if think or reflect:
@@ -79,30 +84,54 @@ def echo_reasoning(reasoned) -> None:
 
 @click.command()
 @click.option("--out", "out_path", type=click.Path(path_type=Path), default=Path("demo_edit.png"), show_default=True,
-              help="Where to write the edited image.")
-@click.option("--prompt", default=DEMO_INSTRUCTION, show_default=True, help="Edit instruction.")
-@click.option("--model", "model_name", type=click.Choice(sorted(k for k, c in CONFIGS.items() if c.tiny_qwen)),
-              default="tiny", show_default=True, help="Which tiny config.")
+              help="Where to write the edited image; the input and the edit side by side go beside it "
+                   "(NAME_side_by_side.png).")
+@click.option("--prompt", default=None, help=f"Edit instruction [default: {DEMO_INSTRUCTION!r} for toy (any "
+              "phrasing of step1x_export.toy.tasks), "
+              f"{RANDOM_DEMO_INSTRUCTION!r} for the random tiny models].")
+@click.option("--model", "model_name", type=click.Choice(SMALL_MODELS), default="toy", show_default=True,
+              help="toy: the small model trained here (weights shipped in the package); tiny: random weights.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=28, show_default=True, help="Denoising steps.")
-@click.option("--size-level", type=click.IntRange(16, 1024), default=256, show_default=True, help="Edit resolution.")
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Noise and weight seed.")
+@click.option("--cfg", type=CFG, default=None,
+              help="True-CFG guidance scale [default: 3.0 for toy (measured best for it), 6.0 for tiny].")
+@click.option("--size-level", type=click.IntRange(16, 1024), default=None,
+              help="Edit resolution [default: the model's largest profile: 64 for toy (its training resolution), "
+                   "256 for tiny].")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Noise seed (and weight seed of tiny).")
 @user_errors
-def demo(out_path: Path, prompt: str, model_name: str, steps: int, size_level: int, seed: int) -> None:
-    """Run a whole edit on an embedded default: the tiny model, CPU, scikit-image's astronaut photo.
+def demo(out_path: Path, prompt: str | None, model_name: str, steps: int, cfg: float | None, size_level: int | None,
+         seed: int) -> None:
+    """Run a whole edit on an embedded default: scikit-image's astronaut photo (never seen in training), CPU.
 
-    The weights are RANDOM (no checkpoint ships with this package), so the picture is noise-like:
-    the demo shows the pipeline runs end to end and where the time goes, not an edit's quality.
+    With `toy` (default) this is a real edit by a small model trained here, scored against the exact
+    target of the instruction's task; with `tiny` the weights are random and the output is noise-like
+    (it shows the pipeline runs end to end and where the time goes).
     """
     check_output_path(out_path, suffixes=IMAGE_SUFFIXES)
     from PIL import Image
     from skimage import data as skimage_data  # a real photograph that ships with a dependency
 
-    image = Image.fromarray(skimage_data.astronaut())
-    click.echo(f"demo: tiny '{model_name}' model with RANDOM weights on CPU; input: scikit-image astronaut "
-               f"{image.width}x{image.height}; instruction: {prompt!r}")
-    pipe = Step1XEditPipeline.random(model_name, seed=seed)
+    from ..toy import PACKAGED, small_pipeline
+    from ..toy.demo import edit_resolution, side_by_side, task_report
+
+    trained = model_name in PACKAGED
+    prompt = prompt if prompt is not None else (DEMO_INSTRUCTION if trained else RANDOM_DEMO_INSTRUCTION)
+    pipe = small_pipeline(model_name, seed=seed)
+    size_level = size_level or profile_for(pipe.config).max_level
+    cfg = cfg if cfg is not None else default_cfg(model_name)
+    # The photo is brought to the edit resolution first, so the edit is shown and scored as the model made it.
+    image = edit_resolution(Image.fromarray(skimage_data.astronaut()), size_level)
+    weights = "trained weights" if trained else "RANDOM weights"
+    click.echo(f"demo: '{model_name}' model with {weights} on CPU; input: scikit-image astronaut at "
+               f"{image.width}x{image.height} (size level {size_level}); instruction: {prompt!r}; cfg {cfg}")
     with step_progress() as progress:
-        result = pipe.edit(image, prompt, seed=seed, steps=steps, size_level=size_level, progress=progress)
+        result = pipe.edit(image, prompt, seed=seed, steps=steps, cfg=cfg, size_level=size_level, progress=progress)
     save_image(result, out_path)
+    pair_path = out_path.with_name(f"{out_path.stem}_side_by_side{out_path.suffix}")
+    save_image(side_by_side(image, result), pair_path)
     click.echo(pipe.timer.table())
-    click.echo(f"wrote {out_path} ({result.width}x{result.height}); weights were random, so this is not a real edit")
+    click.echo(f"wrote {out_path} ({result.width}x{result.height}) and {pair_path} (input | edit, enlarged)")
+    if not trained:
+        click.echo("weights were random, so this is not a real edit")
+    elif (report := task_report(image, result, prompt)) is not None:
+        click.echo(report)

@@ -8,7 +8,7 @@ import click
 
 from ..precision import Precision
 from ..specs import COMPONENTS
-from .common import DTYPES, SEED, user_errors
+from .common import DTYPES, SEED, SMALL_MODELS, user_errors
 
 GRAPH_PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -16,8 +16,9 @@ GRAPH_PRECISIONS = ("fp32", "fp16", "bf16")
 @click.command("export")
 @click.option("--model-dir", type=click.Path(path_type=Path), help="Folder with the official files (DiT "
               "safetensors, vae.safetensors, Qwen2.5-VL-7B-Instruct/), as for `edit`.")
-@click.option("--model", "model_name", type=click.Choice(["tiny", "tiny-v1.0", "tiny-v1.2"]),
-              help="Export a tiny random-weight model instead of --model-dir (testing).")
+@click.option("--model", "model_name", type=click.Choice(SMALL_MODELS),
+              help="Export a small model instead of --model-dir: toy (trained weights shipped in the package) or "
+              "tiny (random weights, testing).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Export folder: {component}.onnx (+ .onnx.data above 2 GB), qwen/ (config, processor), "
                    "manifest.json written last. Refused if not empty, unless --force.")
@@ -54,6 +55,7 @@ def export(
     from ..calibrate.artifact import load_artifact
     from ..export import export_components
     from ..step1x_ref.pipeline import Step1XEditPipeline
+    from ..toy import small_pipeline
 
     if (model_dir is None) == (model_name is None):
         raise click.UsageError("give exactly one of --model-dir DIR or --model tiny")
@@ -72,7 +74,7 @@ def export(
     if model_dir is not None:
         pipe = Step1XEditPipeline.from_pretrained(model_dir, version, device="cpu", dtype=dtype)
     else:
-        pipe = Step1XEditPipeline.random(model_name, seed=seed, dtype=dtype)
+        pipe = small_pipeline(model_name, seed=seed, dtype=dtype)
     manifest = export_components(pipe, out_dir, components=names, precision=Precision.parse(precision),
                                  force=force, progress=not quiet, opset=opset, quant=quant)
     for name, entry in manifest.components.items():

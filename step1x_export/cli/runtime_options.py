@@ -18,12 +18,11 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..runtime.options import BACKENDS, DEFAULT_GRAPH_CACHE, RuntimeOptions
-from .common import DEVICE, DTYPES
+from .common import DEVICE, DTYPES, SMALL_MODELS
 
 if TYPE_CHECKING:
     from ..runtime.runtime import Step1XEditRuntime
 
-TINY_MODELS = ("tiny", "tiny-v1.0", "tiny-v1.2")
 
 
 @dataclass(frozen=True)
@@ -115,8 +114,9 @@ def _source_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]
                      "safetensors (v1.0: step1x-edit-i1258[-FP8].safetensors, v1.1: "
                      "step1x-edit-v1p1-official.safetensors), vae.safetensors and Qwen2.5-VL-7B-Instruct/. With "
                      "--engine-dir only its Qwen2.5-VL folder is used."),
-        click.option("--model", "model_name", type=click.Choice(list(TINY_MODELS)),
-                     help="Use a tiny random-weight model instead of --model-dir (testing; output is not a real "
+        click.option("--model", "model_name", type=click.Choice(list(SMALL_MODELS)),
+                     help="Use a small model instead of --model-dir: toy (trained here, does the edits of "
+                     "`step1x_export.toy.tasks` at size level 64) or tiny (random weights, testing; not a real "
                      "edit). With --engine-dir, --model/--model-dir only name a torch MLLM to use instead of the "
                      "export's vision/llm graphs."),
         click.option("--backend", type=click.Choice(list(BACKENDS)), default="torch", show_default=True,

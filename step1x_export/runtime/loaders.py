@@ -19,6 +19,7 @@ from ..step1x_ref.edit_v1p2 import with_rules
 from ..step1x_ref.loading import CheckpointError, ModelFiles, check_qwen_dir, check_state_dict, load_into
 from ..step1x_ref.model import Step1XEdit
 from ..step1x_ref.pipeline import Step1XEditPipeline
+from ..toy import small_pipeline, weights_note
 from .buffers import BufferPool, Shape, select_profile
 from .mllm import prepare_mllm
 from .options import RuntimeOptions
@@ -98,7 +99,7 @@ def torch_loaders(
     # A missing file falls through to the artifact loader, whose error names it.
     qcheckpoint = quant is not None and Path(quant).is_file() and read_qcheckpoint_info(quant) is not None
     if str(source) in TINY:
-        pipe = Step1XEditPipeline.random(str(source), seed=seed, dtype=dtype)
+        pipe = small_pipeline(str(source), seed=seed, dtype=dtype)
         prepare_mllm(pipe.embedder, options.mllm_quant)
         for module in (pipe.model, pipe.ae, pipe.embedder):
             module.to(device)
@@ -106,7 +107,7 @@ def torch_loaders(
             model = checkpoint_dit(Path(quant), pipe.config, device, dtype)
         else:
             model = quantized_dit(pipe.model, quant)
-        return pipe.config, pipeline_loaders(pipe, device, dtype, dit=model), (f"tiny random weights (seed {seed})",)
+        return pipe.config, pipeline_loaders(pipe, device, dtype, dit=model), (weights_note(str(source), seed),)
     config = get_config(version)
     files = ModelFiles.in_dir(source, version)
 
@@ -133,11 +134,11 @@ def mllm_loader(config: ModelConfig, mllm: str | Path | None, device: torch.devi
     """The MLLM stage for engine backends: torch, from a Qwen2.5-VL dir or a tiny config's seeded weights."""
     name = str(mllm) if mllm is not None else config.name
     if name in TINY:
-        def tiny() -> TorchEncoder:  # the same weights as Step1XEditPipeline.random(name, seed=seed)
-            embedder = Step1XEditPipeline.random(name, seed=seed, dtype=dtype).embedder
+        def tiny() -> TorchEncoder:  # the same weights as the torch backend's for this name and seed
+            embedder = small_pipeline(name, seed=seed, dtype=dtype).embedder
             return TorchEncoder(with_rules(prepare_mllm(embedder, quant).to(device), config))
 
-        return tiny, f"MLLM: torch, tiny random weights (seed {seed})"
+        return tiny, f"MLLM: torch, {weights_note(name, seed)}"
     if mllm is None:
         raise ValueError(f"the engines are for {config.name}: pass the Qwen2.5-VL-7B-Instruct directory as mllm "
                          "(the MLLM runs in torch)")

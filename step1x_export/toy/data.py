@@ -1,0 +1,114 @@
+"""Training and held-out photographs for the toy model, from images that ship inside installed packages.
+
+Only scikit-image's bundled photographs are used (a dependency of this package), so the data, and the
+trained weights, are the same on every machine. The held-out photos are never seen in training: not by
+the autoencoder, not by the DiT, not as the MLLM's image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Real photographs (colour and grey) bundled with scikit-image. Synthetic images (colour wheel, logo,
+# binary blobs, phantoms) are left out: they are not what an edit model is asked to edit.
+TRAIN_PHOTOS = (
+    "chelsea", "motorcycle_left", "motorcycle_right", "retina", "immunohistochemistry", "hubble_deep_field",
+    "camera", "coins", "brick", "grass", "gravel", "moon", "page", "text", "cell", "clock",
+)
+HELDOUT_PHOTOS = ("astronaut", "coffee", "rocket")
+
+
+def load_photo(name: str) -> np.ndarray:
+    """A bundled photo as uint8 RGB [H, W, 3] (grey photos repeated over the three channels)."""
+    from skimage import data as skimage_data
+
+    if name.startswith("motorcycle"):
+        left, right, _ = skimage_data.stereo_motorcycle()
+        arr = left if name.endswith("left") else right
+    else:
+        arr = getattr(skimage_data, name)()
+    arr = np.asarray(arr)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    return np.ascontiguousarray(arr[..., :3].astype(np.uint8))
+
+
+def photo_tensors(names: tuple[str, ...], max_short_side: int | None = None) -> list[Tensor]:
+    """Photos as float [3, H, W] in [0, 1], optionally downscaled so the short side is <= max_short_side
+    (training crops are small: cropping from a smaller copy is much cheaper and loses nothing)."""
+    photos = [torch.from_numpy(load_photo(n)).permute(2, 0, 1).float().div(255) for n in names]
+    if max_short_side is None:
+        return photos
+    return [_shrink(p, max_short_side) for p in photos]
+
+
+def _shrink(photo: Tensor, max_short_side: int) -> Tensor:
+    _, h, w = photo.shape
+    scale = max_short_side / min(h, w)
+    if scale >= 1:
+        return photo
+    size = (round(h * scale), round(w * scale))
+    return F.interpolate(photo[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def quantize(x: Tensor) -> Tensor:
+    """Round to 8-bit levels, as a photo read from a PNG is: targets are computed from what the model sees."""
+    return x.clamp(0, 1).mul(255).round().div(255)
+
+
+def random_crop(photo: Tensor, size: int, gen: torch.Generator, min_scale: float = 0.2) -> Tensor:
+    """A square crop of side in [min_scale, 1] x the short side, at a random place, resized to size x size."""
+    _, h, w = photo.shape
+    short = min(h, w)
+    side = max(size // 2, int(short * (min_scale + (1 - min_scale) * float(torch.rand((), generator=gen)))))
+    top = int(torch.randint(0, h - side + 1, (), generator=gen))
+    left = int(torch.randint(0, w - side + 1, (), generator=gen))
+    crop = photo[None, :, top : top + side, left : left + side]
+    return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def colour_jitter(x: Tensor, gen: torch.Generator) -> Tensor:
+    """Channel permutation (half the time), per-channel gains, brightness, contrast and saturation."""
+    if float(torch.rand((), generator=gen)) < 0.5:
+        x = x[torch.randperm(3, generator=gen)]
+    u = torch.rand(6, generator=gen)
+    x = x * (0.75 + 0.5 * u[:3, None, None])  # per-channel gain: tints grey photos
+    grey = x.mean(0, keepdim=True)
+    x = grey + (x - grey) * (0.5 + u[3])  # saturation
+    mean = x.mean()
+    x = mean + (x - mean) * (0.7 + 0.6 * u[4])  # contrast
+    return x + (u[5] - 0.5) * 0.3  # brightness
+
+
+def augmented_crop(photo: Tensor, size: int, gen: torch.Generator) -> Tensor:
+    """Crop, random horizontal flip, colour jitter, 8-bit levels: one training image [3, size, size]."""
+    x = random_crop(photo, size, gen)
+    if float(torch.rand((), generator=gen)) < 0.5:
+        x = x.flip(-1)
+    return quantize(colour_jitter(x, gen))
+
+
+def crop_batch(photos: list[Tensor], count: int, size: int, gen: torch.Generator) -> Tensor:
+    """`count` augmented crops [count, 3, size, size], each from a photo drawn at random."""
+    picks = torch.randint(0, len(photos), (count,), generator=gen).tolist()
+    return torch.stack([augmented_crop(photos[i], size, gen) for i in picks])
+
+
+def heldout_views(size: int, per_photo: int = 4, seed: int = 1234) -> tuple[list[str], Tensor]:
+    """The evaluation images: per held-out photo, its centre square and `per_photo - 1` seeded crops,
+    each resized to size x size and 8-bit ([N, 3, size, size]); no colour jitter (real photos as they are)."""
+    gen = torch.Generator().manual_seed(seed)
+    names, views = [], []
+    for name, photo in zip(HELDOUT_PHOTOS, photo_tensors(HELDOUT_PHOTOS), strict=True):
+        _, h, w = photo.shape
+        s = min(h, w)
+        centre = photo[None, :, (h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
+        views.append(F.interpolate(centre, size=(size, size), mode="bilinear", antialias=True)[0])
+        names.append(f"{name}/centre")
+        for k in range(per_photo - 1):
+            views.append(random_crop(photo, size, gen, min_scale=0.4))
+            names.append(f"{name}/crop{k}")
+    return names, quantize(torch.stack(views))

@@ -1,0 +1,89 @@
+"""The trained toy model: shipped weights load through the official-layout loader, it really edits, and
+training is deterministic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from step1x_export.cli import main
+from step1x_export.step1x_ref.imaging import pil_to_tensor
+from step1x_export.step1x_ref.loading import DIT_FILES, QWEN_DIR, VAE_FILE
+from step1x_export.toy import small_pipeline
+from step1x_export.toy.data import HELDOUT_PHOTOS, TRAIN_PHOTOS, heldout_views
+from step1x_export.toy.evaluate import to_pil
+from step1x_export.toy.tasks import TASK_BY_NAME, TASKS, psnr, task_for
+from step1x_export.toy.train import TrainPlan, train
+from step1x_export.toy.weights import FIGURES_FILE, TOY_CFG, TOY_SIZE, TOY_STEPS, WEIGHTS_DIR
+
+pytestmark = pytest.mark.xdist_group("toy")
+
+
+@pytest.fixture(scope="module")
+def toy():
+    # One thread: on a shared 2-core runner, two OpenMP threads wait on each other (several times slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield small_pipeline("toy")
+    torch.set_num_threads(threads)
+
+
+def test_shipped_weights_official_layout_and_size() -> None:
+    files = [p for p in WEIGHTS_DIR.rglob("*") if p.is_file()]
+    assert (WEIGHTS_DIR / DIT_FILES["v1.1"][0]).is_file() and (WEIGHTS_DIR / VAE_FILE).is_file()
+    assert (WEIGHTS_DIR / QWEN_DIR / "config.json").is_file()
+    assert sum(p.stat().st_size for p in files) <= 20e6
+    assert not set(HELDOUT_PHOTOS) & set(TRAIN_PHOTOS)
+
+
+def test_targets_are_exact() -> None:
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.equal(TASK_BY_NAME["mirror"].target(TASK_BY_NAME["mirror"].target(x)), x)
+    assert torch.equal(TASK_BY_NAME["swap_red_blue"].target(x)[:, 0], x[:, 2])
+    grey = TASK_BY_NAME["black_and_white"].target(x)
+    assert torch.equal(grey[:, 0], grey[:, 1]) and torch.equal(grey[:, 1], grey[:, 2])
+    assert all(task_for(text) is task for task in TASKS for text in task.instructions)
+
+
+def test_edit_beats_identity_on_a_heldout_photo(toy, task: str = "invert") -> None:
+    """One held-out view (the astronaut's centre square at the training size), English and Chinese."""
+    _, views = heldout_views(TOY_SIZE, per_photo=1)
+    view = views[:1]
+    t = TASK_BY_NAME[task]
+    target = t.target(view)
+    identity = psnr(view, target).item()
+    for text in (t.english[0], t.chinese[0]):
+        out = toy.edit(to_pil(view[0]), text, seed=0, steps=TOY_STEPS, cfg=TOY_CFG, size_level=TOY_SIZE)
+        assert psnr(pil_to_tensor(out), target).item() > identity + 3, text
+
+
+def test_figures_recorded_by_training_beat_identity() -> None:
+    figures = json.loads((WEIGHTS_DIR / FIGURES_FILE).read_text())
+    margins = {row["task"]: row["model_db"] - row["identity_db"] for row in figures["tasks"]}
+    del margins["no_change"]  # returning the input is its exact target
+    assert all(m > 0 for m in margins.values()), margins
+    assert all(m > 2.5 for task, m in margins.items() if task != "mirror"), margins
+
+
+def test_training_is_deterministic() -> None:
+    """Two seeded runs of a few steps of every phase give bit-identical weights, which training did change."""
+    a, b = (train(TrainPlan.quick(0), log=lambda _: None) for _ in range(2))
+    for name, tensor in a.model.state_dict().items():
+        assert torch.equal(tensor, b.model.state_dict()[name]), name
+    for name, tensor in a.ae.state_dict().items():
+        assert torch.equal(tensor, b.ae.state_dict()[name]), name
+    assert a.model.final_layer.linear.weight.abs().sum() > 0  # initialised to zero
+
+
+def test_demo_edits_the_astronaut(tmp_path: Path) -> None:
+    out = tmp_path / "demo.png"
+    result = CliRunner().invoke(main, ["demo", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "trained weights" in result.output and "PSNR vs the exact target" in result.output
+    assert Image.open(out).size == (TOY_SIZE, TOY_SIZE)
+    assert Image.open(tmp_path / "demo_side_by_side.png").size == (TOY_SIZE * 4 * 2 + 8, TOY_SIZE * 4)
