@@ -5,15 +5,15 @@
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 NEEDED="einops jsonschema"
+DEPS="${STEP1X_DEPS_DIR:-/tmp/step1x_deps}"
+export PYTHONPATH="$PYTHONPATH:$DEPS"  # installed there by an earlier call on the same machine
 missing=$(for m in $NEEDED; do python3 -c "import $m" 2>/dev/null || echo "$m"; done)
 if [ -n "$missing" ]; then
-    DEPS="${STEP1X_DEPS_DIR:-/tmp/step1x_deps}"
     echo "installing from .whl/ into $DEPS: $missing"
     if ! python3 -m pip install -q --no-index --find-links "$PWD/.whl" --target "$DEPS" $missing; then
         echo "cannot import: $missing; put their wheels in .whl/ (benchmarks/README.md) and carry it"
         exit 3
     fi
-    export PYTHONPATH="$PYTHONPATH:$DEPS"
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
 python3 -c "import sys, torch, transformers, einops, jsonschema; from importlib.metadata import version as v; \
