@@ -169,7 +169,7 @@ def build_mllm_inputs(processor, instruction: str, image: Image.Image, params: E
     vision_end = processor.tokenizer.convert_tokens_to_ids(VISION_END)
     cut_old = int((old_ids == vision_end).nonzero()[0, 0])
     cut_new = int((new_ids == vision_end).nonzero()[0, 0])
-    input_ids = cut_to_kept(torch.cat([old_ids[:cut_old], new_ids[cut_new:]]).unsqueeze(0), params)
+    input_ids = cut_to_kept(torch.cat([old_ids[:cut_old], new_ids[cut_new:]]).unsqueeze(0), params, cut_old + 1)
     return MLLMInputs(
         input_ids=input_ids,
         attention_mask=(input_ids > 0).long(),
@@ -178,13 +178,14 @@ def build_mllm_inputs(processor, instruction: str, image: Image.Image, params: E
     )
 
 
-def cut_to_kept(input_ids: torch.Tensor, params: EmbedderParams) -> torch.Tensor:
+def cut_to_kept(input_ids: torch.Tensor, params: EmbedderParams, image_end: int) -> torch.Tensor:
     """Drop the tokens `select_tokens` would discard, before the LLM runs, and say so.
 
     The LLM is causal, so the kept hidden states do not depend on the tokens after them: cutting the ids
-    is exact, and a 100k-character instruction costs no more than one that fits.
+    is exact, and a 100k-character instruction costs no more than one that fits. The first `image_end` ids
+    (template and image, through <|vision_end|>) always stay: the vision features fill every image slot.
     """
-    limit = params.drop_tokens + params.max_length
+    limit = max(params.drop_tokens + params.max_length, image_end)
     if input_ids.shape[1] <= limit:
         return input_ids
     warnings.warn(f"instruction too long: the model reads {params.max_length} tokens after its template (image "
