@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from PIL import Image
 
 from ..step1x_ref.configs import CONFIGS
 from ..step1x_ref.imaging import load_image
 from ..step1x_ref.pipeline import Step1XEditPipeline
 from .common import CFG, IMAGE_SUFFIXES, SEED, check_output_path, save_image, step_progress, user_errors
 from .runtime_options import RuntimeArgs, runtime_options
+from .speedups import cache_fidelity, is_leader, speedup_options
 
 DEMO_INSTRUCTION = "Make the sky behind the astronaut a deep purple"
 
@@ -29,27 +31,45 @@ DEMO_INSTRUCTION = "Make the sky behind the astronaut a deep purple"
                    "[default: 1024 for the real model (upstream's), 256 for the tiny ones (their largest profile)].")
 @click.option("--negative-prompt", default="", show_default=True, help="Instruction of the unconditional branch.")
 @click.option("--quiet", is_flag=True, help="No progress bar or timing table.")
+@speedup_options
 @user_errors
 def edit(
     runtime: RuntimeArgs, image_path: Path, prompt: str, out_path: Path, seed: int, steps: int, cfg: float,
-    size_level: int | None, negative_prompt: str, quiet: bool,
+    size_level: int | None, negative_prompt: str, quiet: bool, cache: str | None, compare_uncached: bool | None,
+    cfg_degree: int, ulysses_degree: int, ring_degree: int,
 ) -> None:
     """Edit one image with the runtime (torch, ONNX Runtime or TensorRT engines); prints the per-stage times."""
     runtime.check_source()
     check_output_path(out_path, suffixes=IMAGE_SUFFIXES)
     image = load_image(image_path)
-    rt = runtime.load()
-    with rt, step_progress(enabled=not quiet) as progress:
-        result = rt.edit(image, prompt, seed=seed, steps=steps, cfg=cfg, size_level=size_level,
-                         negative_prompt=negative_prompt, progress=progress)
+    from ..runtime import Step1XEditRuntime
+
+    speedups = dict(cache=cache, cfg_degree=cfg_degree, ulysses_degree=ulysses_degree, ring_degree=ring_degree)
+
+    def run(**overrides: object) -> tuple[Image.Image, Step1XEditRuntime]:
+        rt = Step1XEditRuntime.load(**runtime.load_kwargs(), **{**speedups, **overrides})
+        with rt, step_progress(enabled=not quiet and is_leader()) as progress:
+            result = rt.edit(image, prompt, seed=seed, steps=steps, cfg=cfg, size_level=size_level,
+                             negative_prompt=negative_prompt, progress=progress)
+        return result, rt
+
+    result, rt = run()
+    lines = [f"note: {note}" for note in rt.notes]
+    lines += [rt.timer.table(), f"peak memory: {rt.peak_memory}", f"runtime: {rt.stats().summary()}"]
+    if rt.cache_stats is not None:
+        lines.append(f"step cache {rt.options.cache}: {rt.cache_stats}")
+        tiny = runtime.load_kwargs()["source"] in ("tiny", "tiny-v1.0")
+        if compare_uncached if compare_uncached is not None else tiny:
+            uncached, plain = run(cache=None)
+            lines.append(cache_fidelity(rt, result, plain, uncached))
+    if not is_leader():  # every rank computed the same image; rank 0 writes and reports it
+        return
     save_image(result, out_path)
     if not quiet:
-        for note in rt.notes:
-            click.echo(f"note: {note}")
-        click.echo(rt.timer.table())
-        click.echo(f"peak memory: {rt.peak_memory}")
-        click.echo(f"runtime: {rt.stats().summary()}")
-    click.echo(f"wrote {out_path} ({result.width}x{result.height}; backend {runtime.backend})")
+        click.echo("\n".join(lines))
+    layout = rt.options.parallel
+    click.echo(f"wrote {out_path} ({result.width}x{result.height}; backend {runtime.backend}"
+               f"{'; ' + str(layout) if layout.world > 1 else ''})")
 
 
 @click.command()

@@ -17,6 +17,7 @@ from ..step1x_ref.model import Step1XEdit
 from ..step1x_ref.pipeline import Step1XEditPipeline
 from .buffers import BufferPool, Shape, select_profile
 from .options import RuntimeOptions
+from .parallel.dit import parallel_dit
 from .stages import Loader
 from .torch_engine import TorchEncoder, TorchEngine
 
@@ -57,14 +58,15 @@ def torch_loaders(
         pipe = Step1XEditPipeline.random(str(source), seed=seed, dtype=dtype)
         for module in (pipe.model, pipe.ae, pipe.embedder):
             module.to(device)
-        model = quantized_dit(pipe.model, quant)
+        model = parallel_dit(quantized_dit(pipe.model, quant), options.parallel)
         return pipe.config, pipeline_loaders(pipe, device, dtype, dit=model), (f"tiny random weights (seed {seed})",)
     config = get_config(version)
     files = ModelFiles.in_dir(source, version)
 
     def dit() -> TorchEngine:
         model = load_into(lambda: Step1XEdit(config), files.dit, dtype=dtype, device=device)
-        return TorchEngine(quantized_dit(model, quant), dit_spec(config), dtype, device)
+        # over torchrun's ranks: another engine module, the same (replicated) weights
+        return TorchEngine(parallel_dit(quantized_dit(model, quant), options.parallel), dit_spec(config), dtype, device)
 
     def autoencoder() -> AutoEncoder:  # fp32 as upstream; loaded per VAE stage so each frees its half
         return load_into(lambda: AutoEncoder(config.vae), files.vae, dtype=torch.float32, device=device)
