@@ -42,26 +42,29 @@ def edit(
     runtime.check_source()
     check_output_path(out_path, suffixes=IMAGE_SUFFIXES)
     image = load_image(image_path)
+    import torch
+
     from ..runtime import Step1XEditRuntime
 
     speedups = dict(cache=cache, cfg_degree=cfg_degree, ulysses_degree=ulysses_degree, ring_degree=ring_degree)
 
-    def run(**overrides: object) -> tuple[Image.Image, Step1XEditRuntime]:
+    def run(**overrides: object) -> tuple[Image.Image, Step1XEditRuntime, torch.Tensor]:
         rt = Step1XEditRuntime.load(**runtime.load_kwargs(), **{**speedups, **overrides})
         with rt, step_progress(enabled=not quiet and is_leader()) as progress:
             result = rt.edit(image, prompt, seed=seed, steps=steps, cfg=cfg, size_level=size_level,
                              negative_prompt=negative_prompt, progress=progress)
-        return result, rt
+            latent = rt.last_latent  # closing the runtime drops it
+        return result, rt, latent
 
-    result, rt = run()
+    result, rt, latent = run()
     lines = [f"note: {note}" for note in rt.notes]
     lines += [rt.timer.table(), f"peak memory: {rt.peak_memory}", f"runtime: {rt.stats().summary()}"]
     if rt.cache_stats is not None:
         lines.append(f"step cache {rt.options.cache}: {rt.cache_stats}")
         tiny = runtime.load_kwargs()["source"] in ("tiny", "tiny-v1.0")
         if compare_uncached if compare_uncached is not None else tiny:
-            uncached, plain = run(cache=None)
-            lines.append(cache_fidelity(rt, result, plain, uncached))
+            uncached, _, plain_latent = run(cache=None)
+            lines.append(cache_fidelity(latent, result, plain_latent, uncached))
     if not is_leader():  # every rank computed the same image; rank 0 writes and reports it
         return
     save_image(result, out_path)

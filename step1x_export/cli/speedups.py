@@ -49,10 +49,10 @@ def speedup_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def cache_fidelity(cached_rt: Any, cached: Image.Image, plain_rt: Any, plain: Image.Image) -> str:
+def cache_fidelity(cached_latent: Any, cached: Image.Image, plain_latent: Any, plain: Image.Image) -> str:
     """One line: the cached edit's latent PSNR (peak = the latent's range) and 8-bit image PSNR vs no cache."""
     from ..bench.ladder import psnr  # the metrics live with their main users; imported only when asked for
     from ..calibrate.evaluate import psnr_db
 
-    return (f"vs no cache: latent PSNR {psnr(cached_rt.last_latent, plain_rt.last_latent):.2f} dB, "
+    return (f"vs no cache: latent PSNR {psnr(cached_latent, plain_latent):.2f} dB, "
             f"image PSNR {psnr_db(cached, plain):.2f} dB")
