@@ -33,6 +33,7 @@ class BenchReport:
     ladder: list[LadderResult] = field(default_factory=list)
     activations: list[dict[str, Any]] = field(default_factory=list)  # models.activation_check per size
     notes: list[str] = field(default_factory=list)
+    cache: list[dict[str, Any]] = field(default_factory=list)  # caching.CacheRow per step-cache setting
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -43,6 +44,7 @@ class BenchReport:
             "activations": self.activations,
             "stages": [r.to_dict() for r in self.stages],
             "ladder": [r.to_dict() for r in self.ladder],
+            "cache": self.cache,
             "notes": self.notes,
             "warnings": timing_warnings(self),
         }

@@ -12,7 +12,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..precision import Precision
+from ..runtime.cache_spec import CacheSpec
 from ..runtime.options import DEFAULT_GRAPH_CACHE, RuntimeOptions
+from .caching import as_dicts, cache_rows
 from .environment import environment_info
 from .ladder import LADDER, LadderSettings, run_ladder
 from .measure import short_error
@@ -43,6 +45,7 @@ class BenchConfig:
     budget_s: float | None = None  # ladder cells are skipped once this much wall time has passed
     min_cell_s: float = 0.0
     seed: int = 0
+    cache: tuple[str, ...] = ()  # step-cache settings timed on the smallest size ("teacache:0.2", "fbcache", ...)
 
     def __post_init__(self) -> None:
         if Precision.parse(self.precision) not in (Precision.BF16, Precision.FP32, Precision.FP16):
@@ -51,6 +54,8 @@ class BenchConfig:
         bad = [s for s in (*self.sizes, *(self.ladder_sizes or ())) if s <= 0 or s % 16]
         if bad:
             raise ValueError(f"benchmark sizes must be positive multiples of 16, got {bad}")
+        for c in self.cache:
+            CacheSpec.parse(c)  # a bad setting fails before any model is built
         if self.runs < 1 or self.warmup < 1 or self.steps < 1 or self.ladder_steps < 1:
             raise ValueError("runs, warmup, steps and ladder_steps must all be >= 1")
 
@@ -100,5 +105,9 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
         inputs = [dit_inputs(models.config, s, cfg.ladder_steps, device) for s in ladder_sizes]
         report.ladder = run_ladder(models, inputs, settings, rows=LADDER,
                                    on_result=lambda r: log(f"ladder {r.row} {r.size}: {r.status}"))
+    if cfg.cache:
+        specs = [CacheSpec.parse(c) for c in cfg.cache]
+        x = dit_inputs(models.config, min(cfg.sizes), cfg.steps, device)
+        report.cache = as_dicts(cache_rows(models.dit, models.config, x, specs, models.dtype))
     report.notes.append(f"total wall time {time.monotonic() - start:.1f} s")
     return report

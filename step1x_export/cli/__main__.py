@@ -1,4 +1,4 @@
-"""`python -m step1x_export.cli`: the `step1x-export` command without the installed script."""
+"""`python -m step1x_export.cli` (also what `torchrun -m step1x_export.cli` launches on every rank)."""
 
 from . import main
 

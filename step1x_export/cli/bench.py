@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from ..bench.caching import CacheRow, cache_table
 from ..bench.ladder import LADDER
 from ..bench.report import activation_lines, ladder_table, stages_table, write_all
 from ..bench.run import BenchConfig, run_benchmark
@@ -77,12 +78,17 @@ def _work_items(cfg: BenchConfig) -> int:
               show_default=True, help="Folder for bench.json, bench_stages.csv, bench_ladder.csv, bench_ladder.png "
               "(created; files written atomically).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Weight and noise seed.")
+@click.option("--cache", "cache", default="teacache:0.2,teacache:0.4,teacache:0.6", show_default=True,
+              help="Step-cache settings to time (comma-separated teacache[:T] / fbcache[:T]; '' for none): --steps "
+                   "denoising steps at the smallest size each, with DiT calls computed vs reused and latent PSNR vs no "
+                   "cache.")
 @runtime_options(source=False, only=("compile_mode", "graph_cache"))
 @user_errors
 def bench(runtime: RuntimeArgs, model_name: str, device: str | None, precision: str, sizes: tuple[int, ...],
           steps: int, runs: int, warmup: int, stages: tuple[str, ...], edit_sizes: tuple[int, ...] | None, mllm: bool,
           ladder: bool, ladder_sizes: tuple[int, ...] | None, ladder_steps: int, compile_cpu: bool,
-          no_fp32_reference: bool, budget_s: float | None, out_dir: Path, seed: int) -> None:
+          no_fp32_reference: bool, budget_s: float | None, out_dir: Path, seed: int,
+          cache: str) -> None:
     """Time every stage of an edit and walk the optimisation ladder, on random weights.
 
     Reports median, p10 and p90 over --runs, the first call (compile/capture) apart, peak GPU memory, and each
@@ -98,6 +104,7 @@ def bench(runtime: RuntimeArgs, model_name: str, device: str | None, precision: 
         ladder_sizes=ladder_sizes, ladder_steps=ladder_steps, compile_mode=runtime.compile_mode,
         graph_cache=runtime.graph_cache,
         compile_on_cpu=compile_cpu, fp32_reference=not no_fp32_reference, budget_s=budget_s, seed=seed,
+        cache=tuple(c.strip() for c in cache.split(",") if c.strip()),
     )
     if CONFIGS[model_name].reason_edit is not None:
         raise click.UsageError(f"--model {model_name}: the benchmark harness times v1.0/v1.1's batched DiT step; "
@@ -124,3 +131,6 @@ def bench(runtime: RuntimeArgs, model_name: str, device: str | None, precision: 
     if report.ladder:
         click.echo("")
         click.echo(ladder_table(report))
+    if report.cache:
+        click.echo("")
+        click.echo(cache_table([CacheRow(**r) for r in report.cache]))

@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from PIL import Image
 
 from ..specs import profile_for
 from ..step1x_ref.imaging import load_image
 from ..toy.weights import default_cfg
 from .common import CFG, IMAGE_SUFFIXES, SEED, SMALL_MODELS, check_output_path, save_image, step_progress, user_errors
 from .runtime_options import RuntimeArgs, runtime_options
+from .speedups import cache_fidelity, is_leader, speedup_options
 
 DEMO_INSTRUCTION = "swap red and blue"
 RANDOM_DEMO_INSTRUCTION = "Make the sky behind the astronaut a deep purple"
@@ -39,37 +41,59 @@ RANDOM_DEMO_INSTRUCTION = "Make the sky behind the astronaut a deep purple"
                    "[default: 1024 for the real model (upstream's), 256 for the tiny ones (their largest profile)].")
 @click.option("--negative-prompt", default="", show_default=True, help="Instruction of the unconditional branch.")
 @click.option("--quiet", is_flag=True, help="No progress bar or timing table.")
+@speedup_options
 @user_errors
 def edit(
     runtime: RuntimeArgs, image_path: Path, prompt: str, out_path: Path, seed: int, steps: int | None,
     cfg: float | None, think: bool, reflect: int, judge_retries: int, size_level: int | None, negative_prompt: str,
-    quiet: bool,
+    quiet: bool, cache: str | None, compare_uncached: bool | None, cfg_degree: int, ulysses_degree: int,
+    ring_degree: int,
 ) -> None:
     """Edit one image with the runtime (torch, ONNX Runtime or TensorRT engines); prints the per-stage times."""
     runtime.check_source()
     check_output_path(out_path, suffixes=IMAGE_SUFFIXES)
     image = load_image(image_path)
-    rt = runtime.load()
-    with rt, step_progress(enabled=not quiet) as progress:
-        cfg = cfg if cfg is not None else default_cfg(rt.config.name)
-        options = {"steps": steps, "cfg": cfg, "size_level": size_level, "negative_prompt": negative_prompt,
-                   "progress": progress}
-        if think or reflect:
-            reasoned = rt.edit_reasoned(image, prompt, think=think, reflect=reflect, judge_retries=judge_retries,
-                                        seed=seed, **options)
-            result = reasoned.image
-        else:
-            reasoned, result = None, rt.edit(image, prompt, seed=seed, **options)
+    import torch
+
+    from ..runtime import Step1XEditRuntime
+
+    speedups = dict(cache=cache, cfg_degree=cfg_degree, ulysses_degree=ulysses_degree, ring_degree=ring_degree)
+    reasoned = None
+
+    def run(**overrides: object) -> tuple[Image.Image, Step1XEditRuntime, torch.Tensor]:
+        nonlocal reasoned
+        rt = Step1XEditRuntime.load(**runtime.load_kwargs(), **{**speedups, **overrides})
+        with rt, step_progress(enabled=not quiet and is_leader()) as progress:
+            options = {"steps": steps, "cfg": cfg if cfg is not None else default_cfg(rt.config.name),
+                       "size_level": size_level, "negative_prompt": negative_prompt, "progress": progress}
+            if think or reflect:
+                reasoned = rt.edit_reasoned(image, prompt, think=think, reflect=reflect,
+                                            judge_retries=judge_retries, seed=seed, **options)
+                result = reasoned.image
+            else:
+                result = rt.edit(image, prompt, seed=seed, **options)
+            latent = rt.last_latent  # closing the runtime drops it
+        return result, rt, latent
+
+    result, rt, latent = run()
+    lines = [f"note: {note}" for note in rt.notes]
+    lines += [rt.timer.table(), f"peak memory: {rt.peak_memory}", f"runtime: {rt.stats().summary()}"]
+    if rt.cache_stats is not None:
+        lines.append(f"step cache {rt.options.cache}: {rt.cache_stats}")
+        small = runtime.load_kwargs()["source"] in SMALL_MODELS
+        if compare_uncached if compare_uncached is not None else small:
+            uncached, _, plain_latent = run(cache=None)
+            lines.append(cache_fidelity(latent, result, plain_latent, uncached))
+    if not is_leader():  # every rank computed the same image; rank 0 writes and reports it
+        return
     save_image(result, out_path)
     if reasoned is not None:
         echo_reasoning(reasoned)
     if not quiet:
-        for note in rt.notes:
-            click.echo(f"note: {note}")
-        click.echo(rt.timer.table())
-        click.echo(f"peak memory: {rt.peak_memory}")
-        click.echo(f"runtime: {rt.stats().summary()}")
-    click.echo(f"wrote {out_path} ({result.width}x{result.height}; backend {runtime.backend})")
+        click.echo("\n".join(lines))
+    layout = rt.options.parallel
+    click.echo(f"wrote {out_path} ({result.width}x{result.height}; backend {runtime.backend}"
+               f"{'; ' + str(layout) if layout.world > 1 else ''})")
 
 
 def echo_reasoning(reasoned) -> None:

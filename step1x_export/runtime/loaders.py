@@ -23,6 +23,7 @@ from ..toy import small_pipeline, weights_note
 from .buffers import BufferPool, Shape, select_profile
 from .mllm import prepare_mllm
 from .options import RuntimeOptions
+from .parallel.dit import parallel_dit
 from .stages import Loader
 from .torch_engine import TorchEncoder, TorchEngine
 
@@ -107,6 +108,7 @@ def torch_loaders(
             model = checkpoint_dit(Path(quant), pipe.config, device, dtype)
         else:
             model = quantized_dit(pipe.model, quant)
+        model = parallel_dit(model, options.parallel)  # over torchrun's ranks: the same (replicated) weights
         return pipe.config, pipeline_loaders(pipe, device, dtype, dit=model), (weights_note(str(source), seed),)
     config = get_config(version)
     files = ModelFiles.in_dir(source, version)
@@ -117,7 +119,8 @@ def torch_loaders(
         else:
             model = load_into(lambda: Step1XEdit(config), files.dit, dtype=dtype, device=device)
             model = quantized_dit(model, quant, file_identity(files.dit) if quant is not None else None)
-        return TorchEngine(model, dit_spec(config), dtype, device)
+        # over torchrun's ranks: another engine module, the same (replicated) weights
+        return TorchEngine(parallel_dit(model, options.parallel), dit_spec(config), dtype, device)
 
     return config, {
         "encoder": lambda: qwen_encoder(files.qwen, config, dtype, device, options.mllm_quant),

@@ -8,6 +8,8 @@ from typing import Literal
 import torch
 
 from ..precision import Precision
+from .cache_spec import CacheSpec
+from .parallel.layout import ParallelDegrees
 
 Backend = Literal["torch", "onnxruntime", "tensorrt"]
 BACKENDS: tuple[Backend, ...] = ("torch", "onnxruntime", "tensorrt")
@@ -37,6 +39,10 @@ class RuntimeOptions:
     attention_fp8: bool = False  # FP8 attention: not implemented
     sequential_load: bool = False  # load one stage at a time (encoder freed before the DiT): cards <= 24 GB
     mllm_quant: str | None = None  # "fp8" / "int8": the MLLM's Linears weight-only 8-bit (None: as loaded)
+    cache: CacheSpec | str | None = None  # step caching: "teacache[:T]" / "fbcache[:T]" (torch backend)
+    cfg_degree: int = 1  # ranks splitting cond / uncond (torchrun); weights are replicated
+    ulysses_degree: int = 1  # ranks splitting attention heads (all-to-all)
+    ring_degree: int = 1  # ranks splitting the sequence for ring attention
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -46,16 +52,27 @@ class RuntimeOptions:
             raise ValueError(f"graph_cache must be an integer >= 1 (graphs kept), got {self.graph_cache!r}")
         if self.mllm_quant not in (None, "none", "fp8", "int8"):
             raise ValueError(f"unknown mllm_quant {self.mllm_quant!r}; choose none, fp8 or int8")
+        if isinstance(self.cache, str):
+            object.__setattr__(self, "cache", CacheSpec.parse(self.cache))
+        if (self.cache is not None or self.parallel.world > 1) and self.backend != "torch":
+            raise ValueError(f"step caching and parallel degrees need backend torch (the DiT in pieces), "
+                             f"got {self.backend}")
         if self.attention_fp8:
             raise NotImplementedError("RuntimeOptions.attention_fp8: FP8 attention is not implemented yet")
+
+    @property
+    def parallel(self) -> ParallelDegrees:
+        return ParallelDegrees(cfg=self.cfg_degree, ulysses=self.ulysses_degree, ring=self.ring_degree)
 
     def resolved(self, device: torch.device) -> RuntimeOptions:
         """The toggles that take effect on `device`: graphs need CUDA; compile applies to a torch DiT.
 
         ONNX Runtime runs on its own CUDA stream after a host sync, which a torch CUDA graph cannot capture
         (the sync fails during capture, and ORT's kernels would not be in the graph): no graphs there.
+        A parallel DiT runs eager: its collectives have not been captured or compiled here.
         """
         cuda = device.type == "cuda"
-        graphs_ok = cuda and self.backend != "onnxruntime"
-        compile_on = self.backend == "torch" and (cuda if self.compile is None else self.compile)
+        single = self.parallel.world == 1
+        graphs_ok = cuda and self.backend != "onnxruntime" and single
+        compile_on = self.backend == "torch" and single and (cuda if self.compile is None else self.compile)
         return replace(self, cuda_graphs=self.cuda_graphs and graphs_ok, compile=compile_on)

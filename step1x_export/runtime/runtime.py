@@ -33,12 +33,15 @@ from ..step1x_ref.sampling import ProgressFn, UpdateFn, denoise, guided_euler, p
 from ..timing import StageTimer
 from ..validate import SEED_RANGE, InputError, check_device, check_edit_numbers, check_finite, check_int
 from .buffers import Shape, edit_dims
+from .caching import CachedStep, CacheSpec, CacheStats
 from .compile import CompileBackend, compile_blocks
 from .cudagraph import CudaGraphed, GraphCounts
 from .engine import Engine
 from .loaders import TINY, engine_loaders, pipeline_loaders, torch_loaders
 from .memory import DriverMemory, PeakMemory, read_peak, release_cached, reset_peak
 from .options import DEFAULT_GRAPH_CACHE, Backend, RuntimeOptions
+from .parallel.dit import parallel_dit
+from .parallel.layout import ParallelDegrees, check_launched, rank_device
 from .progress import StepEvents
 from .stages import Loader, Stages
 from .stats import RuntimeStats
@@ -71,6 +74,9 @@ class Step1XEditRuntime:
     ):
         self.config, self.device = config, torch.device(device)
         self.options = options.resolved(self.device)
+        if config.reason_edit is not None and (self.options.cache is not None or self.options.parallel.world > 1):
+            # both work on the batch-2 DiT call; v1.2 runs one call per CFG branch (their text lengths differ)
+            raise ValueError(f"{config.name}: step caching and parallel degrees are not supported for v1.2 yet")
         self.notes = notes  # how the stages were built (e.g. "MLLM runs in torch"), for logs
         self._shape_check = shape_check
         self._lock = threading.RLock()  # re-entered by edit_reasoned's edits
@@ -83,6 +89,8 @@ class Step1XEditRuntime:
         self.compiler = CompileBackend(self.options.compile_mode) if self.options.compile else None
         if self.compiler is not None:
             loaders = {**loaders, "dit": self._compiled(loaders["dit"])}
+        self._cached_step: CachedStep | None = None
+        self.cache_stats: CacheStats | None = None  # the last edit's computed / reused DiT calls (step caching)
         self.stages: Stages | None = Stages(loaders, self.device, sequential=self.options.sequential_load)
         self.timer = StageTimer(self.device)
         self.timings: dict[str, float] = {}
@@ -109,6 +117,10 @@ class Step1XEditRuntime:
         mllm: str | Path | None = None,
         seed: int = 0,
         mllm_quant: str | None = None,
+        cache: CacheSpec | str | None = None,
+        cfg_degree: int = 1,
+        ulysses_degree: int = 1,
+        ring_degree: int = 1,
     ) -> Step1XEditRuntime:
         """A runtime over `source`: a tiny config name ("tiny": random weights from `seed`, as
         `Step1XEditPipeline.random`), a model dir with the official files (torch backend), or an
@@ -119,16 +131,22 @@ class Step1XEditRuntime:
         `compile`: None compiles the torch DiT
         on CUDA only, True on any device (CPU included), False never; `graph_cache` bounds the CUDA graphs
         kept (one per edit size, least recently used evicted); `shape_buckets` snaps each edit to the nearest
-        of `specs.BUCKET_ASPECTS` (the output is still the input's size)."""
+        of `specs.BUCKET_ASPECTS` (the output is still the input's size). `cache` turns on step caching;
+        degrees > 1 split the DiT over torchrun's ranks (one GPU each)."""
         device = check_device(device) if device is not None else default_device()
         check_int("seed", seed, *SEED_RANGE)
+        degrees = ParallelDegrees(cfg=cfg_degree, ulysses=ulysses_degree, ring=ring_degree)
+        if degrees.world > 1:
+            check_launched(degrees)
+            device = rank_device(device)
         if dtype is None:  # bf16 on a GPU as upstream; fp32 on CPU (and for tiny models, the test reference)
             tiny = str(source) in TINY or str(mllm) in TINY  # a config name, never a guess from a path
             dtype = torch.bfloat16 if device.type == "cuda" and not tiny else torch.float32
         options = RuntimeOptions(
             backend=backend, precision=precision_of(dtype), cuda_graphs=cuda_graphs, compile=compile,
             compile_mode=compile_mode, graph_cache=graph_cache, shape_buckets=shape_buckets,
-            sequential_load=sequential_load, mllm_quant=mllm_quant,
+            sequential_load=sequential_load, mllm_quant=mllm_quant, cache=cache, cfg_degree=cfg_degree,
+            ulysses_degree=ulysses_degree, ring_degree=ring_degree,
         )
         if backend == "torch":
             config, loaders, notes = torch_loaders(source, options.resolved(device), device, version=version,
@@ -146,7 +164,8 @@ class Step1XEditRuntime:
         """Torch engines over a reference pipeline's modules (weights shared, not copied)."""
         precision = precision_of(pipe.dtype)
         options = options or RuntimeOptions(precision=precision)
-        loaders = pipeline_loaders(pipe, pipe.device, precision.compute_dtype)
+        dit = parallel_dit(pipe.model, options.parallel)
+        loaders = pipeline_loaders(pipe, pipe.device, precision.compute_dtype, dit=dit)
         return cls(pipe.config, loaders, options, pipe.device)
 
     # -- the edit -------------------------------------------------------------------------------
@@ -245,14 +264,10 @@ class Step1XEditRuntime:
 
     def _denoise(self, dit: Engine, noise, ref, conditioning, timesteps, cfg: float, progress) -> torch.Tensor:
         if self._update is None or self._update[0] is not dit:  # an update (and its graphs) per engine instance
-            step = engine_step_fn(dit)
-            # v1.2: the CFG branches' text lengths differ, so the DiT runs once per branch (batch 1).
-            update = guided_euler(per_branch(step) if self.config.reason_edit is not None else step)
-            self._graphs = None
-            if self.options.cuda_graphs:  # the whole step (DiT + CFG + Euler), captured once per shape
-                update = self._graphs = CudaGraphed(update, enabled=True, capacity=self.options.graph_cache,
-                                                    counts=self._graph_counts)
-            self._update = (dit, update)
+            self._update = (dit, self._make_update(dit))
+        if self._cached_step is not None:
+            self._cached_step.begin(len(timesteps) - 1)
+            self.cache_stats = self._cached_step.stats
         steps = StepEvents(self.device, progress)  # the bar follows finished steps, not queued ones
         latent = denoise(self._update[1], noise, ref, timesteps, guidance=cfg, truncate=self.config.cfg_truncate,
                          conditioning=conditioning, progress=steps)
@@ -284,6 +299,23 @@ class Step1XEditRuntime:
             graph_cache=self.options.graph_cache,
             step_ms=[1000 * s for s in self.step_seconds],
         )
+
+    def _make_update(self, dit: Engine) -> UpdateFn:
+        self._cached_step = None
+        if self.options.cache is not None:  # a data-dependent step: its pieces are graphed, not the whole step
+            assert isinstance(self.options.cache, CacheSpec)
+            self._cached_step = CachedStep(dit, self.options.cache, cuda_graphs=self.options.cuda_graphs,
+                                           capacity=self.options.graph_cache, counts=self._graph_counts)
+            self._graphs = None
+            return guided_euler(self._cached_step)
+        step = engine_step_fn(dit)
+        # v1.2: the CFG branches' text lengths differ, so the DiT runs once per branch (batch 1).
+        update = guided_euler(per_branch(step) if self.config.reason_edit is not None else step)
+        self._graphs = None
+        if self.options.cuda_graphs:  # the whole step (DiT + CFG + Euler), captured once per shape
+            update = self._graphs = CudaGraphed(update, enabled=True, capacity=self.options.graph_cache,
+                                                counts=self._graph_counts)
+        return update
 
     @contextmanager
     def _stage(self, timer: StageTimer, name: str, label: str) -> Iterator[Any]:
@@ -319,6 +351,7 @@ class Step1XEditRuntime:
                 self.stages.close()
                 self.stages.loaders.clear()
             self.stages, self._update, self._graphs, self.last_latent = None, None, None, None
+            self._cached_step = None
             release_cached(self.device)
 
     @property

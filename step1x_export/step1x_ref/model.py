@@ -58,13 +58,21 @@ class Step1XEdit(nn.Module):
 
     def transformer(self, img: Tensor, txt: Tensor, y: Tensor, timestep: Tensor, pe: Tensor) -> Tensor:
         """The DiT after the connector (what diffusers' FluxTransformer2DModel computes)."""
+        img, txt, vec = self.embed(img, txt, y, timestep)
+        return self.final_layer(self.blocks(img, txt, vec, pe), vec)
+
+    def embed(self, img: Tensor, txt: Tensor, y: Tensor, timestep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Token embeddings and the modulation vector: (img, txt, vec) in hidden_size."""
         img = self.img_in(img)
         vec = self.time_in(timestep_embedding(timestep * 1000, 256).to(img.dtype)) + self.vector_in(y)
-        txt = self.txt_in(txt)
-        for block in self.double_blocks:
+        return img, self.txt_in(txt), vec
+
+    def blocks(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor, *, start: int = 0) -> Tensor:
+        """Double blocks from `start`, then every single block -> the image tokens (step caching skips this)."""
+        for block in self.double_blocks[start:]:
             img, txt = block(img=img, txt=txt, vec=vec, pe=pe)
         x = torch.cat((txt, img), 1)
         for block in self.single_blocks:
             x = block(x, vec=vec, pe=pe)
         # Attention is unmasked: padded text tokens take part; the final layer sees image tokens only.
-        return self.final_layer(x[:, txt.shape[1] :, ...], vec)
+        return x[:, txt.shape[1] :, ...]

@@ -1,0 +1,171 @@
+"""Step caching: on steps where the DiT's input barely moved, reuse the blocks' last residual instead of running them.
+
+Two policies, each one decision for the whole CFG batch (cond and uncond are computed or reused together):
+
+- **TeaCache**, upstream's rule exactly: the signal is `double_blocks[0].img_norm1(img_in(img))` over the
+  whole batch and every image token (LayerNorm without affine or modulation, so it does not depend on t);
+  rel = mean|cur - prev| / mean|prev|; the accumulator grows by p(rel) (upstream's fitted quartic) and the
+  blocks are skipped while it stays below the threshold, else computed and the accumulator reset; the first
+  and the last step always compute; `prev` follows every step. Skipping adds the cached residual
+  (blocks' image-token output minus `img_in`'s) to this step's `img_in` output; the final layer always runs
+  with this step's `vec`.
+- **First-Block Cache** (ParaAttention's rule): the first double block always runs; if its image-token
+  residual moved by less than the threshold (relative mean absolute change) since the last computed step,
+  the other blocks are skipped and their cached residual is added to the first block's output.
+
+The decision is made on the device (the accumulator is a float64 device scalar) and read once per step
+(`.item()` of one bool); in a parallel run the statistics are summed over the ranks and rank 0's
+decision is broadcast. Each piece (prepare + probe, the remaining blocks, the final layer) is its own
+CUDA graph when graphs are on, so a skipped step replays the small graphs only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .cache_spec import CacheSpec
+from .cudagraph import DEFAULT_GRAPH_CACHE, CudaGraphed, GraphCounts
+from .split_dit import Hidden, SplitDiT, split_dit
+
+# Upstream's rescaling polynomial of rel (highest power first), fitted by the TeaCache authors for this model.
+TEACACHE_POLY = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
+
+
+@dataclass
+class CacheStats:
+    """DiT calls of the last edit whose blocks ran (computed) or were replaced by the cached residual (reused)."""
+
+    computed: int = 0
+    reused: int = 0
+    decisions: list[bool] = field(default_factory=list)  # per step: True = computed
+
+    def record(self, compute: bool) -> None:
+        self.decisions.append(compute)
+        if compute:
+            self.computed += 1
+        else:
+            self.reused += 1
+
+    def __str__(self) -> str:
+        return f"DiT calls: {self.computed} computed, {self.reused} reused"
+
+
+def teacache_poly(rel: Tensor) -> Tensor:
+    """p(rel) by Horner's rule in float64, the order numpy's poly1d evaluates it in."""
+    x, y = rel.double(), torch.zeros((), dtype=torch.float64, device=rel.device)
+    for c in TEACACHE_POLY:
+        y = y * x + c
+    return y
+
+
+def relative_change(dit: SplitDiT, cur: Tensor, prev: Tensor) -> Tensor:
+    """mean|cur - prev| / mean|prev| over the whole batch (every rank's shard: equal shards, so means add up)."""
+    means = torch.stack([(cur - prev).abs().mean(), prev.abs().mean()]).float()
+    total = dit.total(means)
+    return total[0] / total[1]
+
+
+class TeaCacheRule:
+    """Upstream's accumulate-and-reset rule; state is rank 0's (broadcast), so every rank decides alike."""
+
+    start = 0  # the cached span: every block
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+        self.prev: Tensor | None = None
+        self.acc: Tensor | None = None
+
+    def probe(self, dit: SplitDiT, h: Hidden) -> tuple[Hidden, Tensor]:
+        # In float32 whatever the compute dtype: upstream runs under autocast, which does LayerNorm in float32.
+        return h, dit.model.double_blocks[0].img_norm1(h.img.float())
+
+    def decide(self, dit: SplitDiT, step: int, num_steps: int, signal: Tensor) -> bool:
+        prev, self.prev = self.prev, signal
+        if step == 0 or step == num_steps - 1 or prev is None:
+            self.acc = torch.zeros((), dtype=torch.float64, device=signal.device)
+            return True
+        assert self.acc is not None
+        acc = self.acc + teacache_poly(relative_change(dit, signal, prev))
+        compute = acc >= self.threshold
+        state = dit.from_leader(torch.stack([compute.double(), acc]))
+        compute_now = bool(state[0].item())  # the step's one device-to-host read
+        self.acc = torch.zeros_like(acc) if compute_now else state[1]
+        return compute_now
+
+
+class FirstBlockRule:
+    """Skip the blocks after the first while the first block's residual stays within the threshold."""
+
+    start = 1  # the cached span: every block after the first double block
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+        self.prev: Tensor | None = None
+
+    def probe(self, dit: SplitDiT, h: Hidden) -> tuple[Hidden, Tensor]:
+        first = dit.first_block(h)
+        return first, first.img - h.img
+
+    def decide(self, dit: SplitDiT, step: int, num_steps: int, signal: Tensor) -> bool:
+        if step == 0 or self.prev is None:
+            compute = True
+        else:
+            rel = dit.from_leader(relative_change(dit, signal, self.prev))
+            compute = bool(rel.item() >= self.threshold)
+        if compute:  # the reference residual is the last computed step's (reuse does not move it)
+            self.prev = signal
+        return compute
+
+
+RULES = {"teacache": TeaCacheRule, "fbcache": FirstBlockRule}
+
+
+class CachedStep:
+    """A denoising step function (for `guided_euler`) over a torch DiT engine, with step caching.
+
+    `begin(num_steps)` starts an edit (resets the rule and the counters); each call is one step.
+    """
+
+    def __init__(self, engine, spec: CacheSpec, *, cuda_graphs: bool = False, capacity: int = DEFAULT_GRAPH_CACHE,
+                 counts: GraphCounts | None = None):
+        self.engine, self.spec = engine, spec
+        self.dit = split_dit(engine.module)
+        self.rule = RULES[spec.policy](spec.threshold)
+        self.stats = CacheStats()
+        self.step, self.num_steps = 0, 0
+        self.residual: Tensor | None = None
+        graphs = dict(enabled=cuda_graphs, capacity=capacity, counts=counts)
+        self._head = CudaGraphed(self._head_fn, **graphs)
+        self._rest = CudaGraphed(self._rest_fn, **graphs)
+        self._finish = CudaGraphed(self.dit.finish, **graphs)
+
+    def begin(self, num_steps: int) -> None:
+        self.rule = RULES[self.spec.policy](self.spec.threshold)
+        self.stats, self.step, self.num_steps, self.residual = CacheStats(), 0, num_steps, None
+
+    def _head_fn(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        base, signal = self.rule.probe(self.dit, self.dit.prepare(*inputs))
+        return (*base.as_tuple(), signal)
+
+    def _rest_fn(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
+        return self.dit.rest(Hidden(img, txt, vec, pe), self.rule.start)
+
+    def __call__(self, img: Tensor, t: Tensor, pe: Tensor, llm_embedding: Tensor, llm_mask: Tensor) -> Tensor:
+        inputs = dict(img=img, pe=pe, timestep=t, llm_embedding=llm_embedding, llm_mask=llm_mask)
+        engine = self.engine  # cast as the torch engine casts its inputs (the spec's dtypes)
+        args = [inputs[s.name].to(engine.device, s.torch_dtype(engine.dtype)) for s in engine.spec.inputs]
+        with torch.inference_mode():
+            *base, signal = self._head(*args)
+            compute = self.rule.decide(self.dit, self.step, self.num_steps, signal) or self.residual is None
+            if compute:
+                out = self._rest(*base)
+                self.residual = out - base[0]
+            else:
+                out = base[0] + self.residual
+            pred = self._finish(out, base[2])
+        self.stats.record(compute)
+        self.step += 1
+        return pred.float()

@@ -1,0 +1,82 @@
+"""The DiT across ranks: another torch engine module with the reference model's forward signature.
+
+Each rank runs its CFG branch (cfg 2: cond on one, uncond on the other) on its chunk of the text
+tokens and of the image tokens (with the matching rows of the RoPE table); attention is the only
+place where chunks meet (`attention.py`). The prediction is gathered back in order on every rank,
+so the denoising loop (CFG combine, Euler) runs identically everywhere. Weights are replicated.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch import Tensor, nn
+
+from ...step1x_ref.model import Step1XEdit
+from ..split_dit import Hidden
+from .attention import sequence_parallel
+from .layout import ParallelDegrees, ParallelGroups, init_groups
+
+# torch 2.13 renamed all_gather_tensor (older releases, such as GPU machines' 2.11, have only that name)
+_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+
+
+class ParallelDiT(nn.Module):
+    def __init__(self, model: Step1XEdit, groups: ParallelGroups):
+        super().__init__()
+        groups.degrees.check_model(model.params.num_heads)
+        self.model, self.groups = model, groups
+        self.degrees = groups.degrees
+
+    def forward(self, img: Tensor, pe: Tensor, timestep: Tensor, llm_embedding: Tensor, llm_mask: Tensor) -> Tensor:
+        h = self.prepare(img, pe, timestep, llm_embedding, llm_mask)
+        return self.finish(self.rest(h, 0), h.vec)
+
+    # -- the pieces step caching composes (split_dit.SplitDiT) ------------------------------------------------
+    def prepare(self, img: Tensor, pe: Tensor, timestep: Tensor, llm_embedding: Tensor, llm_mask: Tensor) -> Hidden:
+        img, timestep, llm_embedding, llm_mask = (self._branch(x) for x in (img, timestep, llm_embedding, llm_mask))
+        txt, y = self.model.connector(llm_embedding, timestep, llm_mask)
+        img, txt, vec = self.model.embed(img, txt, y, timestep)
+        n_txt = txt.shape[1]
+        self.degrees.check_tokens(n_txt, img.shape[1])
+        pe = torch.cat([self._chunk(pe[:, :, :n_txt], 2), self._chunk(pe[:, :, n_txt:], 2)], dim=2)
+        return Hidden(self._chunk(img, 1), self._chunk(txt, 1), vec, pe)
+
+    def first_block(self, h: Hidden) -> Hidden:
+        with sequence_parallel(self.groups):
+            img, txt = self.model.double_blocks[0](img=h.img, txt=h.txt, vec=h.vec, pe=h.pe)
+        return Hidden(img, txt, h.vec, h.pe)
+
+    def rest(self, h: Hidden, start: int) -> Tensor:
+        with sequence_parallel(self.groups):
+            return self.model.blocks(h.img, h.txt, h.vec, h.pe, start=start)
+
+    def finish(self, img: Tensor, vec: Tensor) -> Tensor:
+        pred = self.model.final_layer(img, vec)
+        d = self.degrees
+        for dim, axis, degree in (("ulysses", 1, d.ulysses), ("ring", 1, d.ring), ("cfg", 0, d.cfg)):
+            if degree > 1:  # innermost first, so the chunks come back in sequence order
+                pred = _all_gather(pred, axis, self.groups.group(dim))
+        return pred
+
+    def total(self, x: Tensor) -> Tensor:
+        return funcol.all_reduce(x, "sum", dist.group.WORLD)
+
+    def from_leader(self, x: Tensor) -> Tensor:
+        return funcol.broadcast(x, 0, dist.group.WORLD)
+
+    # -- sharding ----------------------------------------------------------------------------------------------
+    def _branch(self, x: Tensor) -> Tensor:
+        """This rank's CFG rows of a [2, ...] input (both rows when cfg is not split)."""
+        return x.chunk(self.degrees.cfg, dim=0)[self.groups.cfg_rank]
+
+    def _chunk(self, x: Tensor, dim: int) -> Tensor:
+        return x.chunk(self.degrees.sequence, dim=dim)[self.groups.sequence_rank]
+
+
+def parallel_dit(model: Step1XEdit | nn.Module, degrees: ParallelDegrees) -> nn.Module:
+    """`model` itself in one process; else the parallel wrapper over it (joining torchrun's group)."""
+    if degrees.world == 1:
+        return model
+    return ParallelDiT(model, init_groups(degrees, next(model.parameters()).device))  # type: ignore[arg-type]
