@@ -188,7 +188,7 @@ class Step1XEditRuntime:
         stage that yields NaN or infinity raises NonFiniteError naming it: no picture is made of it.
         """
         size_level = self.default_size_level if size_level is None else size_level
-        steps = steps or self.config.default_steps
+        steps = self.config.default_steps if steps is None else steps
         v12 = self.config.reason_edit is not None
         check_edit_numbers(steps=steps, cfg=cfg, size_level=size_level, seed=seed)
         for name, text in (("instruction", instruction), ("negative_prompt", negative_prompt)):

@@ -234,7 +234,7 @@ class Step1XEditPipeline:
         run the same loop through `runtime.Step1XEditRuntime`.
         `steps` defaults to the model's (28; v1.2: 50).
         """
-        steps = steps or self.config.default_steps
+        steps = self.config.default_steps if steps is None else steps
         size_level = profile_for(self.config).max_level if size_level is None else size_level
         check_edit_numbers(steps=steps, cfg=cfg, size_level=size_level, seed=seed)
         self.timer = StageTimer(self.device)
