@@ -14,17 +14,29 @@ from ..calibrate.dataset import describe, split_pairs
 from ..calibrate.evaluate import evaluate, format_table, summarize
 from ..calibrate.recipes import DEFAULT_EXCLUDE, RECIPES, build_artifact
 from ..specs import profile_for
+from ..step1x_ref.lora import LoraSpec
 from ..step1x_ref.pipeline import Step1XEditPipeline
-from .common import CFG, DEVICE, DTYPES, SEED, FiniteFloat, check_output_path, default_device, user_errors
+from .common import (
+    CFG,
+    DEVICE,
+    DTYPES,
+    SEED,
+    FiniteFloat,
+    check_output_path,
+    default_device,
+    lora_option,
+    user_errors,
+    version_option,
+)
 
 
 @click.command()
-@click.option("--model-dir", type=click.Path(path_type=Path), help="Folder with the official files (DiT "
-              "safetensors, vae.safetensors, Qwen2.5-VL-7B-Instruct/), as for `edit`.")
+@click.option("--model-dir", type=click.Path(path_type=Path), help="Model folder in the official or the "
+              "diffusers layout (detected), as for `edit`.")
 @click.option("--model", "model_name", type=click.Choice(["tiny", "tiny-v1.0"]),
               help="Calibrate a tiny random-weight model instead of --model-dir (testing).")
-@click.option("--version", type=click.Choice(["v1.0", "v1.1"]), default="v1.1", show_default=True,
-              help="Model version of the checkpoint in --model-dir.")
+@version_option()
+@lora_option('before calibration (the artifact is for the merged weights)')
 @click.option("--recipe", required=True, type=click.Choice(list(RECIPES)),
               help="fp8: FP8 E4M3 W8A8 (static per-tensor activation scale); int8-sq: INT8 SmoothQuant W8A8.")
 @click.option("--alpha", type=FiniteFloat(0.0, 1.0), default=0.5, show_default=True,
@@ -56,7 +68,8 @@ from .common import CFG, DEVICE, DTYPES, SEED, FiniteFloat, check_output_path, d
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @user_errors
 def calibrate(
-    model_dir: Path | None, model_name: str | None, version: str, recipe: str, alpha: float,
+    model_dir: Path | None, model_name: str | None, version: str | None, lora_specs: tuple[str, ...], recipe: str,
+    alpha: float,
     weight_granularity: str, samples: int, steps: int, size_level: int | None, cfg: float, seed: int,
     include: tuple[str, ...], exclude: tuple[str, ...], n_eval: int, dtype: str | None, device: str | None,
     out_path: Path, quiet: bool,
@@ -71,18 +84,20 @@ def calibrate(
         raise click.UsageError("give exactly one of --model-dir DIR or --model tiny")
     check_output_path(out_path)
     calib, held_out = split_pairs()
+    loras = [LoraSpec.parse(spec) for spec in lora_specs]
     if samples > len(calib):
         raise ValueError(f"--samples {samples}: the calibration split has {len(calib)} pairs")
     if model_dir is not None:
         pipe = Step1XEditPipeline.from_pretrained(model_dir, version, device=device or default_device(),
-                                                  dtype=DTYPES[dtype or "bf16"])
+                                                  dtype=DTYPES[dtype or "bf16"], loras=loras)
     else:
-        pipe = Step1XEditPipeline.random(model_name, dtype=DTYPES[dtype or "fp32"])
+        pipe = Step1XEditPipeline.random(model_name, dtype=DTYPES[dtype or "fp32"], loras=loras)
     size_level = size_level or profile_for(pipe.config).max_level
     pairs = calib[:samples]
     stats = collect_stats(pipe, pairs, steps=steps, size_level=size_level, cfg=cfg, seed=seed, progress=not quiet)
     calibration = describe(pairs) | {"steps": steps, "size_level": size_level, "cfg": cfg, "seed": seed,
-                                     "model": str(model_dir or model_name)}
+                                     "model": str(model_dir or model_name),
+                                     "loras": [f"{spec.path}:{spec.multiplier}" for spec in loras]}
     artifact = build_artifact(pipe.model, stats, recipe, alpha=alpha, include=include, exclude=exclude,
                               per_channel=weight_granularity == "per-channel", calibration=calibration)
     save_artifact(artifact, out_path)

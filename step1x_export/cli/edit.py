@@ -17,7 +17,8 @@ DEMO_INSTRUCTION = "Make the sky behind the astronaut a deep purple"
 
 @click.command()
 @runtime_options()
-@click.option("--image", "image_path", required=True, type=click.Path(path_type=Path), help="Image to edit.")
+@click.option("--image", "image_path", type=click.Path(path_type=Path),
+              help="Image to edit. Without it: text-to-image (upstream's t2i mode) at --width x --height.")
 @click.option("--prompt", required=True, help='Edit instruction; may be "" (allowed upstream).')
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
               help=f"Output image ({', '.join(IMAGE_SUFFIXES)}); its folder must exist; written atomically.")
@@ -27,21 +28,36 @@ DEMO_INSTRUCTION = "Make the sky behind the astronaut a deep purple"
 @click.option("--size-level", type=click.IntRange(16, 4096), default=None,
               help="Edit resolution: area ~ size_level^2, aspect kept; the output is resized back to the input's size "
                    "[default: 1024 for the real model (upstream's), 256 for the tiny ones (their largest profile)].")
-@click.option("--negative-prompt", default="", show_default=True, help="Instruction of the unconditional branch.")
+@click.option("--negative-prompt", default=None,
+              help='Instruction of the unconditional branch [default: "" for an edit; upstream\'s negative prompt '
+                   "(worst quality, ...) for text-to-image].")
+@click.option("--width", type=click.IntRange(16, 4096), default=None,
+              help="Text-to-image width, a multiple of 16 [default: 1024 for the real model (upstream's), 256 for "
+                   "the tiny ones]. Only without --image.")
+@click.option("--height", type=click.IntRange(16, 4096), default=None,
+              help="Text-to-image height, a multiple of 16 [default: as --width]. Only without --image.")
 @click.option("--quiet", is_flag=True, help="No progress bar or timing table.")
 @user_errors
 def edit(
-    runtime: RuntimeArgs, image_path: Path, prompt: str, out_path: Path, seed: int, steps: int, cfg: float,
-    size_level: int | None, negative_prompt: str, quiet: bool,
+    runtime: RuntimeArgs, image_path: Path | None, prompt: str, out_path: Path, seed: int, steps: int, cfg: float,
+    size_level: int | None, negative_prompt: str | None, width: int | None, height: int | None, quiet: bool,
 ) -> None:
-    """Edit one image with the runtime (torch, ONNX Runtime or TensorRT engines); prints the per-stage times."""
+    """Edit one image with the runtime (torch, ONNX Runtime or TensorRT engines); prints the per-stage times.
+
+    Without --image, generate an image from --prompt (text-to-image) through the same runtime and engines.
+    """
     runtime.check_source()
     check_output_path(out_path, suffixes=IMAGE_SUFFIXES)
-    image = load_image(image_path)
+    if image_path is not None and (width or height):
+        raise click.UsageError("--width/--height set a text-to-image size; an edit keeps its --image's size")
+    image = load_image(image_path) if image_path is not None else None
     rt = runtime.load()
     with rt, step_progress(enabled=not quiet) as progress:
+        if image is None:  # text-to-image: upstream's default size is 1024 x 1024
+            width = width or height or rt.default_size_level
+            height = height or width
         result = rt.edit(image, prompt, seed=seed, steps=steps, cfg=cfg, size_level=size_level,
-                         negative_prompt=negative_prompt, progress=progress)
+                         negative_prompt=negative_prompt, progress=progress, width=width, height=height)
     save_image(result, out_path)
     if not quiet:
         for note in rt.notes:

@@ -20,13 +20,14 @@ class ProfileError(ValueError):
     """An edit's shapes fall outside what an engine was built or exported for."""
 
 
-def edit_dims(config: ModelConfig, width: int, height: int, batch: int) -> dict[str, int]:
-    """Every named dim of the specs for an edit of width x height pixels (multiples of 16)."""
-    n = (width // 16) * (height // 16)
+def edit_dims(config: ModelConfig, width: int, height: int, batch: int, *, reference: bool = True) -> dict[str, int]:
+    """Every named dim of the specs for an edit of width x height pixels (multiples of 16); without
+    reference (text-to-image) the DiT sees the noisy tokens only."""
+    n = (width // 16) * (height // 16) * (2 if reference else 1)
     return {
         "batch": batch,
-        "img_tokens": 2 * n,
-        "seq_len": config.embedder.max_length + 2 * n,
+        "img_tokens": n,
+        "seq_len": config.embedder.max_length + n,
         "height": height,
         "width": width,
         "lat_h": height // 8,

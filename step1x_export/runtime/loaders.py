@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -12,8 +12,8 @@ from ..specs import component_specs, dit_spec, vae_decoder_spec, vae_encoder_spe
 from ..step1x_ref.autoencoder import AutoEncoder, VAEDecoder, VAEEncoder
 from ..step1x_ref.conditioner import Qwen25VLEmbedder
 from ..step1x_ref.configs import CONFIGS, ModelConfig, get_config
-from ..step1x_ref.loading import ModelFiles, check_qwen_dir, load_into
-from ..step1x_ref.model import Step1XEdit
+from ..step1x_ref.loading import ModelFiles, check_qwen_dir, detect_version, load_dit, load_vae, mllm_dirs
+from ..step1x_ref.lora import LoraSpec, merge_loras
 from ..step1x_ref.pipeline import Step1XEditPipeline
 from .buffers import BufferPool, Shape, select_profile
 from .options import RuntimeOptions
@@ -50,27 +50,30 @@ def quantized_dit(model: torch.nn.Module, quant: str | Path | None) -> torch.nn.
 
 
 def torch_loaders(
-    source: str | Path, options: RuntimeOptions, device: torch.device, *, version: str, quant, seed: int
+    source: str | Path, options: RuntimeOptions, device: torch.device, *, version: str | None, quant, seed: int,
+    loras: Sequence[LoraSpec] = (),
 ) -> tuple[ModelConfig, dict[str, Loader], tuple[str, ...]]:
     dtype = options.precision.compute_dtype
     if str(source) in TINY:
-        pipe = Step1XEditPipeline.random(str(source), seed=seed, dtype=dtype)
+        pipe = Step1XEditPipeline.random(str(source), seed=seed, dtype=dtype, loras=loras)
         for module in (pipe.model, pipe.ae, pipe.embedder):
             module.to(device)
         model = quantized_dit(pipe.model, quant)
         return pipe.config, pipeline_loaders(pipe, device, dtype, dit=model), (f"tiny random weights (seed {seed})",)
-    config = get_config(version)
-    files = ModelFiles.in_dir(source, version)
+    config = get_config(version or detect_version(source) or "v1.1")
+    files = ModelFiles.in_dir(source, config.version)
 
     def dit() -> TorchEngine:
-        model = load_into(lambda: Step1XEdit(config), files.dit, dtype=dtype, device=device)
+        model = load_dit(files, config, dtype=dtype, device=device)
+        merge_loras(model, loras)  # before quantization: the artifact's hash is of the merged weights
         return TorchEngine(quantized_dit(model, quant), dit_spec(config), dtype, device)
 
     def autoencoder() -> AutoEncoder:  # fp32 as upstream; loaded per VAE stage so each frees its half
-        return load_into(lambda: AutoEncoder(config.vae), files.vae, dtype=torch.float32, device=device)
+        return load_vae(files, config, device=device)
 
     return config, {
-        "encoder": lambda: TorchEncoder(Qwen25VLEmbedder.from_pretrained(files.qwen, config.embedder, dtype, device)),
+        "encoder": lambda: TorchEncoder(Qwen25VLEmbedder.from_pretrained(files.qwen, config.embedder, dtype, device,
+                                                                          processor_dir=files.processor)),
         "vae_encoder": lambda: TorchEngine(VAEEncoder(autoencoder()), vae_encoder_spec(config), torch.float32, device),
         "dit": dit,
         "vae_decoder": lambda: TorchEngine(VAEDecoder(autoencoder()), vae_decoder_spec(config), torch.float32, device),
@@ -89,9 +92,11 @@ def mllm_loader(config: ModelConfig, mllm: str | Path | None, device: torch.devi
     if mllm is None:
         raise ValueError(f"the engines are for {config.name}: pass the Qwen2.5-VL-7B-Instruct directory as mllm "
                          "(the MLLM runs in torch)")
-    check_qwen_dir(Path(mllm))  # now, not when the stage is first loaded
-    return (lambda: TorchEncoder(Qwen25VLEmbedder.from_pretrained(Path(mllm), config.embedder, dtype, device)),
-            f"MLLM: torch, from {mllm}")
+    qwen, processor = mllm_dirs(mllm)
+    check_qwen_dir(qwen)  # now, not when the stage is first loaded
+    return (lambda: TorchEncoder(Qwen25VLEmbedder.from_pretrained(qwen, config.embedder, dtype, device,
+                                                                  processor_dir=processor)),
+            f"MLLM: torch, from {qwen}")
 
 
 def _check_components(source: Path, present: Iterable[str]) -> None:

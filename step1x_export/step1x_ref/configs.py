@@ -1,6 +1,7 @@
 """Named configurations of Step1X-Edit: one registry of dataclass instances.
 
-`v1.0` and `v1.1` are the published models; `tiny` (v1.1 semantics) and `tiny-v1.0` are
+`v1.0` and `v1.1` are the published models as upstream runs them now; `v1.0-first-release` is v1.0 as
+its first release ran it (for reproducing old results); `tiny` (v1.1 semantics) and `tiny-v1.0` are
 small models with the same structure, used by the tests and the demo on CPU.
 """
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 Version = Literal["v1.0", "v1.1"]
+Resample = Literal["lanczos", "bicubic"]
 
 
 @dataclass(frozen=True)
@@ -93,11 +95,12 @@ class ModelConfig:
     embedder: EmbedderParams
     # Only the tiny configs build their Qwen2.5-VL from code; real ones read the HF directory.
     tiny_qwen: dict | None = field(default=None, compare=False)
-
-    @property
-    def cfg_truncate(self) -> float:
-        """CFG norm rescale applies while t > this (v1.0: never)."""
-        return 1.0 if self.version == "v1.0" else 0.93
+    # The CFG norm rescale applies while t > cfg_truncate: upstream's current inference.py passes 0.93 for
+    # both versions; the first v1.0 release used 1.0 (never).
+    cfg_truncate: float = 0.93
+    # Filter of the input image's resize to the edit resolution: LANCZOS in upstream's current
+    # inference.py, PIL's default BICUBIC in the first release.
+    input_resample: Resample = "lanczos"
 
     @property
     def has_scale_factor(self) -> bool:
@@ -200,8 +203,13 @@ def _tiny(name: str, version: Version) -> ModelConfig:
     )
 
 
+_V1_0 = ModelConfig("v1.0", "v1.0", _FULL_DIT, _FULL_CONNECTOR, _FLUX_VAE, _FULL_EMBEDDER)
+
 CONFIGS: dict[str, ModelConfig] = {
-    "v1.0": ModelConfig("v1.0", "v1.0", _FULL_DIT, _FULL_CONNECTOR, _FLUX_VAE, _FULL_EMBEDDER),
+    "v1.0": _V1_0,
+    # The first release: no CFG rescale, BICUBIC input resize, the refiner's timestep unscaled (t in [0, 1]).
+    "v1.0-first-release": replace(_V1_0, name="v1.0-first-release", cfg_truncate=1.0, input_resample="bicubic",
+                                  connector=replace(_FULL_CONNECTOR, time_factor=1.0)),
     "v1.1": ModelConfig("v1.1", "v1.1", _FULL_DIT, _FULL_CONNECTOR, _FLUX_VAE, _FULL_EMBEDDER),
     "tiny": _tiny("tiny", "v1.1"),
     "tiny-v1.0": _tiny("tiny-v1.0", "v1.0"),
