@@ -80,7 +80,7 @@ def main() -> None:
           f"image PSNR {psnr(img, ours_img):.1f} dB")
 
     # 3. VAE encode under bf16 autocast (upstream) vs fp32 (ours)
-    resized = prepare_image(photo, args.size_level, pipe.config.input_resample).resized * 2 - 1
+    resized = prepare_image(photo, args.size_level, resample=pipe.config.input_resample).resized * 2 - 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref_bf16 = pack(pipe.ae.encode(resized).float())
     lat, img = run(pipe, inputs, ref=ref_bf16)

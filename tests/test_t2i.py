@@ -53,14 +53,11 @@ def test_t2i_inputs_follow_upstream(tiny_pipe: Step1XEditPipeline) -> None:
 
 def test_t2i_dit_sees_only_the_noisy_tokens(tiny_pipe: Step1XEditPipeline) -> None:
     shapes = []
-    inputs = tiny_pipe.prepare(None, PROMPT, seed=0, steps=1, size_level=0, width=32, height=32)
-    real = tiny_pipe.model.forward
-
-    def step(img, t):
-        shapes.append(tuple(img.shape))
-        return real(img, inputs.pe, t, inputs.llm_embedding, inputs.llm_mask)
-
-    out = tiny_pipe.edit(None, PROMPT, steps=1, width=32, height=32, step_fn=step)
+    hook = tiny_pipe.model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    try:
+        out = tiny_pipe.edit(None, PROMPT, steps=1, width=32, height=32)
+    finally:
+        hook.remove()
     assert shapes == [(2, 4, 64)] and out.size == (32, 32)
 
 

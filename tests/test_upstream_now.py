@@ -46,9 +46,10 @@ def test_first_release_is_selectable() -> None:
 def test_input_resize_uses_the_configs_filter(photo: Image.Image) -> None:
     size = edit_size(*photo.size, 48)
     for resample, pil_filter in (("lanczos", Image.Resampling.LANCZOS), ("bicubic", Image.Resampling.BICUBIC)):
-        img = prepare_image(photo, 48, resample)
+        img = prepare_image(photo, 48, resample=resample)
         assert torch.equal(img.resized, pil_to_tensor(photo.resize(size, pil_filter))), resample
-    assert not torch.equal(prepare_image(photo, 48, "lanczos").resized, prepare_image(photo, 48, "bicubic").resized)
+    lanczos, bicubic = (prepare_image(photo, 48, resample=r).resized for r in ("lanczos", "bicubic"))
+    assert not torch.equal(lanczos, bicubic)
 
 
 def test_the_pipeline_runs_the_configs_truncation_and_filter(photo: Image.Image, monkeypatch) -> None:
