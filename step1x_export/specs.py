@@ -168,8 +168,9 @@ def dim_ranges(config: ModelConfig, profile: Profile | None = None) -> DimRanges
         "vis_patches": (merge * t_min, merge * t_opt, merge * t_max),
         # prefix + image + instruction: short instructions at min, up to max_length instruction tokens at max
         "llm_seq": (llm_fixed + t_min, llm_fixed + t_opt + 32, llm_fixed + t_max + txt),
-        "img_tokens": (2 * n_min, 2 * n_opt, 2 * n_max),  # noisy + reference tokens
-        "seq_len": (txt_min + 2 * n_min, txt_opt + 2 * n_opt, txt + 2 * n_max),
+        # noisy + reference tokens of an edit; text-to-image has no reference: its minimum is n_min
+        "img_tokens": (n_min, 2 * n_opt, 2 * n_max),
+        "seq_len": (txt_min + n_min, txt_opt + 2 * n_opt, txt + 2 * n_max),
         "height": (min(sides), oh, max(sides)),
         "width": (min(sides), ow, max(sides)),
         "lat_h": (min(sides) // 8, oh // 8, max(sides) // 8),

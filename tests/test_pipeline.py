@@ -63,7 +63,7 @@ def test_default_size_level_follows_the_model(pipe: Step1XEditPipeline, photo: I
     """No size_level: the tiny model's own (its profile's top, 256), not the real model's 1024."""
     seen = []
 
-    def record(image, size_level):
+    def record(image, size_level, *rest):
         seen.append(size_level)
         raise _Stop  # the size is all this test needs: stop before the model runs
 

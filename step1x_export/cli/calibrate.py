@@ -16,22 +16,35 @@ from ..calibrate.recipes import DEFAULT_EXCLUDE, RECIPES, build_artifact
 from ..hashing import file_identity
 from ..specs import profile_for
 from ..step1x_ref.loading import ModelFiles
+from ..step1x_ref.lora import LoraSpec, merge_loras
 from ..step1x_ref.pipeline import Step1XEditPipeline
 from ..toy import PACKAGED, small_pipeline
 from ..toy.calibration import calibration_pairs
 from ..toy.evaluate import format_scores
 from ..toy.weights import default_cfg
-from .common import CFG, DEVICE, DTYPES, SEED, SMALL_MODELS, FiniteFloat, check_output_path, default_device, user_errors
+from .common import (
+    CFG,
+    DEVICE,
+    DTYPES,
+    SEED,
+    SMALL_MODELS,
+    FiniteFloat,
+    check_output_path,
+    default_device,
+    lora_option,
+    user_errors,
+    version_option,
+)
 
 
 @click.command()
-@click.option("--model-dir", type=click.Path(path_type=Path), help="Folder with the official files (DiT "
-              "safetensors, vae.safetensors, Qwen2.5-VL-7B-Instruct/), as for `edit`.")
+@click.option("--model-dir", type=click.Path(path_type=Path), help="Model folder in the official or the "
+              "diffusers layout (detected), as for `edit`.")
 @click.option("--model", "model_name", type=click.Choice(SMALL_MODELS),
               help="Calibrate a small model instead of --model-dir: toy (trained; calibrated on its own tasks' "
               "instructions over the training photos, --eval adds task PSNR) or tiny (random weights, testing).")
-@click.option("--version", type=click.Choice(["v1.0", "v1.1", "v1.2"]), default="v1.1", show_default=True,
-              help="Model version of the checkpoint in --model-dir.")
+@version_option()
+@lora_option('before calibration (the artifact is for the merged weights)')
 @click.option("--recipe", required=True, type=click.Choice(list(RECIPES)),
               help="fp8: FP8 E4M3 W8A8 (static per-tensor activation scale); int8-sq: INT8 SmoothQuant W8A8.")
 @click.option("--alpha", type=FiniteFloat(0.0, 1.0), default=0.5, show_default=True,
@@ -64,8 +77,9 @@ from .common import CFG, DEVICE, DTYPES, SEED, SMALL_MODELS, FiniteFloat, check_
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @user_errors
 def calibrate(
-    model_dir: Path | None, model_name: str | None, version: str, recipe: str, alpha: float,
-    weight_granularity: str, samples: int, steps: int, size_level: int | None, cfg: float | None, seed: int,
+    model_dir: Path | None, model_name: str | None, version: str | None, lora_specs: tuple[str, ...], recipe: str,
+    alpha: float, weight_granularity: str, samples: int, steps: int, size_level: int | None, cfg: float | None,
+    seed: int,
     include: tuple[str, ...], exclude: tuple[str, ...], n_eval: int, dtype: str | None, device: str | None,
     out_path: Path, quiet: bool,
 ) -> None:
@@ -79,6 +93,7 @@ def calibrate(
         raise click.UsageError("give exactly one of --model-dir DIR or --model tiny")
     check_output_path(out_path)
     calib, held_out = split_pairs()
+    loras = [LoraSpec.parse(spec) for spec in lora_specs]
     if model_name in PACKAGED:  # its own instructions: the generic ones are not edits it was trained for
         calib = calibration_pairs()
     if samples > len(calib):
@@ -89,15 +104,17 @@ def calibrate(
         # checks that, not a hash of 25 GB of tensors.
         source = file_identity(ModelFiles.in_dir(model_dir, version).dit).as_dict()
         pipe = Step1XEditPipeline.from_pretrained(model_dir, version, device=device or default_device(),
-                                                  dtype=DTYPES[dtype or "bf16"])
+                                                  dtype=DTYPES[dtype or "bf16"], loras=loras)
     else:
         pipe = small_pipeline(model_name, dtype=DTYPES[dtype or "fp32"])
+        merge_loras(pipe.model, loras)
     size_level = size_level or profile_for(pipe.config).max_level
     cfg = cfg if cfg is not None else default_cfg(pipe.config.name)
     pairs = calib[:samples]
     stats = collect_stats(pipe, pairs, steps=steps, size_level=size_level, cfg=cfg, seed=seed, progress=not quiet)
     calibration = describe(pairs) | {"steps": steps, "size_level": size_level, "cfg": cfg, "seed": seed,
-                                     "model": str(model_dir or model_name)}
+                                     "model": str(model_dir or model_name),
+                                     "loras": [f"{spec.path}:{spec.multiplier}" for spec in loras]}
     artifact = build_artifact(pipe.model, stats, recipe, alpha=alpha, include=include, exclude=exclude,
                               per_channel=weight_granularity == "per-channel", calibration=calibration,
                               source=source, model_hash=source and source["sha256"])

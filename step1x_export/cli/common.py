@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from ..files import atomic_path
 from ..runtime.trt_manifest import EngineMismatchError
+from ..step1x_ref.configs import CONFIGS
 from ..validate import CFG_RANGE, SEED_RANGE, InputError, check_device, check_float, check_output_file
 
 # Small models chosen by name: `toy` has trained weights shipped in the package, the `tiny` ones random weights.
@@ -141,3 +142,20 @@ def default_device() -> str:
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def version_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`--version`: the model config of the checkpoint in --model-dir (any registered config name)."""
+    return click.option(
+        "--version", type=click.Choice(list(CONFIGS)), default=None,
+        help="Model version (config) of the checkpoint in --model-dir [default: what a diffusers-layout folder's "
+             "model_index.json says, else v1.1]. v1.0-first-release = v1.0 as first released (no CFG rescale, "
+             "BICUBIC input resize, unscaled refiner timestep), for reproducing old results.")
+
+
+def lora_option(when: str, dest: str = "lora_specs") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`--lora FILE[:SCALE]` (repeatable) into `dest`; `when` says where the merge happens."""
+    return click.option(
+        "--lora", dest, multiple=True, metavar="FILE[:SCALE]",
+        help=f"LoRA (kohya format, from upstream's fine-tuning scripts) merged into the DiT's weights {when}, scaled "
+             "by SCALE (default 1.0); repeatable, merged in order.")

@@ -20,7 +20,8 @@ RANDOM_DEMO_INSTRUCTION = "Make the sky behind the astronaut a deep purple"
 
 @click.command()
 @runtime_options()
-@click.option("--image", "image_path", required=True, type=click.Path(path_type=Path), help="Image to edit.")
+@click.option("--image", "image_path", type=click.Path(path_type=Path),
+              help="Image to edit. Without it: text-to-image (upstream's t2i mode) at --width x --height.")
 @click.option("--prompt", required=True, help='Edit instruction; may be "" (allowed upstream).')
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
               help=f"Output image ({', '.join(IMAGE_SUFFIXES)}); its folder must exist; written atomically.")
@@ -39,20 +40,32 @@ RANDOM_DEMO_INSTRUCTION = "Make the sky behind the astronaut a deep purple"
 @click.option("--size-level", type=click.IntRange(16, 4096), default=None,
               help="Edit resolution: area ~ size_level^2, aspect kept; the output is resized back to the input's size "
                    "[default: 1024 for the real model (upstream's), 256 for the tiny ones (their largest profile)].")
-@click.option("--negative-prompt", default="", show_default=True, help="Instruction of the unconditional branch.")
+@click.option("--negative-prompt", default=None,
+              help='Instruction of the unconditional branch [default: "" for an edit; upstream\'s negative prompt '
+                   "(worst quality, ...) for text-to-image].")
+@click.option("--width", type=click.IntRange(16, 4096), default=None,
+              help="Text-to-image width, a multiple of 16 [default: 1024 for the real model (upstream's), 256 for "
+                   "the tiny ones]. Only without --image.")
+@click.option("--height", type=click.IntRange(16, 4096), default=None,
+              help="Text-to-image height, a multiple of 16 [default: as --width]. Only without --image.")
 @click.option("--quiet", is_flag=True, help="No progress bar or timing table.")
 @speedup_options
 @user_errors
 def edit(
-    runtime: RuntimeArgs, image_path: Path, prompt: str, out_path: Path, seed: int, steps: int | None,
-    cfg: float | None, think: bool, reflect: int, judge_retries: int, size_level: int | None, negative_prompt: str,
-    quiet: bool, cache: str | None, compare_uncached: bool | None, cfg_degree: int, ulysses_degree: int,
-    ring_degree: int,
+    runtime: RuntimeArgs, image_path: Path | None, prompt: str, out_path: Path, seed: int, steps: int | None,
+    cfg: float | None, think: bool, reflect: int, judge_retries: int, size_level: int | None,
+    negative_prompt: str | None, width: int | None, height: int | None, quiet: bool, cache: str | None,
+    compare_uncached: bool | None, cfg_degree: int, ulysses_degree: int, ring_degree: int,
 ) -> None:
-    """Edit one image with the runtime (torch, ONNX Runtime or TensorRT engines); prints the per-stage times."""
+    """Edit one image with the runtime (torch, ONNX Runtime or TensorRT engines); prints the per-stage times.
+
+    Without --image, generate an image from --prompt (text-to-image) through the same runtime and engines.
+    """
     runtime.check_source()
     check_output_path(out_path, suffixes=IMAGE_SUFFIXES)
-    image = load_image(image_path)
+    if image_path is not None and (width or height):
+        raise click.UsageError("--width/--height set a text-to-image size; an edit keeps its --image's size")
+    image = load_image(image_path) if image_path is not None else None
     import torch
 
     from ..runtime import Step1XEditRuntime
@@ -64,8 +77,10 @@ def edit(
         nonlocal reasoned
         rt = Step1XEditRuntime.load(**runtime.load_kwargs(), **{**speedups, **overrides})
         with rt, step_progress(enabled=not quiet and is_leader()) as progress:
-            options = {"steps": steps, "cfg": cfg if cfg is not None else default_cfg(rt.config.name),
-                       "size_level": size_level, "negative_prompt": negative_prompt, "progress": progress}
+            t2i_w, t2i_h = (None, None) if image is not None else t2i_size(rt)
+            options = {"width": t2i_w, "height": t2i_h, "steps": steps,
+                       "cfg": cfg if cfg is not None else default_cfg(rt.config.name), "size_level": size_level,
+                       "negative_prompt": negative_prompt, "progress": progress}
             if think or reflect:
                 reasoned = rt.edit_reasoned(image, prompt, think=think, reflect=reflect,
                                             judge_retries=judge_retries, seed=seed, **options)
@@ -74,6 +89,10 @@ def edit(
                 result = rt.edit(image, prompt, seed=seed, **options)
             latent = rt.last_latent  # closing the runtime drops it
         return result, rt, latent
+
+    def t2i_size(rt: Step1XEditRuntime) -> tuple[int, int]:  # upstream's default: 1024 x 1024
+        w = width or height or rt.default_size_level
+        return w, height or w
 
     result, rt, latent = run()
     lines = [f"note: {note}" for note in rt.notes]

@@ -8,14 +8,15 @@ import click
 
 from ..precision import Precision
 from ..specs import COMPONENTS
-from .common import DTYPES, SEED, SMALL_MODELS, user_errors
+from ..step1x_ref.lora import LoraSpec, merge_loras
+from .common import DTYPES, SEED, SMALL_MODELS, lora_option, user_errors, version_option
 
 GRAPH_PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 @click.command("export")
-@click.option("--model-dir", type=click.Path(path_type=Path), help="Folder with the official files (DiT "
-              "safetensors, vae.safetensors, Qwen2.5-VL-7B-Instruct/), as for `edit`.")
+@click.option("--model-dir", type=click.Path(path_type=Path), help="Model folder in the official or the "
+              "diffusers layout (detected), as for `edit`.")
 @click.option("--model", "model_name", type=click.Choice(SMALL_MODELS),
               help="Export a small model instead of --model-dir: toy (trained weights shipped in the package) or "
               "tiny (random weights, testing).")
@@ -28,8 +29,8 @@ GRAPH_PRECISIONS = ("fp32", "fp16", "bf16")
 @click.option("--precision", type=click.Choice(GRAPH_PRECISIONS), default="fp32", show_default=True,
               help="Graph precision of vision, llm and dit (the VAE graphs are always fp32, as upstream runs "
                    "them). fp8/int8 graphs come from calibration of an fp32/bf16 export.")
-@click.option("--version", type=click.Choice(["v1.0", "v1.1", "v1.2"]), default="v1.1", show_default=True,
-              help="Model version of the checkpoint in --model-dir.")
+@version_option()
+@lora_option('before export (an export carries its LoRAs merged)')
 @click.option("--opset", type=click.IntRange(18, 23), default=20, show_default=True,
               help="ONNX opset (TensorRT 10 parses up to 20; Q/DQ for fp8 needs >= 19).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Weight seed of --model tiny.")
@@ -41,7 +42,8 @@ GRAPH_PRECISIONS = ("fp32", "fp16", "bf16")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def export(
-    model_dir: Path | None, model_name: str | None, out_dir: Path, components: str | None, precision: str, version: str,
+    model_dir: Path | None, model_name: str | None, out_dir: Path, components: str | None, precision: str,
+    version: str | None, lora_specs: tuple[str, ...],
     opset: int, seed: int, quant_path: Path | None, force: bool, quiet: bool,
 ) -> None:
     """Export Step1X-Edit's components to ONNX (dynamo exporter) with a verified manifest.
@@ -71,10 +73,12 @@ def export(
         raise FileExistsError(f"{out_dir} is not empty; pass --force to overwrite the export there")
     quant = load_artifact(quant_path) if quant_path is not None else None
     dtype = DTYPES[precision]
+    loras = [LoraSpec.parse(spec) for spec in lora_specs]
     if model_dir is not None:
-        pipe = Step1XEditPipeline.from_pretrained(model_dir, version, device="cpu", dtype=dtype)
+        pipe = Step1XEditPipeline.from_pretrained(model_dir, version, device="cpu", dtype=dtype, loras=loras)
     else:
         pipe = small_pipeline(model_name, seed=seed, dtype=dtype)
+        merge_loras(pipe.model, loras)
     manifest = export_components(pipe, out_dir, components=names, precision=Precision.parse(precision),
                                  force=force, progress=not quiet, opset=opset, quant=quant)
     for name, entry in manifest.components.items():

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..runtime.options import BACKENDS, DEFAULT_GRAPH_CACHE, RuntimeOptions
-from .common import DEVICE, DTYPES, SMALL_MODELS
+from .common import DEVICE, DTYPES, SMALL_MODELS, lora_option, version_option
 
 if TYPE_CHECKING:
     from ..runtime.runtime import Step1XEditRuntime
@@ -34,7 +34,8 @@ class RuntimeArgs:
     backend: str = "torch"
     engine_dir: Path | None = None
     quant: Path | None = None
-    version: str = "v1.1"
+    version: str | None = None
+    loras: tuple[str, ...] = ()  # FILE[:SCALE] each, merged into the torch DiT in order
     dtype: str | None = None
     device: str | None = None
     cuda_graphs: bool = True
@@ -63,6 +64,9 @@ class RuntimeArgs:
             raise click.UsageError(f"--backend {self.backend} needs --engine-dir")
         if self.quant is not None and self.backend != "torch":
             raise click.UsageError("--quant applies to --backend torch (exported graphs carry their own quantization)")
+        if self.loras and self.backend != "torch":
+            raise click.UsageError("--lora applies to --backend torch; an export holds the weights it was made from "
+                                   "(merge the LoRA with `step1x-export export --lora FILE`)")
         if self.compile and self.backend != "torch":
             raise click.UsageError(f"--compile applies to --backend torch; {self.backend} runs its own graphs")
         if self.preset == "24gb":
@@ -86,20 +90,20 @@ class RuntimeArgs:
 
     def load_kwargs(self) -> dict[str, Any]:
         """`Step1XEditRuntime.load`'s arguments: (source, backend) and the keywords."""
-        from ..step1x_ref.loading import QWEN_DIR
+        from ..step1x_ref.lora import LoraSpec
 
         self.check_source()
         if self.backend == "torch":
             source, mllm = (self.model_dir if self.model_dir is not None else self.model_name), None
         else:
             source = self.engine_dir
-            mllm = self.model_name if self.model_dir is None else self.model_dir / QWEN_DIR
+            mllm = self.model_name if self.model_dir is None else self.model_dir  # either layout
         return {
             "source": source, "backend": self.backend, "quant": self.quant, "device": self.device,
             "dtype": DTYPES[self.dtype] if self.dtype else None, "cuda_graphs": self.cuda_graphs,
             "compile": self.compile, "compile_mode": self.compile_mode, "graph_cache": self.graph_cache,
             "shape_buckets": self.shape_buckets, "sequential_load": self.sequential_load, "version": self.version,
-            "mllm": mllm, "mllm_quant": self.mllm_quant_asked,
+            "mllm": mllm, "mllm_quant": self.mllm_quant_asked, "loras": [LoraSpec.parse(spec) for spec in self.loras],
         }
 
     def load(self) -> Step1XEditRuntime:
@@ -110,10 +114,11 @@ class RuntimeArgs:
 
 def _source_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
     return [
-        click.option("--model-dir", type=click.Path(path_type=Path), help="Folder with the official files: the DiT "
-                     "safetensors (v1.0: step1x-edit-i1258[-FP8].safetensors, v1.1: "
-                     "step1x-edit-v1p1-official.safetensors), vae.safetensors and Qwen2.5-VL-7B-Instruct/. With "
-                     "--engine-dir only its Qwen2.5-VL folder is used."),
+        click.option("--model-dir", type=click.Path(path_type=Path), help="Model folder, in either layout "
+                     "(detected): the official files (v1.0: step1x-edit-i1258[-FP8].safetensors, v1.1: "
+                     "step1x-edit-v1p1-official.safetensors, vae.safetensors, Qwen2.5-VL-7B-Instruct/) or the "
+                     "diffusers layout (model_index.json, transformer/, vae/, text_encoder/, processor/). With "
+                     "--engine-dir only its Qwen2.5-VL is used."),
         click.option("--model", "model_name", type=click.Choice(list(SMALL_MODELS)),
                      help="Use a small model instead of --model-dir: toy (trained here, does the edits of "
                      "`step1x_export.toy.tasks` at size level 64) or tiny (random weights, testing; not a real "
@@ -128,8 +133,8 @@ def _source_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]
                      help="Calibration artifact (`step1x-export calibrate`) applied to the torch DiT (FP8 / INT8 "
                      "W8A8), or a quantized checkpoint (`step1x-export quantize`) loaded as the DiT without a bf16 "
                      "copy."),
-        click.option("--version", type=click.Choice(["v1.0", "v1.1", "v1.2"]), default="v1.1", show_default=True,
-                     help="Model version of the checkpoint in --model-dir."),
+        version_option(),
+        lora_option("(torch backend; an export carries the LoRAs merged when it was made)", "loras"),
         click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
                      help="DiT/MLLM dtype [default: bf16 for --model-dir on a GPU, else fp32]; the VAE runs in fp32."),
     ]
@@ -173,7 +178,7 @@ def _execution_options() -> dict[str, Callable[[Callable[..., Any]], Callable[..
     }
 
 
-SOURCE_KEYS = ("model_dir", "model_name", "backend", "engine_dir", "quant", "version", "dtype")
+SOURCE_KEYS = ("model_dir", "model_name", "backend", "engine_dir", "quant", "version", "loras", "dtype")
 
 
 def runtime_options(*, source: bool = True, only: tuple[str, ...] | None = None

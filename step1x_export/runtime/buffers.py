@@ -20,17 +20,19 @@ class ProfileError(ValueError):
     """An edit's shapes fall outside what an engine was built or exported for."""
 
 
-def edit_dims(config: ModelConfig, width: int, height: int, batch: int, txt_len: int | None = None) -> dict[str, int]:
+def edit_dims(config: ModelConfig, width: int, height: int, batch: int, txt_len: int | None = None, *,
+              reference: bool = True) -> dict[str, int]:
     """Every named dim of the specs for an edit of width x height pixels (multiples of 16).
 
-    `txt_len`: the text tokens the DiT reads (v1.2: known after the MLLM; default max_length)."""
-    n = (width // 16) * (height // 16)
+    `txt_len`: the text tokens the DiT reads (v1.2: known after the MLLM; default max_length); without
+    `reference` (text-to-image) the DiT sees the noisy tokens only."""
+    n = (width // 16) * (height // 16) * (2 if reference else 1)
     txt = config.embedder.max_length if txt_len is None else txt_len
     return {
         "batch": batch,
-        "img_tokens": 2 * n,
+        "img_tokens": n,
         "txt_len": txt,
-        "seq_len": txt + 2 * n,
+        "seq_len": txt + n,
         "height": height,
         "width": width,
         "lat_h": height // 8,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -16,8 +16,17 @@ from ..step1x_ref.autoencoder import AutoEncoder, VAEDecoder, VAEEncoder
 from ..step1x_ref.conditioner import Qwen25VLEmbedder
 from ..step1x_ref.configs import CONFIGS, ModelConfig, get_config
 from ..step1x_ref.edit_v1p2 import with_rules
-from ..step1x_ref.loading import CheckpointError, ModelFiles, check_qwen_dir, check_state_dict, load_into
-from ..step1x_ref.model import Step1XEdit
+from ..step1x_ref.loading import (
+    CheckpointError,
+    ModelFiles,
+    check_qwen_dir,
+    check_state_dict,
+    detect_version,
+    load_dit,
+    load_vae,
+    mllm_dirs,
+)
+from ..step1x_ref.lora import LoraSpec, merge_loras
 from ..step1x_ref.pipeline import Step1XEditPipeline
 from ..toy import small_pipeline, weights_note
 from .buffers import BufferPool, Shape, select_profile
@@ -84,16 +93,31 @@ def _vae_half(files: ModelFiles, config: ModelConfig, half: str, device: torch.d
     return ae.eval().requires_grad_(False)
 
 
+def _vae_stage(files: ModelFiles, config: ModelConfig, half: str, device: torch.device) -> AutoEncoder:
+    """One VAE stage's model. The diffusers layout renames every key, so it is loaded whole through the key map
+    (0.17 GB in fp32 per stage); the official file is read one half per stage."""
+    if files.layout == "diffusers":
+        return load_vae(files, config, device=device)
+    return _vae_half(files, config, half, device)
+
+
+def _refuse_loras_on_qcheckpoint(loras: Sequence[LoraSpec]) -> None:
+    if loras:
+        raise ValueError("--lora cannot be merged into a quantized checkpoint (its weights are already 8-bit); use "
+                         "--quant with a calibration artifact made by `step1x-export calibrate --lora ...` instead")
+
+
 def qwen_encoder(qwen_dir: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device,
-                 quant: str | None) -> TorchEncoder:
+                 quant: str | None, processor_dir: Path | None = None) -> TorchEncoder:
     """The MLLM stage from a Qwen2.5-VL directory: loaded on the host, trimmed and quantized there, then
     moved, so the device only ever holds what the stage keeps."""
-    embedder = Qwen25VLEmbedder.from_pretrained(qwen_dir, config.embedder, dtype, "cpu")
+    embedder = Qwen25VLEmbedder.from_pretrained(qwen_dir, config.embedder, dtype, "cpu", processor_dir=processor_dir)
     return TorchEncoder(with_rules(prepare_mllm(embedder, quant).to(device), config))
 
 
 def torch_loaders(
-    source: str | Path, options: RuntimeOptions, device: torch.device, *, version: str, quant, seed: int
+    source: str | Path, options: RuntimeOptions, device: torch.device, *, version: str | None, quant, seed: int,
+    loras: Sequence[LoraSpec] = (),
 ) -> tuple[ModelConfig, dict[str, Loader], tuple[str, ...]]:
     """`quant`: a calibration artifact (scales; applied to the float DiT) or a quantized checkpoint (the DiT itself)."""
     dtype = options.precision.compute_dtype
@@ -101,33 +125,37 @@ def torch_loaders(
     qcheckpoint = quant is not None and Path(quant).is_file() and read_qcheckpoint_info(quant) is not None
     if str(source) in TINY:
         pipe = small_pipeline(str(source), seed=seed, dtype=dtype)
+        merge_loras(pipe.model, loras)  # before quantization, as for a model folder
         prepare_mllm(pipe.embedder, options.mllm_quant)
         for module in (pipe.model, pipe.ae, pipe.embedder):
             module.to(device)
         if qcheckpoint:
+            _refuse_loras_on_qcheckpoint(loras)
             model = checkpoint_dit(Path(quant), pipe.config, device, dtype)
         else:
             model = quantized_dit(pipe.model, quant)
         model = parallel_dit(model, options.parallel)  # over torchrun's ranks: the same (replicated) weights
         return pipe.config, pipeline_loaders(pipe, device, dtype, dit=model), (weights_note(str(source), seed),)
-    config = get_config(version)
-    files = ModelFiles.in_dir(source, version)
+    config = get_config(version or detect_version(source) or "v1.1")
+    files = ModelFiles.in_dir(source, config.version)
 
     def dit() -> TorchEngine:
         if qcheckpoint:
+            _refuse_loras_on_qcheckpoint(loras)
             model = checkpoint_dit(Path(quant), config, device, dtype)
         else:
-            model = load_into(lambda: Step1XEdit(config), files.dit, dtype=dtype, device=device)
+            model = load_dit(files, config, dtype=dtype, device=device)
+            merge_loras(model, loras)  # before quantization: the scales apply to the merged weights
             model = quantized_dit(model, quant, file_identity(files.dit) if quant is not None else None)
         # over torchrun's ranks: another engine module, the same (replicated) weights
         return TorchEngine(parallel_dit(model, options.parallel), dit_spec(config), dtype, device)
 
     return config, {
-        "encoder": lambda: qwen_encoder(files.qwen, config, dtype, device, options.mllm_quant),
-        "vae_encoder": lambda: TorchEngine(VAEEncoder(_vae_half(files, config, "encoder", device)),
+        "encoder": lambda: qwen_encoder(files.qwen, config, dtype, device, options.mllm_quant, files.processor),
+        "vae_encoder": lambda: TorchEngine(VAEEncoder(_vae_stage(files, config, "encoder", device)),
                                            vae_encoder_spec(config), torch.float32, device),
         "dit": dit,
-        "vae_decoder": lambda: TorchEngine(VAEDecoder(_vae_half(files, config, "decoder", device)),
+        "vae_decoder": lambda: TorchEngine(VAEDecoder(_vae_stage(files, config, "decoder", device)),
                                            vae_decoder_spec(config), torch.float32, device),
     }, ()
 
@@ -145,8 +173,9 @@ def mllm_loader(config: ModelConfig, mllm: str | Path | None, device: torch.devi
     if mllm is None:
         raise ValueError(f"the engines are for {config.name}: pass the Qwen2.5-VL-7B-Instruct directory as mllm "
                          "(the MLLM runs in torch)")
-    check_qwen_dir(Path(mllm))  # now, not when the stage is first loaded
-    return (lambda: qwen_encoder(Path(mllm), config, dtype, device, quant)), f"MLLM: torch, from {mllm}"
+    qwen, processor = mllm_dirs(mllm)
+    check_qwen_dir(qwen)  # now, not when the stage is first loaded
+    return (lambda: qwen_encoder(qwen, config, dtype, device, quant, processor)), f"MLLM: torch, from {qwen}"
 
 
 def _check_components(source: Path, present: Iterable[str]) -> None:

@@ -14,7 +14,7 @@ Threads: `edit` takes a per-runtime lock, so concurrent calls on one runtime run
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,16 @@ from ..specs import ComponentSpec, dit_spec, profile_for, shape_bucket, vae_deco
 from ..step1x_ref.configs import ModelConfig
 from ..step1x_ref.edit_v1p2 import branch_conditioning, per_branch, postprocess_v1p2, prepare_image_v1p2
 from ..step1x_ref.generation import TextGenerator
-from ..step1x_ref.pipeline import EditImage, Step1XEditPipeline, postprocess, prepare_image, sampling_inputs
+from ..step1x_ref.lora import LoraSpec
+from ..step1x_ref.pipeline import (
+    EditImage,
+    Step1XEditPipeline,
+    negative_prompt_for,
+    no_reference,
+    postprocess,
+    prepare_input,
+    sampling_inputs,
+)
 from ..step1x_ref.reasoning import JUDGE_RETRIES, ReasonedEdit, reasoned_edit
 from ..step1x_ref.sampling import ProgressFn, UpdateFn, denoise, guided_euler, pack, unpack
 from ..timing import StageTimer
@@ -113,7 +122,7 @@ class Step1XEditRuntime:
         compile_mode: str | None = None,
         graph_cache: int = DEFAULT_GRAPH_CACHE,
         shape_buckets: bool = False,
-        version: str = "v1.1",
+        version: str | None = None,
         mllm: str | Path | None = None,
         seed: int = 0,
         mllm_quant: str | None = None,
@@ -121,11 +130,15 @@ class Step1XEditRuntime:
         cfg_degree: int = 1,
         ulysses_degree: int = 1,
         ring_degree: int = 1,
+        loras: Sequence[LoraSpec] = (),
     ) -> Step1XEditRuntime:
         """A runtime over `source`: a tiny config name ("tiny": random weights from `seed`, as
         `Step1XEditPipeline.random`), a model dir with the official files (torch backend), or an
         export / engine dir (onnxruntime, tensorrt). For engine dirs the MLLM runs in torch from
-        `mllm` (a Qwen2.5-VL directory, or a tiny config name), default: the export's tiny config.
+        `mllm` (a Qwen2.5-VL directory, a model folder in either layout, or a tiny config name), default: the
+        export's tiny config. `source` model folders may be in the official or the diffusers layout (detected);
+        `version` defaults to what a diffusers folder says it holds, else v1.1. `loras` are merged into the
+        torch DiT's weights before `quant` (an export or engine carries the LoRAs merged when it was made).
         `quant` is a calibration artifact applied to the torch DiT, or a quantized checkpoint (`step1x-export
         quantize`) loaded as the DiT; `mllm_quant` ("fp8" / "int8") makes the MLLM's Linears weight-only 8-bit.
         `compile`: None compiles the torch DiT
@@ -150,8 +163,11 @@ class Step1XEditRuntime:
         )
         if backend == "torch":
             config, loaders, notes = torch_loaders(source, options.resolved(device), device, version=version,
-                                                   quant=quant, seed=seed)
+                                                   quant=quant, seed=seed, loras=loras)
             return cls(config, loaders, options, device, notes=notes)
+        if loras:
+            raise ValueError(f"--lora applies to the torch backend; a {backend} export holds the weights it was made "
+                             "from: merge the LoRA with `step1x-export export --lora FILE` (see README, LoRA)")
         if quant is not None:
             raise ValueError(f"--quant applies to the torch backend; a {backend} export has its quantization "
                              "(Q/DQ nodes) in the graph already")
@@ -171,17 +187,20 @@ class Step1XEditRuntime:
     # -- the edit -------------------------------------------------------------------------------
     def edit(
         self,
-        image: Image.Image,
+        image: Image.Image | None,
         instruction: str,
         *,
         seed: int = 0,
         steps: int | None = None,
         cfg: float = 6.0,
         size_level: int | None = None,
-        negative_prompt: str = "",
+        negative_prompt: str | None = None,
         progress: ProgressFn | None = None,
+        width: int | None = None,
+        height: int | None = None,
     ) -> Image.Image:
-        """Edit `image` as `instruction` says; an image of the input's size. Serialised per runtime.
+        """Edit `image` as `instruction` says; an image of the input's size. With `image=None`, generate a
+        `width` x `height` image from the text (text-to-image: no reference tokens). Serialised per runtime.
 
         `size_level` defaults to the model's: 1024 for the real model (upstream's), the largest its
         profile covers for a tiny one. Numbers are checked first (InputError naming the argument), and a
@@ -192,7 +211,7 @@ class Step1XEditRuntime:
         v12 = self.config.reason_edit is not None
         check_edit_numbers(steps=steps, cfg=cfg, size_level=size_level, seed=seed)
         for name, text in (("instruction", instruction), ("negative_prompt", negative_prompt)):
-            if not isinstance(text, str):
+            if not isinstance(text, str) and not (name == "negative_prompt" and text is None):
                 raise InputError(f"{name} must be a str, got {type(text).__name__}")
         with self._lock:
             if self.stages is None:
@@ -201,19 +220,21 @@ class Step1XEditRuntime:
             reset_peak(self.device)
             self._driver = DriverMemory(self.device)
             with timer.stage("preprocess"):
-                bucket = shape_bucket(*image.size, size_level) if self.options.shape_buckets and not v12 else None
+                if v12 and image is None:
+                    raise InputError(f"{self.config.name}: text-to-image is not supported for v1.2")
+                bucket = (shape_bucket(*image.size, size_level)
+                          if self.options.shape_buckets and image is not None and not v12 else None)
                 img = (EditImage(*prepare_image_v1p2(image, size_level)) if v12
-                       else prepare_image(image, size_level, bucket))
-                self.check_shapes(img.width, img.height)  # before any model work
+                       else prepare_input(image, size_level, self.config, width, height, bucket))
+                self.check_shapes(img.width, img.height, reference=img.has_reference)  # before any model work
             with self._stage(timer, "encoder", "mllm") as encoder:
-                encoded = encoder([instruction, negative_prompt], img.mllm_image)
+                encoded = encoder([instruction, negative_prompt_for(img, negative_prompt)], img.mllm_image)
                 for text in encoded if v12 else encoded[:1]:
                     check_finite("the MLLM encoder (text embedding)", text.embedding if v12 else text)
-            with self._stage(timer, "vae_encoder", "vae_encode") as vae_encoder:
-                ref = pack(vae_encoder(image=img.resized.to(self.device) * 2 - 1)["latent"].float())
-                check_finite("the VAE encoder (reference latent)", ref)
+            ref = self._reference(timer, img)
             txt_len = 1 if v12 else encoded[0].shape[1]  # v1.2's per-branch pe comes with its conditioning
-            noise, pe, timesteps = sampling_inputs(self.config, txt_len, img.width, img.height, seed=seed, steps=steps)
+            noise, pe, timesteps = sampling_inputs(self.config, txt_len, img.width, img.height, seed=seed, steps=steps,
+                                                   reference=img.has_reference)
             conditioning = (branch_conditioning(self.config, encoded, img.width, img.height) if v12
                             else (pe, *encoded))
             noise, *conditioning = (t.to(self.device) for t in (noise, *conditioning))
@@ -261,6 +282,15 @@ class Step1XEditRuntime:
 
             return reasoned_edit(edit, generate, image, instruction, think=think, reflect=reflect,
                                  retries=judge_retries)
+
+    def _reference(self, timer: StageTimer, img: EditImage) -> torch.Tensor:
+        """The packed reference latent (the VAE encoder stage), or no tokens for text-to-image."""
+        if img.resized is None:
+            return no_reference(self.config, self.device)
+        with self._stage(timer, "vae_encoder", "vae_encode") as vae_encoder:
+            ref = pack(vae_encoder(image=img.resized.to(self.device) * 2 - 1)["latent"].float())
+            check_finite("the VAE encoder (reference latent)", ref)
+            return ref
 
     def _denoise(self, dit: Engine, noise, ref, conditioning, timesteps, cfg: float, progress) -> torch.Tensor:
         if self._update is None or self._update[0] is not dit:  # an update (and its graphs) per engine instance
@@ -332,12 +362,14 @@ class Step1XEditRuntime:
         """The edit resolution `edit` uses when none is given: the model's (1024 real, the profile's top tiny)."""
         return profile_for(self.config).max_level
 
-    def check_shapes(self, width: int, height: int) -> None:
+    def check_shapes(self, width: int, height: int, *, reference: bool = True) -> None:
         """Raise ProfileError (naming the component and its min/max) if an engine cannot run this size."""
         if self._shape_check is None:
             return
         for spec, batch in self.specs_and_batches():
-            dims = edit_dims(self.config, width, height, batch)
+            if spec.name == "vae_encoder" and not reference:
+                continue  # text-to-image encodes nothing
+            dims = edit_dims(self.config, width, height, batch, reference=reference)
             self._shape_check(spec.name, {t.name: t.shape(dims) for t in spec.inputs})
 
     def specs_and_batches(self) -> list[tuple[ComponentSpec, int]]:

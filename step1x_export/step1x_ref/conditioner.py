@@ -223,7 +223,10 @@ class Qwen25VLEmbedder(nn.Module):
         params: EmbedderParams,
         dtype: torch.dtype = torch.bfloat16,
         device: str | torch.device = "cpu",
+        processor_dir: str | Path | None = None,
     ) -> Qwen25VLEmbedder:
+        """Qwen2.5-VL from a Hugging Face folder; the processor from `processor_dir` where it lives apart
+        (the diffusers layout's processor/), else from the same folder."""
         from transformers import Qwen2_5_VLForConditionalGeneration
 
         model_dir = Path(model_dir)
@@ -231,7 +234,7 @@ class Qwen25VLEmbedder(nn.Module):
         try:
             from .qwen_processor import load_processor
 
-            processor = load_processor(model_dir, params)
+            processor = load_processor(Path(processor_dir or model_dir), params)
             model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
                 model_dir, dtype=dtype, attn_implementation="sdpa"
             )

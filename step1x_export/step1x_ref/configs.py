@@ -1,6 +1,7 @@
 """Named configurations of Step1X-Edit: one registry of dataclass instances.
 
-`v1.0`, `v1.1` and `v1.2` are the published models; `tiny` (v1.1 semantics), `tiny-v1.0` and
+`v1.0`, `v1.1` and `v1.2` are the published models as upstream runs them now; `v1.0-first-release` is v1.0
+as its first release ran it (for reproducing old results); `tiny` (v1.1 semantics), `tiny-v1.0` and
 `tiny-v1.2` are small models with the same structure, used by the tests and the demo on CPU.
 """
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 Version = Literal["v1.0", "v1.1", "v1.2"]
+Resample = Literal["lanczos", "bicubic"]
 
 
 @dataclass(frozen=True)
@@ -115,13 +117,13 @@ class ModelConfig:
     tiny_qwen: dict | None = field(default=None, compare=False)
     reason_edit: ReasonEditParams | None = None  # v1.2 only
     default_steps: int = 28  # denoising steps of the published pipeline
-
-    @property
-    def cfg_truncate(self) -> float:
-        """CFG norm rescale applies while t > this (v1.0: never)."""
-        if self.reason_edit is not None:
-            return 0.93 / self.reason_edit.rescale_timestep_scale
-        return 1.0 if self.version == "v1.0" else 0.93
+    # The CFG norm rescale applies while t > cfg_truncate: upstream's current inference.py passes 0.93 for
+    # both versions; the first v1.0 release used 1.0 (never). v1.2's published pipeline compares a 0..1000
+    # timestep with 0.93, so its threshold is 0.93 / 1000 on our 0..1 scale (set where v1.2 is built).
+    cfg_truncate: float = 0.93
+    # Filter of the input image's resize to the edit resolution: LANCZOS in upstream's current
+    # inference.py, PIL's default BICUBIC in the first release.
+    input_resample: Resample = "lanczos"
 
     @property
     def has_scale_factor(self) -> bool:
@@ -243,14 +245,20 @@ def _tiny(name: str, version: Version) -> ModelConfig:
         tiny_qwen=_TINY_QWEN,
         reason_edit=_TINY_V12 if v12 else None,
         default_steps=50 if v12 else 28,
+        cfg_truncate=0.93 / _TINY_V12.rescale_timestep_scale if v12 else 0.93,
     )
 
 
+_V1_0 = ModelConfig("v1.0", "v1.0", _FULL_DIT, _FULL_CONNECTOR, _FLUX_VAE, _FULL_EMBEDDER)
+
 CONFIGS: dict[str, ModelConfig] = {
-    "v1.0": ModelConfig("v1.0", "v1.0", _FULL_DIT, _FULL_CONNECTOR, _FLUX_VAE, _FULL_EMBEDDER),
+    "v1.0": _V1_0,
+    # The first release: no CFG rescale, BICUBIC input resize, the refiner's timestep unscaled (t in [0, 1]).
+    "v1.0-first-release": replace(_V1_0, name="v1.0-first-release", cfg_truncate=1.0, input_resample="bicubic",
+                                  connector=replace(_FULL_CONNECTOR, time_factor=1.0)),
     "v1.1": ModelConfig("v1.1", "v1.1", _FULL_DIT, _FULL_CONNECTOR, _FLUX_VAE, _FULL_EMBEDDER),
     "v1.2": ModelConfig("v1.2", "v1.2", _FULL_DIT, _FULL_CONNECTOR, _FLUX_VAE, _V12_EMBEDDER,
-                        reason_edit=_V12, default_steps=50),
+                        reason_edit=_V12, default_steps=50, cfg_truncate=0.93 / _V12.rescale_timestep_scale),
     "tiny": _tiny("tiny", "v1.1"),
     "tiny-v1.0": _tiny("tiny-v1.0", "v1.0"),
     "tiny-v1.2": _tiny("tiny-v1.2", "v1.2"),

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+# The input resize filters a config may name (ModelConfig.input_resample)
+RESAMPLE = {"lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BICUBIC}
 MIN_SIDE = 16
 MAX_PIXELS = 64 * 1024 * 1024  # 64 MP: far above any edit; beyond it is almost surely a mistake
 

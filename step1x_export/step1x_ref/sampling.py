@@ -62,11 +62,12 @@ def image_ids(h_tokens: int, w_tokens: int, *, index: float = 0.0, offset: float
     return ids.reshape(h_tokens * w_tokens, 3)
 
 
-def position_ids(txt_len: int, h_tokens: int, w_tokens: int, version: Version) -> Tensor:
-    """[1, txt_len + 2N, 3]: text all zero, noisy (0, r, c), reference v1.0 (0, r, c), v1.1 (1, r+1, c+1)."""
+def position_ids(txt_len: int, h_tokens: int, w_tokens: int, version: Version, *, reference: bool = True) -> Tensor:
+    """[1, txt_len + 2N, 3]: text all zero, noisy (0, r, c), reference v1.0 (0, r, c), v1.1 (1, r+1, c+1).
+    Text-to-image has no reference tokens: [1, txt_len + N, 3]."""
     noisy = image_ids(h_tokens, w_tokens)
     ref = noisy.clone() if version == "v1.0" else image_ids(h_tokens, w_tokens, index=1.0, offset=1.0)
-    return torch.cat([torch.zeros(txt_len, 3), noisy, ref]).unsqueeze(0)
+    return torch.cat([torch.zeros(txt_len, 3), noisy, *([ref] if reference else [])]).unsqueeze(0)
 
 
 def cfg_norm_factor(diff_norm: Tensor) -> Tensor:
