@@ -20,7 +20,7 @@ from step1x_export.cli import main
 from step1x_export.step1x_ref import diffusers_layout
 from step1x_export.step1x_ref.autoencoder import AutoEncoder
 from step1x_export.step1x_ref.configs import get_config
-from step1x_export.step1x_ref.diffusers_layout import Rule, dit_keymap, vae_keymap
+from step1x_export.step1x_ref.diffusers_layout import PIPELINE_VERSIONS, Rule, dit_keymap, vae_keymap
 from step1x_export.step1x_ref.loading import CheckpointError, ModelFiles
 from step1x_export.step1x_ref.model import Step1XEdit
 from step1x_export.step1x_ref.pipeline import Step1XEditPipeline
@@ -149,3 +149,15 @@ def test_diffusers_errors_name_file_and_key(two_layouts: tuple[Path, Path], tmp_
         ModelFiles.in_dir(bad, "v1.1")
     with pytest.raises(CheckpointError, match=r"holds v1\.1 weights .*not v1\.0"):
         ModelFiles.in_dir(good, "v1.0")
+
+
+def test_v12_token_mapping_round_trips_through_the_diffusers_names():
+    """v1.2 ships only in the diffusers layout: its extra `text_token_mapping` keeps its name there."""
+    pipe = Step1XEditPipeline.random("tiny-v1.2", seed=0)
+    state = pipe.model.state_dict()
+    keymap = dit_keymap(pipe.config.dit.hidden_size, "v1.2")
+    diffusers = keymap.to_diffusers(state)
+    assert {"text_token_mapping.weight", "text_token_mapping.bias"} <= set(diffusers)
+    back = keymap.to_official(diffusers)
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+    assert PIPELINE_VERSIONS["Step1XEditPipelineV1P2"] == "v1.2"  # the v1.2 port's pipeline class

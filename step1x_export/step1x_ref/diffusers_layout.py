@@ -33,7 +33,7 @@ TRANSFORMER_DIR, VAE_DIR, TEXT_ENCODER_DIR, PROCESSOR_DIR = "transformer", "vae"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 # model_index.json's pipeline class -> the version its weights are
-PIPELINE_VERSIONS = {"Step1XEditPipeline": "v1.1"}
+PIPELINE_VERSIONS = {"Step1XEditPipeline": "v1.1", "Step1XEditPipelineV1P2": "v1.2"}
 
 
 class KeyMapError(ValueError):
@@ -214,7 +214,8 @@ def _join(op: Op, parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 # Weights a later version adds to the transformer, one row each (both layouts may use the same name).
-EXTRA_DIT_RULES: dict[str, tuple[Rule, ...]] = {}
+# v1.2's quoted-character token mapping has the same name in both layouts.
+EXTRA_DIT_RULES: dict[str, tuple[Rule, ...]] = {"v1.2": (Rule("text_token_mapping.*", "text_token_mapping.*"),)}
 
 
 def dit_keymap(hidden_size: int, version: str = "v1.1") -> KeyMap:
