@@ -21,7 +21,6 @@ from ..step1x_ref.pipeline import Step1XEditPipeline
 from ..toy import PACKAGED, small_pipeline
 from ..toy.calibration import calibration_pairs
 from ..toy.evaluate import format_scores
-from ..toy.weights import default_cfg
 from .common import (
     CFG,
     DEVICE,
@@ -109,7 +108,7 @@ def calibrate(
         pipe = small_pipeline(model_name, dtype=DTYPES[dtype or "fp32"])
         merge_loras(pipe.model, loras)
     size_level = size_level or profile_for(pipe.config).max_level
-    cfg = cfg if cfg is not None else default_cfg(pipe.config.name)
+    cfg = cfg if cfg is not None else pipe.config.default_cfg
     pairs = calib[:samples]
     stats = collect_stats(pipe, pairs, steps=steps, size_level=size_level, cfg=cfg, seed=seed, progress=not quiet)
     calibration = describe(pairs) | {"steps": steps, "size_level": size_level, "cfg": cfg, "seed": seed,

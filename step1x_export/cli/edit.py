@@ -8,8 +8,8 @@ import click
 from PIL import Image
 
 from ..specs import profile_for
+from ..step1x_ref.configs import get_config
 from ..step1x_ref.imaging import load_image
-from ..toy.weights import default_cfg
 from .common import CFG, IMAGE_SUFFIXES, SEED, SMALL_MODELS, check_output_path, save_image, step_progress, user_errors
 from .runtime_options import RuntimeArgs, runtime_options
 from .speedups import cache_fidelity, is_leader, speedup_options
@@ -79,7 +79,7 @@ def edit(
         with rt, step_progress(enabled=not quiet and is_leader()) as progress:
             t2i_w, t2i_h = (None, None) if image is not None else t2i_size(rt)
             options = {"width": t2i_w, "height": t2i_h, "steps": steps,
-                       "cfg": cfg if cfg is not None else default_cfg(rt.config.name), "size_level": size_level,
+                       "cfg": cfg if cfg is not None else rt.config.default_cfg, "size_level": size_level,
                        "negative_prompt": negative_prompt, "progress": progress}
             if think or reflect:
                 reasoned = rt.edit_reasoned(image, prompt, think=think, reflect=reflect,
@@ -161,7 +161,7 @@ def demo(out_path: Path, prompt: str | None, model_name: str, steps: int, cfg: f
     prompt = prompt if prompt is not None else (DEMO_INSTRUCTION if trained else RANDOM_DEMO_INSTRUCTION)
     pipe = small_pipeline(model_name, seed=seed)
     size_level = size_level or profile_for(pipe.config).max_level
-    cfg = cfg if cfg is not None else default_cfg(model_name)
+    cfg = cfg if cfg is not None else get_config(model_name).default_cfg
     # The photo is brought to the edit resolution first, so the edit is shown and scored as the model made it.
     image = edit_resolution(Image.fromarray(skimage_data.astronaut()), size_level)
     weights = "trained weights" if trained else "RANDOM weights"

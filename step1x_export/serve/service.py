@@ -93,7 +93,8 @@ class EditService:
         top = self.limits.max_size_level or profile.max_level
         default = min(self.limits.default_size_level or profile.max_level, top)
         return ParamRules(max_steps=self.limits.max_steps, min_size_level=16, max_size_level=top,
-                          default_size_level=default, max_pixels=self.limits.max_pixels,
+                          default_size_level=default, default_steps=runtime.config.default_steps,
+                          default_cfg=runtime.config.default_cfg, max_pixels=self.limits.max_pixels,
                           timeout_s=self.limits.timeout_s)
 
     def _warm_up(self, runtime: Step1XEditRuntime, rules: ParamRules) -> None:
