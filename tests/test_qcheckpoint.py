@@ -34,7 +34,7 @@ from step1x_export.hashing import file_identity
 from step1x_export.runtime import Step1XEditRuntime
 from step1x_export.safetensors_io import SafetensorsIOError, TensorInfo, TensorReader, stream_safetensors
 from step1x_export.step1x_ref.configs import get_config
-from step1x_export.step1x_ref.loading import load_into
+from step1x_export.step1x_ref.loading import CheckpointError, load_into
 from step1x_export.step1x_ref.model import Step1XEdit
 from step1x_export.step1x_ref.random_weights import randomize_
 
@@ -254,3 +254,33 @@ def test_quantize_then_edit_with_the_24gb_preset_from_the_cli(source, tmp_path):
     run = CliRunner().invoke(main, [*edit, "--preset", "24gb", "--quant", str(q)])
     assert run.exit_code == 0, run.output
     assert Image.open(out).size == (48, 40)
+
+
+def _with_metadata(src: Path, out: Path, edit) -> Path:
+    """A copy of quantized checkpoint `src` whose header metadata went through `edit(dict) -> dict | str`."""
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    key = "step1x_export.qcheckpoint"
+    changed = edit(json.loads(meta[key]))
+    meta[key] = changed if isinstance(changed, str) else json.dumps(changed)
+    save_file(tensors, str(out), metadata=meta)
+    return out
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda d: {**d, "config": "flux-dev"}, r"\$\.config: 'flux-dev' is not one of"),
+    (lambda d: {**d, "dtype": "float64"}, r"\$\.dtype"),
+    (lambda d: {k: v for k, v in d.items() if k != "layout"}, "'layout' is a required property"),
+    (lambda d: {**d, "layout": {**d["layout"], "weight_only": "*"}}, r"\$\.layout\.weight_only: '\*' is not of type"),
+    (lambda d: {**d, "layout": {**d["layout"], "w8a8_format": "int4"}}, r"\$\.layout\.w8a8_format"),
+    (lambda d: {**d, "format_version": 99}, "version 99, this step1x-export reads 1"),
+    (lambda d: '{"config": NaN}', "not a number a manifest may hold"),
+])
+def test_damaged_checkpoint_metadata_is_refused_naming_the_field(source, tmp_path, edit, message):
+    q = tmp_path / "q.safetensors"
+    write_quantized_checkpoint(source, "tiny", q, weight_only=("*_mod.lin",), weight_only_format=QuantFormat.FP8_E4M3)
+    assert read_qcheckpoint_info(q).config == "tiny"
+    bad = _with_metadata(q, tmp_path / "bad.safetensors", edit)
+    with pytest.raises(CheckpointError, match=message):
+        load_quantized_checkpoint(bad, "cpu")

@@ -25,9 +25,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..folders import SHA256, check_schema, parse_json
 from ..hashing import FileIdentity, file_identity
 from ..safetensors_io import SafetensorsIOError, TensorInfo, TensorReader, group_by_module, stream_safetensors
-from ..step1x_ref.configs import ModelConfig, get_config
+from ..step1x_ref.configs import CONFIGS, ModelConfig, get_config
 from ..step1x_ref.loading import CheckpointError, check_state_dict
 from ..step1x_ref.model import Step1XEdit
 from .artifact import QuantArtifact, _metadata, dtype_name
@@ -44,6 +45,39 @@ MODULATION = ("*_mod.lin", "*.modulation.lin")
 # Linears and the connector (0.5 B parameters, 640 text tokens per step).
 WEIGHT_ONLY_DEFAULT = (*MODULATION, "connector.*")
 DTYPES = {dtype_name(d): d for d in (torch.float32, torch.bfloat16, torch.float16)}
+
+_FORMAT_OR_NONE = {"anyOf": [{"type": "null"}, {"enum": [f.value for f in QuantFormat]}]}
+_NAME = {"type": "string", "maxLength": 500}
+# The header metadata is read from a file someone handed us: checked before any field is used, so a
+# damaged or foreign header is refused with the field named, not a KeyError deep in the loader.
+QCHECKPOINT_SCHEMA = {
+    "type": "object",
+    "required": ["format_version", "config", "dtype", "layout", "source", "quant"],
+    "properties": {
+        "format_version": {"const": FORMAT_VERSION},
+        "config": {"enum": list(CONFIGS)},
+        "dtype": {"enum": list(DTYPES)},
+        "layout": {
+            "type": "object", "required": ["w8a8", "w8a8_format", "weight_only", "weight_only_format"],
+            "additionalProperties": False,
+            "properties": {
+                "w8a8": {"type": "object", "maxProperties": 100_000, "propertyNames": _NAME,
+                         "additionalProperties": {
+                             "type": "object", "additionalProperties": False,
+                             "required": ["in_features", "out_features", "per_channel", "smooth"],
+                             "properties": {"in_features": {"type": "integer", "minimum": 1},
+                                            "out_features": {"type": "integer", "minimum": 1},
+                                            "per_channel": {"type": "boolean"}, "smooth": {"type": "boolean"}}}},
+                "w8a8_format": _FORMAT_OR_NONE,
+                "weight_only": {"type": "array", "maxItems": 100_000, "items": _NAME},
+                "weight_only_format": _FORMAT_OR_NONE,
+            },
+        },
+        "source": {"type": "object", "properties": {"file": _NAME, "size": {"type": "integer", "minimum": 0},
+                                                    "sha256": SHA256}},
+        "quant": {"type": "object"},
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -195,10 +229,11 @@ def read_qcheckpoint_info(path: str | Path) -> QCheckpointInfo | None:
     raw = TensorReader(path).metadata.get(METADATA_KEY)
     if raw is None:
         return None
-    d = json.loads(raw)
-    if d.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: quantized checkpoint version {d.get('format_version')}, "
-                              f"this step1x-export reads {FORMAT_VERSION}")
+    d = parse_json(raw, f"{path} metadata", error=CheckpointError)
+    version = d.get("format_version") if isinstance(d, dict) else None
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: quantized checkpoint version {version}, this step1x-export reads {FORMAT_VERSION}")
+    check_schema(d, QCHECKPOINT_SCHEMA, f"{path} metadata ('{METADATA_KEY}')", error=CheckpointError)
     return QCheckpointInfo(Path(path), d["config"], DTYPES[d["dtype"]], QuantizedLayout.from_dict(d["layout"]),
                            d["source"], d["quant"])
 
