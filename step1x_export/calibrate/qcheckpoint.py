@@ -232,7 +232,8 @@ def read_qcheckpoint_info(path: str | Path) -> QCheckpointInfo | None:
     d = parse_json(raw, f"{path} metadata", error=CheckpointError)
     version = d.get("format_version") if isinstance(d, dict) else None
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: quantized checkpoint version {version}, this step1x-export reads {FORMAT_VERSION}")
+        raise CheckpointError(f"{path}: quantized checkpoint version {version}, "
+                              f"this step1x-export reads {FORMAT_VERSION}")
     check_schema(d, QCHECKPOINT_SCHEMA, f"{path} metadata ('{METADATA_KEY}')", error=CheckpointError)
     return QCheckpointInfo(Path(path), d["config"], DTYPES[d["dtype"]], QuantizedLayout.from_dict(d["layout"]),
                            d["source"], d["quant"])
