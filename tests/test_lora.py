@@ -15,8 +15,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from step1x_export.cli import main
-from step1x_export.export.manifest import ExportError
+from step1x_export.export.manifest import ExportError, load_manifest
 from step1x_export.export.refit import refit_names
+from step1x_export.hashing import file_sha256
 from step1x_export.runtime import Step1XEditRuntime
 from step1x_export.step1x_ref.lora import LoraError, LoraSpec, merge_lora
 from step1x_export.step1x_ref.pipeline import Step1XEditPipeline
@@ -137,6 +138,8 @@ def test_export_with_lora_holds_the_merged_weights_under_refittable_names(tmp_pa
     result = CliRunner().invoke(main, ["export", "--model", "tiny", "--lora", str(path), "--components", "dit",
                                        "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
+    assert load_manifest(out).loras == [{"file": "hand.safetensors", "sha256": file_sha256(path), "multiplier": 1.0}]
+    assert "merged LoRA hand.safetensors x 1" in result.output
     merged = Step1XEditPipeline.random("tiny", seed=0, loras=[LoraSpec(path)]).model
     changed = merge_lora(Step1XEditPipeline.random("tiny", seed=0).model, LoraSpec(path))
     shapes = {n: merged.get_parameter(n).shape for n in changed}

@@ -173,7 +173,7 @@ def test_fuzzed_manifests_are_refused_cleanly(folder):
 
 
 @pytest.mark.parametrize("raw", [b"", b"{", b'{"format_version": NaN}', b"[1e999]", b"[" * 100_000 + b"]" * 100_000,
-                                 b"\xff\xfe", b"[1, 2]", b'{"format_version": 2}', b"1" * 5000])
+                                 b"\xff\xfe", b"[1, 2]", b'{"format_version": 3}', b"1" * 5000])
 def test_malformed_manifest_text_is_refused(folder, raw):
     (folder / MANIFEST).write_bytes(raw)
     expect_refusal(lambda: load_manifest(folder), ExportError, repr(raw[:20]))

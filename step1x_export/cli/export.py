@@ -85,4 +85,6 @@ def export(
         size = sum((out_dir / f).stat().st_size for f in entry.files) / 1e6
         click.echo(f"{name:12s} {entry.file:20s} {entry.precision.value:5s} {size:9.1f} MB "
                    f"{entry.export_seconds:6.1f} s")
+    for lora in manifest.loras:
+        click.echo(f"merged LoRA {lora['file']} x {lora['multiplier']:g} (sha256 {lora['sha256'][:12]})")
     click.echo(f"wrote {out_dir / 'manifest.json'} (export {manifest.export_id[:12]}, opset {manifest.opset})")

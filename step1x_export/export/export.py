@@ -16,6 +16,7 @@ from ..hashing import file_sha256, module_hash
 from ..precision import Precision
 from ..specs import COMPONENTS, component_specs, dim_ranges
 from ..step1x_ref.configs import ModelConfig
+from ..step1x_ref.lora import merged_loras
 from ..step1x_ref.pipeline import Step1XEditPipeline
 from .components import build_units
 from .manifest import MANIFEST, META_COMPONENT, META_EXPORT_ID, QWEN_DIR, ComponentEntry, Manifest
@@ -115,7 +116,7 @@ def export_components(
     shared = save_qwen_files(pipeline, out_dir) if {"vision", "llm"} & set(names) else {}
     manifest = Manifest(export_id=export_id, config=config.name, version=config.version, opset=opset,
                         exporter=EXPORTER, libraries=_versions(), components=entries, directory=out_dir,
-                        shared_files=shared)
+                        shared_files=shared, loras=merged_loras(pipeline.model))
     manifest.write(out_dir)
     return manifest
 

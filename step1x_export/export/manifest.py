@@ -33,7 +33,8 @@ from ..specs import COMPONENTS, ComponentSpec, DimRanges, TensorSpec, component_
 from ..step1x_ref.configs import CONFIGS
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2  # 2: the Qwen config/processor files are listed with checksums (shared_files)
+# 2: the Qwen config/processor files are listed with checksums (shared_files); 3: the merged LoRAs (loras)
+FORMAT_VERSION = 3
 QWEN_DIR = "qwen"  # the Qwen config + processor, so a runtime needs nothing but the export folder
 META_EXPORT_ID = "step1x_export.export_id"
 META_COMPONENT = "step1x_export.component"
@@ -99,6 +100,7 @@ class Manifest:
     components: dict[str, ComponentEntry]
     directory: Path = field(default=Path(), compare=False)
     shared_files: dict[str, str] = field(default_factory=dict)  # qwen/ config and processor files -> sha256
+    loras: list[dict] = field(default_factory=list)  # merged into the exported DiT: {file, sha256, multiplier}
     format_version: int = FORMAT_VERSION
 
     def check_shapes(self, name: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
@@ -124,6 +126,7 @@ class Manifest:
             "libraries": self.libraries,
             "components": {n: _entry_to_dict(e) for n, e in self.components.items()},
             "shared_files": self.shared_files,
+            "loras": self.loras,
         }
         return json.dumps(data, indent=2)
 
@@ -182,7 +185,7 @@ _SHORT = {"type": "string", "maxLength": 200}
 MANIFEST_SCHEMA = {
     "type": "object", "additionalProperties": False,
     "required": ["format_version", "export_id", "config", "version", "opset", "exporter", "libraries",
-                 "components", "shared_files"],
+                 "components", "shared_files", "loras"],
     "properties": {
         "format_version": {"const": FORMAT_VERSION},
         "export_id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
@@ -195,6 +198,9 @@ MANIFEST_SCHEMA = {
                        "additionalProperties": _ENTRY},
         "shared_files": {"type": "object", "maxProperties": 256,
                          "propertyNames": {**FILE_NAME, "pattern": f"^{QWEN_DIR}/"}, "additionalProperties": SHA256},
+        "loras": {"type": "array", "maxItems": 256, "items": {
+            "type": "object", "required": ["file", "sha256", "multiplier"], "additionalProperties": False,
+            "properties": {"file": FILE_NAME, "sha256": SHA256, "multiplier": {"type": "number"}}}},
     },
 }
 
@@ -241,7 +247,7 @@ def load_manifest(directory: str | Path) -> Manifest:
         export_id=data["export_id"], config=data["config"], version=data["version"], opset=data["opset"],
         exporter=data["exporter"], libraries=data["libraries"],
         components={n: _entry_from_dict(n, e, directory) for n, e in data["components"].items()},
-        directory=directory, shared_files=data["shared_files"],
+        directory=directory, shared_files=data["shared_files"], loras=data["loras"],
     )
     check_consistent(manifest, path)
     verify_files(directory, manifest.shared_files, f"export {directory}", error=ExportError)

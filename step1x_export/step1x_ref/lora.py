@@ -21,9 +21,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..hashing import file_sha256
 from .loading import CheckpointError, read_safetensors, show_keys
 
 PREFIX = "lora_unet_"
+# The DiT remembers what was merged into it (file name, sha256, multiplier, in order), so an export of it
+# can say which LoRAs its weights carry.
+MERGED_ATTR = "merged_loras"
 # Where upstream's LoRA network puts adapters: the blocks' Linears, and the embedders it may add (in_dims).
 TARGET_ROOTS = ("double_blocks.", "single_blocks.", "img_in", "time_in.", "vector_in.", "txt_in")
 _PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
@@ -149,4 +153,11 @@ def merge_loras(model: nn.Module, specs: Iterable[LoraSpec]) -> list[str]:
             weight.copy_((weight.float() + layer.delta(spec.multiplier).to(weight.device)).to(weight.dtype))
             if f"{targets[name]}.weight" not in changed:
                 changed.append(f"{targets[name]}.weight")
+        setattr(model, MERGED_ATTR, [*merged_loras(model), {"file": spec.path.name, "sha256": file_sha256(spec.path),
+                                                              "multiplier": spec.multiplier}])
     return changed
+
+
+def merged_loras(model: nn.Module) -> list[dict]:
+    """The LoRAs merged into `model` by `merge_loras`, in order: [{"file", "sha256", "multiplier"}]."""
+    return list(getattr(model, MERGED_ATTR, []))
