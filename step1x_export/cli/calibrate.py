@@ -15,6 +15,7 @@ from ..calibrate.evaluate import evaluate, format_table, summarize, task_psnr
 from ..calibrate.recipes import DEFAULT_EXCLUDE, RECIPES, build_artifact
 from ..hashing import file_identity
 from ..specs import profile_for
+from ..step1x_ref.configs import get_config
 from ..step1x_ref.loading import ModelFiles
 from ..step1x_ref.lora import LoraSpec, merge_loras
 from ..step1x_ref.pipeline import Step1XEditPipeline
@@ -58,7 +59,8 @@ from .common import (
               help="Edit resolution of the calibration runs (use the one you deploy at) [default: 1024 for the real "
                    "model, 64 for toy, 256 for the tiny ones].")
 @click.option("--cfg", type=CFG, default=None,
-              help="True-CFG guidance scale [default: 6.0 (upstream's); 3.0 for toy (what it runs with)].")
+              help=f"True-CFG guidance scale [default: 6.0 (upstream's); {get_config('toy').default_cfg} for toy "
+              "(what it runs with)].")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Noise seed of the first pair (pair i: seed+i).")
 @click.option("--include", multiple=True, default=("*",), show_default=True,
               help="Layers to quantize: fnmatch pattern over module names ('re:' prefix: regex); repeatable.")

@@ -29,8 +29,8 @@ RANDOM_DEMO_INSTRUCTION = "Make the sky behind the astronaut a deep purple"
 @click.option("--steps", type=click.IntRange(1, 1000), default=None,
               help="Denoising steps [default: the model's: 28; v1.2: 50].")
 @click.option("--cfg", type=CFG, default=None,
-              help="True-CFG guidance scale (0 = unguided) [default: 6.0 (upstream's); 3.0 for toy (measured best "
-              "for it)].")
+              help="True-CFG guidance scale (0 = unguided) [default: the model's: 6.0 (upstream's); "
+              f"{get_config('toy').default_cfg} for toy (measured best for it)].")
 @click.option("--think", is_flag=True, help="v1.2: the MLLM first rewrites the instruction (printed).")
 @click.option("--reflect", type=click.IntRange(0, 10), default=0, show_default=True,
               help="v1.2: up to N rounds of edit + the MLLM's judgement (re-edit or restart); the best round is "
@@ -127,8 +127,8 @@ def echo_reasoning(reasoned) -> None:
 
 @click.command()
 @click.option("--out", "out_path", type=click.Path(path_type=Path), default=Path("demo_edit.png"), show_default=True,
-              help="Where to write the edited image; the input and the edit side by side go beside it "
-                   "(NAME_side_by_side.png).")
+              help="Where to write the edited image; the input, the edit and (for a toy task's instruction) "
+                   "its exact target side by side go beside it (NAME_side_by_side.png).")
 @click.option("--prompt", default=None, help=f"Edit instruction [default: {DEMO_INSTRUCTION!r} for toy (any "
               "phrasing of step1x_export.toy.tasks), "
               f"{RANDOM_DEMO_INSTRUCTION!r} for the random tiny models].")
@@ -136,7 +136,8 @@ def echo_reasoning(reasoned) -> None:
               help="toy: the small model trained here (weights shipped in the package); tiny: random weights.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=28, show_default=True, help="Denoising steps.")
 @click.option("--cfg", type=CFG, default=None,
-              help="True-CFG guidance scale [default: 3.0 for toy (measured best for it), 6.0 for tiny].")
+              help=f"True-CFG guidance scale [default: {get_config('toy').default_cfg} for toy (measured best for it), "
+              "6.0 for tiny].")
 @click.option("--size-level", type=click.IntRange(16, 1024), default=None,
               help="Edit resolution [default: the model's largest profile: 64 for toy (its training resolution), "
                    "256 for tiny].")
@@ -144,18 +145,15 @@ def echo_reasoning(reasoned) -> None:
 @user_errors
 def demo(out_path: Path, prompt: str | None, model_name: str, steps: int, cfg: float | None, size_level: int | None,
          seed: int) -> None:
-    """Run a whole edit on an embedded default: scikit-image's astronaut photo (never seen in training), CPU.
+    """Run a whole edit on an embedded default photo from scikit-image (never seen in training), on CPU.
 
     With `toy` (default) this is a real edit by a small model trained here, scored against the exact
     target of the instruction's task; with `tiny` the weights are random and the output is noise-like
     (it shows the pipeline runs end to end and where the time goes).
     """
     check_output_path(out_path, suffixes=IMAGE_SUFFIXES)
-    from PIL import Image
-    from skimage import data as skimage_data  # a real photograph that ships with a dependency
-
     from ..toy import PACKAGED, small_pipeline
-    from ..toy.demo import edit_resolution, side_by_side, task_report
+    from ..toy.demo import demo_photo, edit_resolution, exact_target, side_by_side, task_report
 
     trained = model_name in PACKAGED
     prompt = prompt if prompt is not None else (DEMO_INSTRUCTION if trained else RANDOM_DEMO_INSTRUCTION)
@@ -163,17 +161,20 @@ def demo(out_path: Path, prompt: str | None, model_name: str, steps: int, cfg: f
     size_level = size_level or profile_for(pipe.config).max_level
     cfg = cfg if cfg is not None else get_config(model_name).default_cfg
     # The photo is brought to the edit resolution first, so the edit is shown and scored as the model made it.
-    image = edit_resolution(Image.fromarray(skimage_data.astronaut()), size_level)
+    photo_name, photo = demo_photo(trained)
+    image = edit_resolution(photo, size_level)
     weights = "trained weights" if trained else "RANDOM weights"
-    click.echo(f"demo: '{model_name}' model with {weights} on CPU; input: scikit-image astronaut at "
+    click.echo(f"demo: '{model_name}' model with {weights} on CPU; input: scikit-image {photo_name} at "
                f"{image.width}x{image.height} (size level {size_level}); instruction: {prompt!r}; cfg {cfg}")
     with step_progress() as progress:
         result = pipe.edit(image, prompt, seed=seed, steps=steps, cfg=cfg, size_level=size_level, progress=progress)
     save_image(result, out_path)
     pair_path = out_path.with_name(f"{out_path.stem}_side_by_side{out_path.suffix}")
-    save_image(side_by_side(image, result), pair_path)
+    target = exact_target(image, prompt) if trained else None
+    save_image(side_by_side(image, result, *([target] if target is not None else [])), pair_path)
     click.echo(pipe.timer.table())
-    click.echo(f"wrote {out_path} ({result.width}x{result.height}) and {pair_path} (input | edit, enlarged)")
+    click.echo(f"wrote {out_path} ({result.width}x{result.height}) and {pair_path} "
+               f"({'input | edit | exact target' if target is not None else 'input | edit'}, enlarged)")
     if not trained:
         click.echo("weights were random, so this is not a real edit")
     elif (report := task_report(image, result, prompt)) is not None:

@@ -1,8 +1,10 @@
 """Training and held-out photographs for the toy model, from images that ship inside installed packages.
 
-Only scikit-image's bundled photographs are used (a dependency of this package), so the data, and the
-trained weights, are the same on every machine. The held-out photos are never seen in training: not by
-the autoencoder, not by the DiT, not as the MLLM's image.
+The photos are scikit-image's bundled photographs (a dependency of this package) plus scikit-learn's two
+sample images and matplotlib's portrait of Grace Hopper (the `train` extra), so the data, and the trained
+weights, are the same on every machine. Most of scikit-image's photos are grey: without the three colour
+photos the autoencoder learns to drop colour it rarely sees (measured: held-out photos decoded grey). The
+held-out photos are never seen in training: not by the autoencoder, not by the DiT, not as the MLLM's image.
 """
 
 from __future__ import annotations
@@ -17,15 +19,21 @@ from torch import Tensor
 TRAIN_PHOTOS = (
     "chelsea", "motorcycle_left", "motorcycle_right", "retina", "immunohistochemistry", "hubble_deep_field",
     "camera", "coins", "brick", "grass", "gravel", "moon", "page", "text", "cell", "clock",
+    "sklearn:china", "sklearn:flower", "matplotlib:grace_hopper",
 )
 HELDOUT_PHOTOS = ("astronaut", "coffee", "rocket")
 
 
 def load_photo(name: str) -> np.ndarray:
-    """A bundled photo as uint8 RGB [H, W, 3] (grey photos repeated over the three channels)."""
+    """A bundled photo as uint8 RGB [H, W, 3] (grey photos repeated over the three channels).
+
+    `name` is a scikit-image `data` function, or "sklearn:NAME" / "matplotlib:NAME" for those packages' photos.
+    """
     from skimage import data as skimage_data
 
-    if name.startswith("motorcycle"):
+    if ":" in name:
+        arr = _other_package_photo(*name.split(":", 1))
+    elif name.startswith("motorcycle"):
         left, right, _ = skimage_data.stereo_motorcycle()
         arr = left if name.endswith("left") else right
     else:
@@ -34,6 +42,24 @@ def load_photo(name: str) -> np.ndarray:
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
     return np.ascontiguousarray(arr[..., :3].astype(np.uint8))
+
+
+def _other_package_photo(package: str, name: str) -> np.ndarray:
+    try:
+        if package == "sklearn":
+            from sklearn.datasets import load_sample_image
+
+            return load_sample_image(f"{name}.jpg")
+        if package == "matplotlib":
+            from matplotlib import cbook
+            from PIL import Image
+
+            with cbook.get_sample_data(f"{name}.jpg") as f:
+                return np.asarray(Image.open(f).convert("RGB"))
+    except ImportError as e:
+        raise ImportError(f"the toy model's training photo {package}:{name} needs {e.name}: "
+                          "pip install 'step1x-export[train]'") from e
+    raise ValueError(f"unknown photo source {package!r} in {package}:{name}; known: sklearn, matplotlib")
 
 
 def photo_tensors(names: tuple[str, ...], max_short_side: int | None = None) -> list[Tensor]:

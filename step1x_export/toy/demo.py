@@ -1,11 +1,26 @@
-"""What the demo shows beside an edit: the input next to the output, and the edit's score."""
+"""What the demo shows beside an edit: the input, the output and (for a toy task) the exact target, and the
+edit's score."""
 
 from __future__ import annotations
 
 from PIL import Image
 
 from ..step1x_ref.imaging import edit_size, pil_to_tensor
+from .evaluate import to_pil
 from .tasks import psnr, task_for
+
+
+def demo_photo(trained: bool) -> tuple[str, Image.Image]:
+    """The demo's input: for a trained model, the centre square of scikit-image's coffee photo (held out:
+    never seen in training; square, as the toy trained); for random weights, the astronaut, whole."""
+    from skimage import data as skimage_data  # real photographs that ship with a dependency
+
+    if not trained:
+        return "astronaut", Image.fromarray(skimage_data.astronaut())
+    photo = Image.fromarray(skimage_data.coffee())
+    side = min(photo.size)
+    left, top = (photo.width - side) // 2, (photo.height - side) // 2
+    return "coffee (centre square)", photo.crop((left, top, left + side, top + side))
 
 
 def edit_resolution(image: Image.Image, size_level: int) -> Image.Image:
@@ -13,15 +28,26 @@ def edit_resolution(image: Image.Image, size_level: int) -> Image.Image:
     return image.resize(edit_size(*image.size, size_level), Image.Resampling.BICUBIC)
 
 
-def side_by_side(left: Image.Image, right: Image.Image, gap: int = 8, min_height: int = 256) -> Image.Image:
-    """`left | right` on a white background, both enlarged (nearest neighbour: every pixel shown as it is)."""
-    zoom = max(1, -(-min_height // left.height))
-    left, right = (im.convert("RGB").resize((left.width * zoom, left.height * zoom), Image.Resampling.NEAREST)
-                   for im in (left, right))
-    canvas = Image.new("RGB", (left.width * 2 + gap, left.height), (255, 255, 255))
-    canvas.paste(left, (0, 0))
-    canvas.paste(right, (left.width + gap, 0))
+def side_by_side(*images: Image.Image, gap: int = 8, min_height: int = 256) -> Image.Image:
+    """`a | b | ...` on a white background, all enlarged (nearest neighbour: every pixel shown as it is)."""
+    zoom = max(1, -(-min_height // images[0].height))
+    panels = [im.convert("RGB").resize((im.width * zoom, im.height * zoom), Image.Resampling.NEAREST)
+              for im in images]
+    width = sum(p.width for p in panels) + gap * (len(panels) - 1)
+    canvas = Image.new("RGB", (width, max(p.height for p in panels)), (255, 255, 255))
+    left = 0
+    for panel in panels:
+        canvas.paste(panel, (left, 0))
+        left += panel.width + gap
     return canvas
+
+
+def exact_target(image: Image.Image, instruction: str) -> Image.Image | None:
+    """What the instruction's toy task makes of `image`, exactly; None for any other instruction."""
+    task = task_for(instruction)
+    if task is None:
+        return None
+    return to_pil(task.target(pil_to_tensor(image))[0])  # rounded to 8-bit levels, as scored
 
 
 def task_report(image: Image.Image, result: Image.Image, instruction: str) -> str | None:

@@ -1,8 +1,8 @@
 """The toy model's quality table: task PSNR against the exact targets on the held-out photos, for the
-fp32 reference, ONNX Runtime, FP8 and INT8-SmoothQuant (calibrated here on the toy model), next to the
-identity baseline and the autoencoder's ceiling.
+fp32 reference, ONNX Runtime, FP8 and INT8-SmoothQuant (calibrated here on the toy model), step caching
+(TeaCache, with the share of DiT calls it reused), next to the identity baseline and the autoencoder's ceiling.
 
-    python -m step1x_export.toy.quality [--views 4] [--calib-samples 32] [--calib-steps 8]
+    python -m step1x_export.toy.quality [--views 4] [--calib-samples 42] [--calib-steps 28] [--teacache 0.2 0.4]
 """
 
 from __future__ import annotations
@@ -48,6 +48,22 @@ def onnxruntime_edit(pipe: Step1XEditPipeline, export_dir: Path) -> EditFn:
     return lambda image, text: runtime.edit(image, text, seed=0, steps=TOY_STEPS, cfg=TOY_CFG, size_level=TOY_SIZE)
 
 
+def cached_edit(pipe: Step1XEditPipeline, threshold: float, reused: list[float]) -> EditFn:
+    """The torch runtime over the same modules with TeaCache at `threshold`; appends each edit's reused share."""
+    from ..runtime import RuntimeOptions, Step1XEditRuntime
+
+    options = RuntimeOptions(precision="fp32", cuda_graphs=False, compile=False, cache=f"teacache:{threshold}")
+    runtime = Step1XEditRuntime.from_pipeline(pipe, options)
+
+    def edit(image, text):
+        out = runtime.edit(image, text, seed=0, steps=TOY_STEPS, cfg=TOY_CFG, size_level=TOY_SIZE)
+        stats = runtime.cache_stats
+        reused.append(stats.reused / (stats.computed + stats.reused))
+        return out
+
+    return edit
+
+
 def quantized_pipeline(pipe: Step1XEditPipeline, recipe: str, samples: int, steps: int) -> Step1XEditPipeline:
     """Calibrate `recipe` on the toy model's own instructions over training photos; the same pipeline, DiT swapped."""
     from ..calibrate.apply import quantize_model
@@ -62,7 +78,8 @@ def quantized_pipeline(pipe: Step1XEditPipeline, recipe: str, samples: int, step
     return Step1XEditPipeline(pipe.config, qmodel, pipe.ae, pipe.embedder, device=pipe.device, dtype=pipe.dtype)
 
 
-def quality_table(views: int, calib_samples: int, calib_steps: int, log=print) -> dict[str, list[TaskScore]]:
+def quality_table(views: int, calib_samples: int, calib_steps: int, teacache: tuple[float, ...] = (),
+                  log=print) -> dict[str, list[TaskScore]]:
     torch.set_num_threads(1)
     pipe = small_pipeline("toy")
     start = time.perf_counter()
@@ -75,6 +92,11 @@ def quality_table(views: int, calib_samples: int, calib_steps: int, log=print) -
         qpipe = quantized_pipeline(pipe, recipe, calib_samples, calib_steps)
         columns[label] = task_scores(pipeline_edit(qpipe), TOY_SIZE, views_per_photo=views)
         log(f"{label} done at {time.perf_counter() - start:.0f} s")
+    for threshold in teacache:
+        reused: list[float] = []
+        scores = task_scores(cached_edit(pipe, threshold, reused), TOY_SIZE, views_per_photo=views)
+        columns[f"TeaCache {threshold:g} ({100 * sum(reused) / len(reused):.0f}% reused)"] = scores
+        log(f"TeaCache {threshold:g} done at {time.perf_counter() - start:.0f} s")
     columns["autoencoder ceiling"] = task_scores(ceiling_edit(pipe), TOY_SIZE, views_per_photo=views)
     return columns
 
@@ -84,9 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--views", type=int, default=4, help="views per held-out photo (3 photos)")
     parser.add_argument("--calib-samples", type=int, default=42, help="calibration pairs (toy instructions)")
     parser.add_argument("--calib-steps", type=int, default=TOY_STEPS, help="denoising steps per calibration pair")
+    parser.add_argument("--teacache", type=float, nargs="*", default=[0.2, 0.4],
+                        help="TeaCache thresholds to score (upstream's default is 0.2; none: --teacache)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    columns = quality_table(args.views, args.calib_samples, args.calib_steps)
+    columns = quality_table(args.views, args.calib_samples, args.calib_steps, tuple(args.teacache))
     print(f"task PSNR (dB) vs the exact target, mean over {3 * args.views} held-out views at "
           f"{TOY_SIZE}x{TOY_SIZE}, {TOY_STEPS} steps, cfg {TOY_CFG}, seed 0:")
     print(format_scores(columns))

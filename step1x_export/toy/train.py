@@ -5,8 +5,10 @@
 The MLLM (the tiny Qwen2.5-VL with our tokenizer) stays as its seeded random initialisation, frozen:
 the connector learns to read its hidden states. The DiT learns rectified flow on the sampler's own
 shifted timesteps, with the instruction dropped (replaced by "", as the CFG branch has it) 15% of the
-time so true CFG works. Data: augmented crops of the training photos (`data.TRAIN_PHOTOS`); the held-out
-photos are used only for the figures printed at the end. One CPU thread: deterministic, and on a shared
+time so true CFG works; mirroring and inverting are drawn more often than the other tasks
+(`TrainPlan.task_weights`). Data: augmented crops of the training photos (`data.TRAIN_PHOTOS`); the held-out
+photos are used only for the figures printed (the autoencoder's reconstruction after its phase, every task
+at the end), never to train. One CPU thread: deterministic, and on a shared
 2-core machine faster than two (no OpenMP barriers waiting on a busy core).
 """
 
@@ -16,6 +18,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,8 +36,8 @@ from ..step1x_ref.math import rope_table
 from ..step1x_ref.model import Step1XEdit
 from ..step1x_ref.pipeline import Step1XEditPipeline
 from ..step1x_ref.sampling import pack, position_ids, schedule_mu, time_shift
-from .data import TRAIN_PHOTOS, crop_batch, photo_tensors
-from .tasks import TASKS
+from .data import TRAIN_PHOTOS, crop_batch, heldout_views, photo_tensors
+from .tasks import TASKS, psnr
 from .weights import FIGURES_FILE, TOY_CFG, TOY_SIZE, TOY_STEPS, WEIGHTS_DIR
 
 
@@ -43,18 +46,21 @@ class TrainPlan:
     seed: int = 0
     size: int = TOY_SIZE  # edit resolution (px)
     pool: int = 1200  # augmented training crops (shared by both phases)
-    ae_steps: int = 700  # at ae_crop px, batch ae_batch
+    ae_steps: int = 2000  # at ae_crop px, batch ae_batch
     ae_crop: int = 32
     ae_batch: int = 8
-    ae_full_steps: int = 150  # then at the edit resolution, batch ae_batch // 2
+    ae_full_steps: int = 500  # then at the edit resolution, batch ae_batch // 2
     ae_lr: float = 1e-3
     latent_norm_weight: float = 0.05  # keeps each latent channel ~N(0, 1): scale 1 / shift 0 in the config
-    dit_steps: int = 2000
+    dit_steps: int = 6000
     dit_batch: int = 32
     dit_lr: float = 1e-3
     warmup: int = 100
     ema: float = 0.998
     instruction_dropout: float = 0.15
+    # Tasks drawn more often than the others (the rest weigh 1): mirroring moves content across the
+    # image, which the DiT can only do through RoPE's relative positions, and it learns that last.
+    task_weights: tuple[tuple[str, float], ...] = (("mirror", 3.0), ("invert", 1.5))
     mllm_views: int = 24  # pool images the MLLM sees with each instruction
     eval_views: int = 4  # per held-out photo
 
@@ -131,6 +137,14 @@ def train_autoencoder(ae: AutoEncoder, pool: Tensor, plan: TrainPlan, log) -> No
 
 
 @torch.inference_mode()
+def heldout_reconstruction_db(ae: AutoEncoder, size: int) -> float:
+    """Mean PSNR of decode(encode(x)) over the held-out views: the ceiling every edit's figure sits under."""
+    _, views = heldout_views(size)
+    out = ae.decode(ae.encode(views * 2 - 1)).clamp(-1, 1) * 0.5 + 0.5
+    return psnr(out, views).mean().item()
+
+
+@torch.inference_mode()
 def encode_pool(ae: AutoEncoder, pool: Tensor, chunk: int = 100) -> tuple[Tensor, Tensor]:
     """Packed latents of the pool images [P, N, 64] and of every task's target [P, T, N, 64]."""
     def enc(x: Tensor) -> Tensor:
@@ -155,8 +169,17 @@ def embed_instructions(embedder: Qwen25VLEmbedder, images: Tensor) -> tuple[Tens
     return torch.stack(embs, 1), torch.stack(masks, 1), [k for k, _ in prompts]
 
 
+def task_draw_weights(plan: TrainPlan) -> Tensor:
+    weights = dict(plan.task_weights)
+    unknown = set(weights) - {t.name for t in TASKS}
+    if unknown:
+        raise ValueError(f"TrainPlan.task_weights names unknown tasks {sorted(unknown)}; "
+                         f"known: {[t.name for t in TASKS]}")
+    return torch.tensor([float(weights.get(t.name, 1.0)) for t in TASKS])
+
+
 def train_dit(model: Step1XEdit, refs: Tensor, targets: Tensor, emb: Tensor, mask: Tensor, prompt_task: list[int],
-              plan: TrainPlan, log) -> AveragedModel:
+              plan: TrainPlan, log, probe: Callable[[int, nn.Module], None] | None = None) -> AveragedModel:
     """Rectified flow: x_t = (1 - t) x0 + t noise, the DiT predicts noise - x0 from (x_t | reference)."""
     gen = torch.Generator().manual_seed(plan.seed + 20)
     n_tokens = refs.shape[1]
@@ -165,13 +188,14 @@ def train_dit(model: Step1XEdit, refs: Tensor, targets: Tensor, emb: Tensor, mas
     mu = schedule_mu(n_tokens)
     by_task = [torch.tensor([i for i, k in enumerate(prompt_task) if k == t]) for t in range(len(TASKS))]
     uncond = emb.shape[0] - 1
+    draw = task_draw_weights(plan)
     model.train().requires_grad_(True)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(plan.ema))
     opt = torch.optim.AdamW(model.parameters(), lr=plan.dit_lr, weight_decay=0.0)
     for step in range(plan.dit_steps):
         b = plan.dit_batch
         img_idx = torch.randint(0, refs.shape[0], (b,), generator=gen)
-        task_idx = torch.randint(0, len(TASKS), (b,), generator=gen)
+        task_idx = torch.multinomial(draw, b, replacement=True, generator=gen)
         choice = torch.randint(0, 1 << 20, (b,), generator=gen)
         prompt = torch.stack([by_task[t][c % len(by_task[t])] for t, c in zip(task_idx.tolist(), choice, strict=True)])
         prompt = torch.where(torch.rand(b, generator=gen) < plan.instruction_dropout, uncond, prompt)
@@ -191,6 +215,8 @@ def train_dit(model: Step1XEdit, refs: Tensor, targets: Tensor, emb: Tensor, mas
         ema.update_parameters(model)
         if step % 100 == 0 or step == plan.dit_steps - 1:
             log(f"dit {step + 1}/{plan.dit_steps} loss {loss.item():.4f}")
+        if probe is not None:
+            probe(step + 1, ema.module)
     model.eval().requires_grad_(False)
     return ema
 
@@ -224,7 +250,8 @@ def _train(plan: TrainPlan, log, ae_checkpoint: Path | None) -> Step1XEditPipeli
         train_autoencoder(ae, pool, plan, log)
         if ae_checkpoint is not None:
             save_file(ae.state_dict(), str(ae_checkpoint))
-    log(f"autoencoder trained at {time.perf_counter() - t0:.0f} s")
+    log(f"autoencoder trained at {time.perf_counter() - t0:.0f} s; held-out reconstruction "
+        f"{heldout_reconstruction_db(ae, plan.size):.2f} dB (reported, never trained on)")
     refs, targets = encode_pool(ae, pool)
     log(f"latents std {refs.std().item():.3f} mean {refs.mean().item():.3f}; "
         f"encoded at {time.perf_counter() - t0:.0f} s")
