@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -179,7 +178,7 @@ def task_draw_weights(plan: TrainPlan) -> Tensor:
 
 
 def train_dit(model: Step1XEdit, refs: Tensor, targets: Tensor, emb: Tensor, mask: Tensor, prompt_task: list[int],
-              plan: TrainPlan, log, probe: Callable[[int, nn.Module], None] | None = None) -> AveragedModel:
+              plan: TrainPlan, log) -> AveragedModel:
     """Rectified flow: x_t = (1 - t) x0 + t noise, the DiT predicts noise - x0 from (x_t | reference)."""
     gen = torch.Generator().manual_seed(plan.seed + 20)
     n_tokens = refs.shape[1]
@@ -215,8 +214,6 @@ def train_dit(model: Step1XEdit, refs: Tensor, targets: Tensor, emb: Tensor, mas
         ema.update_parameters(model)
         if step % 100 == 0 or step == plan.dit_steps - 1:
             log(f"dit {step + 1}/{plan.dit_steps} loss {loss.item():.4f}")
-        if probe is not None:
-            probe(step + 1, ema.module)
     model.eval().requires_grad_(False)
     return ema
 
