@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from enum import Enum
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported where a dtype is asked for: the CLI's --help reads this enum
+    import torch
 
 
 class Precision(str, Enum):
@@ -17,6 +19,8 @@ class Precision(str, Enum):
     @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype of activations between quantized GEMMs (and of every non-quantized op)."""
+        import torch
+
         return {Precision.FP32: torch.float32, Precision.FP16: torch.float16}.get(self, torch.bfloat16)
 
     @property

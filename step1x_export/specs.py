@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 
+from .choices import COMPONENTS
 from .step1x_ref.configs import ModelConfig
 from .step1x_ref.imaging import edit_size
 
@@ -280,7 +281,6 @@ def llm_spec(config: ModelConfig) -> ComponentSpec:
     )
 
 
-COMPONENTS = ("vision", "llm", "dit", "vae_encoder", "vae_decoder")
 
 
 def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:

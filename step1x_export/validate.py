@@ -11,8 +11,10 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported by the checks that need it: the CLI's option types use this module
+    import torch
 
 # Inclusive ranges of the edit's numbers. CFG 0 is the unguided model; past ~30 the picture saturates and
 # upstream never goes near 100. Seeds feed torch.Generator.manual_seed (64-bit); the pipeline also uses
@@ -64,6 +66,8 @@ def check_edit_numbers(*, steps: object, cfg: object, size_level: object, seed: 
 
 def check_device(device: str | torch.device) -> torch.device:
     """A torch device this machine has: 'cpu', 'cuda' or 'cuda:N' for a visible GPU, 'mps' where present."""
+    import torch
+
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
@@ -98,6 +102,8 @@ def check_output_file(path: str | Path, *, suffixes: tuple[str, ...] | None = No
 
 def check_finite(stage: str, tensor: torch.Tensor) -> torch.Tensor:
     """Raise NonFiniteError naming `stage` if `tensor` holds NaN or infinity (one host sync per stage)."""
+    import torch
+
     if not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise NonFiniteError(f"{stage} produced {bad} non-finite value(s) (NaN or inf) of {tensor.numel()}; "

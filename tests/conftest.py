@@ -11,6 +11,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 EXTERNAL_THRESHOLD = 5_000_000
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "isa: compares float paths whose kernels depend on the CPU's vector ISA (compiled vs eager, "
+        "ONNX Runtime vs torch); `.ci/run` runs these again under the narrowest ISA (scalar ATen and inductor "
+        "code, oneDNN and MKL capped at AVX2), see `tests/isa.py`")
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe():
     """The tiny reference pipeline with seeded random weights (model 0, VAE 1, MLLM 2)."""

@@ -1,6 +1,7 @@
 """The compiled runtime on CPU: one compile per block type serves every edit size, the shipped default
 configuration (quant artifact + compile + CUDA graphs requested) runs end to end, and the compiled path
-agrees with eager by relative error on the final latent (fp32)."""
+agrees with eager by relative error on the final latent (fp32), within a bound that holds on any x86-64
+vector ISA (inductor's generated code and ATen's kernels are picked per CPU)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,14 @@ STEPS = 2
 SIZES = [(32, 32), (48, 32), (64, 32), (48, 48), (64, 48), (80, 48), (64, 64), (96, 48), (80, 64), (96, 64),
          (112, 64), (128, 64)]
 MAX_REL_ERR = 1e-5  # inductor reorders fp32 reductions and fuses; measured below, printed
+# W8A8: compiled and eager code round differently in float32 (~1e-7 relative per op, more after a few layers);
+# an activation within that distance of a rounding tie gets the neighbouring 8-bit code, one quantization step
+# away. Ties are rare: a step is 1/127 of the range (int8) or 1/8 of the value (fp8), so reordering moves
+# ~1e-4 of the codes, and a flipped code errs by one step where a rounded one errs by <= half a step (rms
+# step/sqrt(12)). The error from flips relative to the quantization error is about sqrt(12 * share): bounded
+# at 0.1 (share <= 1e-3). Any real fault (a scale, a smoothing factor, a layer left unquantized) errs as much
+# as the quantization itself or more; the fp32 bound above would instead depend on the ISA of the CPU.
+MAX_FLIP_ERR_SHARE = 0.1
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -53,6 +62,7 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.mark.isa
 def test_twelve_sizes_one_compiled_runtime():
     with Step1XEditRuntime.load("tiny", backend="torch", device="cpu", compile=True) as rt, \
             Step1XEditRuntime.load("tiny", backend="torch", device="cpu", compile=False) as eager:
@@ -74,6 +84,7 @@ def test_twelve_sizes_one_compiled_runtime():
     assert not is_compiled(module)  # closing hands the DiT back eager
 
 
+@pytest.mark.isa
 def test_shipped_default_configuration_with_quant_and_compile(tmp_path: Path):
     """What `step1x-export edit --quant A` runs on a GPU (compile auto = on there, CUDA graphs on), with
     compile forced so the CPU runs it: quantized blocks compile (fullgraph) and match eager W8A8."""
@@ -82,14 +93,17 @@ def test_shipped_default_configuration_with_quant_and_compile(tmp_path: Path):
     stats = collect_stats(pipe, pairs, steps=STEPS, size_level=32, progress=False)
     path = save_artifact(build_artifact(pipe.model, stats, "fp8", calibration=describe(pairs)), tmp_path / "fp8.st")
     defaults = RuntimeOptions()
+    with Step1XEditRuntime.load("tiny", device="cpu", compile=False) as full:
+        fp32 = edit(full, 64, 48)
     with Step1XEditRuntime.load("tiny", device="cpu", quant=path, compile=True) as rt, \
             Step1XEditRuntime.load("tiny", device="cpu", quant=path, compile=False) as eager:
         assert (rt.options.cuda_graphs, rt.options.graph_cache) == (False, defaults.graph_cache)  # resolved on CPU
         assert rt.options.compile
-        err = rel_err(edit(rt, 64, 48), edit(eager, 64, 48))
-        print(f"shipped default (fp8 artifact, compiled) vs eager W8A8: final latent rel err {err:.2e}; "
-              f"{rt.stats().summary()}")
-        assert err <= MAX_REL_ERR
+        want = edit(eager, 64, 48)
+        err, quant_err = rel_err(edit(rt, 64, 48), want), rel_err(want, fp32)
+        print(f"shipped default (fp8 artifact, compiled) vs eager W8A8: final latent rel err {err:.2e}, "
+              f"{err / quant_err:.3f} of the quantization error ({quant_err:.2e}); {rt.stats().summary()}")
+        assert 0 < quant_err and err <= MAX_FLIP_ERR_SHARE * quant_err
         assert rt.stats().compiles == len(BLOCK_LISTS)
 
 

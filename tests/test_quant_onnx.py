@@ -1,4 +1,11 @@
-"""Artifact -> ONNX Q/DQ: the graph ONNX Runtime runs on CPU agrees with the torch W8A8 modules."""
+"""Artifact -> ONNX Q/DQ: the graph ONNX Runtime runs on CPU agrees with the torch W8A8 modules.
+
+The graph's meaning is checked with ONNX Runtime's graph optimizations off: every QuantizeLinear /
+DequantizeLinear runs as defined and the MatMuls in float32, on any CPU. With optimizations on, ORT fuses
+Q/DQ into int8 kernels chosen by the CPU's vector ISA (exact with VNNI, lossy without it: int16
+saturation on AVX2): that is ORT's kernel choice, not the graph's meaning, and it is reported per machine by
+`benchmarks/ort_int8_kernels.py` instead of asserted here.
+"""
 
 from __future__ import annotations
 
@@ -64,10 +71,14 @@ def _artifact(model: nn.Module, recipe: str, **kw):
 
 
 def _ort(m: onnx.ModelProto, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    """The graph as ONNX defines it: no fusion, so no ISA-dependent int8 kernel (see the module's doc)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return torch.from_numpy(sess.run(None, {k: v.numpy() for k, v in inputs.items()})[0])
 
 
+@pytest.mark.isa
 @pytest.mark.parametrize("recipe", ["fp8", "int8-sq"])
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_qdq_graph_matches_torch(model, dit_onnx, recipe, per_channel, tmp_path):
@@ -93,7 +104,8 @@ def test_qdq_graph_matches_torch(model, dit_onnx, recipe, per_channel, tmp_path)
     with torch.no_grad():
         ref, torch_q = model(**x), qmodel(**x)
     onnx_q = _ort(qgraph, x)
-    # Same Q/DQ maths, different float32 summation order: agreement far tighter than quantization error.
+    # Same Q/DQ maths, different float32 summation order (MLAS vs MKL/ATen): agreement far tighter than the
+    # quantization error; what is left is the few 8-bit codes that flip where a value sits at a rounding tie.
     agree = sqnr_db(torch_q, onnx_q)
     quant = sqnr_db(ref, torch_q)
     print(f"\n{recipe} per_channel={per_channel}: torch vs ORT {agree:.1f} dB, "
@@ -128,6 +140,7 @@ class _Toy(nn.Module):
         return self.head(x.mean(1))
 
 
+@pytest.mark.isa
 def test_qdq_on_dynamo_export(tmp_path):
     """The dynamo exporter renames transposed weights (val_N): layers are found from node metadata."""
     toy = randomize_(_Toy(), 1).eval()

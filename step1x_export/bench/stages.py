@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..choices import BENCH_STAGES
 from ..step1x_ref.sampling import StepFn, denoise, guided_euler, unpack
 from .measure import StageResult, measure, skipped
 from .models import BenchModels, DiTInputs, dit_inputs, dit_step_fn, mllm_stage_fn
 
-STAGES = ("mllm", "connector", "dit_step", "vae_encode", "vae_decode", "edit")
+STAGES = BENCH_STAGES
 
 
 @dataclass

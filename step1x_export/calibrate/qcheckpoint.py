@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..choices import MODULATION, WEIGHT_ONLY_DEFAULT  # noqa: F401  (the layer names its defaults use)
 from ..folders import SHA256, check_schema, parse_json
 from ..hashing import FileIdentity, file_identity
 from ..safetensors_io import SafetensorsIOError, TensorInfo, TensorReader, group_by_module, stream_safetensors
@@ -39,11 +40,6 @@ from .weight_only import WeightOnlyLinear, set_submodule
 
 METADATA_KEY = "step1x_export.qcheckpoint"
 FORMAT_VERSION = 1
-# The modulation Linears: 3.2 B of the DiT's 12.4 B parameters, acting on one vector per sample.
-MODULATION = ("*_mod.lin", "*.modulation.lin")
-# What W8A8's default selection keeps in high precision and weight-only 8 bits can take: the modulation
-# Linears and the connector (0.5 B parameters, 640 text tokens per step).
-WEIGHT_ONLY_DEFAULT = (*MODULATION, "connector.*")
 DTYPES = {dtype_name(d): d for d in (torch.float32, torch.bfloat16, torch.float16)}
 
 _FORMAT_OR_NONE = {"anyOf": [{"type": "null"}, {"enum": [f.value for f in QuantFormat]}]}

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from ..choices import DEFAULT_EXCLUDE
 from ..hashing import module_hash
 from .artifact import LayerScales, QuantArtifact, dtype_name, weight_probe
 from .formats import QuantFormat, scale_from_amax
@@ -41,15 +42,6 @@ RECIPES = {
     "int8-sq": Recipe("int8-sq", QuantFormat.INT8, smooth=True),
 }
 
-# Kept in high precision by default. The embedders and the final layer are what FP8 deployments of
-# FLUX keep (they see raw inputs / produce the output, and are a negligible share of the FLOPs); the
-# connector runs once per step on 640 text tokens; the modulation Linears act on one vector per sample
-# (no GEMM speed to gain, M = batch) and scale every token of their block, so their error is amplified.
-# v1.2's text_token_mapping sees raw token embeddings, like the embedders.
-DEFAULT_EXCLUDE: tuple[str, ...] = (
-    "img_in", "txt_in", "time_in.*", "vector_in.*", "final_layer.*", "connector.*", "text_token_mapping",
-    "*_mod.lin", "*.modulation.lin",
-)
 DEFAULT_INCLUDE: tuple[str, ...] = ("*",)
 SMOOTH_EPS = 1e-5
 

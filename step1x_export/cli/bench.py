@@ -5,17 +5,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import click
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
-from ..bench.caching import CacheRow, cache_table
-from ..bench.ladder import LADDER
-from ..bench.report import activation_lines, ladder_table, stages_table, write_all
-from ..bench.run import BenchConfig, run_benchmark
-from ..bench.stages import STAGES
+import click
+
+from ..choices import BENCH_STAGES as STAGES
 from ..step1x_ref.configs import CONFIGS
 from .common import DEVICE, SEED, FiniteFloat, check_output_path, default_device, user_errors
 from .runtime_options import RuntimeArgs, runtime_options
+
+if TYPE_CHECKING:
+    from ..bench.run import BenchConfig
 
 
 def _int_list(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
@@ -37,6 +37,8 @@ def _stage_list(_ctx: click.Context, _param: click.Parameter, value: str) -> tup
 
 def _work_items(cfg: BenchConfig) -> int:
     """Rows the run will produce (the progress bar's total)."""
+    from ..bench.ladder import LADDER
+
     per_size = [s for s in cfg.stages if s not in ("mllm", "edit")]
     edits = len(cfg.edit_sizes) if cfg.edit_sizes is not None else len(cfg.sizes)
     ladder = len(LADDER) * len(cfg.ladder_sizes or cfg.sizes) if cfg.ladder else 0
@@ -98,6 +100,12 @@ def bench(runtime: RuntimeArgs, model_name: str, device: str | None, precision: 
     """
     if not sizes:
         raise click.BadParameter("give at least one size", param_hint="--sizes")
+    from tqdm import tqdm
+
+    from ..bench.caching import CacheRow, cache_table
+    from ..bench.report import activation_lines, ladder_table, stages_table, write_all
+    from ..bench.run import BenchConfig, run_benchmark
+
     cfg = BenchConfig(
         model=model_name, device=device or default_device(), precision=precision, sizes=sizes, steps=steps,
         runs=runs, warmup=warmup, stages=stages, edit_sizes=edit_sizes or (min(sizes),), with_mllm=mllm, ladder=ladder,

@@ -7,31 +7,18 @@ from pathlib import Path
 
 import click
 
-from ..calibrate.apply import quantize_model
-from ..calibrate.artifact import save_artifact
-from ..calibrate.collect import collect_stats
-from ..calibrate.dataset import describe, split_pairs
-from ..calibrate.evaluate import evaluate, format_table, summarize, task_psnr
-from ..calibrate.recipes import DEFAULT_EXCLUDE, RECIPES, build_artifact
-from ..hashing import file_identity
-from ..specs import profile_for
+from ..choices import DEFAULT_EXCLUDE, DTYPES, RECIPES
 from ..step1x_ref.configs import get_config
-from ..step1x_ref.loading import ModelFiles
-from ..step1x_ref.lora import LoraSpec, merge_loras
-from ..step1x_ref.pipeline import Step1XEditPipeline
-from ..toy import PACKAGED, small_pipeline
-from ..toy.calibration import calibration_pairs
-from ..toy.evaluate import format_scores
 from .common import (
     CFG,
     DEVICE,
-    DTYPES,
     SEED,
     SMALL_MODELS,
     FiniteFloat,
     check_output_path,
     default_device,
     lora_option,
+    torch_dtype,
     user_errors,
     version_option,
 )
@@ -45,7 +32,7 @@ from .common import (
               "instructions over the training photos, --eval adds task PSNR) or tiny (random weights, testing).")
 @version_option()
 @lora_option('before calibration (the artifact is for the merged weights)')
-@click.option("--recipe", required=True, type=click.Choice(list(RECIPES)),
+@click.option("--recipe", required=True, type=click.Choice(RECIPES),
               help="fp8: FP8 E4M3 W8A8 (static per-tensor activation scale); int8-sq: INT8 SmoothQuant W8A8.")
 @click.option("--alpha", type=FiniteFloat(0.0, 1.0), default=0.5, show_default=True,
               help="SmoothQuant migration strength (int8-sq only).")
@@ -93,6 +80,21 @@ def calibrate(
     if (model_dir is None) == (model_name is None):
         raise click.UsageError("give exactly one of --model-dir DIR or --model tiny")
     check_output_path(out_path)
+    from ..calibrate.apply import quantize_model
+    from ..calibrate.artifact import save_artifact
+    from ..calibrate.collect import collect_stats
+    from ..calibrate.dataset import describe, split_pairs
+    from ..calibrate.evaluate import evaluate, format_table, summarize, task_psnr
+    from ..calibrate.recipes import build_artifact
+    from ..hashing import file_identity
+    from ..specs import profile_for
+    from ..step1x_ref.loading import ModelFiles
+    from ..step1x_ref.lora import LoraSpec, merge_loras
+    from ..step1x_ref.pipeline import Step1XEditPipeline
+    from ..toy import PACKAGED, small_pipeline
+    from ..toy.calibration import calibration_pairs
+    from ..toy.evaluate import format_scores
+
     calib, held_out = split_pairs()
     loras = [LoraSpec.parse(spec) for spec in lora_specs]
     if model_name in PACKAGED:  # its own instructions: the generic ones are not edits it was trained for
@@ -105,9 +107,9 @@ def calibrate(
         # checks that, not a hash of 25 GB of tensors.
         source = file_identity(ModelFiles.in_dir(model_dir, version).dit).as_dict()
         pipe = Step1XEditPipeline.from_pretrained(model_dir, version, device=device or default_device(),
-                                                  dtype=DTYPES[dtype or "bf16"], loras=loras)
+                                                  dtype=torch_dtype(dtype or "bf16"), loras=loras)
     else:
-        pipe = small_pipeline(model_name, dtype=DTYPES[dtype or "fp32"])
+        pipe = small_pipeline(model_name, dtype=torch_dtype(dtype or "fp32"))
         merge_loras(pipe.model, loras)
     size_level = size_level or profile_for(pipe.config).max_level
     cfg = cfg if cfg is not None else pipe.config.default_cfg

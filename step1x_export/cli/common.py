@@ -1,4 +1,8 @@
-"""Shared CLI pieces: checked option types, atomic output, progress bars, error translation, Ctrl-C."""
+"""Shared CLI pieces: checked option types, atomic output, progress bars, error translation, Ctrl-C.
+
+The command modules import torch, transformers, onnx and the model code only inside their commands: the
+group and every `--help` are built from plain data (`step1x_export.choices`, the configs) and answer at once.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +11,26 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import torch
-from PIL import Image
-from tqdm import tqdm
 
+from ..choices import DTYPES
 from ..files import atomic_path
-from ..runtime.trt_manifest import EngineMismatchError
 from ..step1x_ref.configs import CONFIGS
 from ..validate import CFG_RANGE, SEED_RANGE, InputError, check_device, check_float, check_output_file
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
 
 # Small models chosen by name: `toy` has trained weights shipped in the package, the `tiny` ones random weights.
 SMALL_MODELS = ("toy", "tiny", "tiny-v1.0", "tiny-v1.2")
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP"}
 # Every package error below is a ValueError (CheckpointError, ImageInputError, ExportError, ArtifactError,
 # ProfileError, InputError, NonFiniteError); EngineMismatchError (a TensorRT engine built for another
-# GPU/version) is a RuntimeError.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,
-               EngineMismatchError)
+# GPU/version, a RuntimeError) is added by `user_error_types` once an error is raised.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 # Modules of the optional extras (pyproject.toml): a command that needs one says which extra to install.
 OPTIONAL_MODULES = {"onnx": "export", "onnxscript": "export", "onnxruntime": "ort", "tensorrt": "tensorrt",
                     "matplotlib": "dev"}
@@ -99,6 +103,12 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 return fn(*args, **kwargs)
             except USER_ERRORS as e:
                 raise click.ClickException(str(e)) from e
+            except RuntimeError as e:
+                from ..runtime.trt_manifest import EngineMismatchError  # the command already loaded the runtime
+
+                if isinstance(e, EngineMismatchError):
+                    raise click.ClickException(str(e)) from e
+                raise
             except ModuleNotFoundError as e:
                 extra = OPTIONAL_MODULES.get((e.name or "").split(".")[0])
                 if extra is None:
@@ -122,6 +132,8 @@ def save_image(image: Image.Image, path: Path) -> None:
 @contextmanager
 def step_progress(desc: str = "denoising", enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
     """A progress callback (done, total) drawing a tqdm bar on stderr."""
+    from tqdm import tqdm
+
     bar: tqdm | None = None
 
     def update(done: int, total: int) -> None:
@@ -138,10 +150,16 @@ def step_progress(desc: str = "denoising", enabled: bool = True) -> Iterator[Cal
 
 
 def default_device() -> str:
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a `--dtype` choice (`choices.DTYPES`)."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def version_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:

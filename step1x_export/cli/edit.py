@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from PIL import Image
 
-from ..specs import profile_for
 from ..step1x_ref.configs import get_config
-from ..step1x_ref.imaging import load_image
 from .common import CFG, IMAGE_SUFFIXES, SEED, SMALL_MODELS, check_output_path, save_image, step_progress, user_errors
 from .runtime_options import RuntimeArgs, runtime_options
 from .speedups import cache_fidelity, is_leader, speedup_options
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 DEMO_INSTRUCTION = "swap red and blue"
 RANDOM_DEMO_INSTRUCTION = "Make the sky behind the astronaut a deep purple"
@@ -65,8 +66,11 @@ def edit(
     check_output_path(out_path, suffixes=IMAGE_SUFFIXES)
     if image_path is not None and (width or height):
         raise click.UsageError("--width/--height set a text-to-image size; an edit keeps its --image's size")
-    image = load_image(image_path) if image_path is not None else None
     import torch
+
+    from ..step1x_ref.imaging import load_image
+
+    image = load_image(image_path) if image_path is not None else None
 
     from ..runtime import Step1XEditRuntime
 
@@ -152,6 +156,7 @@ def demo(out_path: Path, prompt: str | None, model_name: str, steps: int, cfg: f
     (it shows the pipeline runs end to end and where the time goes).
     """
     check_output_path(out_path, suffixes=IMAGE_SUFFIXES)
+    from ..specs import profile_for
     from ..toy import PACKAGED, small_pipeline
     from ..toy.demo import demo_photo, edit_resolution, exact_target, side_by_side, task_report
 

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import click
 
+from ..choices import COMPONENTS
 from ..precision import Precision
-from ..specs import COMPONENTS
-from ..step1x_ref.lora import LoraSpec, merge_loras
-from .common import DTYPES, SEED, SMALL_MODELS, lora_option, user_errors, version_option
+from .common import SEED, SMALL_MODELS, lora_option, torch_dtype, user_errors, version_option
 
 GRAPH_PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -56,6 +55,7 @@ def export(
     """
     from ..calibrate.artifact import load_artifact
     from ..export import export_components
+    from ..step1x_ref.lora import LoraSpec, merge_loras
     from ..step1x_ref.pipeline import Step1XEditPipeline
     from ..toy import small_pipeline
 
@@ -72,7 +72,7 @@ def export(
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise FileExistsError(f"{out_dir} is not empty; pass --force to overwrite the export there")
     quant = load_artifact(quant_path) if quant_path is not None else None
-    dtype = DTYPES[precision]
+    dtype = torch_dtype(precision)
     loras = [LoraSpec.parse(spec) for spec in lora_specs]
     if model_dir is not None:
         pipe = Step1XEditPipeline.from_pretrained(model_dir, version, device="cpu", dtype=dtype, loras=loras)

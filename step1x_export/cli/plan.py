@@ -6,7 +6,7 @@ import json
 
 import click
 
-from ..plan.plan import DIT_QUANT, PRESETS, WEIGHT_ONLY, GiB, PlanConfig, make_plan
+from ..choices import DIT_QUANT, PLAN_PRESETS, WEIGHT_ONLY
 from ..step1x_ref.configs import CONFIGS
 from .common import user_errors
 
@@ -19,14 +19,14 @@ from .common import user_errors
 @click.option("--width", type=click.IntRange(16), default=None, help="Input image width (with --height): its aspect "
               "ratio at size_level, as the edit resizes it [default: square].")
 @click.option("--height", type=click.IntRange(16), default=None, help="Input image height (with --width).")
-@click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
+@click.option("--preset", type=click.Choice(PLAN_PRESETS), default=None,
               help="A named configuration (overrides the quantization and load options): bf16, fp8 (W8A8 DiT), "
                    "24gb (FP8 W8A8 DiT + weight-only INT8 modulation, connector and MLLM, all resident).")
 @click.option("--quant", type=click.Choice(DIT_QUANT), default="none", show_default=True,
               help="The DiT's W8A8 recipe with its default layer selection.")
-@click.option("--weight-only", type=click.Choice(list(WEIGHT_ONLY)), default="none", show_default=True,
+@click.option("--weight-only", type=click.Choice(WEIGHT_ONLY), default="none", show_default=True,
               help="The DiT's modulation and connector Linears as 8-bit weight-only layers.")
-@click.option("--mllm-quant", type=click.Choice(list(WEIGHT_ONLY)), default="none", show_default=True,
+@click.option("--mllm-quant", type=click.Choice(WEIGHT_ONLY), default="none", show_default=True,
               help="Qwen2.5-VL's Linears as 8-bit weight-only layers (the unused LM head is always dropped).")
 @click.option("--sequential-load", is_flag=True, help="One stage on the device at a time (as the runtime's option).")
 @click.option("--budget-gib", type=click.FloatRange(min=0.1), default=None,
@@ -41,6 +41,8 @@ def plan(model: str, size_level: int, width: int | None, height: int | None, pre
     """
     if (width is None) != (height is None):
         raise click.UsageError("give both --width and --height, or neither")
+    from ..plan.plan import GiB, PlanConfig, make_plan
+
     config = PlanConfig(quant=quant, weight_only=weight_only, mllm_quant=mllm_quant, sequential_load=sequential_load)
     result = make_plan(model, size_level, config=config, preset=preset, width=width, height=height)
     click.echo(json.dumps(result.as_json(), indent=2) if as_json else result.table())

@@ -6,12 +6,9 @@ from pathlib import Path
 
 import click
 
-from ..calibrate.artifact import load_artifact
-from ..calibrate.qcheckpoint import WEIGHT_ONLY_DEFAULT, write_quantized_checkpoint
-from ..plan.plan import WEIGHT_ONLY
+from ..choices import DTYPES, WEIGHT_ONLY, WEIGHT_ONLY_DEFAULT
 from ..step1x_ref.configs import CONFIGS
-from ..step1x_ref.loading import ModelFiles
-from .common import DTYPES, check_output_path, user_errors
+from .common import check_output_path, torch_dtype, user_errors
 
 
 @click.command()
@@ -24,7 +21,7 @@ from .common import DTYPES, check_output_path, user_errors
               help="Model config of the checkpoint.")
 @click.option("--artifact", type=click.Path(path_type=Path, dir_okay=False),
               help="Calibration artifact (`step1x-export calibrate`): its layers become W8A8 with its scales.")
-@click.option("--weight-only", type=click.Choice(list(WEIGHT_ONLY)), default="int8", show_default=True,
+@click.option("--weight-only", type=click.Choice(WEIGHT_ONLY), default="int8", show_default=True,
               help="The modulation and connector Linears (not in the artifact) as 8-bit weight-only layers "
                    "(int8 per-channel: the same bytes as fp8, less error).")
 @click.option("--weight-only-layers", multiple=True, default=WEIGHT_ONLY_DEFAULT, show_default=True,
@@ -48,11 +45,16 @@ def quantize(model_dir: Path | None, checkpoint: Path | None, version: str, arti
     if artifact is None and weight_only == "none":
         raise click.UsageError("nothing to quantize: give --artifact and/or --weight-only fp8|int8")
     check_output_path(out_path)
+    from ..calibrate.artifact import load_artifact
+    from ..calibrate.qcheckpoint import write_quantized_checkpoint
+    from ..calibrate.weight_only import WEIGHT_ONLY_FORMATS
+    from ..step1x_ref.loading import ModelFiles
+
     source = checkpoint if checkpoint is not None else ModelFiles.in_dir(model_dir, version).dit
     info = write_quantized_checkpoint(
         source, version, out_path, artifact=load_artifact(artifact) if artifact else None,
-        weight_only=weight_only_layers if weight_only != "none" else (), weight_only_format=WEIGHT_ONLY[weight_only],
-        dtype=DTYPES[dtype] if dtype else None, progress=not quiet,
+        weight_only=weight_only_layers if weight_only != "none" else (), weight_only_format=WEIGHT_ONLY_FORMATS[weight_only],
+        dtype=torch_dtype(dtype) if dtype else None, progress=not quiet,
     )
     size = out_path.stat().st_size
     click.echo(f"wrote {out_path} ({size / 2**30:.2f} GiB): {info.summary()}")

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from ..choices import DTYPES
 from ..runtime.options import BACKENDS, DEFAULT_GRAPH_CACHE, RuntimeOptions
-from .common import DEVICE, DTYPES, SMALL_MODELS, lora_option, version_option
+from .common import DEVICE, SMALL_MODELS, lora_option, torch_dtype, version_option
 
 if TYPE_CHECKING:
     from ..runtime.runtime import Step1XEditRuntime
@@ -81,7 +82,7 @@ class RuntimeArgs:
         """The `RuntimeOptions` these flags ask for (precision from --dtype; bf16 when unset)."""
         from ..runtime.runtime import precision_of
 
-        precision = precision_of(DTYPES[self.dtype]) if self.dtype else RuntimeOptions().precision
+        precision = precision_of(torch_dtype(self.dtype)) if self.dtype else RuntimeOptions().precision
         base = RuntimeOptions(backend=self.backend, precision=precision, cuda_graphs=self.cuda_graphs,  # type: ignore[arg-type]
                               compile=self.compile, compile_mode=self.compile_mode, graph_cache=self.graph_cache,
                               shape_buckets=self.shape_buckets, sequential_load=self.sequential_load,
@@ -100,7 +101,7 @@ class RuntimeArgs:
             mllm = self.model_name if self.model_dir is None else self.model_dir  # either layout
         return {
             "source": source, "backend": self.backend, "quant": self.quant, "device": self.device,
-            "dtype": DTYPES[self.dtype] if self.dtype else None, "cuda_graphs": self.cuda_graphs,
+            "dtype": torch_dtype(self.dtype) if self.dtype else None, "cuda_graphs": self.cuda_graphs,
             "compile": self.compile, "compile_mode": self.compile_mode, "graph_cache": self.graph_cache,
             "shape_buckets": self.shape_buckets, "sequential_load": self.sequential_load, "version": self.version,
             "mllm": mllm, "mllm_quant": self.mllm_quant_asked, "loras": [LoraSpec.parse(spec) for spec in self.loras],

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from PIL import Image
 
-from ..runtime.parallel.layout import is_leader
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = ["cache_fidelity", "is_leader", "speedup_options"]
+
+
+def is_leader() -> bool:
+    """Rank 0 of a parallel run, or the only process (what writes and reports)."""
+    from ..runtime.parallel.layout import is_leader as leader
+
+    return leader()
 
 
 def _check_cache(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:

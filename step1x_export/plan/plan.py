@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..calibrate.weight_only import WEIGHT_ONLY_FORMATS
+from ..choices import DIT_QUANT
 from ..step1x_ref.configs import get_config
 from ..step1x_ref.imaging import edit_size
 from .stages import STAGES, StageModel, build_stage
@@ -23,7 +24,6 @@ from .tracer import resident_bytes, trace_peak
 
 GiB = 2**30
 WEIGHT_ONLY = WEIGHT_ONLY_FORMATS
-DIT_QUANT = ("none", "fp8", "int8-sq")
 # Usable memory of a 24 GB card (24 GiB minus the CUDA context and driver reserve).
 CARD_24GB_USABLE = 23.6 * GiB
 

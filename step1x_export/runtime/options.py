@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from ..precision import Precision
 from .cache_spec import CacheSpec
-from .parallel.layout import ParallelDegrees
+from .parallel.degrees import ParallelDegrees
+
+if TYPE_CHECKING:  # plain options: the CLI's --help reads them without importing torch
+    import torch
 
 Backend = Literal["torch", "onnxruntime", "tensorrt"]
 BACKENDS: tuple[Backend, ...] = ("torch", "onnxruntime", "tensorrt")

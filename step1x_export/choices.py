@@ -1,0 +1,29 @@
+"""What the command line offers as choices, as plain data: `--help` lists them without importing torch.
+
+Each name belongs to the module named beside it, which takes it from here; a table keyed by these names
+(recipes, plan presets, weight-only formats) is checked against them in tests/test_cli.py.
+"""
+
+from __future__ import annotations
+
+COMPONENTS = ("vision", "llm", "dit", "vae_encoder", "vae_decoder")  # specs: the exported graphs
+BENCH_STAGES = ("mllm", "connector", "dit_step", "vae_encode", "vae_decode", "edit")  # bench.stages
+DTYPES = ("fp32", "bf16", "fp16")  # the float dtypes a model runs in (cli.common.torch_dtype)
+RECIPES = ("fp8", "int8-sq")  # calibrate.recipes.RECIPES
+DIT_QUANT = ("none", *RECIPES)  # plan.plan: the DiT's W8A8 recipe, if any
+WEIGHT_ONLY = ("none", "fp8", "int8")  # calibrate.weight_only.WEIGHT_ONLY_FORMATS
+PLAN_PRESETS = ("bf16", "fp8", "24gb")  # plan.plan.PRESETS
+# The modulation Linears: 3.2 B of the DiT's 12.4 B parameters, acting on one vector per sample.
+MODULATION = ("*_mod.lin", "*.modulation.lin")
+# calibrate.recipes: kept in high precision by default. The embedders and the final layer are what FP8
+# deployments of FLUX keep (they see raw inputs / produce the output, and are a negligible share of the
+# FLOPs); the connector runs once per step on 640 text tokens; the modulation Linears act on one vector per
+# sample (no GEMM speed to gain, M = batch) and scale every token of their block, so their error is
+# amplified. v1.2's text_token_mapping sees raw token embeddings, like the embedders.
+DEFAULT_EXCLUDE: tuple[str, ...] = (
+    "img_in", "txt_in", "time_in.*", "vector_in.*", "final_layer.*", "connector.*", "text_token_mapping",
+    *MODULATION,
+)
+# calibrate.qcheckpoint: what W8A8's default selection keeps in high precision and weight-only 8 bits can
+# take: the modulation Linears and the connector (0.5 B parameters, 640 text tokens per step).
+WEIGHT_ONLY_DEFAULT = (*MODULATION, "connector.*")
