@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from .choices import COMPONENTS
+from .choices import COMPONENTS  # noqa: F401  (the exported graphs, named here for their users)
 from .step1x_ref.configs import ModelConfig
 from .step1x_ref.imaging import edit_size
 

@@ -52,9 +52,9 @@ def test_choices_are_the_implementations_names() -> None:
     from step1x_export.cli.common import torch_dtype
     from step1x_export.plan.plan import PRESETS
 
-    assert choices.RECIPES == tuple(RECIPES)
-    assert choices.WEIGHT_ONLY == tuple(WEIGHT_ONLY_FORMATS)
-    assert choices.PLAN_PRESETS == tuple(PRESETS)
+    assert tuple(RECIPES) == choices.RECIPES
+    assert tuple(WEIGHT_ONLY_FORMATS) == choices.WEIGHT_ONLY
+    assert tuple(PRESETS) == choices.PLAN_PRESETS
     dtypes = [torch_dtype(name) for name in choices.DTYPES]
     assert set(dtypes) == set(CHECKPOINT_DTYPES.values()) and all(d.is_floating_point for d in dtypes)
     assert torch_dtype("bf16") is torch.bfloat16

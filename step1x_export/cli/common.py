@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..choices import DTYPES
 from ..files import atomic_path
 from ..step1x_ref.configs import CONFIGS
 from ..validate import CFG_RANGE, SEED_RANGE, InputError, check_device, check_float, check_output_file

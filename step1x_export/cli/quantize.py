@@ -53,7 +53,8 @@ def quantize(model_dir: Path | None, checkpoint: Path | None, version: str, arti
     source = checkpoint if checkpoint is not None else ModelFiles.in_dir(model_dir, version).dit
     info = write_quantized_checkpoint(
         source, version, out_path, artifact=load_artifact(artifact) if artifact else None,
-        weight_only=weight_only_layers if weight_only != "none" else (), weight_only_format=WEIGHT_ONLY_FORMATS[weight_only],
+        weight_only=weight_only_layers if weight_only != "none" else (),
+        weight_only_format=WEIGHT_ONLY_FORMATS[weight_only],
         dtype=torch_dtype(dtype) if dtype else None, progress=not quiet,
     )
     size = out_path.stat().st_size
