@@ -68,6 +68,8 @@ class ParamRules:
     default_size_level: int
     default_steps: int = 28
     default_cfg: float = 6.0
+    min_cfg: float = CFG_RANGE[0]
+    max_cfg: float = CFG_RANGE[1]
     max_pixels: int = 16 * 1024 * 1024
     timeout_s: float = 300.0
 
@@ -114,7 +116,7 @@ def parse_params(form: Mapping[str, object], rules: ParamRules) -> EditParams:
         seed=secrets.randbelow(2**31) if seed is None else seed,
         steps=_number_field(form, "steps", int, STEPS_RANGE[0], min(rules.max_steps, STEPS_RANGE[1]),  # type: ignore[arg-type]
                             rules.default_steps),
-        cfg=_number_field(form, "cfg", float, *CFG_RANGE, rules.default_cfg),  # type: ignore[arg-type]
+        cfg=_number_field(form, "cfg", float, rules.min_cfg, rules.max_cfg, rules.default_cfg),  # type: ignore[arg-type]
         size_level=_number_field(form, "size_level", int, rules.min_size_level,  # type: ignore[arg-type]
                                  rules.max_size_level, rules.default_size_level),
         negative_prompt=_text_field(form, "negative_prompt", required=False),

@@ -1,0 +1,82 @@
+"""The web page at `/` in a real browser, against a stand-in API (no model): every default and bound comes
+from `/v1/model`, the form posts those, and nothing is drawn as a broken image before the first edit."""
+
+from __future__ import annotations
+
+import shutil
+from importlib.resources import files
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+BASE = "http://page.test/"
+# Not the real model's numbers (cfg 6, 28 steps): a page with its own defaults would show those instead.
+PARAMS = {"max_steps": 40, "min_size_level": 24, "max_size_level": 96, "default_size_level": 48,
+          "default_steps": 11, "default_cfg": 2.25, "min_cfg": 0.0, "max_cfg": 30.0, "max_pixels": 4096,
+          "timeout_s": 60.0}
+MODEL = {"model": {"source": "toy", "backend": "torch", "config": "toy"}, "state": "ready", "params": PARAMS,
+         "limits": {}}
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install -y chromium)")
+def test_page_takes_defaults_and_bounds_from_the_model_and_shows_no_broken_image(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    html = files("step1x_export.serve").joinpath("page.html").read_text(encoding="utf-8")
+    posted: list[str] = []
+
+    def edits(route):
+        posted.append(route.request.post_data_buffer.decode("latin-1"))
+        route.fulfill(status=503, json={"error": "busy", "message": "stand-in server"})
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.route(BASE, lambda route: route.fulfill(content_type="text/html", body=html))
+            page.route(BASE + "v1/model", lambda route: route.fulfill(json=MODEL))
+            page.route(BASE + "v1/edits", edits)
+            page.goto(BASE)
+            page.wait_for_function("document.getElementById('steps').value !== ''")
+            shown = page.evaluate("""() => Object.fromEntries(['steps', 'cfg', 'size_level'].map((id) => {
+                const e = document.getElementById(id); return [id, [e.value, e.min, e.max]]; }))""")
+            assert shown == {"steps": ["11", "1", "40"], "cfg": ["2.25", "0", "30"], "size_level": ["48", "24", "96"]}
+            # Before any image: neither picture is rendered (a broken-image icon would be), placeholders are.
+            for img in ("input", "result"):
+                assert page.evaluate(f"getComputedStyle(document.getElementById('{img}')).display") == "none"
+            assert page.locator(".empty").evaluate_all("els => els.map(e => getComputedStyle(e).display)") == \
+                ["flex", "flex"]
+
+            (tmp_path / "in.png").write_bytes(_png())
+            page.set_input_files("#image", str(tmp_path / "in.png"))
+            page.fill("#instruction", "swap red and blue")
+            page.click("#submit")
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('error 503')")
+            assert page.evaluate("getComputedStyle(document.getElementById('input')).display") == "block"
+            assert page.evaluate("getComputedStyle(document.getElementById('result')).display") == "none"
+        finally:
+            browser.close()
+    form = _fields(posted[0])
+    assert form["steps"] == "11" and form["cfg"] == "2.25" and form["size_level"] == "48"
+    assert "seed" not in form  # empty: the server draws one
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _fields(multipart: str) -> dict[str, str]:
+    """The text fields of a multipart/form-data body."""
+    out = {}
+    for part in multipart.split("\r\n--"):
+        head, _, body = part.partition("\r\n\r\n")
+        if 'name="' in head and "filename=" not in head:
+            out[head.split('name="')[1].split('"')[0]] = body.rstrip("\r\n-")
+    return out
+
