@@ -34,3 +34,11 @@ def test_onnxruntime_backend_equals_reference(export_dir, image, reference_run):
         assert rt.default_size_level == 256  # the export's model (tiny): inside its profile
         with pytest.raises((ProfileError, ValueError), match="dit|vae_encoder"):
             rt.edit(image, PROMPT, seed=0, steps=1, size_level=1024)  # outside the tiny export's profile
+
+
+def test_torch_backend_on_an_export_names_the_backends_that_load_it(export_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"export/engine folder \(manifest.json: backend 'onnxruntime'.*model folder"):
+        Step1XEditRuntime.load(export_dir, backend="torch", device="cpu")
+    (tmp_path / "engines.json").write_text("{}")  # an engine folder is recognised by its manifest's name alone
+    with pytest.raises(ValueError, match=r"engines.json: backend 'tensorrt'.*--backend tensorrt"):
+        Step1XEditRuntime.load(tmp_path, backend="torch", device="cpu")

@@ -136,6 +136,7 @@ def torch_loaders(
             model = quantized_dit(pipe.model, quant)
         model = parallel_dit(model, options.parallel)  # over torchrun's ranks: the same (replicated) weights
         return pipe.config, pipeline_loaders(pipe, device, dtype, dit=model), (weights_note(str(source), seed),)
+    _refuse_engine_folder(Path(source))
     config = get_config(version or detect_version(source) or "v1.1")
     files = ModelFiles.in_dir(source, config.version)
 
@@ -182,6 +183,20 @@ def _check_components(source: Path, present: Iterable[str]) -> None:
     missing = [c for c in ENGINE_COMPONENTS if c not in present]
     if missing:
         raise FileNotFoundError(f"{source} lacks component(s) {missing}; it has {sorted(present)}")
+
+
+def _refuse_engine_folder(source: Path) -> None:
+    """An export or engine folder handed to the torch backend: say which backend loads it."""
+    from ..export.manifest import MANIFEST
+    from .trt_manifest import MANIFEST_NAME
+
+    found = [(name, backend) for name, backend in ((MANIFEST, "onnxruntime"), (MANIFEST_NAME, "tensorrt"))
+             if (source / name).is_file()]
+    if found:
+        kinds = " and ".join(f"{name}: backend {backend!r}" for name, backend in found)
+        raise ValueError(f"{source} is an export/engine folder ({kinds}; `edit --backend {found[0][1]} --engine-dir "
+                         f"{source}`); the torch backend wants the model folder (official files or diffusers layout) "
+                         "or a small model's name")
 
 
 def engine_loaders(source: Path, backend: str, device: torch.device, dtype: torch.dtype, *, mllm, seed: int,
