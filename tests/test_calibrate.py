@@ -220,6 +220,7 @@ def test_quantized_dit_accuracy(pipe, artifacts, recipe):
 
 # -- export --quant: the artifact as explicit Q/DQ in the exported dit graph ------------------------
 
+@pytest.mark.isa
 def test_export_with_quant_matches_torch_w8a8(pipe, artifacts, tmp_path):
     from test_quant_onnx import _inputs
 

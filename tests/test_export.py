@@ -69,6 +69,7 @@ def test_engines_follow_the_protocol_and_names(engines, manifest, pipe):
     assert not missing
 
 
+@pytest.mark.isa
 @pytest.mark.parametrize("size", SIZES)
 def test_dit_parity(engines, pipe, size):
     c = pipe.config
@@ -91,6 +92,7 @@ def test_dit_parity(engines, pipe, size):
     assert err <= FP32_TOL
 
 
+@pytest.mark.isa
 @pytest.mark.parametrize("size", SIZES)
 def test_vae_parity(engines, pipe, size):
     w, h = size
@@ -110,6 +112,7 @@ def test_vae_parity(engines, pipe, size):
 MLLM_IMAGES = [(64, 64), (96, 64), (64, 128), (200, 90)]
 
 
+@pytest.mark.isa
 @pytest.mark.parametrize("size", MLLM_IMAGES)
 def test_mllm_parity(engines, pipe, size):
     emb = pipe.embedder
@@ -132,6 +135,7 @@ def test_mllm_parity(engines, pipe, size):
     assert v_err <= FP32_TOL and l_err <= FP32_TOL
 
 
+@pytest.mark.isa
 def test_whole_edit_through_ort_matches_torch(export_dir, pipe):
     """The same edit from the export's five graphs (ORT) and from torch: final latents within fp32 rounding."""
     image = example_image(80, 56, seed=7)

@@ -24,6 +24,7 @@ def export_dir(tiny_export):
     return tiny_export
 
 
+@pytest.mark.isa
 def test_onnxruntime_backend_equals_reference(export_dir, image, reference_run):
     with Step1XEditRuntime.load(export_dir, "onnxruntime", device="cpu", seed=0) as rt:
         out, latent = base.edit_and_latent(runtime_module, rt.edit, image, PROMPT, **EDIT)

@@ -68,6 +68,7 @@ def test_t2i_runtime_torch_equals_reference(reference: Image.Image) -> None:
     assert out.size == (64, 48) and np.array_equal(np.asarray(out), np.asarray(reference))
 
 
+@pytest.mark.isa
 def test_t2i_onnxruntime_equals_reference(tiny_pipe, tiny_export: Path, reference: Image.Image) -> None:
     # one denoising step's DiT on text-to-image inputs (N tokens, not 2N): the graph vs the torch model
     inputs = tiny_pipe.prepare(None, PROMPT, seed=0, steps=2, size_level=0, width=64, height=48)

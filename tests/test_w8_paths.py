@@ -34,6 +34,7 @@ def layer_and_input():
     return linear, x
 
 
+@pytest.mark.isa  # bf16 GEMMs: oneDNN's AMX / AVX-512 kernels or ATen's fallback, per CPU
 @pytest.mark.parametrize(("recipe", "kernel"), [("fp8", Kernel.SCALED_MM), ("int8-sq", Kernel.INT_MM)])
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_gpu_kernel_maths_match_the_exact_emulation(layer_and_input, recipe, kernel, per_channel):
