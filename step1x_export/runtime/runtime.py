@@ -43,7 +43,7 @@ from ..timing import StageTimer
 from ..validate import SEED_RANGE, InputError, check_device, check_edit_numbers, check_finite, check_int
 from .buffers import Shape, edit_dims
 from .caching import CachedStep, CacheSpec, CacheStats
-from .compile import CompileBackend, compile_blocks
+from .compile import compile_backend, compile_blocks
 from .cudagraph import CudaGraphed, GraphCounts
 from .engine import Engine
 from .loaders import TINY, engine_loaders, pipeline_loaders, torch_loaders
@@ -95,7 +95,8 @@ class Step1XEditRuntime:
         self._edits = 0
         self.step_seconds: list[float] = []  # the last edit's denoising steps
         self.last_latent: torch.Tensor | None = None  # the last edit's denoised tokens, before decode (fidelity checks)
-        self.compiler = CompileBackend(self.options.compile_mode) if self.options.compile else None
+        self.compiler = compile_backend(self.options.compile_mode) if self.options.compile else None
+        self._compiles_before = self.compiler.compiles if self.compiler is not None else 0  # the backend is shared
         if self.compiler is not None:
             loaders = {**loaders, "dit": self._compiled(loaders["dit"])}
         self._cached_step: CachedStep | None = None
@@ -322,7 +323,7 @@ class Step1XEditRuntime:
         """Edits, compiles and CUDA graphs since load (graphs: captured, held now, evicted)."""
         return RuntimeStats(
             edits=self._edits,
-            compiles=self.compiler.compiles if self.compiler is not None else 0,
+            compiles=self.compiler.compiles - self._compiles_before if self.compiler is not None else 0,
             graphs_captured=self._graph_counts.captured,
             graphs_cached=self._graphs.graphs if self._graphs is not None else 0,
             graphs_evicted=self._graph_counts.evicted,
