@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from unittest import mock
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
@@ -126,3 +126,35 @@ def fake_h200() -> Iterator[FakeTensorMode]:
     metadata for a fake CUDA tensor asks for a device guard too (and aborts the process, not raises)."""
     with h200_answers(), torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
         yield mode
+
+
+def run_in_fake_mode(gm: torch.fx.GraphModule):
+    """What a recording backend hands back: the graph, run under its fake inputs' mode (outside it, an op
+    on a fake CUDA tensor would initialise CUDA)."""
+    def run(*args: object) -> object:
+        mode = next(a.fake_mode for a in args if isinstance(a, FakeTensor))
+        with mode, torch.no_grad():
+            return gm(*args)
+
+    return run
+
+
+@torch.library.custom_op("fake_cuda::attention", mutates_args=())
+def _opaque_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+@_opaque_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+@contextmanager
+def opaque_attention() -> Iterator[None]:
+    """SDPA as an opaque op of the same shapes: SDPA's own kernel choice on symbolic token counts asks for a
+    CUDA device guard on a CPU build, so a dynamic-shape trace stands it in (static traces keep the real one)."""
+    def sdpa(q, k, v, *args, **kwargs):
+        return _opaque_attention(q, k, v)
+
+    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", sdpa):
+        yield
