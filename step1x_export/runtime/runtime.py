@@ -243,8 +243,8 @@ class Step1XEditRuntime:
                 try:
                     latent = self._denoise(dit, noise, ref, tuple(conditioning), timesteps, cfg, progress)
                 finally:
-                    if self.stages.sequential:  # the DiT is freed after this block: its graphs (and memory) too
-                        self._update = self._graphs = None
+                    if self.stages.sequential:  # the DiT is freed after this block: its graphs (and memory) too,
+                        self._update = self._graphs = self._cached_step = None  # the step cache's hold included
                 check_finite("denoising (final latent)", latent)
             self.last_latent = latent
             with self._stage(timer, "vae_decoder", "vae_decode") as vae_decoder:
