@@ -52,6 +52,11 @@ class RuntimeArgs:
         """--mllm-quant, or the preset's (24gb: int8) when not given."""
         return self.mllm_quant or ("int8" if self.preset == "24gb" else None)
 
+    @property
+    def cuda_graphs_asked(self) -> bool:
+        """--cuda-graphs, off with --preset 24gb: a captured step's pool does not fit beside the VAE decoder."""
+        return self.cuda_graphs and self.preset != "24gb"
+
     def check_source(self) -> None:
         """One-line usage errors for a combination of flags that names no model or mixes backends."""
         if self.model_dir is not None and self.model_name is not None:
@@ -82,7 +87,7 @@ class RuntimeArgs:
         from ..runtime.runtime import precision_of
 
         precision = precision_of(DTYPES[self.dtype]) if self.dtype else RuntimeOptions().precision
-        base = RuntimeOptions(backend=self.backend, precision=precision, cuda_graphs=self.cuda_graphs,  # type: ignore[arg-type]
+        base = RuntimeOptions(backend=self.backend, precision=precision, cuda_graphs=self.cuda_graphs_asked,  # type: ignore[arg-type]
                               compile=self.compile, compile_mode=self.compile_mode, graph_cache=self.graph_cache,
                               shape_buckets=self.shape_buckets, sequential_load=self.sequential_load,
                               mllm_quant=self.mllm_quant_asked)
@@ -100,7 +105,7 @@ class RuntimeArgs:
             mllm = self.model_name if self.model_dir is None else self.model_dir  # either layout
         return {
             "source": source, "backend": self.backend, "quant": self.quant, "device": self.device,
-            "dtype": DTYPES[self.dtype] if self.dtype else None, "cuda_graphs": self.cuda_graphs,
+            "dtype": DTYPES[self.dtype] if self.dtype else None, "cuda_graphs": self.cuda_graphs_asked,
             "compile": self.compile, "compile_mode": self.compile_mode, "graph_cache": self.graph_cache,
             "shape_buckets": self.shape_buckets, "sequential_load": self.sequential_load, "version": self.version,
             "mllm": mllm, "mllm_quant": self.mllm_quant_asked, "loras": [LoraSpec.parse(spec) for spec in self.loras],
@@ -174,7 +179,8 @@ def _execution_options() -> dict[str, Callable[[Callable[..., Any]], Callable[..
         "preset": click.option(
             "--preset", type=click.Choice(["24gb"]), default=None,
             help="24gb: every stage resident on a 24 GB card at 1024^2 (`step1x-export plan --preset 24gb`); needs "
-            "--quant QUANTIZED_CHECKPOINT (FP8 W8A8 + int8 weight-only) and sets --mllm-quant int8."),
+            "--quant QUANTIZED_CHECKPOINT (FP8 W8A8 + int8 weight-only), sets --mllm-quant int8 and turns CUDA "
+            "graphs off (their memory pool does not fit beside the VAE decoder)."),
     }
 
 
