@@ -7,17 +7,23 @@ from __future__ import annotations
 import copy
 import gc
 import weakref
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
+from step1x_export.cli import main
+from step1x_export.precision import Precision
+from step1x_export.runtime.trt_build import BuildOptions, builder_flags
 from step1x_export.calibrate.formats import QuantFormat
 from step1x_export.calibrate.qlinear import Kernel, QuantLinear, quantize_activation
 from step1x_export.runtime import RuntimeOptions, Step1XEditRuntime
 from step1x_export.runtime.loaders import pipeline_loaders
+from step1x_export.runtime.parallel.attention import _kernel
 from step1x_export.runtime.torch_engine import TorchEngine
 from step1x_export.specs import dit_spec
 from step1x_export.step1x_ref.pipeline import Step1XEditPipeline
@@ -131,3 +137,30 @@ def test_activation_scale_is_not_rounded():
     xf = x.float()
     gain = float((deq * xf).sum() / (xf * xf).sum())
     assert abs(gain - 1) < 2e-4  # 15 sigma; the bf16-rounded scale gives 100.5 / 100.3 - 1 = 2.0e-3
+
+
+def test_ring_attention_fp32_kernel_returns_the_local_logsumexp():
+    """fp32 ring attention on CUDA uses the memory-efficient kernel, whose log-sum-exp comes padded to a
+    multiple of 32 rows (its meta function says so too); the ring's merge needs one row per local token."""
+    q = torch.empty(1, 24, 4415, 128, device="meta")  # an odd local chunk of tokens
+    padded = torch.ops.aten._scaled_dot_product_efficient_attention(q, q, q, None, True)[1]
+    assert padded.shape[-1] == 4416  # the padding the merge cannot broadcast
+    op, kwargs = _kernel(q)
+    out, lse, *_ = op(q, q, q, **kwargs)
+    assert out.shape == q.shape and lse.shape == (1, 24, 4415)
+
+
+def test_tensorrt_keeps_one_graph_per_engine():
+    """One execution context per engine: graphs at other shapes would replay a context rebound since."""
+    cuda = torch.device("cuda")
+    trt = RuntimeOptions(backend="tensorrt", graph_cache=4).resolved(cuda)
+    assert trt.cuda_graphs and trt.graph_cache == 1
+    assert RuntimeOptions(backend="torch", graph_cache=4).resolved(cuda).graph_cache == 4
+
+
+def test_build_sets_refit_when_asked_and_precision_flags_only_weakly_typed():
+    trt = SimpleNamespace(BuilderFlag=SimpleNamespace(REFIT="REFIT", BF16="BF16", FP16="FP16"))
+    assert builder_flags(trt, BuildOptions(refittable=True), Precision.BF16) == ["REFIT"]
+    assert builder_flags(trt, BuildOptions(), Precision.BF16) == []
+    assert builder_flags(trt, BuildOptions(strongly_typed=False, refittable=True), Precision.BF16) == ["REFIT", "BF16"]
+    assert "--refittable" in CliRunner().invoke(main, ["build", "--help"]).output

@@ -70,9 +70,13 @@ class RuntimeOptions:
         ONNX Runtime runs on its own CUDA stream after a host sync, which a torch CUDA graph cannot capture
         (the sync fails during capture, and ORT's kernels would not be in the graph): no graphs there.
         A parallel DiT runs eager: its collectives have not been captured or compiled here.
+        TensorRT keeps one graph: an engine has one execution context, and binding it to a new shape (input
+        shapes, buffer addresses) invalidates what graphs captured at other shapes baked in.
         """
         cuda = device.type == "cuda"
         single = self.parallel.world == 1
         graphs_ok = cuda and self.backend != "onnxruntime" and single
         compile_on = self.backend == "torch" and single and (cuda if self.compile is None else self.compile)
-        return replace(self, cuda_graphs=self.cuda_graphs and graphs_ok, compile=compile_on)
+        graphs = self.cuda_graphs and graphs_ok
+        cache = 1 if graphs and self.backend == "tensorrt" else self.graph_cache
+        return replace(self, cuda_graphs=graphs, compile=compile_on, graph_cache=cache)
