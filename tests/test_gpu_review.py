@@ -15,6 +15,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 from torch import nn
+from torch.nn.attention import SDPBackend
 
 from step1x_export.cli import main
 from step1x_export.precision import Precision
@@ -22,6 +23,7 @@ from step1x_export.runtime.trt_build import BuildOptions, builder_flags
 from step1x_export.calibrate.formats import QuantFormat
 from step1x_export.calibrate.qlinear import Kernel, QuantLinear, quantize_activation
 from step1x_export.runtime import RuntimeOptions, Step1XEditRuntime
+from step1x_export.runtime.attention import with_attention
 from step1x_export.runtime.loaders import pipeline_loaders
 from step1x_export.runtime.parallel.attention import _kernel
 from step1x_export.runtime.torch_engine import TorchEngine
@@ -164,3 +166,26 @@ def test_build_sets_refit_when_asked_and_precision_flags_only_weakly_typed():
     assert builder_flags(trt, BuildOptions(), Precision.BF16) == []
     assert builder_flags(trt, BuildOptions(strongly_typed=False, refittable=True), Precision.BF16) == ["REFIT", "BF16"]
     assert "--refittable" in CliRunner().invoke(main, ["build", "--help"]).output
+
+
+def test_attention_option_is_in_force_around_the_step(monkeypatch):
+    """The chosen kernel holds inside the step (here on CPU: only math and flash exist, so cuDNN refuses);
+    auto on an H200 puts cuDNN first; a wrong name is refused with the choices."""
+    q = torch.randn(1, 2, 8, 16)
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(x, x, x)
+
+    cpu = torch.device("cpu")
+    math, default = with_attention(step, "math", cpu)(q), step(q)
+    assert float((math - default).norm() / default.norm()) < 1e-5  # fp32, another summation order
+    with pytest.raises(RuntimeError):
+        with_attention(step, "cudnn", cpu)(q)
+    assert with_attention(step, "auto", cpu) is step  # torch's own order off Hopper
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    order = []
+    with_attention(lambda: order.append(torch._C._get_sdp_priority_order()), "auto", torch.device("cuda"))()
+    assert order[0][0] == int(SDPBackend.CUDNN_ATTENTION)
+    with pytest.raises(ValueError, match="auto, flash, cudnn, efficient, math"):
+        RuntimeOptions(attention="fastest")
+    assert "--attention [auto|flash|cudnn|efficient|math]" in CliRunner().invoke(main, ["edit", "--help"]).output

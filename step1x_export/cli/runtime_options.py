@@ -46,6 +46,7 @@ class RuntimeArgs:
     sequential_load: bool = False
     mllm_quant: str | None = None
     preset: str | None = None
+    attention: str = "auto"
 
     @property
     def mllm_quant_asked(self) -> str | None:
@@ -90,7 +91,7 @@ class RuntimeArgs:
         base = RuntimeOptions(backend=self.backend, precision=precision, cuda_graphs=self.cuda_graphs_asked,  # type: ignore[arg-type]
                               compile=self.compile, compile_mode=self.compile_mode, graph_cache=self.graph_cache,
                               shape_buckets=self.shape_buckets, sequential_load=self.sequential_load,
-                              mllm_quant=self.mllm_quant_asked)
+                              mllm_quant=self.mllm_quant_asked, attention=self.attention)
         return replace(base, **overrides)
 
     def load_kwargs(self) -> dict[str, Any]:
@@ -109,6 +110,7 @@ class RuntimeArgs:
             "compile": self.compile, "compile_mode": self.compile_mode, "graph_cache": self.graph_cache,
             "shape_buckets": self.shape_buckets, "sequential_load": self.sequential_load, "version": self.version,
             "mllm": mllm, "mllm_quant": self.mllm_quant_asked, "loras": [LoraSpec.parse(spec) for spec in self.loras],
+            "attention": self.attention,
         }
 
     def load(self) -> Step1XEditRuntime:
@@ -176,6 +178,12 @@ def _execution_options() -> dict[str, Callable[[Callable[..., Any]], Callable[..
             "--mllm-quant", type=click.Choice(["none", "fp8", "int8"]), default=None,
             help="Qwen2.5-VL's Linears as 8-bit weight-only layers, quantized on the host before they reach the "
             "device [default: none; int8 with --preset 24gb]."),
+        "attention": click.option(
+            "--attention", type=click.Choice(["auto", "flash", "cudnn", "efficient", "math"]), default="auto",
+            show_default=True,
+            help="The DiT's SDPA kernel (torch backend), fixed around the whole step so it holds inside the "
+            "compiled and captured graph: auto = cuDNN first on Hopper and newer GPUs (then flash, "
+            "memory-efficient, math), torch's own order elsewhere; the others force one kernel."),
         "preset": click.option(
             "--preset", type=click.Choice(["24gb"]), default=None,
             help="24gb: every stage resident on a 24 GB card at 1024^2 (`step1x-export plan --preset 24gb`); needs "

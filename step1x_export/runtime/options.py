@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 
 from ..precision import Precision
+from .attention import check_attention
 from .cache_spec import CacheSpec
 from .parallel.layout import ParallelDegrees
 
@@ -36,6 +37,7 @@ class RuntimeOptions:
     compile_mode: str | None = None  # torch.compile's mode (None: inductor's default), e.g. "max-autotune"
     graph_cache: int = DEFAULT_GRAPH_CACHE  # captured CUDA graphs kept (LRU); an evicted graph frees its memory
     shape_buckets: bool = False  # snap each edit to the nearest of specs.BUCKET_ASPECTS (changes pixels vs upstream)
+    attention: str = "auto"  # SDPA kernel: auto (cuDNN first on Hopper+) | flash | cudnn | efficient | math
     attention_fp8: bool = False  # FP8 attention: not implemented
     sequential_load: bool = False  # load one stage at a time (encoder freed before the DiT): cards <= 24 GB
     mllm_quant: str | None = None  # "fp8" / "int8": the MLLM's Linears weight-only 8-bit (None: as loaded)
@@ -50,6 +52,7 @@ class RuntimeOptions:
         object.__setattr__(self, "precision", Precision.parse(self.precision))
         if isinstance(self.graph_cache, bool) or not isinstance(self.graph_cache, int) or self.graph_cache < 1:
             raise ValueError(f"graph_cache must be an integer >= 1 (graphs kept), got {self.graph_cache!r}")
+        check_attention(self.attention)
         if self.mllm_quant not in (None, "none", "fp8", "int8"):
             raise ValueError(f"unknown mllm_quant {self.mllm_quant!r}; choose none, fp8 or int8")
         if isinstance(self.cache, str):

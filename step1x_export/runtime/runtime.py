@@ -42,6 +42,7 @@ from ..step1x_ref.sampling import ProgressFn, UpdateFn, denoise, guided_euler, p
 from ..timing import StageTimer
 from ..validate import SEED_RANGE, InputError, check_device, check_edit_numbers, check_finite, check_int
 from .buffers import Shape, edit_dims
+from .attention import with_attention
 from .caching import CachedStep, CacheSpec, CacheStats
 from .compile import compile_backend, compile_blocks
 from .cudagraph import CudaGraphed, GraphCounts
@@ -132,6 +133,7 @@ class Step1XEditRuntime:
         ulysses_degree: int = 1,
         ring_degree: int = 1,
         loras: Sequence[LoraSpec] = (),
+        attention: str = "auto",
     ) -> Step1XEditRuntime:
         """A runtime over `source`: a tiny config name ("tiny": random weights from `seed`, as
         `Step1XEditPipeline.random`), a model dir with the official files (torch backend), or an
@@ -146,7 +148,8 @@ class Step1XEditRuntime:
         on CUDA only, True on any device (CPU included), False never; `graph_cache` bounds the CUDA graphs
         kept (one per edit size, least recently used evicted); `shape_buckets` snaps each edit to the nearest
         of `specs.BUCKET_ASPECTS` (the output is still the input's size). `cache` turns on step caching;
-        degrees > 1 split the DiT over torchrun's ranks (one GPU each)."""
+        degrees > 1 split the DiT over torchrun's ranks (one GPU each); `attention` picks the SDPA kernel
+        (`runtime.attention`)."""
         device = check_device(device) if device is not None else default_device()
         check_int("seed", seed, *SEED_RANGE)
         degrees = ParallelDegrees(cfg=cfg_degree, ulysses=ulysses_degree, ring=ring_degree)
@@ -160,7 +163,7 @@ class Step1XEditRuntime:
             backend=backend, precision=precision_of(dtype), cuda_graphs=cuda_graphs, compile=compile,
             compile_mode=compile_mode, graph_cache=graph_cache, shape_buckets=shape_buckets,
             sequential_load=sequential_load, mllm_quant=mllm_quant, cache=cache, cfg_degree=cfg_degree,
-            ulysses_degree=ulysses_degree, ring_degree=ring_degree,
+            ulysses_degree=ulysses_degree, ring_degree=ring_degree, attention=attention,
         )
         if backend == "torch":
             config, loaders, notes = torch_loaders(source, options.resolved(device), device, version=version,
@@ -338,10 +341,11 @@ class Step1XEditRuntime:
             self._cached_step = CachedStep(dit, self.options.cache, cuda_graphs=self.options.cuda_graphs,
                                            capacity=self.options.graph_cache, counts=self._graph_counts)
             self._graphs = None
-            return guided_euler(self._cached_step)
+            return with_attention(guided_euler(self._cached_step), self.options.attention, self.device)
         step = engine_step_fn(dit)
         # v1.2: the CFG branches' text lengths differ, so the DiT runs once per branch (batch 1).
         update = guided_euler(per_branch(step) if self.config.reason_edit is not None else step)
+        update = with_attention(update, self.options.attention, self.device)  # in force when traced and captured
         self._graphs = None
         if self.options.cuda_graphs:  # the whole step (DiT + CFG + Euler), captured once per shape
             update = self._graphs = CudaGraphed(update, enabled=True, capacity=self.options.graph_cache,
