@@ -21,18 +21,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from check_quant import layer_kernel_check
 from torch import nn
 
-from step1x_export.bench.checks import SKIP_CUDA, CheckReport, free, table
+from step1x_export.bench.checks import SKIP_CUDA, CheckReport, free, script_device, table
 from step1x_export.bench.environment import environment_info, header_lines
 from step1x_export.bench.ladder import LADDER, LadderRow, LadderSettings, ModelState, psnr, rel_err, run_ladder
 from step1x_export.bench.measure import measure, synchronize
@@ -206,10 +204,10 @@ def _dit_models(config, device, dtype) -> BenchModels:
 def preset_step(config, device, dtype, args) -> dict[str, Any]:
     from step1x_export.bench.models import build_mllm_with_processor
     from step1x_export.bench.runtimes import Shared, bench_picture, bench_runtime
+    from step1x_export.calibrate.apply import quantize_model
     from step1x_export.calibrate.collect import StatsCollector
     from step1x_export.calibrate.qcheckpoint import WEIGHT_ONLY_DEFAULT
     from step1x_export.calibrate.recipes import build_artifact, select_layers
-    from step1x_export.calibrate.apply import quantize_model
     from step1x_export.calibrate.weight_only import quantize_weights_
     from step1x_export.plan.plan import make_plan
     from step1x_export.runtime.mllm import prepare_mllm
@@ -290,7 +288,8 @@ def summary(entry: dict[str, Any]) -> dict[str, Any]:
             if c.get("median_ms") is not None:
                 figures[c["row"]] = f"{c['median_ms']:.0f}ms err={c['rel_err_fp32'] or 0:.2g}"
     if entry["name"] == "teacache":
-        figures = {f"tc{r['threshold']}": f"x{r['speedup']:.2f} {r['latent_psnr_db']:.1f}dB" for r in entry["thresholds"]}
+        figures = {f"tc{r['threshold']}": f"x{r['speedup']:.2f} {r['latent_psnr_db']:.1f}dB"
+                   for r in entry["thresholds"]}
     return figures
 
 
@@ -306,13 +305,9 @@ def markdown(entries: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.monotonic()
-    cuda = torch.cuda.is_available()
-    if args.device == "cuda" and not cuda:
-        print("--device cuda but no CUDA device")
-        return 2
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and cuda) else "cpu")
-    if device.type == "cpu" and not args.tiny:
-        print("full-size steps need a GPU: use --model tiny --device cpu for a dry run")
+    device = script_device(args.device, full_size=bool(not args.tiny))
+    if isinstance(device, str):
+        print(device)
         return 2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -5,7 +5,6 @@ markdown table is the last thing printed. Timings are never asserted."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 from pathlib import Path
@@ -14,30 +13,18 @@ ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--model", "tiny", "--device", "cpu", "--ladder-steps", "1", "--cache-steps", "3"]
 
 
-def _numbers(value: object) -> list[float]:
-    if isinstance(value, bool) or value is None:
-        return []
-    if isinstance(value, int | float):
-        return [float(value)]
-    if isinstance(value, dict):
-        return [n for v in value.values() for n in _numbers(v)]
-    if isinstance(value, list):
-        return [n for v in value for n in _numbers(v)]
-    return []
-
-
 def test_first_light_dry_run(tmp_path: Path) -> None:
     env = dict(os.environ, OUT=str(tmp_path), FIRST_LIGHT_TIMEOUT_S="280")
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "first_light.sh"), *FLAGS], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    data = json.loads((tmp_path / "first_light.json").read_text())
+    constants: list[str] = []  # NaN / Infinity anywhere in the JSON
+    data = json.loads((tmp_path / "first_light.json").read_text(), parse_constant=constants.append)
+    assert not constants
     entries = {e["name"]: e for e in data["entries"]}
     assert list(entries) == ["env", "kernels", "fp8_compiles", "dit_step", "preset_24gb", "teacache"]
     for name, e in entries.items():
         assert e["status"].startswith("ok"), (name, e.get("error"))
-        bad = [n for n in _numbers(e) if not math.isfinite(n)]
-        assert not bad, (name, bad)
     assert "needs CUDA" in entries["kernels"]["status"]
     assert all(r["status"] == "skipped: needs CUDA" for r in entries["kernels"]["linear1"]["rows"])
     cells = {c["row"]: c for c in entries["dit_step"]["cells"]}

@@ -17,20 +17,20 @@ from PIL import Image
 from torch import nn
 from torch.nn.attention import SDPBackend
 
-from step1x_export.cli import main
-from step1x_export.precision import Precision
-from step1x_export.runtime.trt_build import BuildOptions, builder_flags
 from step1x_export.calibrate.formats import QuantFormat
 from step1x_export.calibrate.qlinear import Kernel, QuantLinear, quantize_activation
+from step1x_export.cli import main
+from step1x_export.precision import Precision
 from step1x_export.runtime import RuntimeOptions, Step1XEditRuntime
+from step1x_export.runtime import compile as compile_mod
 from step1x_export.runtime.attention import with_attention
+from step1x_export.runtime.compile import BLOCK_LISTS, CompileBackend
 from step1x_export.runtime.loaders import pipeline_loaders
 from step1x_export.runtime.parallel.attention import _kernel
 from step1x_export.runtime.torch_engine import TorchEngine
+from step1x_export.runtime.trt_build import BuildOptions, builder_flags
 from step1x_export.specs import dit_spec
 from step1x_export.step1x_ref.pipeline import Step1XEditPipeline
-from step1x_export.runtime import compile as compile_mod
-from step1x_export.runtime.compile import BLOCK_LISTS, CompileBackend
 
 
 def photo(width: int = 64, height: int = 48, seed: int = 0) -> Image.Image:
@@ -63,8 +63,10 @@ def test_v12_prompt_lengths_compile_each_block_type_once(tracing_backend):
     with Step1XEditRuntime.load("tiny-v1.2", device="cpu", compile=True, cuda_graphs=False) as rt:
         lengths = set()
         dit = rt.stages.load("dit").module
-        seen = dit.register_forward_pre_hook(lambda m, args, kw: lengths.add(kw.get("llm_embedding", args[3:4] and args[3]).shape[1]),
-                                             with_kwargs=True)
+        def text_length(module, args, kwargs):  # the DiT's llm_embedding: positional or keyword
+            lengths.add(kwargs.get("llm_embedding", args[3:4] and args[3]).shape[1])
+
+        seen = dit.register_forward_pre_hook(text_length, with_kwargs=True)
         for prompt in PROMPTS:
             rt.edit(photo(), prompt, steps=1, seed=0, size_level=32)
         seen.remove()

@@ -7,8 +7,8 @@ import json
 import click
 
 from ..plan.plan import DIT_QUANT, PRESETS, WEIGHT_ONLY, GiB, PlanConfig, make_plan
-from ..step1x_ref.configs import CONFIGS
 from ..runtime.options import DEFAULT_GRAPH_CACHE
+from ..step1x_ref.configs import CONFIGS
 from .common import user_errors
 
 

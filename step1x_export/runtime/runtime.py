@@ -41,8 +41,8 @@ from ..step1x_ref.reasoning import JUDGE_RETRIES, ReasonedEdit, reasoned_edit
 from ..step1x_ref.sampling import ProgressFn, UpdateFn, denoise, guided_euler, pack, unpack
 from ..timing import StageTimer
 from ..validate import SEED_RANGE, InputError, check_device, check_edit_numbers, check_finite, check_int
-from .buffers import Shape, edit_dims
 from .attention import with_attention
+from .buffers import Shape, edit_dims
 from .caching import CachedStep, CacheSpec, CacheStats
 from .compile import compile_backend, compile_blocks
 from .cudagraph import CudaGraphed, GraphCounts
