@@ -4,9 +4,10 @@ a CPU-only build, with torch.cuda answering as an H200 (compute capability 9.0) 
 `fake_h200()` makes tensors and runs modules eagerly on fake CUDA; `GemmLog` records every GEMM call (shapes,
 strides, dtypes) and enforces the layouts the CUDA kernels need where ATen's meta functions do not (`_int_mm`
 runs with a row-major weight, at a sixth of the speed). Python indexing (`t[:, :n]`) goes through a C++ path
-that asks for a CUDA device guard, which a CPU build lacks, so `cuda_indexing` makes basic indexing of CUDA
-tensors call the aten view ops it means (slice / select / unsqueeze); dynamo still records `getitem` in the
-graph (it only runs its fake values through the patch), so a compiled block's graph is the GPU's.
+that asks for a CUDA device guard, which a CPU build lacks, so `CudaIndexing` (a function mode, gone when it
+exits) makes basic indexing call the aten view ops it means (slice / select / unsqueeze). Dynamo traces on
+`meta` tensors instead, with the GPU kernels forced as on a GPU: its fake values of meta tensors need no device
+guard (dynamo's own indexing and symbolic SDPA would ask for one on fake CUDA).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 from unittest import mock
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
@@ -48,22 +50,13 @@ def basic_index(t: torch.Tensor, index: object) -> torch.Tensor:
     return t
 
 
-_TENSOR_GETITEM = torch._C.TensorBase.__getitem__
+class CudaIndexing(TorchFunctionMode):
+    """Basic indexing of tensors as aten view ops, while the mode is active (eager fake-CUDA runs only)."""
 
-
-def _getitem(self: torch.Tensor, index: object) -> torch.Tensor:
-    basic = all(i is None or i is Ellipsis or isinstance(i, (int, slice))
-                for i in (index if isinstance(index, tuple) else (index,)))
-    if self.device.type == "cuda" and basic:
-        return basic_index(self, index)
-    return _TENSOR_GETITEM(self, index)
-
-
-@contextmanager
-def cuda_indexing() -> Iterator[None]:
-    """Basic indexing of CUDA tensors as aten view ops (eager and while dynamo runs its fake tensors)."""
-    with mock.patch.object(torch.Tensor, "__getitem__", _getitem):
-        yield
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.__getitem__:
+            return basic_index(*args)
+        return func(*args, **(kwargs or {}))
 
 
 @dataclass(frozen=True)
@@ -103,58 +96,12 @@ class GemmLog(TorchDispatchMode):
 
 
 @contextmanager
-def h200_answers() -> Iterator[None]:
-    """torch.cuda says: available, an H200 (capability 9.0)."""
+def fake_h200() -> Iterator[FakeTensorMode]:
+    """Build and run on fake "cuda" tensors, torch.cuda answering as an H200 (available, capability 9.0).
+    Without grad: autograd's metadata for a fake CUDA tensor asks for a device guard too (and aborts the
+    process, not raises)."""
     with mock.patch.object(torch.cuda, "is_available", lambda: True), \
             mock.patch.object(torch.cuda, "get_device_capability", lambda device=None: H200), \
-            mock.patch.object(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200"), cuda_indexing(), \
-            torch.no_grad():
-        yield
-
-
-@contextmanager
-def tracing() -> Iterator[None]:
-    """For dynamo over modules built under `fake_h200` (their kernels already chosen): torch.cuda tells the
-    truth here, because dynamo saves the CUDA RNG state when it believes CUDA is there."""
-    with cuda_indexing(), torch.no_grad():
-        yield
-
-
-@contextmanager
-def fake_h200() -> Iterator[FakeTensorMode]:
-    """Build and run on fake "cuda" tensors, torch.cuda answering as an H200. Without grad: autograd's
-    metadata for a fake CUDA tensor asks for a device guard too (and aborts the process, not raises)."""
-    with h200_answers(), torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            mock.patch.object(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200"), \
+            torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode, CudaIndexing():
         yield mode
-
-
-def run_in_fake_mode(gm: torch.fx.GraphModule):
-    """What a recording backend hands back: the graph, run under its fake inputs' mode (outside it, an op
-    on a fake CUDA tensor would initialise CUDA)."""
-    def run(*args: object) -> object:
-        mode = next(a.fake_mode for a in args if isinstance(a, FakeTensor))
-        with mode, torch.no_grad():
-            return gm(*args)
-
-    return run
-
-
-@torch.library.custom_op("fake_cuda::attention", mutates_args=())
-def _opaque_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(q)
-
-
-@_opaque_attention.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(q)
-
-
-@contextmanager
-def opaque_attention() -> Iterator[None]:
-    """SDPA as an opaque op of the same shapes: SDPA's own kernel choice on symbolic token counts asks for a
-    CUDA device guard on a CPU build, so a dynamic-shape trace stands it in (static traces keep the real one)."""
-    def sdpa(q, k, v, *args, **kwargs):
-        return _opaque_attention(q, k, v)
-
-    with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", sdpa):
-        yield
