@@ -28,7 +28,7 @@ def test_first_light_dry_run(tmp_path: Path) -> None:
     assert "needs CUDA" in entries["kernels"]["status"]
     assert all(r["status"] == "skipped: needs CUDA" for r in entries["kernels"]["linear1"]["rows"])
     cells = {c["row"]: c for c in entries["dit_step"]["cells"]}
-    assert cells["eager bf16"]["status"] == "ok" and cells["+ cudnn attention"]["note"] == "skipped: needs CUDA"
+    assert cells["eager bf16"]["status"] == "ok" and cells["cudnn attention, graphs"]["note"] == "skipped: needs CUDA"
     assert entries["preset_24gb"]["peak_gib"] > 0
     assert [r["threshold"] for r in entries["teacache"]["thresholds"]] == [0.2, 0.4]
     assert all(r["computed"] + r["reused"] >= 3 for r in entries["teacache"]["thresholds"])

@@ -6,6 +6,10 @@ it runs on. The choice is a `torch.nn.attention.sdpa_kernel` context entered aro
 holds while the step is traced by torch.compile, warmed up and captured in a CUDA graph: the kernel is
 chosen inside the captured graph, not per replay.
 
+torch.compile traces the blocks under the context in force at their first call (the runtime's first edit), so
+a process keeps the kernel of the first runtime that compiled them; runtimes with different choices in one
+process share the compiled blocks (the benchmark compares kernels on eager blocks for that reason).
+
   auto       cuDNN first on compute capability >= 9.0 (Hopper and newer), then flash, memory-efficient,
              math; elsewhere torch's own order
   flash / cudnn / efficient / math   only that kernel (an input it cannot take raises, naming the kernel)
