@@ -22,7 +22,7 @@ from check_export import export_checks
 from check_quant import _short, quant_checks
 from check_runtime import runtime_checks
 
-from step1x_export.bench.checks import CheckReport, free, table
+from step1x_export.bench.checks import CheckReport, free, script_device, table
 from step1x_export.bench.environment import environment_info, header_lines
 from step1x_export.runtime.options import DEFAULT_GRAPH_CACHE
 from step1x_export.step1x_ref.configs import get_config
@@ -64,13 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.monotonic()
-    cuda = torch.cuda.is_available()
-    if args.device == "cuda" and not cuda:
-        print("--device cuda but no CUDA device")
-        return 2
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and cuda) else "cpu")
-    if device.type == "cpu" and args.scale:
-        print("full-size checks need a GPU: use --model tiny --device cpu for a dry run")
+    device = script_device(args.device, full_size=bool(args.scale))
+    if isinstance(device, str):
+        print(device)
         return 2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 on CPU is slow and not the point
     torch.backends.cuda.matmul.allow_tf32 = False

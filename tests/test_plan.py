@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from step1x_export.cli import main
 from step1x_export.plan.measure import measure_cpu, planned_activations
-from step1x_export.plan.plan import CARD_24GB_USABLE, GiB, PlanConfig, make_plan
+from step1x_export.plan.plan import CUDA_CONTEXT, GiB, PlanConfig, make_plan
 from step1x_export.plan.tracer import trace_peak
 
 
@@ -27,15 +27,44 @@ def test_tracer_counts_live_storages_exactly():
 
 
 def test_preset_24gb_fits_all_resident_at_1024():
+    """The issue's bound: the 24gb preset's plan, context included, within 23.0 GiB at 1024^2."""
     result = CliRunner().invoke(main, ["plan", "--version", "v1.1", "--size-level", "1024", "--preset", "24gb",
-                                       "--json", "--budget-gib", "23.6"])
+                                       "--json", "--budget-gib", "23.0"])
     assert result.exit_code == 0, result.output
     plan = json.loads(result.output)
     assert [s["name"] for s in plan["stages"]] == ["mllm", "vae_encoder", "dit", "vae_decoder"]
-    assert plan["config"] == {"quant": "fp8", "weight_only": "int8", "mllm_quant": "int8", "sequential_load": False}
+    assert plan["config"] == {"quant": "fp8", "weight_only": "int8", "mllm_quant": "int8", "sequential_load": False,
+                              "cuda_graphs": False, "graph_cache": 4}
     weights = sum(s["weights"] for s in plan["stages"])
-    assert all(s["resident"] == weights and s["total"] == weights + s["activations"] for s in plan["stages"])
-    assert plan["total_bytes"] <= CARD_24GB_USABLE
+    assert all(s["resident"] == weights and s["context"] == CUDA_CONTEXT and s["graph_pools"] == 0
+               and s["total"] == weights + CUDA_CONTEXT + s["activations"] for s in plan["stages"])
+    assert plan["total_bytes"] <= 23.0 * GiB
+    assert "graph" not in plan["not_counted"] and "context" not in plan["not_counted"]
+
+
+def test_graph_pools_are_counted_in_every_stage():
+    """With CUDA graphs each cached graph keeps a pool of the DiT's activation peak, alive during the other
+    stages; the DiT's own activations live in one of them. Sequential loading drops them with the DiT."""
+    plan = make_plan("v1.1", 1024, config=PlanConfig(quant="fp8", cuda_graphs=True, graph_cache=2))
+    by_name = {s.name: s for s in plan.stages}
+    pools = 2 * by_name["dit"].activations
+    assert all(s.graph_pools == pools for s in plan.stages)
+    assert by_name["dit"].total == by_name["dit"].resident + CUDA_CONTEXT + pools
+    decoder = by_name["vae_decoder"]
+    assert decoder.total == decoder.resident + CUDA_CONTEXT + pools + decoder.activations
+    one = make_plan("v1.1", 1024, config=PlanConfig(quant="fp8", cuda_graphs=True, graph_cache=1))
+    assert plan.total - one.total == by_name["dit"].activations
+    seq = make_plan("v1.1", 1024, config=PlanConfig(quant="fp8", sequential_load=True))
+    assert all(s.graph_pools == 0 for s in seq.stages)
+
+
+def test_vae_decoder_frees_each_level_input():
+    """The decoder runs its levels step by step and SiLU in place (no grad): at 1024^2 its peak is two and a
+    half 1 GiB-class tensors (the upsampled 256-channel input and its convolution, plus a 128-channel one),
+    not three (the level's input kept alive by the caller)."""
+    plan = make_plan("v1.1", 1024, config=PlanConfig(cuda_graphs=False))
+    decoder = next(s for s in plan.stages if s.name == "vae_decoder")
+    assert decoder.activations <= 2.51 * GiB
 
 
 def test_bf16_plan_weights_are_the_checkpoint_and_sequential_frees_stages():
@@ -45,15 +74,16 @@ def test_bf16_plan_weights_are_the_checkpoint_and_sequential_frees_stages():
     assert 2 * GiB < dit.activations < 3 * GiB  # batch 2 x (640 + 2 x 4096) tokens
     assert plan.total > 37 * GiB
     seq = make_plan("v1.1", 1024, config=PlanConfig(sequential_load=True))
-    assert seq.total == max(s.weights + s.activations for s in seq.stages) == dit.weights + dit.activations
+    assert seq.total == max(s.weights + s.activations for s in seq.stages) + CUDA_CONTEXT
+    assert seq.total == dit.weights + dit.activations + CUDA_CONTEXT
 
 
 @pytest.mark.parametrize(("config", "level", "stage", "high"),
-                         [("tiny", 1024, "dit", 1.25), ("tiny", 512, "vae_decoder", 1.5)])
+                         [("tiny", 1024, "dit", 1.25), ("tiny", 512, "vae_decoder", 1.6)])
 def test_plan_activations_against_measured_cpu_peaks(config, level, stage, high):
     """Measured in a fresh process (peak RSS over the resident set before the forward), on the 2-core CPU box
     (`python -m step1x_export.plan.measure`): tiny DiT at 1024: planned 90.9 MiB, measured 102.1 MiB (1.12x);
-    tiny VAE decoder at 512: planned 192.2 MiB, measured 263.4 MiB (1.37x: oneDNN's convolution scratch and
-    layout copies)."""
+    tiny VAE decoder at 512: planned 160.3 MiB, measured 243.2 MiB (1.52x: oneDNN's convolution scratch and
+    layout copies; the decoder freeing each level's input saved 32 MiB planned, 20 MiB of RSS)."""
     planned, measured = planned_activations(config, level, stage), measure_cpu(config, level, stage)
     assert planned <= measured <= high * planned

@@ -31,6 +31,17 @@ def log(msg: str, start: float) -> None:
     print(f"[{time.monotonic() - start:6.1f}s] {msg}", flush=True)
 
 
+def script_device(asked: str, full_size: bool) -> torch.device | str:
+    """The device a GPU script runs on ("auto": CUDA when there is one), or why it cannot run (a message)."""
+    cuda = torch.cuda.is_available()
+    if asked == "cuda" and not cuda:
+        return "--device cuda but no CUDA device"
+    device = torch.device("cuda" if asked == "cuda" or (asked == "auto" and cuda) else "cpu")
+    if device.type == "cpu" and full_size:
+        return "full-size runs need a GPU: use --model tiny --device cpu for a dry run"
+    return device
+
+
 def free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":

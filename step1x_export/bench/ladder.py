@@ -58,6 +58,8 @@ LADDER: tuple[LadderRow, ...] = (
               "torch.compile of each DiT block, token count dynamic (fuses norm+modulation, RoPE, GELU, gates)"),
     LadderRow("+ CUDA graphs", {}, "the default configuration: compile (auto: on CUDA) + the whole step captured "
               "once per shape"),
+    LadderRow("+ cuDNN attention", {"attention": "cudnn"}, "the default configuration with every attention on "
+              "cuDNN's kernel (auto picks it first on Hopper; this row forces it anywhere)"),
     LadderRow("+ FP8 GEMMs", {"precision": Precision.FP8}, "the default configuration + an FP8 W8A8 artifact "
               "(E4M3 block GEMMs)", quant="fp8"),
     LadderRow("+ FP8 attention", {"precision": Precision.FP8, "attention_fp8": True}, "E4M3 attention", quant="fp8"),

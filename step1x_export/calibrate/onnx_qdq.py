@@ -196,6 +196,8 @@ class _Rewriter:
             nodes.append(helper.make_node("Mul", [x, f"{prefix}.smooth_inv"], [f"{prefix}.smoothed"],
                                           name=f"{prefix}/smooth"))
             x = f"{prefix}.smoothed"
+        # Scales in the graph's float type: QuantizeLinear up to opset 21 types y_scale as x (T1), so a bf16 graph
+        # cannot carry float32 scales without a Cast around every Q/DQ pair (opset 23 decouples the two).
         self.new_inits += [_float_tensor(f"{prefix}.scale", s.input_scale.reshape(()), ftype),
                            self.zero_point(f"{prefix}.zero_point", [])]
         qdq_in = [f"{prefix}.scale", f"{prefix}.zero_point"]

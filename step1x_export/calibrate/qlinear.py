@@ -7,13 +7,19 @@ device (never inside forward, so a compiled or captured forward sees a fixed cho
   bias fused and fast accumulation; a CUDA GPU without FP8 is refused (`UnsupportedKernelError`);
 - INT8 on CUDA: `torch._int_mm` (int8 x int8 -> int32) with the weight column-major (`w[N, K].t()`),
   then one pass that scales, adds the bias and rounds to bf16 (`torch.addcmul` into a bf16 output:
-  the arithmetic runs in float32 per element, no float32 [M, N] tensor is made);
+  the arithmetic runs in float32 per element, no float32 [M, N] tensor is made; compiled, it is one
+  pointwise op that inductor can fuse into the GEMM's epilogue);
 - anywhere else: an exact emulation of the Q/DQ graph, as ONNX and TensorRT define it:
   quantize x with the static scale, dequantize x and the weight to float32, matmul in float32.
 
-The GPU kernels quantize activations in the compute dtype (one multiply by smooth_inv / input_scale
-folded into one [K] vector, saturate, cast), not through float32: this differs from the emulation by
-the rounding of that product (at most one bf16 ulp before the 8-bit rounding).
+The GPU kernels quantize activations with one multiply by smooth_inv / input_scale, folded into one
+float32 [K] vector (or scalar): the product is computed in float32 per element and rounded once into
+the compute dtype, then saturated and cast. The folded scale stays float32: rounded to bf16 it would
+scale every activation of the layer by the same factor (up to 1 +- 2^-8), a fixed gain error that the
+float32 dequantization does not undo. Every scale reaching a GEMM or its epilogue is float32.
+
+The derived tensors (`_act_mul`, `_out_scale`) are updated in place when recomputed on the same
+device, so a CUDA graph captured over this module keeps reading live memory after a `.to()`.
 """
 
 from __future__ import annotations
@@ -114,13 +120,14 @@ class QuantLinear(nn.Module):
         self.kernel = self._forced or (
             Kernel.EMULATE if device.type == "meta"
             else select_kernel(self.fmt, device, self.in_features, self.out_features, self.out_dtype))
-        self._act_mul: Tensor | None = None
-        self._out_scale: Tensor | None = None
+        act_mul = out_scale = None
         if self.kernel is not Kernel.EMULATE:
-            # x * (smooth_inv / input_scale) in the compute dtype: one [K] (or scalar) multiply per call.
+            # x * (smooth_inv / input_scale): one float32 [K] (or scalar) multiply per call.
             inv = 1.0 / self.input_scale.float()
-            self._act_mul = (inv * self.smooth_inv if self.smooth_inv is not None else inv).to(self.out_dtype)
-            self._out_scale = (self.input_scale * self.weight_scale).float().reshape(-1)  # int8: per-column scale
+            act_mul = inv * self.smooth_inv.float() if self.smooth_inv is not None else inv
+            out_scale = (self.input_scale * self.weight_scale).float().reshape(-1)  # int8: per-column scale
+        self._act_mul = _refreshed(getattr(self, "_act_mul", None), act_mul)
+        self._out_scale = _refreshed(getattr(self, "_out_scale", None), out_scale)
         return self
 
     def _apply(self, fn, recurse=True):  # .to(device) / .cuda(): the kernel follows the device, once
@@ -173,9 +180,25 @@ def quantize_weight(w: Tensor, weight_scale: Tensor, fmt: QuantFormat, *, smooth
     return out
 
 
+def _refreshed(old: Tensor | None, new: Tensor | None) -> Tensor | None:
+    """`new`'s values in `old`'s memory when it can hold them (same shape, dtype, device), else `new`."""
+    same = (old is not None and new is not None and old.shape == new.shape and old.dtype == new.dtype
+            and old.device == new.device and old.device.type != "meta")
+    return old.copy_(new) if same else new
+
+
 def quantize_activation(x: Tensor, act_mul: Tensor, fmt: QuantFormat) -> Tensor:
-    """x [M, K] in the compute dtype -> 8-bit, as x * act_mul saturated and rounded (two [M, K] temporaries)."""
-    y = x * act_mul
+    """x [M, K] in the compute dtype -> 8-bit, as x * act_mul saturated and rounded (two [M, K] temporaries).
+
+    act_mul is float32, so the scale itself is never rounded. Compiled, the float32 product, saturation
+    and cast are one fused kernel; eagerly the product is rounded once into x's dtype (`out=`) so no
+    float32 [M, K] tensor is made (a double rounding before the 8-bit one, unbiased).
+    """
+    if torch.compiler.is_compiling():  # functional: inductor fuses it and frees nothing early
+        y = x.float() * act_mul
+        y = y.round().clamp(-128, 127) if fmt is QuantFormat.INT8 else y.clamp(-448.0, 448.0)
+        return y.to(fmt.storage_dtype)
+    y = torch.mul(x, act_mul, out=torch.empty_like(x))
     if fmt is QuantFormat.INT8:
         return y.round_().clamp_(-128, 127).to(torch.int8)
     return y.clamp_(-448.0, 448.0).to(torch.float8_e4m3fn)
@@ -199,7 +222,7 @@ def _scaled_mm(xq: Tensor, q: QuantLinear) -> Tensor:
     if q.weight_scale.numel() == 1:
         scale_a, scale_b = q.input_scale, q.weight_scale.reshape(())
     else:
-        scale_a = q.input_scale.reshape(1, 1).expand(xq.shape[0], 1).contiguous()
+        scale_a = q.input_scale.reshape(1, 1).repeat(xq.shape[0], 1)  # [M, 1], contiguous
         scale_b = q.weight_scale.reshape(1, -1)
     return torch._scaled_mm(xq, q.weight.t(), scale_a=scale_a, scale_b=scale_b, bias=q.bias,
                             out_dtype=q.out_dtype, use_fast_accum=True)
@@ -210,7 +233,10 @@ def _int_mm(xq: Tensor, q: QuantLinear) -> Tensor:
     m = xq.shape[0]
     if m <= 16:
         xq = F.pad(xq, (0, 0, 0, 17 - m))
-    acc = torch._int_mm(xq, q.weight.t())[:m]
+    acc = torch._int_mm(xq, q.weight.t()).narrow(0, 0, m)
+    if torch.compiler.is_compiling():  # one pointwise epilogue, fusable into the GEMM by inductor
+        y = acc * q._out_scale if q.bias is None else torch.addcmul(q.bias.float(), acc, q._out_scale)
+        return y.to(q.out_dtype)
     out = torch.empty(acc.shape, dtype=q.out_dtype, device=acc.device)
     if q.bias is None:
         return torch.mul(acc, q._out_scale, out=out)

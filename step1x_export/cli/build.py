@@ -28,9 +28,12 @@ COMPONENTS = ("dit", "vae_encoder", "vae_decoder")
                    "Weakly typed: TensorRT may pick kernels in the graph's precision (bf16/fp16 flag).")
 @click.option("--workspace-gib", type=FiniteFloat(0.1, 1e4), default=None,
               help="Cap TensorRT's scratch memory [default: TensorRT's own].")
+@click.option("--refittable", is_flag=True,
+              help="Build with TensorRT's REFIT flag, so new weights (e.g. a merged LoRA) can be set into the "
+                   "engine by initializer name without a rebuild (float engines; quantized layers are rebuilt).")
 @user_errors
 def build(onnx_dir: Path, out_dir: Path, components: str, opt_level: int, timing_cache: Path | None,
-          strongly_typed: bool, workspace_gib: float | None) -> None:
+          strongly_typed: bool, workspace_gib: float | None, refittable: bool) -> None:
     """Build TensorRT engines from an ONNX export, one optimization profile per component from the
     export's min/opt/max shapes. The engines run only on this GPU model with this TensorRT version
     (both recorded in engines.json and checked at load). Needs the `tensorrt` extra and a CUDA GPU.
@@ -46,7 +49,7 @@ def build(onnx_dir: Path, out_dir: Path, components: str, opt_level: int, timing
     names = [c.strip() for c in components.split(",") if c.strip()]
     entries = [manifest.component(n) for n in names]
     options = BuildOptions(strongly_typed=strongly_typed, opt_level=opt_level, timing_cache=timing_cache,
-                           workspace_gib=workspace_gib)
+                           workspace_gib=workspace_gib, refittable=refittable)
     inputs = [BuildInput(e.name, e.path, e.spec, e.dims, Precision.parse(e.precision)) for e in entries]
     result = build_all(manifest.config, inputs, out_dir, options,
                        progress=lambda name: click.echo(f"building {name} (opt level {opt_level}) ...", err=True))

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from ..choices import DIT_QUANT, PLAN_PRESETS, WEIGHT_ONLY
+from ..choices import DEFAULT_GRAPH_CACHE, DIT_QUANT, PLAN_PRESETS, WEIGHT_ONLY
 from ..step1x_ref.configs import CONFIGS
 from .common import user_errors
 
@@ -20,8 +20,9 @@ from .common import user_errors
               "ratio at size_level, as the edit resizes it [default: square].")
 @click.option("--height", type=click.IntRange(16), default=None, help="Input image height (with --width).")
 @click.option("--preset", type=click.Choice(PLAN_PRESETS), default=None,
-              help="A named configuration (overrides the quantization and load options): bf16, fp8 (W8A8 DiT), "
-                   "24gb (FP8 W8A8 DiT + weight-only INT8 modulation, connector and MLLM, all resident).")
+              help="A named configuration (overrides the quantization, load and graph options): bf16, fp8 (W8A8 "
+                   "DiT), 24gb (FP8 W8A8 DiT + weight-only INT8 modulation, connector and MLLM, all resident, no "
+                   "CUDA graphs).")
 @click.option("--quant", type=click.Choice(DIT_QUANT), default="none", show_default=True,
               help="The DiT's W8A8 recipe with its default layer selection.")
 @click.option("--weight-only", type=click.Choice(WEIGHT_ONLY), default="none", show_default=True,
@@ -29,21 +30,29 @@ from .common import user_errors
 @click.option("--mllm-quant", type=click.Choice(WEIGHT_ONLY), default="none", show_default=True,
               help="Qwen2.5-VL's Linears as 8-bit weight-only layers (the unused LM head is always dropped).")
 @click.option("--sequential-load", is_flag=True, help="One stage on the device at a time (as the runtime's option).")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
+              help="As the runtime's option: each captured denoising step keeps a memory pool of the DiT's "
+                   "activation peak between edits (counted in every stage; dropped with the DiT when sequential).")
+@click.option("--graph-cache", type=click.IntRange(1, 1000), default=DEFAULT_GRAPH_CACHE, show_default=True,
+              help="Captured graphs kept (as the runtime's option): one pool each, counted at this plan's size.")
 @click.option("--budget-gib", type=click.FloatRange(min=0.1), default=None,
               help="Exit with status 2 if the plan's peak exceeds this many GiB (for scripts).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (bytes per stage) instead of a table.")
 @user_errors
 def plan(model: str, size_level: int, width: int | None, height: int | None, preset: str | None, quant: str,
-         weight_only: str, mllm_quant: str, sequential_load: bool, budget_gib: float | None, as_json: bool) -> None:
+         weight_only: str, mllm_quant: str, sequential_load: bool, cuda_graphs: bool, graph_cache: int,
+         budget_gib: float | None, as_json: bool) -> None:
     """Print the device memory of one edit, stage by stage: the weights each stage holds, its activation
-    peak (a forward traced on meta tensors from the real configs: no weights, no GPU, seconds) and the
-    total while it runs. Not counted: the CUDA context, library workspaces and allocator rounding.
+    peak (a forward traced on meta tensors from the real configs: no weights, no GPU, seconds), the CUDA
+    graphs' pools, the CUDA context (a stated constant) and the total while it runs. Not counted: library
+    workspaces, allocator rounding and compile caches.
     """
     if (width is None) != (height is None):
         raise click.UsageError("give both --width and --height, or neither")
     from ..plan.plan import GiB, PlanConfig, make_plan
 
-    config = PlanConfig(quant=quant, weight_only=weight_only, mllm_quant=mllm_quant, sequential_load=sequential_load)
+    config = PlanConfig(quant=quant, weight_only=weight_only, mllm_quant=mllm_quant, sequential_load=sequential_load,
+                        cuda_graphs=cuda_graphs, graph_cache=graph_cache)
     result = make_plan(model, size_level, config=config, preset=preset, width=width, height=height)
     click.echo(json.dumps(result.as_json(), indent=2) if as_json else result.table())
     if budget_gib is not None and result.total > budget_gib * GiB:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..choices import DTYPES
+from ..choices import ATTENTION, DTYPES
 from ..runtime.options import BACKENDS, DEFAULT_GRAPH_CACHE, RuntimeOptions
 from .common import DEVICE, SMALL_MODELS, lora_option, torch_dtype, version_option
 
@@ -47,11 +47,17 @@ class RuntimeArgs:
     sequential_load: bool = False
     mllm_quant: str | None = None
     preset: str | None = None
+    attention: str = "auto"
 
     @property
     def mllm_quant_asked(self) -> str | None:
         """--mllm-quant, or the preset's (24gb: int8) when not given."""
         return self.mllm_quant or ("int8" if self.preset == "24gb" else None)
+
+    @property
+    def cuda_graphs_asked(self) -> bool:
+        """--cuda-graphs, off with --preset 24gb: a captured step's pool does not fit beside the VAE decoder."""
+        return self.cuda_graphs and self.preset != "24gb"
 
     def check_source(self) -> None:
         """One-line usage errors for a combination of flags that names no model or mixes backends."""
@@ -83,10 +89,10 @@ class RuntimeArgs:
         from ..runtime.runtime import precision_of
 
         precision = precision_of(torch_dtype(self.dtype)) if self.dtype else RuntimeOptions().precision
-        base = RuntimeOptions(backend=self.backend, precision=precision, cuda_graphs=self.cuda_graphs,  # type: ignore[arg-type]
+        base = RuntimeOptions(backend=self.backend, precision=precision, cuda_graphs=self.cuda_graphs_asked,  # type: ignore[arg-type]
                               compile=self.compile, compile_mode=self.compile_mode, graph_cache=self.graph_cache,
                               shape_buckets=self.shape_buckets, sequential_load=self.sequential_load,
-                              mllm_quant=self.mllm_quant_asked)
+                              mllm_quant=self.mllm_quant_asked, attention=self.attention)
         return replace(base, **overrides)
 
     def load_kwargs(self) -> dict[str, Any]:
@@ -101,10 +107,11 @@ class RuntimeArgs:
             mllm = self.model_name if self.model_dir is None else self.model_dir  # either layout
         return {
             "source": source, "backend": self.backend, "quant": self.quant, "device": self.device,
-            "dtype": torch_dtype(self.dtype) if self.dtype else None, "cuda_graphs": self.cuda_graphs,
+            "dtype": torch_dtype(self.dtype) if self.dtype else None, "cuda_graphs": self.cuda_graphs_asked,
             "compile": self.compile, "compile_mode": self.compile_mode, "graph_cache": self.graph_cache,
             "shape_buckets": self.shape_buckets, "sequential_load": self.sequential_load, "version": self.version,
             "mllm": mllm, "mllm_quant": self.mllm_quant_asked, "loras": [LoraSpec.parse(spec) for spec in self.loras],
+            "attention": self.attention,
         }
 
     def load(self) -> Step1XEditRuntime:
@@ -172,10 +179,17 @@ def _execution_options() -> dict[str, Callable[[Callable[..., Any]], Callable[..
             "--mllm-quant", type=click.Choice(["none", "fp8", "int8"]), default=None,
             help="Qwen2.5-VL's Linears as 8-bit weight-only layers, quantized on the host before they reach the "
             "device [default: none; int8 with --preset 24gb]."),
+        "attention": click.option(
+            "--attention", type=click.Choice(ATTENTION), default="auto",
+            show_default=True,
+            help="The DiT's SDPA kernel (torch backend), fixed around the whole step so it holds inside the "
+            "compiled and captured graph: auto = cuDNN first on Hopper and newer GPUs (then flash, "
+            "memory-efficient, math), torch's own order elsewhere; the others force one kernel."),
         "preset": click.option(
             "--preset", type=click.Choice(["24gb"]), default=None,
             help="24gb: every stage resident on a 24 GB card at 1024^2 (`step1x-export plan --preset 24gb`); needs "
-            "--quant QUANTIZED_CHECKPOINT (FP8 W8A8 + int8 weight-only) and sets --mllm-quant int8."),
+            "--quant QUANTIZED_CHECKPOINT (FP8 W8A8 + int8 weight-only), sets --mllm-quant int8 and turns CUDA "
+            "graphs off (their memory pool does not fit beside the VAE decoder)."),
     }
 
 

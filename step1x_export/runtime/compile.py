@@ -1,11 +1,14 @@
 """torch.compile of the DiT's transformer blocks, one compiled graph per block type for every edit size.
 
-The token count (noisy + reference image tokens, + text in the single-stream blocks) is the only
-dimension that changes with the edit's resolution; it is marked dynamic on each block's inputs, so
-a server that sees every aspect ratio compiles each block type once instead of once per size (a
-static compile recompiles per token count and, with fullgraph, fails at dynamo's recompile limit).
-The text length (the embedder's padded max_length), batch and widths stay static, so the kernels
-are specialised on them as before.
+The token counts change with the edit: the image tokens (noisy + reference) with its resolution, and,
+for v1.2, the text tokens with the prompt (each CFG branch keeps its own length, unpadded). Both are
+marked dynamic on each block's inputs, so a server that sees every aspect ratio and every prompt
+compiles each block type once (a static compile recompiles per token count and, with fullgraph,
+fails at dynamo's recompile limit). Batch and widths stay static, so the kernels are specialised on them.
+
+One `CompileBackend` per process and mode (`compile_backend`): dynamo guards its cache entries on the
+backend object, so a backend per runtime would recompile every block for each runtime a process makes
+(the benchmark ladder makes one per row).
 
 Per block rather than the whole model: compile time stays that of one block per type, and the
 connector and embedders (run once per step on small tensors) stay eager.
@@ -20,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-# Input name -> its token dimension, for the blocks' forward arguments (img / x: [B, tokens, hidden],
-# pe: [1, 1, tokens, D/2, 2, 2]). `txt` is padded to a fixed length and stays static.
-TOKEN_DIMS = {"img": 1, "x": 1, "pe": 2}
+# Input name -> its token dimension, for the blocks' forward arguments (img / txt / x: [B, tokens, hidden],
+# pe: [1, 1, tokens, D/2, 2, 2]). v1.0 / v1.1 pad the text to a fixed length; v1.2 does not.
+TOKEN_DIMS = {"img": 1, "txt": 1, "x": 1, "pe": 2}
 BLOCK_LISTS = ("double_blocks", "single_blocks")
 _MARK = "_step1x_compiled"  # set on blocks compiled here, so closing the engine can restore them
 
@@ -45,6 +48,17 @@ class CompileBackend:
 
         self.compiles += 1
         return compile_fx(gm, example_inputs, config_patches=self.options)
+
+
+_BACKENDS: dict[str | None, CompileBackend] = {}
+
+
+def compile_backend(mode: str | None = None) -> CompileBackend:
+    """The process's backend for `mode` (made on first use): every runtime compiling with it shares
+    dynamo's cache entries, so a second runtime over the same block types compiles nothing."""
+    if mode not in _BACKENDS:
+        _BACKENDS[mode] = CompileBackend(mode)
+    return _BACKENDS[mode]
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:

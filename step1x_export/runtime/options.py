@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
+from ..choices import ATTENTION, DEFAULT_GRAPH_CACHE
 from ..precision import Precision
 from .cache_spec import CacheSpec
 from .parallel.degrees import ParallelDegrees
@@ -14,10 +15,6 @@ if TYPE_CHECKING:  # plain options: the CLI's --help reads them without importin
 
 Backend = Literal["torch", "onnxruntime", "tensorrt"]
 BACKENDS: tuple[Backend, ...] = ("torch", "onnxruntime", "tensorrt")
-# Captured graphs kept per runtime (one per edit resolution, least recently used evicted first). A graph
-# holds its own memory pool (the step's activations at that size); 4 keeps the working set of a few
-# common sizes warm while bounding memory when a server sees every aspect ratio.
-DEFAULT_GRAPH_CACHE = 4
 
 
 @dataclass(frozen=True)
@@ -37,6 +34,7 @@ class RuntimeOptions:
     compile_mode: str | None = None  # torch.compile's mode (None: inductor's default), e.g. "max-autotune"
     graph_cache: int = DEFAULT_GRAPH_CACHE  # captured CUDA graphs kept (LRU); an evicted graph frees its memory
     shape_buckets: bool = False  # snap each edit to the nearest of specs.BUCKET_ASPECTS (changes pixels vs upstream)
+    attention: str = "auto"  # SDPA kernel: auto (cuDNN first on Hopper+) | flash | cudnn | efficient | math
     attention_fp8: bool = False  # FP8 attention: not implemented
     sequential_load: bool = False  # load one stage at a time (encoder freed before the DiT): cards <= 24 GB
     mllm_quant: str | None = None  # "fp8" / "int8": the MLLM's Linears weight-only 8-bit (None: as loaded)
@@ -51,6 +49,8 @@ class RuntimeOptions:
         object.__setattr__(self, "precision", Precision.parse(self.precision))
         if isinstance(self.graph_cache, bool) or not isinstance(self.graph_cache, int) or self.graph_cache < 1:
             raise ValueError(f"graph_cache must be an integer >= 1 (graphs kept), got {self.graph_cache!r}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"unknown attention {self.attention!r}; choose one of {', '.join(ATTENTION)}")
         if self.mllm_quant not in (None, "none", "fp8", "int8"):
             raise ValueError(f"unknown mllm_quant {self.mllm_quant!r}; choose none, fp8 or int8")
         if isinstance(self.cache, str):
@@ -71,9 +71,13 @@ class RuntimeOptions:
         ONNX Runtime runs on its own CUDA stream after a host sync, which a torch CUDA graph cannot capture
         (the sync fails during capture, and ORT's kernels would not be in the graph): no graphs there.
         A parallel DiT runs eager: its collectives have not been captured or compiled here.
+        TensorRT keeps one graph: an engine has one execution context, and binding it to a new shape (input
+        shapes, buffer addresses) invalidates what graphs captured at other shapes baked in.
         """
         cuda = device.type == "cuda"
         single = self.parallel.world == 1
         graphs_ok = cuda and self.backend != "onnxruntime" and single
         compile_on = self.backend == "torch" and single and (cuda if self.compile is None else self.compile)
-        return replace(self, cuda_graphs=self.cuda_graphs and graphs_ok, compile=compile_on)
+        graphs = self.cuda_graphs and graphs_ok
+        cache = 1 if graphs and self.backend == "tensorrt" else self.graph_cache
+        return replace(self, cuda_graphs=graphs, compile=compile_on, graph_cache=cache)

@@ -41,9 +41,10 @@ from ..step1x_ref.reasoning import JUDGE_RETRIES, ReasonedEdit, reasoned_edit
 from ..step1x_ref.sampling import ProgressFn, UpdateFn, denoise, guided_euler, pack, unpack
 from ..timing import StageTimer
 from ..validate import SEED_RANGE, InputError, check_device, check_edit_numbers, check_finite, check_int
+from .attention import with_attention
 from .buffers import Shape, edit_dims
 from .caching import CachedStep, CacheSpec, CacheStats
-from .compile import CompileBackend, compile_blocks
+from .compile import compile_backend, compile_blocks
 from .cudagraph import CudaGraphed, GraphCounts
 from .engine import Engine
 from .loaders import TINY, engine_loaders, pipeline_loaders, torch_loaders
@@ -95,7 +96,8 @@ class Step1XEditRuntime:
         self._edits = 0
         self.step_seconds: list[float] = []  # the last edit's denoising steps
         self.last_latent: torch.Tensor | None = None  # the last edit's denoised tokens, before decode (fidelity checks)
-        self.compiler = CompileBackend(self.options.compile_mode) if self.options.compile else None
+        self.compiler = compile_backend(self.options.compile_mode) if self.options.compile else None
+        self._compiles_before = self.compiler.compiles if self.compiler is not None else 0  # the backend is shared
         if self.compiler is not None:
             loaders = {**loaders, "dit": self._compiled(loaders["dit"])}
         self._cached_step: CachedStep | None = None
@@ -131,6 +133,7 @@ class Step1XEditRuntime:
         ulysses_degree: int = 1,
         ring_degree: int = 1,
         loras: Sequence[LoraSpec] = (),
+        attention: str = "auto",
     ) -> Step1XEditRuntime:
         """A runtime over `source`: a tiny config name ("tiny": random weights from `seed`, as
         `Step1XEditPipeline.random`), a model dir with the official files (torch backend), or an
@@ -145,7 +148,8 @@ class Step1XEditRuntime:
         on CUDA only, True on any device (CPU included), False never; `graph_cache` bounds the CUDA graphs
         kept (one per edit size, least recently used evicted); `shape_buckets` snaps each edit to the nearest
         of `specs.BUCKET_ASPECTS` (the output is still the input's size). `cache` turns on step caching;
-        degrees > 1 split the DiT over torchrun's ranks (one GPU each)."""
+        degrees > 1 split the DiT over torchrun's ranks (one GPU each); `attention` picks the SDPA kernel
+        (`runtime.attention`)."""
         device = check_device(device) if device is not None else default_device()
         check_int("seed", seed, *SEED_RANGE)
         degrees = ParallelDegrees(cfg=cfg_degree, ulysses=ulysses_degree, ring=ring_degree)
@@ -159,7 +163,7 @@ class Step1XEditRuntime:
             backend=backend, precision=precision_of(dtype), cuda_graphs=cuda_graphs, compile=compile,
             compile_mode=compile_mode, graph_cache=graph_cache, shape_buckets=shape_buckets,
             sequential_load=sequential_load, mllm_quant=mllm_quant, cache=cache, cfg_degree=cfg_degree,
-            ulysses_degree=ulysses_degree, ring_degree=ring_degree,
+            ulysses_degree=ulysses_degree, ring_degree=ring_degree, attention=attention,
         )
         if backend == "torch":
             config, loaders, notes = torch_loaders(source, options.resolved(device), device, version=version,
@@ -242,8 +246,8 @@ class Step1XEditRuntime:
                 try:
                     latent = self._denoise(dit, noise, ref, tuple(conditioning), timesteps, cfg, progress)
                 finally:
-                    if self.stages.sequential:  # the DiT is freed after this block: its graphs (and memory) too
-                        self._update = self._graphs = None
+                    if self.stages.sequential:  # the DiT is freed after this block: its graphs (and memory) too,
+                        self._update = self._graphs = self._cached_step = None  # the step cache's hold included
                 check_finite("denoising (final latent)", latent)
             self.last_latent = latent
             with self._stage(timer, "vae_decoder", "vae_decode") as vae_decoder:
@@ -322,7 +326,7 @@ class Step1XEditRuntime:
         """Edits, compiles and CUDA graphs since load (graphs: captured, held now, evicted)."""
         return RuntimeStats(
             edits=self._edits,
-            compiles=self.compiler.compiles if self.compiler is not None else 0,
+            compiles=self.compiler.compiles - self._compiles_before if self.compiler is not None else 0,
             graphs_captured=self._graph_counts.captured,
             graphs_cached=self._graphs.graphs if self._graphs is not None else 0,
             graphs_evicted=self._graph_counts.evicted,
@@ -337,10 +341,11 @@ class Step1XEditRuntime:
             self._cached_step = CachedStep(dit, self.options.cache, cuda_graphs=self.options.cuda_graphs,
                                            capacity=self.options.graph_cache, counts=self._graph_counts)
             self._graphs = None
-            return guided_euler(self._cached_step)
+            return with_attention(guided_euler(self._cached_step), self.options.attention, self.device)
         step = engine_step_fn(dit)
         # v1.2: the CFG branches' text lengths differ, so the DiT runs once per branch (batch 1).
         update = guided_euler(per_branch(step) if self.config.reason_edit is not None else step)
+        update = with_attention(update, self.options.attention, self.device)  # in force when traced and captured
         self._graphs = None
         if self.options.cuda_graphs:  # the whole step (DiT + CFG + Euler), captured once per shape
             update = self._graphs = CudaGraphed(update, enabled=True, capacity=self.options.graph_cache,

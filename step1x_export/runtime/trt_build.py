@@ -23,6 +23,7 @@ class BuildOptions:
     opt_level: int = 3  # TensorRT builder_optimization_level, 0..5: higher builds slower, may run faster
     timing_cache: Path | None = None  # read if present, written back after each build
     workspace_gib: float | None = None  # cap on TensorRT's scratch memory (None: TensorRT's default)
+    refittable: bool = False  # REFIT flag: the engine's weights can be replaced by name (`export.refit`'s map)
 
     def __post_init__(self) -> None:
         if not 0 <= self.opt_level <= 5:
@@ -55,10 +56,8 @@ def build_engine(onnx_path: Path, spec: ComponentSpec, profiles: list[ProfileSha
     config.builder_optimization_level = options.opt_level
     if options.workspace_gib is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * 2**30))
-    if not options.strongly_typed:  # a strongly typed network takes its types from the graph; flags are refused
-        flag = {Precision.BF16: trt.BuilderFlag.BF16, Precision.FP16: trt.BuilderFlag.FP16}.get(precision)
-        if flag is not None:
-            config.set_flag(flag)
+    for flag in builder_flags(trt, options, precision):
+        config.set_flag(flag)
     cache_bytes = options.timing_cache.read_bytes() if options.timing_cache and options.timing_cache.is_file() else b""
     config.set_timing_cache(config.create_timing_cache(cache_bytes), False)
     for shapes in profiles:
@@ -73,6 +72,16 @@ def build_engine(onnx_path: Path, spec: ComponentSpec, profiles: list[ProfileSha
     write_bytes_atomic(out_path, memoryview(serialized))
     if options.timing_cache is not None:
         write_bytes_atomic(options.timing_cache, memoryview(config.get_timing_cache().serialize()))
+
+
+def builder_flags(trt, options: BuildOptions, precision: Precision) -> list:
+    """The BuilderFlags a build sets: REFIT when asked; the precision flag for weakly typed networks only (a
+    strongly typed network takes its types from the graph and refuses precision flags)."""
+    flags = [trt.BuilderFlag.REFIT] if options.refittable else []
+    if not options.strongly_typed:
+        flag = {Precision.BF16: trt.BuilderFlag.BF16, Precision.FP16: trt.BuilderFlag.FP16}.get(precision)
+        flags += [flag] if flag is not None else []
+    return flags
 
 
 @dataclass(frozen=True)

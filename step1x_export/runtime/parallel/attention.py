@@ -63,7 +63,14 @@ def _kernel(q: Tensor) -> tuple[Any, dict[str, Any]]:
         return aten._scaled_dot_product_flash_attention_for_cpu, {}
     if q.dtype in (torch.float16, torch.bfloat16):
         return aten._scaled_dot_product_flash_attention, {}
-    return aten._scaled_dot_product_efficient_attention, {"attn_bias": None, "compute_log_sumexp": True}
+    return _efficient_attention, {"attn_bias": None, "compute_log_sumexp": True}
+
+
+def _efficient_attention(q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) -> tuple[Tensor, ...]:
+    """The memory-efficient kernel (fp32 on CUDA) with its log-sum-exp cut to the local token count: the
+    kernel pads it to a multiple of 32 rows, and the ring's merge broadcasts it against the output."""
+    out, lse, *rest = aten._scaled_dot_product_efficient_attention(q, k, v, **kwargs)
+    return (out, lse.narrow(-1, 0, q.shape[-2]), *rest)
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup) -> Tensor:
