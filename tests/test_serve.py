@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from serving import EDIT, input_png, metric, open_raw_edit, pixels, serial_reference, server, wait_for
+from serving import EDIT, assert_same_edit, input_png, metric, open_raw_edit, pixels, serial_reference, server, wait_for
 
 from step1x_export.serve.load import run_load
 
@@ -35,7 +35,7 @@ def roomy(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tight(tmp_path_factory):
-    args = ["--size-level", "32", "--max-queue", "1", "--timeout", "60", "--max-steps", "1000",
+    args = ["--size-level", "32", "--max-batch", "1", "--max-queue", "1", "--timeout", "60", "--max-steps", "1000",
             "--max-upload-mb", "0.05", "--max-megapixels", "0.01"]
     with server(args, tmp_path_factory.mktemp("tight") / "server.log") as s:
         yield s
@@ -122,7 +122,7 @@ def test_load_64_requests_from_8_clients_lose_and_mix_up_nothing(roomy, referenc
     assert all(r.status == 200 for r in report.replies), [(r.status, r.body[:200]) for r in report.replies]
     for reply in report.replies:
         assert reply.headers["x-seed"] == str(reply.seed)
-        assert np.array_equal(pixels(reply.body), reference[reply.seed]), f"seed {reply.seed} got another edit"
+        assert_same_edit(pixels(reply.body), reference[reply.seed], reply.seed)
     assert metric(roomy.url, "step1x_requests_total", 'status="200"') == before + 64
     print("single process, 8 clients:", report.summary())
 
