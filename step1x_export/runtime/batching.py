@@ -105,9 +105,11 @@ def run_batch(runtime: Step1XEditRuntime, jobs: Sequence[EditJob], *, join: Join
         running[id(lane)] = lane
         return lane
 
-    def leave(lane: Lane) -> None:
-        running.pop(id(lane), None)
-        deliver(runtime.finish_lane(lane))
+    def leave(lanes: list[Lane]) -> None:
+        for lane in lanes:
+            running.pop(id(lane), None)
+        for outcome in runtime.finish_lanes(lanes):
+            deliver(outcome)
 
     def joiners(room: int) -> list[Lane]:
         if join is None or key is None:

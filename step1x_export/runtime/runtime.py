@@ -224,7 +224,7 @@ class Step1XEditRuntime:
                 finally:
                     if self.stages.sequential:  # the DiT is freed after this block: its graphs (and memory) too
                         self._update = self._graphs = None
-            outcome = self.finish_lane(lane)
+            (outcome,) = self.finish_lanes([lane])
             if outcome.error is not None:
                 raise outcome.error
             self.step_seconds = outcome.step_seconds
@@ -315,31 +315,54 @@ class Step1XEditRuntime:
         state: LaneState = lane.tag  # type: ignore[assignment]
         return state.img.width, state.img.height
 
-    def finish_lane(self, lane: Lane) -> EditOutcome:
-        """VAE decode and postprocess of a lane that left the loop (or its error): the edit's outcome."""
-        state: LaneState = lane.tag  # type: ignore[assignment]
-        timer, events = state.timer, state.events
-        outcome = EditOutcome(state.job, batch_sizes=lane.batch_sizes)
+    def finish_lanes(self, lanes: list[Lane]) -> list[EditOutcome]:
+        """VAE decode (one call for the lanes that left together) and postprocess: each edit's outcome."""
+        outcomes, good = [], []
+        for lane in lanes:
+            state: LaneState = lane.tag  # type: ignore[assignment]
+            outcome = EditOutcome(state.job, error=lane.error, batch_sizes=lane.batch_sizes)
+            if state.events is not None:
+                outcome.step_seconds = state.events.step_seconds()
+            if outcome.error is None:
+                try:
+                    check_finite("denoising (final latent)", lane.x)
+                    outcome.latent = self.last_latent = lane.x
+                    good.append((lane, outcome))
+                except Exception as e:
+                    outcome.error = e
+            outcomes.append(outcome)
+        if good:
+            self._decode(good)
+        for lane, outcome in zip(lanes, outcomes, strict=True):
+            timings = lane.tag.timer.resolve()  # type: ignore[union-attr]
+            outcome.timings = {**timings, **outcome.timings}
+            outcome.timings.setdefault("denoise", sum(outcome.step_seconds))  # batched: join to leave
+        return outcomes
+
+    def _decode(self, finished: list[tuple[Lane, EditOutcome]]) -> None:
+        """One VAE decoder call for same-size lanes (all of them: they shared the loop), then postprocess each."""
+        timer = StageTimer(self.device) if len(finished) > 1 else finished[0][0].tag.timer  # type: ignore[union-attr]
+        first: LaneState = finished[0][0].tag  # type: ignore[assignment]
         try:
-            if events is not None:
-                outcome.step_seconds = events.step_seconds()
-            if lane.error is not None:
-                raise lane.error
-            latent = lane.x
-            check_finite("denoising (final latent)", latent)
-            self.last_latent = outcome.latent = latent
+            latent = torch.cat([lane.x for lane, _ in finished]).float()
             with self._stage(timer, "vae_decoder", "vae_decode") as vae_decoder:
-                pixels = vae_decoder(latent=unpack(latent.float(), state.img.height, state.img.width))["image"]
-                check_finite("the VAE decoder (image)", pixels)
-            with timer.stage("postprocess"):
-                outcome.image = (postprocess_v1p2 if state.v12 else postprocess)(pixels, state.img.orig_size)
-            self._edits += 1
+                pixels = vae_decoder(latent=unpack(latent, first.img.height, first.img.width))["image"]
+            decode_s = timer.resolve().get("vae_decode")
+            for i, (lane, outcome) in enumerate(finished):
+                state: LaneState = lane.tag  # type: ignore[assignment]
+                try:
+                    check_finite("the VAE decoder (image)", pixels[i : i + 1])
+                    with state.timer.stage("postprocess"):
+                        outcome.image = (postprocess_v1p2 if state.v12 else postprocess)(pixels[i : i + 1],
+                                                                                        state.img.orig_size)
+                    if len(finished) > 1 and decode_s is not None:
+                        outcome.timings["vae_decode"] = decode_s  # the shared call's time, for each edit
+                    self._edits += 1
+                except Exception as e:
+                    outcome.error = e
         except Exception as e:
-            outcome.error = e
-        outcome.timings = timer.resolve()
-        if "denoise" not in outcome.timings:  # batched: the lane's steps, from joining to leaving
-            outcome.timings = {**outcome.timings, "denoise": sum(outcome.step_seconds)}
-        return outcome
+            for _, outcome in finished:
+                outcome.error = e
 
     def batch_update(self) -> UpdateFn:
         """The DiT's whole-step update for batched lanes (the resident DiT; graphs per size and batch bucket)."""

@@ -191,14 +191,14 @@ class Batch:
 
 
 JoinFn = Callable[[int], list[Lane]]  # (free places) -> lanes joining at this step boundary
-LeaveFn = Callable[[Lane], None]  # a lane whose schedule ended (or that stopped early, lane.error set)
+LeaveFn = Callable[[list[Lane]], None]  # lanes whose schedules ended at this step (or stopped early: lane.error)
 
 
 def denoise_lanes(update: UpdateFn, lanes: list[Lane], *, join: JoinFn | None = None, leave: LeaveFn | None = None,
                   max_batch: int = 1, pad_to: Callable[[int], int] = lambda b: b) -> None:
     """The denoising loop: every active lane takes one step per `update` call, each at its own timestep and
-    guidance. At each step boundary `join` may add lanes (up to `max_batch` running); a lane leaves, through
-    `leave`, once its own schedule ends. Returns when no lane is left and `join` offers none.
+    guidance. At each step boundary `join` may add lanes (up to `max_batch` running); lanes leave, through
+    `leave` (together when they end at the same step), once their own schedules end. Returns when no lane is left and `join` offers none.
 
     `pad_to(b)` rounds the batch up (repeating the last lane) so that a CUDA graph per size bucket serves
     nearby batch sizes. An exception from `update` propagates: the caller owns the lanes still running.
@@ -220,9 +220,8 @@ def denoise_lanes(update: UpdateFn, lanes: list[Lane], *, join: JoinFn | None = 
         finished = [lane for lane in active if lane.done]
         if finished:
             active, batch = [lane for lane in active if not lane.done], None
-            for lane in finished:
-                if leave is not None:
-                    leave(lane)
+            if leave is not None:
+                leave(finished)
 
 
 def denoise(
