@@ -28,15 +28,16 @@ PNG = input_png()
 
 @pytest.fixture(scope="module")
 def roomy(tmp_path_factory):
-    with server(["--size-level", "32", "--timeout", "60"],  # otherwise the defaults: batches of 4, admission by deadline
+    # otherwise the defaults: batches of 4, admission by deadline
+    with server(["--size-level", "32", "--timeout", "60"],
                 tmp_path_factory.mktemp("roomy") / "server.log") as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def tight(tmp_path_factory):
-    args = ["--size-level", "32", "--max-batch", "1", "--max-queue", "1", "--timeout", "60", "--max-steps", "1000",
-            "--max-upload-mb", "0.05", "--max-megapixels", "0.01"]
+    args = ["--size-level", "32", "--max-batch", "1", "--max-queue", "1", "--no-refuse-late", "--timeout", "60",
+            "--max-steps", "1000", "--max-upload-mb", "0.05", "--max-megapixels", "0.01"]
     with server(args, tmp_path_factory.mktemp("tight") / "server.log") as s:
         yield s
 

@@ -26,6 +26,9 @@ DEFAULT_MAX_BATCH = 4
               help="Most edits waiting to join the batch (per replica; it bounds the memory their images hold). "
                    "Below it a request is admitted while its predicted completion fits its deadline (--timeout "
                    "or its timeout_s); otherwise 503 + Retry-After (the predicted wait).")
+@click.option("--refuse-late/--no-refuse-late", default=True, show_default=True,
+              help="Answer 503 + Retry-After at once to a request predicted to finish past its deadline; with "
+                   "--no-refuse-late it is admitted and stopped at the deadline (504).")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(0.1, 86_400), default=300.0, show_default=True,
               help="Seconds per request, queue wait included; past it the edit is stopped and the answer is 504.")
 @click.option("--max-upload-mb", type=click.FloatRange(0.01, 1024), default=20.0, show_default=True,
@@ -58,10 +61,10 @@ DEFAULT_MAX_BATCH = 4
               show_default=True)
 @user_errors
 def serve(
-    runtime: RuntimeArgs, host: str, port: int, max_batch: int, max_queue: int, timeout_s: float, max_upload_mb: float,
-    max_megapixels: float, max_steps: int, size_level: int | None, max_size_level: int | None, warmup: bool,
-    use_ray: bool, ray_address: str | None, replicas: int, min_replicas: int | None, max_replicas: int | None,
-    gpus_per_replica: float | None, cpus_per_replica: float, log_level: str,
+    runtime: RuntimeArgs, host: str, port: int, max_batch: int, max_queue: int, refuse_late: bool, timeout_s: float,
+    max_upload_mb: float, max_megapixels: float, max_steps: int, size_level: int | None, max_size_level: int | None,
+    warmup: bool, use_ray: bool, ray_address: str | None, replicas: int, min_replicas: int | None,
+    max_replicas: int | None, gpus_per_replica: float | None, cpus_per_replica: float, log_level: str,
 ) -> None:
     """Serve edits over HTTP: POST /v1/edits (multipart image + instruction -> PNG), a web page at /,
     /healthz, /readyz and /metrics (Prometheus).
@@ -86,7 +89,7 @@ def serve(
     limits = ServeLimits(
         max_queue=max_queue, timeout_s=timeout_s, max_upload_bytes=round(max_upload_mb * 1e6),
         max_pixels=round(max_megapixels * 1e6), max_steps=max_steps, max_size_level=max_size_level,
-        default_size_level=size_level, warmup=warmup,
+        default_size_level=size_level, warmup=warmup, refuse_late=refuse_late,
     )
     if not use_ray:
         from ..serve.server import run_server

@@ -27,6 +27,7 @@ from ..specs import ComponentSpec, dit_spec, profile_for, shape_bucket, vae_deco
 from ..step1x_ref.configs import ModelConfig
 from ..step1x_ref.edit_v1p2 import branch_conditioning, per_branch, postprocess_v1p2, prepare_image_v1p2
 from ..step1x_ref.generation import TextGenerator
+from ..step1x_ref.imaging import edit_size
 from ..step1x_ref.lora import LoraSpec
 from ..step1x_ref.pipeline import (
     EditImage,
@@ -38,7 +39,6 @@ from ..step1x_ref.pipeline import (
     sampling_inputs,
 )
 from ..step1x_ref.reasoning import JUDGE_RETRIES, ReasonedEdit, reasoned_edit
-from ..step1x_ref.imaging import edit_size
 from ..step1x_ref.sampling import Lane, ProgressFn, UpdateFn, denoise_lanes, guided_euler, pack, unpack
 from ..timing import StageTimer
 from ..validate import SEED_RANGE, InputError, check_device, check_edit_numbers, check_finite, check_int

@@ -33,7 +33,8 @@ class Forecast:
 
     def observe(self, outcome: EditOutcome) -> None:
         """Fold a finished edit's step times (each with its batch size) and its other stages into the means."""
-        for seconds, batch in zip(outcome.step_seconds, outcome.batch_sizes, strict=False):
+        # Its first step also holds the preparation of the edits that joined with it: the overhead's share.
+        for seconds, batch in list(zip(outcome.step_seconds, outcome.batch_sizes, strict=False))[1:]:
             old = self.step_s.get(batch)
             self.step_s[batch] = seconds if old is None else old + SMOOTHING * (seconds - old)
         other = sum(v for k, v in outcome.timings.items() if k != "denoise" and not k.startswith("load "))

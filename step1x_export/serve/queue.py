@@ -81,8 +81,8 @@ class Ticket:
 class EditBatcher:
     """Waiting edits, admission by deadline, and the worker thread that runs them in batches."""
 
-    def __init__(self, max_batch: int, max_queue: int):
-        self.max_batch, self.max_queue = max_batch, max_queue
+    def __init__(self, max_batch: int, max_queue: int, *, refuse_late: bool = True):
+        self.max_batch, self.max_queue, self.refuse_late = max_batch, max_queue, refuse_late
         self.forecast = Forecast(max_batch)
         self.runtime: Step1XEditRuntime | None = None
         self._waiting: deque[Ticket] = deque()
@@ -114,9 +114,9 @@ class EditBatcher:
             work = sum(t.steps_left for t in self._running) + sum(t.steps_left for t in self._waiting)
             edits = self.running + self.waiting
             predicted = self.forecast.completion_s(work, edits, steps)
-            if predicted > deadline_s:
-                raise QueueFull("past_deadline", f"the edit would finish in about {predicted:.1f} s, past its deadline of "
-                                f"{deadline_s:.1f} s", self._retry_after(steps, work, edits))
+            if self.refuse_late and predicted > deadline_s:
+                raise QueueFull("past_deadline", f"the edit would finish in about {predicted:.1f} s, past its "
+                                f"deadline of {deadline_s:.1f} s", self._retry_after(steps, work, edits))
             loop = asyncio.get_running_loop()
             ticket = job.tag = Ticket(job, key, cancel, loop.create_future(), loop, steps)
             self._waiting.append(ticket)

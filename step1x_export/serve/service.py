@@ -51,7 +51,8 @@ class EditService:
         self.runtime: Step1XEditRuntime | None = None
         self.rules: ParamRules | None = None
         self.model: dict[str, str | None] = dict(spec.identity())
-        self.queue = EditBatcher(int(spec.options.get("max_batch", 1)), limits.max_queue)
+        self.queue = EditBatcher(int(spec.options.get("max_batch", 1)), limits.max_queue,
+                                 refuse_late=limits.refuse_late)
         self.metrics = ServeMetrics(lambda: self.queue.waiting, lambda: self.queue.running)
 
     # -- lifetime -------------------------------------------------------------------------------

@@ -171,7 +171,8 @@ class Batch:
         rows = lanes + [lanes[-1]] * (padded - len(lanes))  # padding repeats a real lane: finite, discarded
         self.rows = rows
         self.ref = rows[0].ref if len(rows) == 1 else torch.cat([r.ref for r in rows])
-        self.conditioning = tuple(self._stack([r.conditioning[i] for r in rows]) for i in range(len(rows[0].conditioning)))
+        count = len(rows[0].conditioning)
+        self.conditioning = tuple(self._stack([r.conditioning[i] for r in rows]) for i in range(count))
 
     @staticmethod
     def _stack(parts: list[Tensor]) -> Tensor:
@@ -198,7 +199,8 @@ def denoise_lanes(update: UpdateFn, lanes: list[Lane], *, join: JoinFn | None = 
                   max_batch: int = 1, pad_to: Callable[[int], int] = lambda b: b) -> None:
     """The denoising loop: every active lane takes one step per `update` call, each at its own timestep and
     guidance. At each step boundary `join` may add lanes (up to `max_batch` running); lanes leave, through
-    `leave` (together when they end at the same step), once their own schedules end. Returns when no lane is left and `join` offers none.
+    `leave` (together when they end at the same step), once their own schedules end. Returns when no lane is
+    left and `join` offers none.
 
     `pad_to(b)` rounds the batch up (repeating the last lane) so that a CUDA graph per size bucket serves
     nearby batch sizes. An exception from `update` propagates: the caller owns the lanes still running.
