@@ -32,7 +32,8 @@ from step1x_export.serve.load import free_port, run_load, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-c", "from step1x_export.cli import main; main()"]
-SETTINGS = {"tiny": {"steps": 4, "size_level": 32}, "toy": {"steps": 28, "size_level": 64}}  # toy: its defaults
+# toy: its own defaults (28 steps, CFG 2, 64x64 edits); tiny: a short edit at its smallest useful size
+SETTINGS = {"tiny": {"steps": 4, "cfg": 6.0, "size_level": 32}, "toy": {"steps": 28, "cfg": 2.0, "size_level": 64}}
 
 
 class LoadAverage:
@@ -71,7 +72,8 @@ def serial_reference(model: str, image: Image.Image, seeds: list[int], fields: d
     torch.set_num_threads(1)
     with Step1XEditRuntime.load(model) as rt:
         return {s: np.asarray(rt.edit(image, fields["instruction"], seed=s, steps=int(fields["steps"]),
-                                      size_level=int(fields["size_level"]))) for s in seeds}
+                                      cfg=float(fields["cfg"]), size_level=int(fields["size_level"])))
+                for s in seeds}
 
 
 def start_server(model: str, max_batch: int, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:

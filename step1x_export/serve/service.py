@@ -1,4 +1,4 @@
-"""`EditService`: one runtime behind a bounded queue, with readiness, metrics and the server's limits.
+"""`EditService`: one runtime behind the batcher (admission by deadline), with readiness, metrics and limits.
 
 It knows nothing of HTTP: the Starlette app (and so the Ray replicas, which run the same app) translate
 requests into `EditRequest`s and `RequestError`s into status codes.
@@ -41,7 +41,7 @@ class EditResult:
 
 
 class EditService:
-    """Loads the runtime (in a background thread, or inline), warms it, and runs edits one at a time."""
+    """Loads the runtime (in a background thread, or inline), warms it, and runs edits in batches of one size."""
 
     def __init__(self, spec: RuntimeSpec, limits: ServeLimits, *, replica: str | None = None):
         self.spec, self.limits = spec, limits
