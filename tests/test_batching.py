@@ -4,8 +4,8 @@ Why not bit for bit: the batch changes only how many rows each DiT GEMM has. The
 thousands of rows) and attention compute each row alike at any batch, but the modulation Linears take
 [2B, C] (the timestep, pooled text and adaLN vectors: 2 rows alone, 2B batched), and CPU BLAS picks its
 kernel, so its summation blocking, by the row count. Those vectors then differ by one rounding (~2^-24
-relative), and the blocks and the Euler steps carry that forward; the CFG and Euler arithmetic itself is
-elementwise per lane and identical. Bound: each perturbation is one fp32 rounding, and a DiT step moves a
+relative), and the blocks and the Euler steps carry that forward (likewise the CFG rescale's pow and the
+timestep embedding's sin/cos, whose vectorised and scalar paths split elements by the row count). Bound: each perturbation is one fp32 rounding, and a DiT step moves a
 rounding-level input change by at most the model's gain over the <= 4 steps here; measured on this
 machine's CPU, 4.8e-7 (tiny) and 4.4e-6 (toy: trained weights, larger gains) relative on the final latent,
 so REL_BOUND = 1e-5 leaves two-fold room on another CPU's kernels while a mixed-up lane (another seed,
@@ -139,3 +139,31 @@ def test_forecast_is_the_serial_queue_at_batch_one_and_shares_steps_when_batched
     assert batched.completion_s(work=0, edits=0, steps=4) == pytest.approx(0.5 + 4 * 0.1)  # alone: its own steps
     assert batched.step_time(2) == pytest.approx(0.2)  # unseen: the smaller size, scaled as if nothing were shared
     assert serial.retry_after_s(work=100, edits=9, steps=4) == 15  # 9 overheads + 100 steps, 14.5 s, rounded up
+
+
+def test_padding_to_a_graph_bucket_repeats_a_real_lane_and_drops_its_result():
+    """With CUDA graphs the batch is padded to a power of two; the padding rows never reach a lane. The step is
+    elementwise and the CFG rescale is off (truncate 1.0: its pow, vectorised or not by the row count, could
+    round differently), so padded and unpadded runs must agree bit for bit."""
+    from step1x_export.step1x_ref.sampling import Lane, denoise_lanes, guided_euler
+
+    seen: list[int] = []
+
+    def step(img: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # elementwise: exact per row
+        seen.append(img.shape[0])
+        return img * t[:, None, None] + emb
+
+    def lanes() -> list[Lane]:
+        gen = torch.Generator().manual_seed(0)
+        return [Lane.of(torch.randn(1, 4, 64, generator=gen), torch.randn(1, 4, 64, generator=gen),
+                        [1.0, 0.6, 0.3, 0.0][: 2 + i], guidance=1.0 + i, truncate=1.0,
+                        conditioning=(torch.randn(2, 8, 64, generator=gen)[:, :1].expand(2, 8, 64),))
+                for i in range(3)]
+
+    plain, padded = lanes(), lanes()
+    denoise_lanes(guided_euler(step), plain, max_batch=4)
+    seen.clear()
+    denoise_lanes(guided_euler(step), padded, max_batch=4, pad_to=graph_bucket)
+    assert seen[0] == 2 * 4  # 3 lanes, padded to 4, x 2 CFG branches
+    for a, b in zip(plain, padded, strict=True):
+        assert a.step == b.step == a.steps and torch.equal(a.x, b.x)
