@@ -3,9 +3,10 @@
     PYTHONPATH=. python benchmarks/serve_batching.py                       # the table in docs/serving.md
     PYTHONPATH=. python benchmarks/serve_batching.py --models toy --batches 1,8 --clients 8 --requests 64
 
-For each model and each --max-batch, one `serve` process (its CLI, in a subprocess, --threads torch threads)
-is started and warmed; then, one after another, --requests edits from 8 and from 16 concurrent clients (each
-sends its next request when answered; loopback only). Reported per run: answers by status (503s are the
+For each model, one `serve` process per --max-batch (its CLI, in a subprocess, --threads torch threads) is
+started and warmed; then --requests edits from 8 and from 16 concurrent clients (each sends its next request
+when answered; loopback only), --repeats times, alternating between the servers run by run so that a drift
+in the machine's load falls on every setting alike. Reported per run: answers by status (503s are the
 deadline rule's refusals), throughput, p50 / p99 latency of the successful answers, the machine's 1-minute
 load average (sampled every 0.5 s during the run: mean and max), and whether every answer equals its
 seed's serial edit (run in this process on the same model, within one 8-bit level: a batched DiT call may
@@ -111,6 +112,7 @@ def main() -> None:
     p.add_argument("--clients", default="8,16")
     p.add_argument("--requests", type=int, default=32, help="edits per run")
     p.add_argument("--warm", type=int, default=4, help="edits sent (and not counted) after /readyz")
+    p.add_argument("--repeats", type=int, default=2, help="runs per setting, alternating between the servers")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server (OMP_NUM_THREADS)")
     p.add_argument("--timeout", type=float, default=300.0, help="the server's --timeout (its default)")
     p.add_argument("--out", type=Path, default=Path("serve_batching.json"))
@@ -120,27 +122,32 @@ def main() -> None:
     for model in args.models.split(","):
         fields = {"instruction": "add a red hat", **{k: str(v) for k, v in SETTINGS[model].items()}}
         reference = serial_reference(model, image, list(range(args.requests)), fields)
-        for max_batch in map(int, args.batches.split(",")):
-            proc, url = start_server(model, max_batch, args)
-            try:
+        servers = {b: start_server(model, b, args) for b in map(int, args.batches.split(","))}
+        try:
+            for _, url in servers.values():
                 run_load(url, png, list(range(10_000, 10_000 + args.warm)), clients=args.warm, fields=fields)
-                for clients in map(int, args.clients.split(",")):
-                    row = {"model": model, "max_batch": max_batch, **fields,
-                           **one_run(url, png, fields, clients, args, reference)}
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
-            finally:
+            # Settings alternate run by run, so a change in the machine's load falls on all of them alike.
+            for clients in map(int, args.clients.split(",")):
+                for repeat in range(args.repeats):
+                    for max_batch, (_, url) in servers.items():
+                        row = {"model": model, "max_batch": max_batch, "repeat": repeat, **fields,
+                               **one_run(url, png, fields, clients, args, reference)}
+                        print(json.dumps(row), flush=True)
+                        rows.append(row)
+        finally:
+            for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(60)
     conditions = {"cpus": os.cpu_count(), "threads": args.threads, "requests": args.requests,
                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     args.out.write_text(json.dumps({"conditions": conditions, "rows": rows}, indent=2))
     print(json.dumps(conditions))
-    print("| model | steps | --max-batch | clients | ok / 503 / other | throughput edits/s | p50 s | p99 s | "
-          "load avg mean (max) | answers = serial |\n|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | steps | --max-batch | clients | run | ok / 503 / other | throughput edits/s | p50 s | p99 s | "
+          "load avg mean (max) | answers = serial |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         other = r["requests"] - r["ok"] - r["refused_503"]
-        print(f"| {r['model']} | {r['steps']} | {r['max_batch']} | {r['clients']} | {r['ok']} / {r['refused_503']} / "
+        print(f"| {r['model']} | {r['steps']} | {r['max_batch']} | {r['clients']} | {r['repeat'] + 1} | {r['ok']} / "
+              f"{r['refused_503']} / "
               f"{other} | {r['throughput_rps']} | {r['p50_s']} | {r['p99_s']} | {r['loadavg_mean']} "
               f"({r['loadavg_max']}) | {'yes' if not r['mismatched'] else r['mismatched']} |")
 
