@@ -23,37 +23,32 @@ import torch
 from PIL import Image
 
 from ..precision import Precision
-from ..specs import ComponentSpec, dit_spec, profile_for, shape_bucket, vae_decoder_spec, vae_encoder_spec
+from ..specs import ComponentSpec, dit_spec, profile_for, vae_decoder_spec, vae_encoder_spec
 from ..step1x_ref.configs import ModelConfig
-from ..step1x_ref.edit_v1p2 import branch_conditioning, per_branch, postprocess_v1p2, prepare_image_v1p2
+from ..step1x_ref.edit_v1p2 import per_branch
 from ..step1x_ref.generation import TextGenerator
-from ..step1x_ref.imaging import edit_size
 from ..step1x_ref.lora import LoraSpec
 from ..step1x_ref.pipeline import (
     EditImage,
     Step1XEditPipeline,
-    negative_prompt_for,
     no_reference,
-    postprocess,
-    prepare_input,
-    sampling_inputs,
 )
 from ..step1x_ref.reasoning import JUDGE_RETRIES, ReasonedEdit, reasoned_edit
-from ..step1x_ref.sampling import Lane, ProgressFn, UpdateFn, denoise_lanes, guided_euler, pack, unpack
+from ..step1x_ref.sampling import Lane, ProgressFn, UpdateFn, denoise_lanes, guided_euler, pack
 from ..timing import StageTimer
-from ..validate import SEED_RANGE, InputError, check_device, check_edit_numbers, check_finite, check_int
-from .batching import MAX_BATCH, BatchKey, DoneFn, EditJob, EditOutcome, JoinFn, LaneState, run_batch, run_serially
+from ..validate import SEED_RANGE, check_device, check_finite, check_int
+from .batching import MAX_BATCH, DoneFn, EditJob, EditOutcome, JoinFn, run_batch, run_serially
 from .buffers import Shape, edit_dims
 from .caching import CachedStep, CacheSpec, CacheStats
 from .compile import CompileBackend, compile_blocks
 from .cudagraph import CudaGraphed, GraphCounts
 from .engine import Engine
+from .lanes import EditLanes
 from .loaders import TINY, engine_loaders, pipeline_loaders, torch_loaders
 from .memory import DriverMemory, PeakMemory, read_peak, release_cached, reset_peak
 from .options import DEFAULT_GRAPH_CACHE, Backend, RuntimeOptions
 from .parallel.dit import parallel_dit
 from .parallel.layout import ParallelDegrees, check_launched, rank_device
-from .progress import StepEvents
 from .stages import Loader, Stages
 from .stats import RuntimeStats
 from .step import engine_step_fn
@@ -72,7 +67,7 @@ def precision_of(dtype: torch.dtype) -> Precision:
     return DTYPE_PRECISION[dtype]
 
 
-class Step1XEditRuntime:
+class Step1XEditRuntime(EditLanes):
     def __init__(
         self,
         config: ModelConfig,
@@ -266,104 +261,6 @@ class Step1XEditRuntime:
                 else "sequential loading frees the MLLM during denoising" if self.options.sequential_load
                 else "")
 
-    def batch_key(self, image: Image.Image, size_level: int | None = None) -> BatchKey:
-        """The size an edit of `image` runs at: edits batch only with others of the same key."""
-        size_level = self.default_size_level if size_level is None else size_level
-        if self.options.shape_buckets and self.config.reason_edit is None:
-            return shape_bucket(*image.size, size_level)
-        return edit_size(*image.size, size_level)
-
-    def prepare_lane(self, job: EditJob, *, width: int | None = None, height: int | None = None,
-                     timer: StageTimer | None = None) -> Lane:
-        """Checks, preprocess, MLLM, VAE encode and the sampling inputs of one edit: a lane for the loop."""
-        size_level = self.default_size_level if job.size_level is None else job.size_level
-        steps = self.config.default_steps if job.steps is None else job.steps
-        v12 = self.config.reason_edit is not None
-        check_edit_numbers(steps=steps, cfg=job.cfg, size_level=size_level, seed=job.seed)
-        for name, text in (("instruction", job.instruction), ("negative_prompt", job.negative_prompt)):
-            if not isinstance(text, str) and not (name == "negative_prompt" and text is None):
-                raise InputError(f"{name} must be a str, got {type(text).__name__}")
-        if self.stages is None:
-            raise RuntimeError("Step1XEditRuntime is closed")
-        timer = timer or StageTimer(self.device)
-        image = job.image
-        with timer.stage("preprocess"):
-            if v12 and image is None:
-                raise InputError(f"{self.config.name}: text-to-image is not supported for v1.2")
-            bucket = (shape_bucket(*image.size, size_level)
-                      if self.options.shape_buckets and image is not None and not v12 else None)
-            img = (EditImage(*prepare_image_v1p2(image, size_level)) if v12
-                   else prepare_input(image, size_level, self.config, width, height, bucket))
-            self.check_shapes(img.width, img.height, reference=img.has_reference)  # before any model work
-        with self._stage(timer, "encoder", "mllm") as encoder:
-            encoded = encoder([job.instruction, negative_prompt_for(img, job.negative_prompt)], img.mllm_image)
-            for text in encoded if v12 else encoded[:1]:
-                check_finite("the MLLM encoder (text embedding)", text.embedding if v12 else text)
-        ref = self._reference(timer, img)
-        txt_len = 1 if v12 else encoded[0].shape[1]  # v1.2's per-branch pe comes with its conditioning
-        noise, pe, timesteps = sampling_inputs(self.config, txt_len, img.width, img.height, seed=job.seed,
-                                               steps=steps, reference=img.has_reference)
-        conditioning = branch_conditioning(self.config, encoded, img.width, img.height) if v12 else (pe, *encoded)
-        noise, *conditioning = (t.to(self.device) for t in (noise, *conditioning))
-        lane = Lane.of(noise, ref, timesteps, guidance=job.cfg, truncate=self.config.cfg_truncate,
-                       conditioning=tuple(conditioning), tag=LaneState(job, img, timer, v12))
-        self._start_steps(lane)  # it joins the loop next
-        return lane
-
-    @staticmethod
-    def lane_key(lane: Lane) -> BatchKey:
-        state: LaneState = lane.tag  # type: ignore[assignment]
-        return state.img.width, state.img.height
-
-    def finish_lanes(self, lanes: list[Lane]) -> list[EditOutcome]:
-        """VAE decode (one call for the lanes that left together) and postprocess: each edit's outcome."""
-        outcomes, good = [], []
-        for lane in lanes:
-            state: LaneState = lane.tag  # type: ignore[assignment]
-            outcome = EditOutcome(state.job, error=lane.error, batch_sizes=lane.batch_sizes)
-            if state.events is not None:
-                outcome.step_seconds = state.events.step_seconds()
-            if outcome.error is None:
-                try:
-                    check_finite("denoising (final latent)", lane.x)
-                    outcome.latent = self.last_latent = lane.x
-                    good.append((lane, outcome))
-                except Exception as e:
-                    outcome.error = e
-            outcomes.append(outcome)
-        if good:
-            self._decode(good)
-        for lane, outcome in zip(lanes, outcomes, strict=True):
-            timings = lane.tag.timer.resolve()  # type: ignore[union-attr]
-            outcome.timings = {**timings, **outcome.timings}
-            outcome.timings.setdefault("denoise", sum(outcome.step_seconds))  # batched: join to leave
-        return outcomes
-
-    def _decode(self, finished: list[tuple[Lane, EditOutcome]]) -> None:
-        """One VAE decoder call for same-size lanes (all of them: they shared the loop), then postprocess each."""
-        timer = StageTimer(self.device) if len(finished) > 1 else finished[0][0].tag.timer  # type: ignore[union-attr]
-        first: LaneState = finished[0][0].tag  # type: ignore[assignment]
-        try:
-            latent = torch.cat([lane.x for lane, _ in finished]).float()
-            with self._stage(timer, "vae_decoder", "vae_decode") as vae_decoder:
-                pixels = vae_decoder(latent=unpack(latent, first.img.height, first.img.width))["image"]
-            decode_s = timer.resolve().get("vae_decode")
-            for i, (lane, outcome) in enumerate(finished):
-                state: LaneState = lane.tag  # type: ignore[assignment]
-                try:
-                    check_finite("the VAE decoder (image)", pixels[i : i + 1])
-                    with state.timer.stage("postprocess"):
-                        outcome.image = (postprocess_v1p2 if state.v12 else postprocess)(pixels[i : i + 1],
-                                                                                        state.img.orig_size)
-                    if len(finished) > 1 and decode_s is not None:
-                        outcome.timings["vae_decode"] = decode_s  # the shared call's time, for each edit
-                    self._edits += 1
-                except Exception as e:
-                    outcome.error = e
-        except Exception as e:
-            for _, outcome in finished:
-                outcome.error = e
-
     def batch_update(self) -> UpdateFn:
         """The DiT's whole-step update for batched lanes (the resident DiT; graphs per size and batch bucket)."""
         assert self.stages is not None
@@ -371,12 +268,6 @@ class Step1XEditRuntime:
         if self._update is None or self._update[0] is not dit:
             self._update = (dit, self._make_update(dit))
         return self._update[1]
-
-    def _start_steps(self, lane: Lane) -> None:
-        """The lane's step events start now (the bar follows finished steps, not queued ones)."""
-        state: LaneState = lane.tag  # type: ignore[assignment]
-        state.events = StepEvents(self.device, state.job.progress)
-        lane.progress = state.events
 
     def edit_reasoned(
         self, image: Image.Image, instruction: str, *, think: bool = False, reflect: int = 0,
