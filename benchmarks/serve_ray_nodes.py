@@ -34,21 +34,25 @@ ROOT = Path(__file__).resolve().parents[1]
 APP = "step1x-edit"
 
 
-def replica_nodes() -> dict[str, str]:
-    """Live replica id -> node id, from Ray's actor table (Serve names replica actors after their ids)."""
-    from ray.util.state import list_actors
+def replica_actors() -> dict[str, tuple[str, str]]:
+    """Live replica id -> (actor name, node id), from the GCS actor table (no dashboard needed; Serve names
+    replica actors after their ids)."""
+    from ray._private.state import actors
 
-    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-    return {a.name.rsplit("#", 1)[-1]: a.node_id for a in actors if a.name and "EditReplica" in a.name}
+    alive = actors(actor_state_name="ALIVE").values()
+    return {a["Name"].rsplit("#", 1)[-1]: (a["Name"], a["Address"]["NodeID"])
+            for a in alive if "EditReplica" in a.get("Name", "")}
+
+
+def replica_nodes() -> dict[str, str]:
+    return {replica: node for replica, (_, node) in replica_actors().items()}
 
 
 def kill_replica(replica_id: str) -> None:
     import ray
-    from ray.util.state import list_actors
 
-    (actor,) = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-                if a.name and a.name.endswith(replica_id)]
-    ray.kill(ray.get_actor(actor.name, namespace="serve"), no_restart=True)
+    name, _ = replica_actors()[replica_id]
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
 
 
 def main() -> int:
@@ -62,6 +66,7 @@ def main() -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])  # the raylets' workers
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "300")  # a busy 2-core machine registers nodes slowly
+    os.environ["RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"] = "0"  # as `serve --ray` sets it: spread by load
 
     import ray
     from ray import serve
