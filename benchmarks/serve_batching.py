@@ -105,6 +105,29 @@ def one_run(url: str, png: bytes, fields: dict[str, str], clients: int, args: ar
             "loadavg_mean": round(statistics.fmean(load.samples), 2), "loadavg_max": round(max(load.samples), 2)}
 
 
+def step_times(models: list[str], batches: list[int]) -> None:
+    """In-process: the median DiT step time of `edit_batch` at each batch size (8 steps; the first step of a
+    batch also holds its edits' preparation and is left out), and its share per edit."""
+    import torch
+
+    from step1x_export.runtime import Step1XEditRuntime
+    from step1x_export.runtime.batching import EditJob
+
+    torch.set_num_threads(1)
+    image = Image.new("RGB", (64, 48))
+    print(f"load average before: {os.getloadavg()[0]:.1f}")
+    for model in models:
+        level = SETTINGS[model]["size_level"]
+        with Step1XEditRuntime.load(model, max_batch=max(batches)) as rt:
+            rt.edit_batch([EditJob(image, "x", seed=0, steps=4, size_level=level)])  # warm
+            for b in batches:
+                jobs = [EditJob(image, "x", seed=i, steps=8, size_level=level) for i in range(b)]
+                steps = sorted(rt.edit_batch(jobs, max_batch=b)[0].step_seconds[1:])
+                median = steps[len(steps) // 2]
+                print(f"{model} batch {b}: {1000 * median:.1f} ms per step, {1000 * median / b:.1f} ms per edit")
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="toy,tiny")
@@ -116,7 +139,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server (OMP_NUM_THREADS)")
     p.add_argument("--timeout", type=float, default=300.0, help="the server's --timeout (its default)")
     p.add_argument("--out", type=Path, default=Path("serve_batching.json"))
+    p.add_argument("--step-times", action="store_true", help="only the in-process DiT step time per batch size")
     args = p.parse_args()
+    if args.step_times:
+        return step_times(args.models.split(","), sorted({1, *map(int, args.batches.split(","))}))
     png, image = input_png()
     rows = []
     for model in args.models.split(","):
