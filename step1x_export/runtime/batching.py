@@ -13,14 +13,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from PIL import Image
-from torch import Tensor
+if TYPE_CHECKING:  # importing this module (the server's queue does) loads neither torch nor PIL
+    from PIL import Image
+    from torch import Tensor
 
-from ..step1x_ref.sampling import ProgressFn
-
-if TYPE_CHECKING:
     from ..step1x_ref.pipeline import EditImage
-    from ..step1x_ref.sampling import Lane
+    from ..step1x_ref.sampling import Lane, ProgressFn
     from ..timing import StageTimer
     from .progress import StepEvents
     from .runtime import Step1XEditRuntime

@@ -12,17 +12,21 @@ leaves the line; a running one leaves its batch at the next step through its `Ca
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..runtime.batching import EditOutcome
 from .forecast import Forecast
 
 if TYPE_CHECKING:
     from ..runtime import Step1XEditRuntime
-    from ..runtime.batching import BatchKey, EditJob, EditOutcome
+    from ..runtime.batching import BatchKey, EditJob
+
+log = logging.getLogger("step1x_export.serve")
 
 
 class QueueFull(Exception):
@@ -161,9 +165,17 @@ class EditBatcher:
                     return
             assert self.runtime is not None
             first = self._take(self.max_batch, None)
-            if first:
+            if not first:
+                continue
+            try:
                 self.runtime.edit_batch([t.job for t in first], join=self._join, done=self._done,
                                         max_batch=self.max_batch)
+            except Exception as e:  # a fault outside any one edit: fail the batch's edits, keep serving
+                log.exception("a batch of edits failed")
+                with self._lock:
+                    stranded, self._running = list(self._running), set()
+                for ticket in stranded:
+                    ticket.resolve(EditOutcome(ticket.job, error=e))
 
     def _take(self, room: int, key: BatchKey | None) -> list[Ticket]:
         """Up to `room` waiting edits from the head of the line with the batch's key (the head's if None)."""
