@@ -200,8 +200,8 @@ class EditBatcher:
 
     def _done(self, outcome: EditOutcome) -> None:
         ticket: Ticket = outcome.job.tag  # type: ignore[assignment]
-        if outcome.error is None:
-            self.forecast.observe(outcome)
-        with self._lock:
+        with self._lock:  # admission reads the forecast from the event loop's thread
+            if outcome.error is None:
+                self.forecast.observe(outcome)
             self._running.discard(ticket)
         ticket.resolve(outcome)
