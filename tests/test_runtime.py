@@ -32,16 +32,19 @@ PROMPT = 'Make the "sky" purple'
 
 
 def edit_and_latent(module: ModuleType, edit: Callable[..., Image.Image], *args, **kwargs):
-    """(image, final latent) of one edit: `module.denoise` (the one loop) is wrapped to keep its result."""
+    """(image, final latent) of one edit: the module's loop (`denoise`, or the runtime's `denoise_lanes`: the
+    one loop, over lanes) is wrapped to keep its result."""
     latents: list[torch.Tensor] = []
-    loop = module.denoise
+    name = "denoise" if hasattr(module, "denoise") else "denoise_lanes"
+    loop = getattr(module, name)
 
     def recording(*a, **k):
         out = loop(*a, **k)
-        latents.append(out.detach().clone())
+        final = out if name == "denoise" else a[1][0].x  # denoise_lanes(update, lanes): the lane keeps its x
+        latents.append(final.detach().clone())
         return out
 
-    with mock.patch.object(module, "denoise", recording):
+    with mock.patch.object(module, name, recording):
         image = edit(*args, **kwargs)
     assert len(latents) == 1
     return image, latents[0]

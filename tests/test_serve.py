@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from serving import EDIT, input_png, metric, open_raw_edit, pixels, serial_reference, server, wait_for
+from serving import EDIT, assert_same_edit, input_png, metric, open_raw_edit, pixels, serial_reference, server, wait_for
 
 from step1x_export.serve.load import run_load
 
@@ -28,15 +28,16 @@ PNG = input_png()
 
 @pytest.fixture(scope="module")
 def roomy(tmp_path_factory):
-    with server(["--size-level", "32", "--max-queue", "16", "--timeout", "60"],
+    # otherwise the defaults: batches of 4, admission by deadline
+    with server(["--size-level", "32", "--timeout", "60"],
                 tmp_path_factory.mktemp("roomy") / "server.log") as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def tight(tmp_path_factory):
-    args = ["--size-level", "32", "--max-queue", "1", "--timeout", "60", "--max-steps", "1000",
-            "--max-upload-mb", "0.05", "--max-megapixels", "0.01"]
+    args = ["--size-level", "32", "--max-batch", "1", "--max-queue", "1", "--no-refuse-late", "--timeout", "60",
+            "--max-steps", "1000", "--max-upload-mb", "0.05", "--max-megapixels", "0.01"]
     with server(args, tmp_path_factory.mktemp("tight") / "server.log") as s:
         yield s
 
@@ -122,9 +123,30 @@ def test_load_64_requests_from_8_clients_lose_and_mix_up_nothing(roomy, referenc
     assert all(r.status == 200 for r in report.replies), [(r.status, r.body[:200]) for r in report.replies]
     for reply in report.replies:
         assert reply.headers["x-seed"] == str(reply.seed)
-        assert np.array_equal(pixels(reply.body), reference[reply.seed]), f"seed {reply.seed} got another edit"
+        assert_same_edit(pixels(reply.body), reference[reply.seed], reply.seed)
     assert metric(roomy.url, "step1x_requests_total", 'status="200"') == before + 64
     print("single process, 8 clients:", report.summary())
+
+
+def test_a_burst_of_16_clients_is_served_and_batched(roomy, reference):
+    """64 requests from 16 clients (each sends its next one when answered): the default server, whose
+    deadline rule admits what it predicts to finish in time, serves them all; edits shared DiT steps."""
+    batched_before = metric(roomy.url, "step1x_edit_batch_size_sum")
+    report = run_load(roomy.url, PNG, list(range(64)), clients=16, fields=EDIT, timeout_s=60)
+    refused = [r for r in report.replies if r.status == 503]
+    assert not report.errors and len(report.ok) == 64, (len(refused), [r.body[:200] for r in refused[:3]])
+    for reply in report.ok:
+        assert_same_edit(pixels(reply.body), reference[reply.seed], reply.seed)
+    mean_batch = (metric(roomy.url, "step1x_edit_batch_size_sum") - batched_before) / 64
+    assert mean_batch > 1.5, mean_batch  # 16 clients keep the batch of 4 mostly full
+    print("single process, 16 clients:", report.summary(), f"mean batch {mean_batch:.2f}")
+
+
+def test_an_edit_that_cannot_finish_by_its_deadline_is_refused_at_once(roomy):
+    """Predicted completion past the request's own deadline: 503 past_deadline with the predicted wait."""
+    r = post(roomy.url, {**EDIT, "steps": "100", "timeout_s": "0.05"})
+    assert r.status_code == 503 and r.json()["error"] == "past_deadline", r.text
+    assert int(r.headers["retry-after"]) >= 1 and r.elapsed.total_seconds() < 5
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -9,14 +9,26 @@ import click
 from .common import user_errors
 from .runtime_options import RuntimeArgs, runtime_options
 
+# Edits per batch by default: on 2 CPU cores the tiny models' throughput stops growing past ~4-8 (docs/serving.md);
+# on a GPU a 1024^2 edit at batch 2 (CFG) already fills much of the device, so more mostly adds latency.
+DEFAULT_MAX_BATCH = 4
+
 
 @click.command()
 @runtime_options()
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind. The default answers this machine only; 0.0.0.0 exposes the service.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="TCP port.")
-@click.option("--max-queue", type=click.IntRange(0, 10_000), default=8, show_default=True,
-              help="Edits that may wait behind the running one (per replica); more get 503 + Retry-After.")
+@click.option("--max-batch", type=click.IntRange(1, 64), default=DEFAULT_MAX_BATCH, show_default=True,
+              help="Same-size edits sharing each DiT call (per replica): a request joins the running batch at the "
+                   "next denoising step and leaves when its own steps end; 1 runs edits one at a time.")
+@click.option("--max-queue", type=click.IntRange(0, 10_000), default=64, show_default=True,
+              help="Most edits waiting to join the batch (per replica; it bounds the memory their images hold). "
+                   "Below it a request is admitted while its predicted completion fits its deadline (--timeout "
+                   "or its timeout_s); otherwise 503 + Retry-After (the predicted wait).")
+@click.option("--refuse-late/--no-refuse-late", default=True, show_default=True,
+              help="Answer 503 + Retry-After at once to a request predicted to finish past its deadline; with "
+                   "--no-refuse-late it is admitted and stopped at the deadline (504).")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(0.1, 86_400), default=300.0, show_default=True,
               help="Seconds per request, queue wait included; past it the edit is stopped and the answer is 504.")
 @click.option("--max-upload-mb", type=click.FloatRange(0.01, 1024), default=20.0, show_default=True,
@@ -49,15 +61,16 @@ from .runtime_options import RuntimeArgs, runtime_options
               show_default=True)
 @user_errors
 def serve(
-    runtime: RuntimeArgs, host: str, port: int, max_queue: int, timeout_s: float, max_upload_mb: float,
-    max_megapixels: float, max_steps: int, size_level: int | None, max_size_level: int | None, warmup: bool,
-    use_ray: bool, ray_address: str | None, replicas: int, min_replicas: int | None, max_replicas: int | None,
-    gpus_per_replica: float | None, cpus_per_replica: float, log_level: str,
+    runtime: RuntimeArgs, host: str, port: int, max_batch: int, max_queue: int, refuse_late: bool, timeout_s: float,
+    max_upload_mb: float, max_megapixels: float, max_steps: int, size_level: int | None, max_size_level: int | None,
+    warmup: bool, use_ray: bool, ray_address: str | None, replicas: int, min_replicas: int | None,
+    max_replicas: int | None, gpus_per_replica: float | None, cpus_per_replica: float, log_level: str,
 ) -> None:
     """Serve edits over HTTP: POST /v1/edits (multipart image + instruction -> PNG), a web page at /,
     /healthz, /readyz and /metrics (Prometheus).
 
-    One process runs one runtime and edits one image at a time behind a bounded queue; --ray runs
+    One process runs one runtime; same-size edits share its DiT calls (--max-batch), joining at step
+    boundaries, and a request is admitted while it is predicted to finish by its deadline; --ray runs
     --replicas runtimes (one per GPU by default) behind Ray Serve's HTTP proxy. Ctrl-C stops after the
     accepted edits finish. The model flags are edit's; without any, the tiny random-weight model is served.
     With --ray, leave --device unset: each replica sees only the GPUs Ray gave it.
@@ -72,11 +85,11 @@ def serve(
             raise FileNotFoundError(f"{flag} {path} does not exist")
     if runtime.backend == "torch" and runtime.model_dir is None and runtime.model_name is None:
         runtime = replace(runtime, model_name="tiny")  # the embedded default: try the service anywhere
-    spec = RuntimeSpec.from_load_kwargs(runtime.load_kwargs())
+    spec = RuntimeSpec.from_load_kwargs({**runtime.load_kwargs(), "max_batch": max_batch})
     limits = ServeLimits(
         max_queue=max_queue, timeout_s=timeout_s, max_upload_bytes=round(max_upload_mb * 1e6),
         max_pixels=round(max_megapixels * 1e6), max_steps=max_steps, max_size_level=max_size_level,
-        default_size_level=size_level, warmup=warmup,
+        default_size_level=size_level, warmup=warmup, refuse_late=refuse_late,
     )
     if not use_ray:
         from ..serve.server import run_server

@@ -42,6 +42,7 @@ class RuntimeOptions:
     cfg_degree: int = 1  # ranks splitting cond / uncond (torchrun); weights are replicated
     ulysses_degree: int = 1  # ranks splitting attention heads (all-to-all)
     ring_degree: int = 1  # ranks splitting the sequence for ring attention
+    max_batch: int = 1  # same-size edits sharing each DiT call (`edit_batch`; the server's batches): 1 = alone
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -51,6 +52,8 @@ class RuntimeOptions:
             raise ValueError(f"graph_cache must be an integer >= 1 (graphs kept), got {self.graph_cache!r}")
         if self.attention not in ATTENTION:
             raise ValueError(f"unknown attention {self.attention!r}; choose one of {', '.join(ATTENTION)}")
+        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or not 1 <= self.max_batch <= 64:
+            raise ValueError(f"max_batch must be an integer in [1, 64] (edits per DiT call), got {self.max_batch!r}")
         if self.mllm_quant not in (None, "none", "fp8", "int8"):
             raise ValueError(f"unknown mllm_quant {self.mllm_quant!r}; choose none, fp8 or int8")
         if isinstance(self.cache, str):

@@ -23,36 +23,33 @@ import torch
 from PIL import Image
 
 from ..precision import Precision
-from ..specs import ComponentSpec, dit_spec, profile_for, shape_bucket, vae_decoder_spec, vae_encoder_spec
+from ..specs import ComponentSpec, dit_spec, profile_for, vae_decoder_spec, vae_encoder_spec
 from ..step1x_ref.configs import ModelConfig
-from ..step1x_ref.edit_v1p2 import branch_conditioning, per_branch, postprocess_v1p2, prepare_image_v1p2
+from ..step1x_ref.edit_v1p2 import per_branch
 from ..step1x_ref.generation import TextGenerator
 from ..step1x_ref.lora import LoraSpec
 from ..step1x_ref.pipeline import (
     EditImage,
     Step1XEditPipeline,
-    negative_prompt_for,
     no_reference,
-    postprocess,
-    prepare_input,
-    sampling_inputs,
 )
 from ..step1x_ref.reasoning import JUDGE_RETRIES, ReasonedEdit, reasoned_edit
-from ..step1x_ref.sampling import ProgressFn, UpdateFn, denoise, guided_euler, pack, unpack
+from ..step1x_ref.sampling import Lane, ProgressFn, UpdateFn, denoise_lanes, guided_euler, pack
 from ..timing import StageTimer
-from ..validate import SEED_RANGE, InputError, check_device, check_edit_numbers, check_finite, check_int
+from ..validate import SEED_RANGE, check_device, check_finite, check_int
 from .attention import with_attention
+from .batching import MAX_BATCH, DoneFn, EditJob, EditOutcome, JoinFn, run_batch, run_serially
 from .buffers import Shape, edit_dims
 from .caching import CachedStep, CacheSpec, CacheStats
 from .compile import compile_backend, compile_blocks
 from .cudagraph import CudaGraphed, GraphCounts
 from .engine import Engine
+from .lanes import EditLanes
 from .loaders import TINY, engine_loaders, pipeline_loaders, torch_loaders
 from .memory import DriverMemory, PeakMemory, read_peak, release_cached, reset_peak
 from .options import DEFAULT_GRAPH_CACHE, Backend, RuntimeOptions
 from .parallel.dit import parallel_dit
 from .parallel.layout import ParallelDegrees, check_launched, rank_device
-from .progress import StepEvents
 from .stages import Loader, Stages
 from .stats import RuntimeStats
 from .step import engine_step_fn
@@ -71,7 +68,7 @@ def precision_of(dtype: torch.dtype) -> Precision:
     return DTYPE_PRECISION[dtype]
 
 
-class Step1XEditRuntime:
+class Step1XEditRuntime(EditLanes):
     def __init__(
         self,
         config: ModelConfig,
@@ -84,6 +81,8 @@ class Step1XEditRuntime:
     ):
         self.config, self.device = config, torch.device(device)
         self.options = options.resolved(self.device)
+        if self.options.max_batch > 1:
+            self.check_batching()
         if config.reason_edit is not None and (self.options.cache is not None or self.options.parallel.world > 1):
             # both work on the batch-2 DiT call; v1.2 runs one call per CFG branch (their text lengths differ)
             raise ValueError(f"{config.name}: step caching and parallel degrees are not supported for v1.2 yet")
@@ -132,6 +131,7 @@ class Step1XEditRuntime:
         cfg_degree: int = 1,
         ulysses_degree: int = 1,
         ring_degree: int = 1,
+        max_batch: int = 1,
         loras: Sequence[LoraSpec] = (),
         attention: str = "auto",
     ) -> Step1XEditRuntime:
@@ -149,7 +149,7 @@ class Step1XEditRuntime:
         kept (one per edit size, least recently used evicted); `shape_buckets` snaps each edit to the nearest
         of `specs.BUCKET_ASPECTS` (the output is still the input's size). `cache` turns on step caching;
         degrees > 1 split the DiT over torchrun's ranks (one GPU each); `attention` picks the SDPA kernel
-        (`runtime.attention`)."""
+        (`runtime.attention`). `max_batch` bounds `edit_batch`'s batch."""
         device = check_device(device) if device is not None else default_device()
         check_int("seed", seed, *SEED_RANGE)
         degrees = ParallelDegrees(cfg=cfg_degree, ulysses=ulysses_degree, ring=ring_degree)
@@ -163,7 +163,7 @@ class Step1XEditRuntime:
             backend=backend, precision=precision_of(dtype), cuda_graphs=cuda_graphs, compile=compile,
             compile_mode=compile_mode, graph_cache=graph_cache, shape_buckets=shape_buckets,
             sequential_load=sequential_load, mllm_quant=mllm_quant, cache=cache, cfg_degree=cfg_degree,
-            ulysses_degree=ulysses_degree, ring_degree=ring_degree, attention=attention,
+            ulysses_degree=ulysses_degree, ring_degree=ring_degree, attention=attention, max_batch=max_batch,
         )
         if backend == "torch":
             config, loaders, notes = torch_loaders(source, options.resolved(device), device, version=version,
@@ -210,55 +210,68 @@ class Step1XEditRuntime:
         profile covers for a tiny one. Numbers are checked first (InputError naming the argument), and a
         stage that yields NaN or infinity raises NonFiniteError naming it: no picture is made of it.
         """
-        size_level = self.default_size_level if size_level is None else size_level
-        steps = self.config.default_steps if steps is None else steps
-        v12 = self.config.reason_edit is not None
-        check_edit_numbers(steps=steps, cfg=cfg, size_level=size_level, seed=seed)
-        for name, text in (("instruction", instruction), ("negative_prompt", negative_prompt)):
-            if not isinstance(text, str) and not (name == "negative_prompt" and text is None):
-                raise InputError(f"{name} must be a str, got {type(text).__name__}")
+        job = EditJob(image, instruction, seed=seed, steps=steps, cfg=cfg, size_level=size_level,
+                      negative_prompt=negative_prompt, progress=progress)
         with self._lock:
-            if self.stages is None:
-                raise RuntimeError("Step1XEditRuntime is closed")
             timer = self.timer = StageTimer(self.device)
             reset_peak(self.device)
             self._driver = DriverMemory(self.device)
-            with timer.stage("preprocess"):
-                if v12 and image is None:
-                    raise InputError(f"{self.config.name}: text-to-image is not supported for v1.2")
-                bucket = (shape_bucket(*image.size, size_level)
-                          if self.options.shape_buckets and image is not None and not v12 else None)
-                img = (EditImage(*prepare_image_v1p2(image, size_level)) if v12
-                       else prepare_input(image, size_level, self.config, width, height, bucket))
-                self.check_shapes(img.width, img.height, reference=img.has_reference)  # before any model work
-            with self._stage(timer, "encoder", "mllm") as encoder:
-                encoded = encoder([instruction, negative_prompt_for(img, negative_prompt)], img.mllm_image)
-                for text in encoded if v12 else encoded[:1]:
-                    check_finite("the MLLM encoder (text embedding)", text.embedding if v12 else text)
-            ref = self._reference(timer, img)
-            txt_len = 1 if v12 else encoded[0].shape[1]  # v1.2's per-branch pe comes with its conditioning
-            noise, pe, timesteps = sampling_inputs(self.config, txt_len, img.width, img.height, seed=seed, steps=steps,
-                                                   reference=img.has_reference)
-            conditioning = (branch_conditioning(self.config, encoded, img.width, img.height) if v12
-                            else (pe, *encoded))
-            noise, *conditioning = (t.to(self.device) for t in (noise, *conditioning))
+            lane = self.prepare_lane(job, width=width, height=height, timer=timer)
             with self._stage(timer, "dit", "denoise") as dit:
                 try:
-                    latent = self._denoise(dit, noise, ref, tuple(conditioning), timesteps, cfg, progress)
+                    self._denoise(dit, lane)
                 finally:
                     if self.stages.sequential:  # the DiT is freed after this block: its graphs (and memory) too,
                         self._update = self._graphs = self._cached_step = None  # the step cache's hold included
-                check_finite("denoising (final latent)", latent)
-            self.last_latent = latent
-            with self._stage(timer, "vae_decoder", "vae_decode") as vae_decoder:
-                pixels = vae_decoder(latent=unpack(latent.float(), img.height, img.width))["image"]
-                check_finite("the VAE decoder (image)", pixels)
-            with timer.stage("postprocess"):
-                out = (postprocess_v1p2 if v12 else postprocess)(pixels, img.orig_size)
+            (outcome,) = self.finish_lanes([lane])
+            if outcome.error is not None:
+                raise outcome.error
+            self.step_seconds = outcome.step_seconds
             self.timings = timer.resolve()
             self.peak_memory = read_peak(self.device, self._driver)
-            self._edits += 1
-            return out
+            assert outcome.image is not None
+            return outcome.image
+
+    def edit_batch(self, jobs: Sequence[EditJob], *, join: JoinFn | None = None, done: DoneFn | None = None,
+                   max_batch: int | None = None) -> list[EditOutcome]:
+        """Edit same-size `jobs` as one batch: each DiT call runs every edit still going (batch 2B with CFG),
+        each at its own step, seed, guidance and schedule; each result equals the edit run alone.
+
+        At every step boundary with room (`max_batch`, default `options.max_batch`), `join(room, key)` may
+        hand more edits of the batch's size `key` (`batch_key`); they join there. An edit leaves when its
+        schedule ends: its outcome goes to `done` at once (the rest keep running) and into the returned list,
+        in finishing order. A failing edit (bad input, its progress callback raising) gets its error in its
+        outcome; the others are not disturbed. Serialised per runtime, like `edit`.
+        """
+        max_batch = self.options.max_batch if max_batch is None else max_batch
+        check_int("max_batch", max_batch, 1, MAX_BATCH)
+        if max_batch > 1:
+            self.check_batching()
+        with self._lock:
+            if self._batching_blocker():  # one edit at a time, through `edit` (its stages freed in turn)
+                return run_serially(self, jobs, join=join, done=done)
+            return run_batch(self, jobs, join=join, done=done, max_batch=max_batch)
+
+    def check_batching(self) -> None:
+        """Raise ValueError unless this runtime can run several edits per DiT call."""
+        why = self._batching_blocker()
+        if why:
+            raise ValueError(f"batched edits (max_batch > 1) are not supported here: {why}")
+
+    def _batching_blocker(self) -> str:
+        return ("v1.2 runs one DiT call per CFG branch" if self.config.reason_edit is not None
+                else "step caching decides per DiT call" if self.options.cache is not None
+                else "parallel degrees split one edit" if self.options.parallel.world > 1
+                else "sequential loading frees the MLLM during denoising" if self.options.sequential_load
+                else "")
+
+    def batch_update(self) -> UpdateFn:
+        """The DiT's whole-step update for batched lanes (the resident DiT; graphs per size and batch bucket)."""
+        assert self.stages is not None
+        dit = self.stages.load("dit")
+        if self._update is None or self._update[0] is not dit:
+            self._update = (dit, self._make_update(dit))
+        return self._update[1]
 
     def edit_reasoned(
         self, image: Image.Image, instruction: str, *, think: bool = False, reflect: int = 0,
@@ -296,17 +309,14 @@ class Step1XEditRuntime:
             check_finite("the VAE encoder (reference latent)", ref)
             return ref
 
-    def _denoise(self, dit: Engine, noise, ref, conditioning, timesteps, cfg: float, progress) -> torch.Tensor:
+    def _denoise(self, dit: Engine, lane: Lane) -> None:
         if self._update is None or self._update[0] is not dit:  # an update (and its graphs) per engine instance
             self._update = (dit, self._make_update(dit))
         if self._cached_step is not None:
-            self._cached_step.begin(len(timesteps) - 1)
+            self._cached_step.begin(lane.steps)
             self.cache_stats = self._cached_step.stats
-        steps = StepEvents(self.device, progress)  # the bar follows finished steps, not queued ones
-        latent = denoise(self._update[1], noise, ref, timesteps, guidance=cfg, truncate=self.config.cfg_truncate,
-                         conditioning=conditioning, progress=steps)
-        self.step_seconds = steps.step_seconds()
-        return latent
+        self._start_steps(lane)  # after the DiT's load: the first step's time is its own
+        denoise_lanes(self._update[1], [lane])
 
     def _compiled(self, load_dit: Loader) -> Loader:
         """The DiT loader, its blocks compiled on load (the torch backend: `resolved` turns compile off elsewhere)."""

@@ -9,7 +9,7 @@ Needs the `serve` extra (and `ray` for replicas): `pip install -e ".[serve,ray]"
 from .._lazy import lazy_exports
 
 _EXPORTS = {
-    "EditQueue": ".queue",
+    "EditBatcher": ".queue",
     "EditService": ".service",
     "ReplicaPlan": ".ray_app",
     "RequestError": ".request",

@@ -145,8 +145,8 @@ def create_app(service: EditService, *, load_on_startup: bool = True) -> Any:
             edit_request = await asyncio.wait_for(read_edit_request(request, rules), service.limits.timeout_s)
             deadline = edit_request.params.timeout_s or service.limits.timeout_s
             cancel = Cancel()
-            result = await guarded(service.edit(edit_request, cancel), request, cancel,
-                                   deadline - (time.perf_counter() - t0))
+            left = deadline - (time.perf_counter() - t0)
+            result = await guarded(service.edit(edit_request, cancel, left), request, cancel, left)
             response = edit_response(result, service.model, "application/json" in request.headers.get("accept", ""))
         except RequestError as e:
             service.metrics.errors.labels(e.code).inc()

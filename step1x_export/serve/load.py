@@ -11,6 +11,7 @@ import math
 import socket
 import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -23,6 +24,7 @@ class Reply:
     seconds: float
     body: bytes
     headers: dict[str, str]
+    attempts: int = 1  # > 1 when a server fault (5xx other than 503/504) was retried
 
 
 @dataclass
@@ -86,9 +88,14 @@ def wait_ready(url: str, timeout_s: float = 600) -> list[int]:
 
 
 def run_load(url: str, image_png: bytes, seeds: list[int], *, clients: int, fields: dict[str, str],
-             timeout_s: float = 120.0, allow_remote: bool = False) -> LoadReport:
+             timeout_s: float = 120.0, allow_remote: bool = False, retries: int = 0,
+             on_reply: Callable[[Reply], None] | None = None) -> LoadReport:
     """POST one edit per seed to `url` + /v1/edits from `clients` threads; every request has its own
-    `timeout_s`, so the whole run is bounded by about len(seeds) / clients * timeout_s."""
+    `timeout_s`, so the whole run is bounded by about len(seeds) / clients * timeout_s * (1 + retries).
+
+    `retries`: a server fault (a 5xx other than 503 and 504, or a dropped connection: e.g. the replica died
+    mid-edit) is sent again up to this many times; an edit is a pure function of its request (the seed
+    included), so a retry cannot give another answer. `on_reply` sees each answer as it arrives."""
     import httpx
 
     if not allow_remote:
@@ -98,17 +105,29 @@ def run_load(url: str, image_png: bytes, seeds: list[int], *, clients: int, fiel
 
     def one(client: httpx.Client, seed: int) -> Reply | None:
         t0 = time.perf_counter()
-        try:
-            r = client.post(endpoint, files={"image": ("input.png", image_png, "image/png")},
-                            data={**fields, "seed": str(seed)})
-        except httpx.HTTPError as e:
-            errors.append(f"seed {seed}: {type(e).__name__}: {e}")
-            return None
-        return Reply(seed, r.status_code, time.perf_counter() - t0, r.content, dict(r.headers))
+        for attempt in range(1, retries + 2):
+            try:
+                r = client.post(endpoint, files={"image": ("input.png", image_png, "image/png")},
+                                data={**fields, "seed": str(seed)})
+            except httpx.HTTPError as e:
+                if attempt <= retries:
+                    continue
+                errors.append(f"seed {seed}: {type(e).__name__}: {e}")
+                return None
+            if r.status_code < 500 or r.status_code in (503, 504) or attempt > retries:
+                return Reply(seed, r.status_code, time.perf_counter() - t0, r.content, dict(r.headers), attempt)
+        raise AssertionError("unreachable")
 
     def worker(chunk: list[int]) -> list[Reply]:
+        replies = []
         with httpx.Client(timeout=timeout_s) as client:
-            return [r for seed in chunk if (r := one(client, seed)) is not None]
+            for seed in chunk:
+                reply = one(client, seed)
+                if reply is not None:
+                    replies.append(reply)
+                    if on_reply is not None:
+                        on_reply(reply)
+        return replies
 
     chunks = [seeds[i::clients] for i in range(clients)]  # interleaved: every client runs to the end
     t0 = time.perf_counter()

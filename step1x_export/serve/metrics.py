@@ -9,6 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 # Edit latency buckets in seconds: tiny CPU models edit in ~0.1 s, the full model on a GPU in seconds to a
 # minute, and a queued request can wait several edits.
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, float("inf"))
+BATCH_BUCKETS = (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 class ServeMetrics:
@@ -28,8 +29,11 @@ class ServeMetrics:
                                  registry=r)
         self.depth = Gauge("step1x_queue_depth", "Edits waiting for the runtime", registry=r)
         self.depth.set_function(queue_depth)
-        self.busy = Gauge("step1x_running_edits", "Edits running now (0 or 1 per runtime)", registry=r)
+        self.busy = Gauge("step1x_running_edits", "Edits running now (the batch: up to --max-batch per runtime)",
+                          registry=r)
         self.busy.set_function(running)
+        self.batch = Histogram("step1x_edit_batch_size", "Mean number of edits sharing each DiT step of an edit",
+                               buckets=BATCH_BUCKETS, registry=r)
         self.ready = Gauge("step1x_ready", "1 once the model is loaded and warm", registry=r)
 
     def render(self) -> bytes:

@@ -1,29 +1,40 @@
-"""Admission and ordering of edits over one runtime: a bounded FIFO, a deadline, and cancellation.
+"""Admission and ordering of edits over one runtime: batches joined at step boundaries, admission by deadline.
 
-One edit runs at a time (a runtime's static buffers and CUDA graphs are shared), in a worker thread so the
-event loop keeps answering health checks and metrics. A request waiting in the queue that is cancelled
-(client gone, deadline passed) simply leaves it; a running one is stopped at its next denoising step
-through its `Cancel` token, and the slot is freed only once the runtime has really let go.
+A worker thread runs `Step1XEditRuntime.edit_batch`: the oldest waiting edit starts a batch, and at every
+denoising step boundary the waiting edits of the same size join it (up to `max_batch`, in arrival order:
+joining stops while an edit of another size is first in line, so it runs next). The event loop keeps
+answering health checks and metrics meanwhile. A request is admitted only while its predicted completion
+(`Forecast`: measured step times, the work ahead of it) fits its deadline; otherwise it is refused at once
+with a Retry-After of the predicted wait. A waiting request that is cancelled (client gone, deadline passed)
+leaves the line; a running one leaves its batch at the next step through its `Cancel` token.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
+import logging
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-T = TypeVar("T")
+from ..runtime.batching import EditOutcome
+from .forecast import Forecast
+
+if TYPE_CHECKING:
+    from ..runtime import Step1XEditRuntime
+    from ..runtime.batching import BatchKey, EditJob
+
+log = logging.getLogger("step1x_export.serve")
 
 
 class QueueFull(Exception):
-    def __init__(self, retry_after_s: int):
-        super().__init__(f"the queue is full; retry in about {retry_after_s} s")
-        self.retry_after_s = retry_after_s
+    """Refused at admission: `code` is queue_full (the line is at its length limit) or past_deadline."""
+
+    def __init__(self, code: str, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.code, self.retry_after_s = code, retry_after_s
 
 
 class EditCancelled(Exception):
@@ -50,64 +61,147 @@ class Cancel:
             raise EditCancelled(self.reason)
 
 
-@dataclass
-class Admitted(Generic[T]):
-    value: T
-    queued_s: float  # seconds spent waiting for the runtime
-    run_s: float  # seconds the edit itself took
+@dataclass(eq=False)
+class Ticket:
+    """One admitted edit, from arrival to its outcome."""
+
+    job: EditJob
+    key: BatchKey
+    cancel: Cancel
+    future: asyncio.Future[EditOutcome]
+    loop: asyncio.AbstractEventLoop
+    steps_left: int
+    arrived: float = field(default_factory=time.perf_counter)
+    started: float | None = None  # when it joined a batch
+
+    def resolve(self, outcome: EditOutcome) -> None:
+        def set_result() -> None:
+            if not self.future.done():
+                self.future.set_result(outcome)
+
+        self.loop.call_soon_threadsafe(set_result)
 
 
-class EditQueue:
-    """At most `max_queue` waiting plus one running; everything else is refused at once with QueueFull."""
+class EditBatcher:
+    """Waiting edits, admission by deadline, and the worker thread that runs them in batches."""
 
-    def __init__(self, max_queue: int):
-        self.max_queue = max_queue
-        self.waiting = 0
-        self.running = 0
-        self._slot = asyncio.Semaphore(1)  # FIFO: waiters acquire in arrival order
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step1x-edit")
-        self._recent_run_s: list[float] = []
+    def __init__(self, max_batch: int, max_queue: int, *, refuse_late: bool = True):
+        self.max_batch, self.max_queue, self.refuse_late = max_batch, max_queue, refuse_late
+        self.forecast = Forecast(max_batch)
+        self.runtime: Step1XEditRuntime | None = None
+        self._waiting: deque[Ticket] = deque()
+        self._running: set[Ticket] = set()
+        self._lock = threading.Condition()
+        self._closed = False
+        self._worker: threading.Thread | None = None
 
-    def retry_after_s(self) -> int:
-        """A client's sensible wait: the queue ahead of it times the recent mean edit time (at least 1 s)."""
-        mean = sum(self._recent_run_s) / len(self._recent_run_s) if self._recent_run_s else 1.0
-        return max(1, math.ceil((self.waiting + self.running) * mean))
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
 
-    async def run(self, work: Callable[[Cancel], T], cancel: Cancel) -> Admitted[T]:
-        """Queue `work`, run it alone in the worker thread, and return its result with the time it waited.
+    @property
+    def running(self) -> int:
+        return len(self._running)
 
-        Cancelling the awaiting task cancels the work: in the queue it leaves at once; running, it is
-        told through `cancel` and this coroutine waits for the worker to stop before re-raising.
-        """
-        if self.waiting + self.running > self.max_queue:
-            raise QueueFull(self.retry_after_s())
-        t0 = time.perf_counter()
-        self.waiting += 1
+    def start(self, runtime: Step1XEditRuntime) -> None:
+        self.runtime = runtime
+        self._worker = threading.Thread(target=self._work, name="step1x-edit", daemon=True)
+        self._worker.start()
+
+    # -- the event loop's side ------------------------------------------------------------------------------
+    def admit(self, job: EditJob, key: BatchKey, steps: int, cancel: Cancel, deadline_s: float) -> Ticket:
+        """Queue the edit if it is predicted to finish within `deadline_s`; else QueueFull (503)."""
+        with self._lock:
+            if self.waiting >= self.max_queue + max(0, self.max_batch - self.running):  # free places: no wait
+                raise QueueFull("queue_full", f"{self.waiting} edits already wait (the limit is {self.max_queue})",
+                                self._retry_after(steps))
+            work = sum(t.steps_left for t in self._running) + sum(t.steps_left for t in self._waiting)
+            edits = self.running + self.waiting
+            predicted = self.forecast.completion_s(work, edits, steps)
+            if self.refuse_late and predicted > deadline_s:
+                raise QueueFull("past_deadline", f"the edit would finish in about {predicted:.1f} s, past its "
+                                f"deadline of {deadline_s:.1f} s", self._retry_after(steps, work, edits))
+            loop = asyncio.get_running_loop()
+            ticket = job.tag = Ticket(job, key, cancel, loop.create_future(), loop, steps)
+            self._waiting.append(ticket)
+            self._lock.notify()
+        return ticket
+
+    def _retry_after(self, steps: int, work: int | None = None, edits: int | None = None) -> int:
+        if work is None:
+            work = sum(t.steps_left for t in self._running) + sum(t.steps_left for t in self._waiting)
+            edits = self.running + self.waiting
+        return self.forecast.retry_after_s(work, edits or 0, steps)
+
+    async def outcome(self, ticket: Ticket) -> EditOutcome:
+        """Wait for the edit; cancelled while waiting it leaves the line, running it leaves its batch."""
         try:
-            await self._slot.acquire()
-        finally:
-            self.waiting -= 1
-        try:
-            queued_s = time.perf_counter() - t0
-            cancel.check()  # cancelled while it waited: the runtime never sees it
-            self.running += 1
-            job = asyncio.get_running_loop().run_in_executor(self._executor, work, cancel)
+            return await asyncio.shield(ticket.future)
+        except asyncio.CancelledError:
+            ticket.cancel.set("cancelled")
+            with self._lock:
+                queued = ticket in self._waiting
+                if queued:
+                    self._waiting.remove(ticket)
+            if not queued:
+                await asyncio.wait([ticket.future])  # it stops at its next step; its place is free then
+            raise
+
+    def close(self) -> None:
+        """Stop taking edits; the worker finishes every admitted one, then ends."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        if self._worker is not None:
+            self._worker.join()
+
+    # -- the worker thread ----------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._waiting and not self._closed:
+                    self._lock.wait()
+                if not self._waiting:
+                    return
+            assert self.runtime is not None
+            first = self._take(self.max_batch, None)
+            if not first:
+                continue
             try:
-                t1 = time.perf_counter()
-                value = await asyncio.shield(job)
-                run_s = time.perf_counter() - t1
-            except asyncio.CancelledError:
-                cancel.set("cancelled")
-                await asyncio.wait([job])  # the runtime stops at its next step; keep the slot until then
-                if not job.cancelled():
-                    job.exception()  # retrieved: the request's cancellation is the outcome, not this error
-                raise
-            finally:
-                self.running -= 1
-        finally:
-            self._slot.release()
-        self._recent_run_s = [*self._recent_run_s[-15:], run_s]
-        return Admitted(value, queued_s, run_s)
+                self.runtime.edit_batch([t.job for t in first], join=self._join, done=self._done,
+                                        max_batch=self.max_batch)
+            except Exception as e:  # a fault outside any one edit: fail the batch's edits, keep serving
+                log.exception("a batch of edits failed")
+                with self._lock:
+                    stranded, self._running = list(self._running), set()
+                for ticket in stranded:
+                    ticket.resolve(EditOutcome(ticket.job, error=e))
 
-    def close(self, wait: bool = True) -> None:
-        self._executor.shutdown(wait=wait, cancel_futures=True)
+    def _take(self, room: int, key: BatchKey | None) -> list[Ticket]:
+        """Up to `room` waiting edits from the head of the line with the batch's key (the head's if None)."""
+        taken: list[Ticket] = []
+        with self._lock:
+            while self._waiting and len(taken) < room:
+                head = self._waiting[0]
+                if head.cancel.is_set:  # left while waiting: the runtime never sees it
+                    self._waiting.popleft()
+                    continue
+                key = head.key if key is None else key
+                if head.key != key:
+                    break
+                self._waiting.popleft()
+                head.started = time.perf_counter()
+                self._running.add(head)
+                taken.append(head)
+        return taken
+
+    def _join(self, room: int, key: BatchKey) -> list[EditJob]:
+        return [t.job for t in self._take(room, key)]
+
+    def _done(self, outcome: EditOutcome) -> None:
+        ticket: Ticket = outcome.job.tag  # type: ignore[assignment]
+        with self._lock:  # admission reads the forecast from the event loop's thread
+            if outcome.error is None:
+                self.forecast.observe(outcome)
+            self._running.discard(ticket)
+        ticket.resolve(outcome)

@@ -9,6 +9,7 @@ bundle, so they are granted together on one machine or not at all.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from .service import EditService
 from .spec import RuntimeSpec, ServeLimits
 
 APP_NAME = "step1x-edit"
+PREFER_LOCAL = "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,10 @@ def start_ray(address: str | None, plan: ReplicaPlan, *, host: str, port: int, t
     import ray
     from ray import serve
 
+    # Serve's proxy sends a request to a replica on its own node while that one has room; an edit is minutes
+    # of compute and its bytes are small, so spread by load instead (this reaches the proxies of a Ray
+    # started here; on a cluster, start each node with it, docs/serving.md).
+    os.environ.setdefault(PREFER_LOCAL, "0")
     if address:
         ray.init(address=address, log_to_driver=False)
     else:

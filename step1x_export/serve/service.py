@@ -1,4 +1,4 @@
-"""`EditService`: one runtime behind a bounded queue, with readiness, metrics and the server's limits.
+"""`EditService`: one runtime behind the batcher (admission by deadline), with readiness, metrics and limits.
 
 It knows nothing of HTTP: the Starlette app (and so the Ray replicas, which run the same app) translate
 requests into `EditRequest`s and `RequestError`s into status codes.
@@ -18,7 +18,7 @@ from PIL import Image
 
 from ..validate import NonFiniteError
 from .metrics import ServeMetrics
-from .queue import Cancel, EditCancelled, EditQueue, QueueFull
+from .queue import Cancel, EditBatcher, EditCancelled, QueueFull, Ticket
 from .request import EditParams, EditRequest, ParamRules, RequestError
 from .spec import RuntimeSpec, ServeLimits
 
@@ -41,7 +41,7 @@ class EditResult:
 
 
 class EditService:
-    """Loads the runtime (in a background thread, or inline), warms it, and runs edits one at a time."""
+    """Loads the runtime (in a background thread, or inline), warms it, and runs edits in batches of one size."""
 
     def __init__(self, spec: RuntimeSpec, limits: ServeLimits, *, replica: str | None = None):
         self.spec, self.limits = spec, limits
@@ -51,7 +51,8 @@ class EditService:
         self.runtime: Step1XEditRuntime | None = None
         self.rules: ParamRules | None = None
         self.model: dict[str, str | None] = dict(spec.identity())
-        self.queue = EditQueue(limits.max_queue)
+        self.queue = EditBatcher(int(spec.options.get("max_batch", 1)), limits.max_queue,
+                                 refuse_late=limits.refuse_late)
         self.metrics = ServeMetrics(lambda: self.queue.waiting, lambda: self.queue.running)
 
     # -- lifetime -------------------------------------------------------------------------------
@@ -67,6 +68,7 @@ class EditService:
             if self.limits.warmup:
                 self.state = "warming"
                 self._warm_up(self.runtime, self.rules)
+            self.queue.start(self.runtime)
             self.state = "ready"
             self.metrics.ready.set(1)
             log.info("model %s ready in %.1f s", self.model, time.perf_counter() - t0)
@@ -82,7 +84,7 @@ class EditService:
     def close(self) -> None:
         self.state = "closed"
         self.metrics.ready.set(0)
-        self.queue.close(wait=True)  # a running edit finishes first
+        self.queue.close()  # every admitted edit finishes first
         if self.runtime is not None:
             self.runtime.close()
 
@@ -98,9 +100,17 @@ class EditService:
                           timeout_s=self.limits.timeout_s)
 
     def _warm_up(self, runtime: Step1XEditRuntime, rules: ParamRules) -> None:
-        """One edit at the default size: loads every stage, compiles and captures graphs for that shape."""
+        """One edit at the default size, then a full batch of them: loads every stage, compiles and captures
+        graphs for that shape and the largest batch, and gives the admission forecast its first step times."""
+        from ..runtime.batching import EditJob
+
         image = Image.new("RGB", (rules.default_size_level,) * 2, (128, 128, 128))
-        runtime.edit(image, "warm-up", seed=0, steps=WARMUP_STEPS, size_level=rules.default_size_level)
+        job = EditJob(image, "warm-up", seed=0, steps=WARMUP_STEPS, size_level=rules.default_size_level)
+        for batch in dict.fromkeys((1, self.queue.max_batch)):
+            for outcome in runtime.edit_batch([job] * batch, max_batch=batch):
+                if outcome.error is not None:
+                    raise outcome.error
+                self.queue.forecast.observe(outcome)
 
     # -- edits ----------------------------------------------------------------------------------
     def check_ready(self) -> ParamRules:
@@ -109,40 +119,51 @@ class EditService:
             raise RequestError(503, "not_ready", why, retry_after=NOT_READY_RETRY_S)
         return self.rules
 
-    async def edit(self, request: EditRequest, cancel: Cancel) -> EditResult:
-        """Queue and run one edit; QueueFull becomes 503 + Retry-After, a runtime refusal 400."""
-        self.check_ready()
-        t0 = time.perf_counter()
-        try:
-            admitted = await self.queue.run(lambda c: self._run(request, c), cancel)
-        except QueueFull as e:
-            raise RequestError(503, "queue_full", str(e), retry_after=e.retry_after_s) from None
-        except EditCancelled as e:
-            raise RequestError(499, "cancelled", f"the edit was cancelled ({e})") from None
-        except NonFiniteError as e:  # the model, not the request, went wrong
-            raise RequestError(500, "non_finite", str(e)) from None
-        except ValueError as e:  # the runtime refused the input (e.g. a size outside an engine's profile)
-            raise RequestError(400, "bad_request", str(e)) from None
-        result = admitted.value
-        result.timings |= {"queue": admitted.queued_s, "total": time.perf_counter() - t0}
-        self.metrics.queued.observe(admitted.queued_s)
-        for stage, seconds in result.timings.items():
-            if stage not in ("queue", "total"):
-                self.metrics.stage.labels(stage).inc(seconds)
-        return result
+    async def edit(self, request: EditRequest, cancel: Cancel, deadline_s: float | None = None) -> EditResult:
+        """Admit (by deadline), batch and run one edit: a refusal is 503 + Retry-After, a runtime refusal 400."""
+        from ..runtime.batching import EditJob
 
-    def _run(self, request: EditRequest, cancel: Cancel) -> EditResult:
-        """In the worker thread: the edit, stopped between denoising steps once `cancel` is set."""
+        self.check_ready()
         assert self.runtime is not None
-        cancel.check()
+        t0 = time.perf_counter()
         p = request.params
+        ticket: Ticket | None = None
 
         def progress(done: int, total: int) -> None:
             self.metrics.dit_steps.inc()
+            if ticket is not None:
+                ticket.steps_left = total - done
             cancel.check()
 
-        out = self.runtime.edit(request.image, p.instruction, seed=p.seed, steps=p.steps, cfg=p.cfg,
-                                size_level=p.size_level, negative_prompt=p.negative_prompt, progress=progress)
+        job = EditJob(request.image, p.instruction, seed=p.seed, steps=p.steps, cfg=p.cfg, size_level=p.size_level,
+                      negative_prompt=p.negative_prompt, progress=progress)
+        try:
+            key = self.runtime.batch_key(request.image, p.size_level)
+        except ValueError as e:
+            raise RequestError(400, "bad_request", str(e)) from None
+        deadline_s = self.limits.timeout_s if deadline_s is None else deadline_s
+        try:
+            ticket = self.queue.admit(job, key, p.steps, cancel, deadline_s)
+        except QueueFull as e:
+            raise RequestError(503, e.code, str(e), retry_after=e.retry_after_s) from None
+        outcome = await self.queue.outcome(ticket)
+        error = outcome.error
+        if isinstance(error, EditCancelled):
+            raise RequestError(499, "cancelled", f"the edit was cancelled ({error})") from None
+        if isinstance(error, NonFiniteError):  # the model, not the request, went wrong
+            raise RequestError(500, "non_finite", str(error)) from None
+        if isinstance(error, ValueError):  # the runtime refused the input (e.g. a size outside an engine's profile)
+            raise RequestError(400, "bad_request", str(error)) from None
+        if error is not None:
+            raise error
+        assert outcome.image is not None and ticket.started is not None
+        queued_s = ticket.started - ticket.arrived
         buf = io.BytesIO()
-        out.save(buf, format="PNG")
-        return EditResult(buf.getvalue(), out.width, out.height, p, dict(self.runtime.timings), request.warnings)
+        outcome.image.save(buf, format="PNG")
+        timings = {**outcome.timings, "queue": queued_s, "total": time.perf_counter() - t0}
+        self.metrics.queued.observe(queued_s)
+        if outcome.batch_sizes:
+            self.metrics.batch.observe(sum(outcome.batch_sizes) / len(outcome.batch_sizes))
+        for stage, seconds in outcome.timings.items():
+            self.metrics.stage.labels(stage).inc(seconds)
+        return EditResult(buf.getvalue(), outcome.image.width, outcome.image.height, p, timings, request.warnings)

@@ -49,14 +49,15 @@ class RuntimeSpec:
 class ServeLimits:
     """Back-pressure and input limits of one server (one runtime)."""
 
-    max_queue: int = 8  # edits waiting beyond the one running; one more gets 503 + Retry-After
+    max_queue: int = 64  # edits waiting to join the batch; one more gets 503 + Retry-After (bounds their memory)
     timeout_s: float = 300.0  # per request, queue wait included; past it: 504 and the edit is stopped
     max_upload_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 16 * 1024 * 1024  # decoded input image; more is 413
     max_steps: int = 100
     max_size_level: int | None = None  # None: the model's largest profile level
     default_size_level: int | None = None  # None: the model's largest profile level (as `edit`)
-    warmup: bool = True  # one small edit before /readyz says ready
+    warmup: bool = True  # one small edit (and one batch) before /readyz says ready
+    refuse_late: bool = True  # 503 at once for a request predicted to finish past its deadline (else: 504 then)
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "max_upload_bytes", "max_pixels", "max_steps"):

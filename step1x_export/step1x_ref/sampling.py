@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from itertools import pairwise
 
 import torch
@@ -18,9 +19,9 @@ from torch import Tensor
 
 from .configs import Version
 
-# step_fn(img [2, 2N, 64] = (noisy | reference) x (cond, uncond), t [2], *conditioning) -> pred [2, 2N, 64]
+# step_fn(img [2B, 2N, 64] = (noisy | reference) x (B cond, B uncond), t [2B], *conditioning) -> pred [2B, 2N, 64]
 StepFn = Callable[..., Tensor]
-# update(x, ref, guidance, t, dt, rescale, *conditioning) -> next x: one denoising step, tensors only
+# update(x [B, N, 64], ref, guidance [B], t [B], dt [B], rescale [B], *conditioning) -> next x: one step of B edits
 UpdateFn = Callable[..., Tensor]
 ProgressFn = Callable[[int, int], None]
 
@@ -87,24 +88,142 @@ def cfg_combine(cond: Tensor, uncond: Tensor, guidance: float | Tensor, rescale:
 
 
 def guided_euler(step_fn: StepFn) -> UpdateFn:
-    """One whole denoising step from a DiT call: (noisy | reference) x (cond, uncond) -> true CFG -> Euler
-    on the noisy half (the reference half stays fixed; its prediction is discarded)."""
+    """One whole denoising step of B edits from one DiT call: (noisy | reference) x (cond lanes, uncond lanes)
+    -> true CFG per lane -> Euler on the noisy half (the reference half stays fixed; its prediction is discarded).
+
+    x, ref [B, N, 64]; guidance, t, dt, rescale [B] (each lane its own); the per-branch conditioning is
+    [2B, ...], the B cond rows then the B uncond rows (`Batch`), so the DiT sees batch 2B and timesteps [2B].
+    """
 
     def update(x: Tensor, ref: Tensor, guidance: Tensor, t: Tensor, dt: Tensor, rescale: Tensor,
                *conditioning: Tensor) -> Tensor:
-        pred = step_fn(torch.cat([x, ref], dim=1).expand(2, -1, -1), t, *conditioning)
-        return x + dt * cfg_combine(pred[:1], pred[1:], guidance, rescale)[:, : x.shape[1]]
+        b = x.shape[0]
+        pred = step_fn(torch.cat([x, ref], dim=1).repeat(2, 1, 1), torch.cat([t, t]), *conditioning)
+        per_lane = (guidance.view(b, 1, 1), rescale.view(b, 1, 1))
+        return x + dt.view(b, 1, 1) * cfg_combine(pred[:b], pred[b:], *per_lane)[:, : x.shape[1]]
 
     return update
 
 
 def schedule_tensors(timesteps: list[float], truncate: float, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Per step: t [S, 2] (both CFG branches), dt [S] (float32) and the CFG rescale switch t > truncate [S]."""
+    """Per step: t [S], dt [S] (float32) and the CFG rescale switch t > truncate [S]."""
     pairs = list(pairwise(timesteps))
-    t = torch.tensor([[a, a] for a, _ in pairs], dtype=torch.float32, device=device)
+    t = torch.tensor([a for a, _ in pairs], dtype=torch.float32, device=device)
     dt = torch.tensor([b - a for a, b in pairs], dtype=torch.float32, device=device)
     rescale = torch.tensor([a > truncate for a, _ in pairs], dtype=torch.bool, device=device)
     return t, dt, rescale
+
+
+@dataclass(eq=False)
+class Lane:
+    """One edit in the denoising loop: its noisy tokens x [1, N, 64] (float32), fixed reference tokens ref
+    [1, N, 64], conditioning, and its own schedule and guidance. The loop advances `x` and `step`.
+
+    Conditioning tensors with a leading 2 are per CFG branch (cond, uncond) and are stacked across lanes;
+    the others (leading 1: the RoPE table, a function of the size only) are shared by every lane of a batch,
+    which is why only same-size edits share one.
+    """
+
+    x: Tensor
+    ref: Tensor
+    t: Tensor  # [S]
+    dt: Tensor  # [S]
+    rescale: Tensor  # [S] bool
+    guidance: Tensor  # [1] float32
+    conditioning: tuple[Tensor, ...] = ()
+    progress: ProgressFn | None = None
+    step: int = 0  # steps done
+    error: BaseException | None = None  # set when its progress callback raised (e.g. cancelled): it left early
+    tag: object = None  # the caller's handle on this edit
+    batch_sizes: list[int] = field(default_factory=list)  # lanes sharing each of its steps (padding excluded)
+
+    @classmethod
+    def of(cls, x: Tensor, ref: Tensor, timesteps: list[float], *, guidance: float, truncate: float,
+           conditioning: tuple[Tensor, ...] = (), progress: ProgressFn | None = None, tag: object = None) -> Lane:
+        t, dt, rescale = schedule_tensors(timesteps, truncate, x.device)
+        g = torch.tensor([guidance], dtype=torch.float32, device=x.device)
+        return cls(x, ref, t, dt, rescale, g, conditioning, progress, tag=tag)
+
+    @property
+    def steps(self) -> int:
+        return len(self.dt)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.steps or self.error is not None
+
+    def advance(self, x: Tensor, batch: int) -> None:
+        """Take this step's result and report it; a raising progress callback ends this lane only."""
+        self.x, self.step = x, self.step + 1
+        self.batch_sizes.append(batch)
+        if self.progress is not None:
+            try:
+                self.progress(self.step, self.steps)
+            except Exception as e:  # the edit's own stop (cancelled, deadline): the other lanes go on
+                self.error = e
+
+
+class Batch:
+    """The lanes running together: their per-branch conditioning stacked once per change of membership."""
+
+    def __init__(self, lanes: list[Lane], padded: int):
+        self.lanes, self.padded = lanes, padded
+        rows = lanes + [lanes[-1]] * (padded - len(lanes))  # padding repeats a real lane: finite, discarded
+        self.rows = rows
+        self.ref = rows[0].ref if len(rows) == 1 else torch.cat([r.ref for r in rows])
+        count = len(rows[0].conditioning)
+        self.conditioning = tuple(self._stack([r.conditioning[i] for r in rows]) for i in range(count))
+
+    @staticmethod
+    def _stack(parts: list[Tensor]) -> Tensor:
+        if len(parts) == 1 or parts[0].shape[0] == 1:  # one lane, or shared by the batch
+            return parts[0]
+        return torch.cat([p[:1] for p in parts] + [p[1:] for p in parts])  # cond rows, then uncond rows
+
+    def step_inputs(self) -> tuple[Tensor, ...]:
+        """x, ref, guidance, t, dt, rescale of this step, each lane at its own step."""
+        if len(self.rows) == 1:
+            lane, i = self.rows[0], self.rows[0].step
+            return lane.x, lane.ref, lane.guidance, lane.t[i : i + 1], lane.dt[i : i + 1], lane.rescale[i : i + 1]
+        x = torch.cat([r.x for r in self.rows])
+        g = torch.cat([r.guidance for r in self.rows])
+        t, dt, rescale = (torch.stack([getattr(r, name)[r.step] for r in self.rows]) for name in ("t", "dt", "rescale"))
+        return x, self.ref, g, t, dt, rescale
+
+
+JoinFn = Callable[[int], list[Lane]]  # (free places) -> lanes joining at this step boundary
+LeaveFn = Callable[[list[Lane]], None]  # lanes whose schedules ended at this step (or stopped early: lane.error)
+
+
+def denoise_lanes(update: UpdateFn, lanes: list[Lane], *, join: JoinFn | None = None, leave: LeaveFn | None = None,
+                  max_batch: int = 1, pad_to: Callable[[int], int] = lambda b: b) -> None:
+    """The denoising loop: every active lane takes one step per `update` call, each at its own timestep and
+    guidance. At each step boundary `join` may add lanes (up to `max_batch` running); lanes leave, through
+    `leave` (together when they end at the same step), once their own schedules end. Returns when no lane is
+    left and `join` offers none.
+
+    `pad_to(b)` rounds the batch up (repeating the last lane) so that a CUDA graph per size bucket serves
+    nearby batch sizes. An exception from `update` propagates: the caller owns the lanes still running.
+    """
+    active = list(lanes)
+    batch: Batch | None = None
+    while True:
+        if join is not None and len(active) < max_batch:
+            joined = join(max_batch - len(active))
+            active += joined
+            batch = None if joined else batch
+        if not active:
+            return
+        if batch is None:
+            batch = Batch(active, max(pad_to(len(active)), len(active)))
+        out = update(*batch.step_inputs(), *batch.conditioning)
+        for i, lane in enumerate(active):
+            lane.advance(out[i : i + 1], len(active))
+        finished = [lane for lane in active if lane.done]
+        if finished:
+            active, batch = [lane for lane in active if not lane.done], None
+            if leave is not None:
+                leave(finished)
 
 
 def denoise(
@@ -118,15 +237,15 @@ def denoise(
     conditioning: tuple[Tensor, ...] = (),
     progress: ProgressFn | None = None,
 ) -> Tensor:
-    """Euler integration of the noisy tokens x [1, N, 64] (float32); the reference tokens ref [1, N, 64] stay fixed.
+    """Euler integration of one edit's noisy tokens x [1, N, 64] (float32); the reference tokens ref [1, N, 64]
+    stay fixed: `denoise_lanes` with a single lane.
 
     `update` is `guided_euler(step_fn)` (or a CUDA-graphed copy of it); `conditioning` is passed to it
     explicitly, not closed over, so a captured graph reads this edit's tensors.
     """
-    t, dt, rescale = schedule_tensors(timesteps, truncate, x.device)
-    g = torch.tensor(guidance, dtype=torch.float32, device=x.device)
-    for i in range(len(dt)):
-        x = update(x, ref, g, t[i], dt[i], rescale[i], *conditioning)
-        if progress is not None:
-            progress(i + 1, len(dt))
-    return x
+    lane = Lane.of(x, ref, timesteps, guidance=guidance, truncate=truncate, conditioning=conditioning,
+                   progress=progress)
+    denoise_lanes(update, [lane])
+    if lane.error is not None:
+        raise lane.error
+    return lane.x

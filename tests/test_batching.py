@@ -1,0 +1,169 @@
+"""Batched edits with step-level joining: every edit of a batch equals the same edit run alone.
+
+Why not bit for bit: the batch changes only how many rows each DiT GEMM has. The token GEMMs ([2B, T, C],
+thousands of rows) and attention compute each row alike at any batch, but the modulation Linears take
+[2B, C] (the timestep, pooled text and adaLN vectors: 2 rows alone, 2B batched), and CPU BLAS picks its
+kernel, so its summation blocking, by the row count. Those vectors then differ by one rounding (~2^-24
+relative), and the blocks and the Euler steps carry that forward (likewise the CFG rescale's pow and the
+timestep embedding's sin/cos, whose vectorised and scalar paths split elements by the row count). Bound: each perturbation is one fp32 rounding, and a DiT step moves a
+rounding-level input change by at most the model's gain over the <= 4 steps here; measured on this
+machine's CPU, 4.8e-7 (tiny) and 4.4e-6 (toy: trained weights, larger gains) relative on the final latent,
+so REL_BOUND = 1e-5 leaves two-fold room on another CPU's kernels while a mixed-up lane (another seed,
+another step) is off by order 1. Decoded 8-bit pixels differ by at most one level. A batch of one is bit
+for bit the edit alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from step1x_export.runtime import Step1XEditRuntime
+from step1x_export.runtime.batching import EditJob, EditOutcome, graph_bucket
+from step1x_export.serve.forecast import Forecast
+from step1x_export.serve.queue import EditCancelled
+
+REL_BOUND = 1e-5
+# (seed, steps, cfg): mixed seeds, schedules (so the CFG truncation falls at different steps) and guidance,
+# including cfg 0 (no guidance) and cfg 1.
+EDITS = [(0, 2, 6.0), (1, 3, 2.0), (2, 4, 6.0), (3, 2, 0.0), (4, 3, 1.0)]
+
+
+def image(seed: int = 0) -> Image.Image:
+    return Image.fromarray((np.random.default_rng(seed).random((48, 64, 3)) * 255).astype(np.uint8))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module", params=["tiny", "toy"])
+def runtime(request):
+    with Step1XEditRuntime.load(request.param, max_batch=4) as rt:
+        yield rt
+
+
+def job(i: int, **kw) -> EditJob:
+    seed, steps, cfg = EDITS[i]
+    return EditJob(image(seed), f"edit number {i}", seed=seed, steps=steps, cfg=cfg, size_level=32, **kw)
+
+
+def alone(rt: Step1XEditRuntime, i: int) -> tuple[torch.Tensor, np.ndarray]:
+    seed, steps, cfg = EDITS[i]
+    out = rt.edit(image(seed), f"edit number {i}", seed=seed, steps=steps, cfg=cfg, size_level=32)
+    return rt.last_latent.clone(), np.asarray(out)
+
+
+def test_each_edit_of_a_batch_with_joiners_equals_the_edit_alone(runtime):
+    """Two edits start together; the third joins at step 1, the fourth and fifth at step 2 (one waits for a
+    place: max_batch 4); each leaves when its own schedule ends."""
+    reference = {i: alone(runtime, i) for i in range(len(EDITS))}
+    arrivals = {1: [job(2)], 2: [job(3), job(4)]}  # boundary -> edits arriving there
+    boundary = 0
+    offered: list[EditJob] = []
+
+    def join(room: int, key: tuple[int, int]) -> list[EditJob]:
+        nonlocal boundary
+        offered.extend(arrivals.pop(boundary, []))
+        boundary += 1
+        taken, offered[:] = offered[:room], offered[room:]
+        return taken
+
+    outcomes = runtime.edit_batch([job(0), job(1)], join=join)
+    assert sorted(o.job.seed for o in outcomes) == [0, 1, 2, 3, 4]
+    assert max(max(o.batch_sizes) for o in outcomes) == 4  # the batch really filled up
+    assert {len(o.batch_sizes) for o in outcomes} >= {2, 3, 4}  # each ran its own number of steps
+    for o in outcomes:
+        assert o.error is None, o.error
+        latent, pixels = reference[o.job.seed]
+        assert o.latent is not None and o.latent.shape == latent.shape
+        assert rel_err(o.latent, latent) <= REL_BOUND, (o.job.seed, rel_err(o.latent, latent))
+        assert np.abs(np.asarray(o.image).astype(int) - pixels.astype(int)).max() <= 1
+    # the first two ran batched from their first step, so the comparison above is not batch-1 against itself
+    assert outcomes[0].batch_sizes[0] >= 2
+
+
+def test_a_batch_of_one_is_bit_identical_to_edit(runtime):
+    latent, pixels = alone(runtime, 1)
+    (o,) = runtime.edit_batch([job(1)])
+    assert torch.equal(o.latent, latent) and np.array_equal(np.asarray(o.image), pixels)
+
+
+def test_a_cancelled_edit_leaves_its_batch_and_the_others_are_undisturbed(runtime):
+    reference = {i: alone(runtime, i) for i in (0, 2)}
+
+    def stop_after_one(done: int, total: int) -> None:
+        if done == 1:
+            raise EditCancelled("client gone")
+
+    outcomes: list[EditOutcome] = []
+    runtime.edit_batch([job(0), job(1, progress=stop_after_one), job(2)], done=outcomes.append)
+    by_seed = {o.job.seed: o for o in outcomes}
+    assert isinstance(by_seed[1].error, EditCancelled) and by_seed[1].image is None
+    assert outcomes[0].job.seed == 1  # answered at once, not at the end of the batch
+    for seed in (0, 2):
+        assert rel_err(by_seed[seed].latent, reference[seed][0]) <= REL_BOUND
+
+
+def test_a_bad_request_fails_alone_and_other_sizes_cannot_join(runtime):
+    bad = EditJob(image(), "x", seed=0, steps=0, size_level=32)  # 0 steps: an InputError for this edit only
+    other_size = EditJob(image(), "x", seed=0, steps=2, size_level=48)
+    outcomes = runtime.edit_batch([job(0), bad], join=lambda room, key: [other_size] if room == 3 else [])
+    errors = {id(o.job): o.error for o in outcomes}
+    assert "steps must be in" in str(errors[id(bad)])
+    assert f"cannot join a batch of size {runtime.batch_key(image(), 32)}" in str(errors[id(other_size)])
+    assert [o.error for o in outcomes if o.job.seed == 0 and o.job.steps == 2 and o.job is not other_size] == [None]
+
+
+def test_batching_is_refused_where_it_cannot_run():
+    with pytest.raises(ValueError, match="sequential loading frees the MLLM"):
+        Step1XEditRuntime.load("tiny", max_batch=2, sequential_load=True)
+    with pytest.raises(ValueError, match="max_batch must be an integer in"):
+        Step1XEditRuntime.load("tiny", max_batch=0)
+
+
+def test_graph_buckets_are_powers_of_two():
+    assert [graph_bucket(b) for b in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
+
+
+def test_forecast_is_the_serial_queue_at_batch_one_and_shares_steps_when_batched():
+    serial = Forecast(max_batch=1)
+    serial.step_s, serial.overhead_s = {1: 0.1}, 0.5
+    # 3 edits ahead with 10 steps left in all, this one 4 steps: 4 overheads + 14 steps of 0.1 s
+    assert serial.completion_s(work=10, edits=3, steps=4) == pytest.approx(4 * 0.5 + 14 * 0.1)
+    batched = Forecast(max_batch=4)
+    batched.step_s, batched.overhead_s = {1: 0.1, 4: 0.2}, 0.5
+    assert batched.completion_s(work=10, edits=3, steps=4) == pytest.approx(4 * 0.5 + 14 / 4 * 0.2)
+    assert batched.completion_s(work=0, edits=0, steps=4) == pytest.approx(0.5 + 4 * 0.1)  # alone: its own steps
+    assert batched.step_time(2) == pytest.approx(0.2)  # unseen: the smaller size, scaled as if nothing were shared
+    assert serial.retry_after_s(work=100, edits=9, steps=4) == 15  # 9 overheads + 100 steps, 14.5 s, rounded up
+
+
+def test_padding_to_a_graph_bucket_repeats_a_real_lane_and_drops_its_result():
+    """With CUDA graphs the batch is padded to a power of two; the padding rows never reach a lane. The step is
+    elementwise and the CFG rescale is off (truncate 1.0: its pow, vectorised or not by the row count, could
+    round differently), so padded and unpadded runs must agree bit for bit."""
+    from step1x_export.step1x_ref.sampling import Lane, denoise_lanes, guided_euler
+
+    seen: list[int] = []
+
+    def step(img: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # elementwise: exact per row
+        seen.append(img.shape[0])
+        return img * t[:, None, None] + emb
+
+    def lanes() -> list[Lane]:
+        gen = torch.Generator().manual_seed(0)
+        return [Lane.of(torch.randn(1, 4, 64, generator=gen), torch.randn(1, 4, 64, generator=gen),
+                        [1.0, 0.6, 0.3, 0.0][: 2 + i], guidance=1.0 + i, truncate=1.0,
+                        conditioning=(torch.randn(2, 8, 64, generator=gen)[:, :1].expand(2, 8, 64),))
+                for i in range(3)]
+
+    plain, padded = lanes(), lanes()
+    denoise_lanes(guided_euler(step), plain, max_batch=4)
+    seen.clear()
+    denoise_lanes(guided_euler(step), padded, max_batch=4, pad_to=graph_bucket)
+    assert seen[0] == 2 * 4  # 3 lanes, padded to 4, x 2 CFG branches
+    for a, b in zip(plain, padded, strict=True):
+        assert a.step == b.step == a.steps and torch.equal(a.x, b.x)
