@@ -2,7 +2,8 @@
 grid, reference latents at (1, r, c).
 
 All in float32 and in the published pipeline's order of operations (its affine matrices, their float32
-inverse), so the ids match it to the last bit and the float64 RoPE table built from them does too.
+inverse), so the ids match it to float32 rounding (the last bit follows the CPU's LAPACK kernel, there as
+here), and the float64 RoPE table built from them does too.
 """
 
 from __future__ import annotations
