@@ -11,7 +11,7 @@ from ..calibrate.apply import quantize_model
 from ..calibrate.artifact import save_artifact
 from ..calibrate.collect import collect_stats
 from ..calibrate.dataset import describe, split_pairs
-from ..calibrate.evaluate import evaluate, format_table, summarize, task_psnr
+from ..calibrate.evaluate import evaluate, format_table, summarize
 from ..calibrate.recipes import DEFAULT_EXCLUDE, RECIPES, build_artifact
 from ..hashing import file_identity
 from ..specs import profile_for
@@ -20,7 +20,7 @@ from ..step1x_ref.loading import ModelFiles
 from ..step1x_ref.lora import LoraSpec, merge_loras
 from ..step1x_ref.pipeline import Step1XEditPipeline
 from ..toy import PACKAGED, small_pipeline
-from ..toy.calibration import calibration_pairs
+from ..toy.calibration import calibration_pairs, task_psnr
 from ..toy.evaluate import format_scores
 from .common import (
     CFG,
