@@ -15,6 +15,7 @@ import torch
 from .choices import COMPONENTS  # noqa: F401  (the exported graphs, named here for their users)
 from .step1x_ref.configs import ModelConfig
 from .step1x_ref.imaging import edit_size
+from .step1x_ref.profiles import Profile, profile_for
 
 # "compute" follows the graph's precision (fp32 / bf16 / fp16); the others are fixed.
 DType = Literal["compute", "float32", "int64"]
@@ -75,32 +76,6 @@ class ComponentSpec:
         raise KeyError(f"{self.name} has no tensor {name!r}; it has {self.input_names + self.output_names}")
 
 
-@dataclass(frozen=True)
-class Profile:
-    """The edit resolutions an export must cover without re-export."""
-
-    min_level: int
-    opt_level: int
-    max_level: int
-    max_aspect: float  # long side / short side
-
-    def edit_sizes(self, level: int, samples: int = 257) -> list[tuple[int, int]]:
-        """Every (width, height) the size_level rule gives at `level` for aspect ratios within max_aspect.
-
-        Flooring to multiples of 16 makes token counts vary non-monotonically with the aspect ratio, so
-        the extremes are found by a sweep, not from the two end ratios alone.
-        """
-        ratios = [self.max_aspect ** (2 * i / (samples - 1) - 1) for i in range(samples)]
-        return sorted({edit_size(round(10_000 * r), 10_000, level) for r in ratios})
-
-    def opt_size(self) -> tuple[int, int]:
-        return edit_size(1, 1, self.opt_level)
-
-
-FULL_PROFILE = Profile(min_level=512, opt_level=1024, max_level=1024, max_aspect=2.0)
-TINY_PROFILE = Profile(min_level=32, opt_level=64, max_level=256, max_aspect=2.0)
-
-
 # Optional shape buckets (RuntimeOptions.shape_buckets): the aspect ratios (width / height) an edit may be
 # snapped to, so a server sees a few shapes (few CUDA graphs, each a static shape) instead of one per input
 # aspect. Off by default: snapping changes the pixels the model sees, relative to upstream's resize rule.
@@ -114,16 +89,6 @@ def shape_bucket(width: int, height: int, size_level: int) -> tuple[int, int]:
 
     aspect = min(BUCKET_ASPECTS, key=lambda r: abs(math.log(r) - math.log(width / height)))
     return edit_size(round(10_000 * aspect), 10_000, size_level)
-
-
-# The trained toy model edits at 64 x 64 (its training resolution): its largest profile is that size.
-TOY_PROFILE = Profile(min_level=32, opt_level=64, max_level=64, max_aspect=2.0)
-
-
-def profile_for(config: ModelConfig) -> Profile:
-    if config.name == "toy":
-        return TOY_PROFILE
-    return TINY_PROFILE if config.tiny_qwen is not None else FULL_PROFILE
 
 
 DimRanges = dict[str, tuple[int, int, int]]  # dim name -> (min, opt, max)

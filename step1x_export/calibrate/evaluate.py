@@ -84,18 +84,3 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
         lines.append(f"| {name} | {r['sqnr_mean']:.2f} | {r['sqnr_min']:.2f} | {r['psnr_mean']:.2f} "
                      f"| {r['psnr_min']:.2f} |")
     return "\n".join(lines)
-
-
-def task_psnr(pipe: Step1XEditPipeline, qmodel: nn.Module, recipe: str, *, steps: int, size_level: int,
-              cfg: float = 6.0, seed: int = 0, views_per_photo: int = 2) -> dict[str, list]:
-    """For a model trained on edits with exact targets (`toy`): PSNR against the target per task on the
-    held-out photos, for the reference DiT and the quantized one (same MLLM, VAE, noise and loop)."""
-    from ..toy.evaluate import task_scores
-
-    quantized = Step1XEditPipeline(pipe.config, qmodel, pipe.ae, pipe.embedder, device=pipe.device, dtype=pipe.dtype)
-
-    def runner(p: Step1XEditPipeline):
-        return lambda image, text: p.edit(image, text, seed=seed, steps=steps, cfg=cfg, size_level=size_level)
-
-    return {name: task_scores(runner(p), size_level, views_per_photo=views_per_photo)
-            for name, p in (("reference", pipe), (recipe, quantized))}

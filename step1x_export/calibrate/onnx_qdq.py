@@ -32,6 +32,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from ..onnx_files import save_graph
 from .artifact import LayerScales, QuantArtifact, weight_probe
 from .formats import QuantFormat
 from .qlinear import quantize_weight
@@ -265,7 +266,5 @@ def insert_qdq(onnx_model_or_path: onnx.ModelProto | str | Path, artifact: Quant
                                    "step1x_export.quant.recipe": artifact.recipe,
                                    "step1x_export.quant.model_hash": artifact.model_hash})
     if out_path is not None:
-        from ..export.onnx_io import save_graph  # the exporter's writer; importing `export` loads the pipeline
-
         save_graph(model, out_path, external_data_threshold=_EXTERNAL_DATA_BYTES)
     return model

@@ -84,15 +84,15 @@ def calibrate(
     from ..calibrate.artifact import save_artifact
     from ..calibrate.collect import collect_stats
     from ..calibrate.dataset import describe, split_pairs
-    from ..calibrate.evaluate import evaluate, format_table, summarize, task_psnr
+    from ..calibrate.evaluate import evaluate, format_table, summarize
     from ..calibrate.recipes import build_artifact
     from ..hashing import file_identity
+    from ..sources import PACKAGED, small_pipeline
     from ..specs import profile_for
     from ..step1x_ref.loading import ModelFiles
     from ..step1x_ref.lora import LoraSpec, merge_loras
     from ..step1x_ref.pipeline import Step1XEditPipeline
-    from ..toy import PACKAGED, small_pipeline
-    from ..toy.calibration import calibration_pairs
+    from ..toy.calibration import calibration_pairs, task_psnr
     from ..toy.evaluate import format_scores
 
     calib, held_out = split_pairs()

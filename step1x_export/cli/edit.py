@@ -158,8 +158,8 @@ def demo(out_path: Path, prompt: str | None, model_name: str, steps: int, cfg: f
     check_output_path(out_path, suffixes=IMAGE_SUFFIXES)
     import torch
 
+    from ..sources import PACKAGED, small_pipeline
     from ..specs import profile_for
-    from ..toy import PACKAGED, small_pipeline
     from ..toy.demo import demo_photo, edit_resolution, exact_target, side_by_side, task_report
 
     trained = model_name in PACKAGED

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # importing this module (the server's queue does) loads neither torch nor PIL
     from PIL import Image
     from torch import Tensor
 
     from ..step1x_ref.pipeline import EditImage
-    from ..step1x_ref.sampling import Lane, ProgressFn
+    from ..step1x_ref.sampling import Lane, ProgressFn, UpdateFn
     from ..timing import StageTimer
+    from .options import RuntimeOptions
     from .progress import StepEvents
-    from .runtime import Step1XEditRuntime
 
 MAX_BATCH = 64  # edits per batch; far past where a step's cost stops amortising on any device
 BatchKey = tuple[int, int]  # the edit's (width, height) at its size level: edits batch only with their own key
@@ -75,7 +75,23 @@ class LaneState:
     events: StepEvents | None = None  # its steps' ends (device events on CUDA), started when it joins
 
 
-def run_batch(runtime: Step1XEditRuntime, jobs: Sequence[EditJob], *, join: JoinFn | None, done: DoneFn | None,
+class BatchRunner(Protocol):
+    """What the batch loop needs of a runtime (`Step1XEditRuntime` is one): declared here, so this module
+    does not import the runtime that calls it."""
+
+    options: RuntimeOptions
+    timings: dict[str, float]
+    step_seconds: list[float]
+
+    def prepare_lane(self, job: EditJob) -> Lane: ...
+    def lane_key(self, lane: Lane) -> BatchKey: ...
+    def finish_lanes(self, lanes: list[Lane]) -> list[EditOutcome]: ...
+    def batch_update(self) -> UpdateFn: ...
+    def batch_key(self, image: Image.Image, size_level: int | None = None) -> BatchKey: ...
+    def edit(self, image: Image.Image | None, instruction: str, **options: Any) -> Image.Image: ...
+
+
+def run_batch(runtime: BatchRunner, jobs: Sequence[EditJob], *, join: JoinFn | None, done: DoneFn | None,
               max_batch: int) -> list[EditOutcome]:
     """Run `jobs` (same key) as one batch, taking joiners from `join` at step boundaries; see `edit_batch`."""
     from ..step1x_ref.sampling import denoise_lanes
@@ -128,7 +144,7 @@ def run_batch(runtime: Step1XEditRuntime, jobs: Sequence[EditJob], *, join: Join
     return outcomes
 
 
-def run_serially(runtime: Step1XEditRuntime, jobs: Sequence[EditJob], *, join: JoinFn | None,
+def run_serially(runtime: BatchRunner, jobs: Sequence[EditJob], *, join: JoinFn | None,
                  done: DoneFn | None) -> list[EditOutcome]:
     """`edit_batch` with batches of one, through `edit`: for runtimes that cannot batch (see check_batching)."""
     outcomes: list[EditOutcome] = []

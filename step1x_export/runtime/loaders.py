@@ -11,10 +11,11 @@ import torch
 from ..calibrate.qcheckpoint import load_quantized_checkpoint, read_qcheckpoint_info
 from ..hashing import FileIdentity, file_identity
 from ..safetensors_io import TensorReader
+from ..sources import TINY, small_pipeline, weights_note
 from ..specs import component_specs, dit_spec, vae_decoder_spec, vae_encoder_spec
 from ..step1x_ref.autoencoder import AutoEncoder, VAEDecoder, VAEEncoder
 from ..step1x_ref.conditioner import Qwen25VLEmbedder
-from ..step1x_ref.configs import CONFIGS, ModelConfig, get_config
+from ..step1x_ref.configs import ModelConfig, get_config
 from ..step1x_ref.edit_v1p2 import with_rules
 from ..step1x_ref.loading import (
     CheckpointError,
@@ -28,7 +29,6 @@ from ..step1x_ref.loading import (
 )
 from ..step1x_ref.lora import LoraSpec, merge_loras
 from ..step1x_ref.pipeline import Step1XEditPipeline
-from ..toy import small_pipeline, weights_note
 from .buffers import BufferPool, Shape, select_profile
 from .mllm import prepare_mllm
 from .options import RuntimeOptions
@@ -36,7 +36,6 @@ from .parallel.dit import parallel_dit
 from .stages import Loader
 from .torch_engine import TorchEncoder, TorchEngine
 
-TINY = tuple(name for name, c in CONFIGS.items() if c.tiny_qwen is not None)
 ENGINE_COMPONENTS = ("vae_encoder", "dit", "vae_decoder")
 
 

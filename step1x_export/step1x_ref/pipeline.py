@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from ..specs import profile_for
 from ..timing import StageTimer
 from ..validate import check_edit_numbers, check_finite
 from .autoencoder import AutoEncoder
@@ -36,6 +35,7 @@ from .loading import DIT_FILES, QWEN_DIR, VAE_FILE, Layout, ModelFiles, detect_v
 from .lora import LoraSpec, merge_loras
 from .math import rope_table
 from .model import Step1XEdit
+from .profiles import profile_for
 from .random_weights import randomize_
 from .sampling import ProgressFn, StepFn, denoise, get_schedule, guided_euler, pack, position_ids, unpack
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from ..sources import PACKAGED
 from ..step1x_ref.configs import get_config
 
 # The official layout (DiT + connector, vae.safetensors, Qwen2.5-VL folder), inside the package.
-WEIGHTS_DIR = Path(__file__).parent / "weights"
+WEIGHTS_DIR = PACKAGED["toy"]
 FIGURES_FILE = "figures.json"  # what the training run measured on the held-out photos
 TOY_SIZE = 64  # the edit resolution it was trained for (size_level)
 TOY_STEPS = 28

@@ -1,0 +1,45 @@
+"""Model sources by name: the small configs (`tiny`, `toy`, ...) that the runtime, the CLI and the tools accept
+in place of a model folder. Trained weights of a small config ship inside the package; the others get seeded
+random weights. This registry sits below the runtime and the CLI, so neither imports the toy model's training
+code to resolve a name; it imports torch only when a model is built (the CLI's `--help` reads it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .step1x_ref.configs import CONFIGS, get_config
+
+if TYPE_CHECKING:
+    import torch
+
+    from .step1x_ref.pipeline import Step1XEditPipeline
+
+# Every small config: a name that stands for a model (never guessed from a path).
+TINY = tuple(name for name, c in CONFIGS.items() if c.tiny_qwen is not None)
+# Small configs whose trained weights ship inside the package, in the official layout.
+PACKAGED = {"toy": Path(__file__).parent / "toy" / "weights"}
+
+
+def small_pipeline(name: str, *, seed: int = 0, dtype: torch.dtype | None = None,
+                   device: str | torch.device = "cpu") -> Step1XEditPipeline:
+    """A small model by config name: its shipped trained weights if the package has them, else random ones
+    (`dtype` default: float32)."""
+    import torch
+
+    from .step1x_ref.loading import CheckpointError
+    from .step1x_ref.pipeline import Step1XEditPipeline
+
+    dtype = torch.float32 if dtype is None else dtype
+    if name not in PACKAGED:
+        return Step1XEditPipeline.random(name, seed=seed, dtype=dtype)
+    if not PACKAGED[name].is_dir():
+        raise CheckpointError(f"the {name} weights are missing from {PACKAGED[name]}: "
+                              "train them with `python -m step1x_export.toy.train`")
+    return Step1XEditPipeline.from_pretrained(PACKAGED[name], config=get_config(name), dtype=dtype, device=str(device))
+
+
+def weights_note(name: str, seed: int) -> str:
+    if name in PACKAGED:
+        return f"{name}: trained weights shipped in the package"
+    return f"{name}: random weights (seed {seed})"

@@ -1,0 +1,46 @@
+"""The edit resolutions each model is served at: the size-level range and aspect ratios an export covers
+without re-export, and the default size level. Model data, so it sits with the configs (the pipeline and the
+component specs both read it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .configs import ModelConfig
+from .imaging import edit_size
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The edit resolutions an export must cover without re-export."""
+
+    min_level: int
+    opt_level: int
+    max_level: int
+    max_aspect: float  # long side / short side
+
+    def edit_sizes(self, level: int, samples: int = 257) -> list[tuple[int, int]]:
+        """Every (width, height) the size_level rule gives at `level` for aspect ratios within max_aspect.
+
+        Flooring to multiples of 16 makes token counts vary non-monotonically with the aspect ratio, so
+        the extremes are found by a sweep, not from the two end ratios alone.
+        """
+        ratios = [self.max_aspect ** (2 * i / (samples - 1) - 1) for i in range(samples)]
+        return sorted({edit_size(round(10_000 * r), 10_000, level) for r in ratios})
+
+    def opt_size(self) -> tuple[int, int]:
+        return edit_size(1, 1, self.opt_level)
+
+
+FULL_PROFILE = Profile(min_level=512, opt_level=1024, max_level=1024, max_aspect=2.0)
+TINY_PROFILE = Profile(min_level=32, opt_level=64, max_level=256, max_aspect=2.0)
+
+
+# The trained toy model edits at 64 x 64 (its training resolution): its largest profile is that size.
+TOY_PROFILE = Profile(min_level=32, opt_level=64, max_level=64, max_aspect=2.0)
+
+
+def profile_for(config: ModelConfig) -> Profile:
+    if config.name == "toy":
+        return TOY_PROFILE
+    return TINY_PROFILE if config.tiny_qwen is not None else FULL_PROFILE

@@ -1,0 +1,120 @@
+"""The package's import graph: no cycle between modules, and every import between top-level parts of the
+package points down the layers below (docs/design.md says why they are in this order). Every import counts,
+also one inside a function or under TYPE_CHECKING: a deferred import is still a dependency."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+PACKAGE = "step1x_export"
+ROOT = Path(__file__).resolve().parents[1] / PACKAGE
+
+# Bottom to top. A part may import from parts in lower layers only (and from itself).
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("files", "precision", "timing", "validate", "choices", "_lazy"),  # no package imports at all
+    ("hashing", "safetensors_io", "onnx_files"),  # file formats over `files`
+    ("folders",),  # untrusted model folders: hashing and file checks
+    ("step1x_ref",),  # the model's maths and its weights, exactly as published
+    ("specs", "sources"),  # each component's I/O contract; model sources by name
+    ("calibrate",),  # quantization: scales as data, the layers that apply them
+    ("export",),  # ONNX graphs (Q/DQ from calibrate's data) and their manifests
+    ("runtime",),  # the edit over engines: torch, exported graphs, TensorRT engines
+    ("plan", "bench", "serve", "toy"),  # tools over the runtime, independent of each other
+    ("cli",),  # the command line over everything
+)
+LAYER = {part: i for i, parts in enumerate(LAYERS) for part in parts}
+
+
+def module_files() -> dict[str, Path]:
+    """Dotted module name -> file, for every module of the package."""
+    out = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def imported_names(module: str, path: Path) -> Iterator[str]:
+    """Every dotted name an import statement of `module` names (relative imports resolved)."""
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            target = ".".join([*base, node.module] if node.module else base)
+            yield target
+            yield from (f"{target}.{alias.name}" for alias in node.names)
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = module_files()
+    return {m: {t for t in imported_names(m, p) if t in files and t != m} for m, p in files.items()}
+
+
+def part_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "<package>"
+
+
+def test_every_part_has_a_layer():
+    unplaced = sorted({part_of(m) for m in module_files()} - set(LAYER) - {"<package>", "__main__"})
+    assert not unplaced, f"put these parts of the package in a layer of tests/test_layers.py: {unplaced}"
+
+
+def test_imports_point_down_the_layers():
+    wrong = [f"{a} -> {b} ({part_of(a)} is layer {LAYER[part_of(a)]}, {part_of(b)} is layer {LAYER[part_of(b)]})"
+             for a, targets in import_graph().items() for b in sorted(targets)
+             if part_of(a) in LAYER and part_of(b) in LAYER and part_of(a) != part_of(b)
+             and LAYER[part_of(a)] <= LAYER[part_of(b)]]
+    assert not wrong, "imports that do not point to a lower layer:\n" + "\n".join(wrong)
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a list of modules (first == last), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_no_import_cycle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+@pytest.mark.parametrize("graph, cycle", [
+    ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, ["a", "b", "c", "a"]),
+    ({"a": {"b"}, "b": set(), "c": {"b"}}, None),
+])
+def test_cycle_finder(graph, cycle):
+    """The checker itself finds a planted cycle (and none where there is none)."""
+    assert find_cycle(graph) == cycle
+
+
+def test_checker_sees_an_upward_import(tmp_path):
+    """A planted upward import inside a function is reported: deferred imports count."""
+    mod = tmp_path / "m.py"
+    mod.write_text("def f():\n    from ..runtime import x\n")
+    assert "step1x_export.runtime.x" in set(imported_names("step1x_export.calibrate.m", mod))
