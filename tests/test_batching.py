@@ -83,6 +83,8 @@ def test_each_edit_of_a_batch_with_joiners_equals_the_edit_alone(runtime):
         assert np.abs(np.asarray(o.image).astype(int) - pixels.astype(int)).max() <= 1
     # the first two ran batched from their first step, so the comparison above is not batch-1 against itself
     assert outcomes[0].batch_sizes[0] >= 2
+    for o in outcomes:  # each DiT call it took part in, timed alone (the admission forecast's input)
+        assert len(o.dit_seconds) == len(o.batch_sizes) and all(0 < t <= sum(o.step_seconds) for t in o.dit_seconds)
 
 
 def test_a_batch_of_one_is_bit_identical_to_edit(runtime):
