@@ -5,8 +5,9 @@ thousands of rows) and attention compute each row alike at any batch, but the mo
 [2B, C] (the timestep, pooled text and adaLN vectors: 2 rows alone, 2B batched), and CPU BLAS picks its
 kernel, so its summation blocking, by the row count. Those vectors then differ by one rounding (~2^-24
 relative), and the blocks and the Euler steps carry that forward (likewise the CFG rescale's pow and the
-timestep embedding's sin/cos, whose vectorised and scalar paths split elements by the row count). Bound: each perturbation is one fp32 rounding, and a DiT step moves a
-rounding-level input change by at most the model's gain over the <= 4 steps here; measured on this
+timestep embedding's sin/cos, whose vectorised and scalar paths split elements by the row count).
+Bound: each perturbation is one fp32 rounding, and a DiT step moves a rounding-level input change by at
+most the model's gain over the <= 4 steps here; measured on this
 machine's CPU, 4.8e-7 (tiny) and 4.4e-6 (toy: trained weights, larger gains) relative on the final latent,
 so REL_BOUND = 1e-5 leaves two-fold room on another CPU's kernels while a mixed-up lane (another seed,
 another step) is off by order 1. Decoded 8-bit pixels differ by at most one level. A batch of one is bit
