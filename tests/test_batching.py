@@ -170,3 +170,15 @@ def test_padding_to_a_graph_bucket_repeats_a_real_lane_and_drops_its_result():
     assert seen[0] == 2 * 4  # 3 lanes, padded to 4, x 2 CFG branches
     for a, b in zip(plain, padded, strict=True):
         assert a.step == b.step == a.steps and torch.equal(a.x, b.x)
+
+
+def test_the_server_batches_by_default_only_where_the_runtime_can():
+    from types import SimpleNamespace
+
+    from step1x_export.serve.service import EditService
+    from step1x_export.serve.spec import RuntimeSpec, ServeLimits
+
+    can, cannot = SimpleNamespace(why_not_batched=lambda: ""), SimpleNamespace(why_not_batched=lambda: "sequential")
+    assert EditService(RuntimeSpec("tiny"), ServeLimits())._max_batch(can) == 4
+    assert EditService(RuntimeSpec("tiny"), ServeLimits())._max_batch(cannot) == 1
+    assert EditService(RuntimeSpec("tiny", options={"max_batch": 2}), ServeLimits())._max_batch(can) == 2
