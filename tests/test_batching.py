@@ -5,8 +5,9 @@ thousands of rows) and attention compute each row alike at any batch, but the mo
 [2B, C] (the timestep, pooled text and adaLN vectors: 2 rows alone, 2B batched), and CPU BLAS picks its
 kernel, so its summation blocking, by the row count. Those vectors then differ by one rounding (~2^-24
 relative), and the blocks and the Euler steps carry that forward (likewise the CFG rescale's pow and the
-timestep embedding's sin/cos, whose vectorised and scalar paths split elements by the row count). Bound: each perturbation is one fp32 rounding, and a DiT step moves a
-rounding-level input change by at most the model's gain over the <= 4 steps here; measured on this
+timestep embedding's sin/cos, whose vectorised and scalar paths split elements by the row count).
+Bound: each perturbation is one fp32 rounding, and a DiT step moves a rounding-level input change by at
+most the model's gain over the <= 4 steps here; measured on this
 machine's CPU, 4.8e-7 (tiny) and 4.4e-6 (toy: trained weights, larger gains) relative on the final latent,
 so REL_BOUND = 1e-5 leaves two-fold room on another CPU's kernels while a mixed-up lane (another seed,
 another step) is off by order 1. Decoded 8-bit pixels differ by at most one level. A batch of one is bit
@@ -83,6 +84,8 @@ def test_each_edit_of_a_batch_with_joiners_equals_the_edit_alone(runtime):
         assert np.abs(np.asarray(o.image).astype(int) - pixels.astype(int)).max() <= 1
     # the first two ran batched from their first step, so the comparison above is not batch-1 against itself
     assert outcomes[0].batch_sizes[0] >= 2
+    for o in outcomes:  # each DiT call it took part in, timed alone (the admission forecast's input)
+        assert len(o.dit_seconds) == len(o.batch_sizes) and all(0 < t <= sum(o.step_seconds) for t in o.dit_seconds)
 
 
 def test_a_batch_of_one_is_bit_identical_to_edit(runtime):
@@ -167,3 +170,15 @@ def test_padding_to_a_graph_bucket_repeats_a_real_lane_and_drops_its_result():
     assert seen[0] == 2 * 4  # 3 lanes, padded to 4, x 2 CFG branches
     for a, b in zip(plain, padded, strict=True):
         assert a.step == b.step == a.steps and torch.equal(a.x, b.x)
+
+
+def test_the_server_batches_by_default_only_where_the_runtime_can():
+    from types import SimpleNamespace
+
+    from step1x_export.serve.service import EditService
+    from step1x_export.serve.spec import RuntimeSpec, ServeLimits
+
+    can, cannot = SimpleNamespace(why_not_batched=lambda: ""), SimpleNamespace(why_not_batched=lambda: "sequential")
+    assert EditService(RuntimeSpec("tiny"), ServeLimits())._max_batch(can) == 4
+    assert EditService(RuntimeSpec("tiny"), ServeLimits())._max_batch(cannot) == 1
+    assert EditService(RuntimeSpec("tiny", options={"max_batch": 2}), ServeLimits())._max_batch(can) == 2

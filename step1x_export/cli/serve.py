@@ -9,19 +9,16 @@ import click
 from .common import user_errors
 from .runtime_options import RuntimeArgs, runtime_options
 
-# Edits per batch by default: on 2 CPU cores the tiny models' throughput stops growing past ~4-8 (docs/serving.md);
-# on a GPU a 1024^2 edit at batch 2 (CFG) already fills much of the device, so more mostly adds latency.
-DEFAULT_MAX_BATCH = 4
-
 
 @click.command()
 @runtime_options()
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind. The default answers this machine only; 0.0.0.0 exposes the service.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="TCP port.")
-@click.option("--max-batch", type=click.IntRange(1, 64), default=DEFAULT_MAX_BATCH, show_default=True,
+@click.option("--max-batch", type=click.IntRange(1, 64), default=None,
               help="Same-size edits sharing each DiT call (per replica): a request joins the running batch at the "
-                   "next denoising step and leaves when its own steps end; 1 runs edits one at a time.")
+                   "next denoising step and leaves when its own steps end; 1 runs edits one at a time [default: 4 "
+                   "where the runtime can batch (the torch backend, v1.0/v1.1, no --sequential-load), else 1].")
 @click.option("--max-queue", type=click.IntRange(0, 10_000), default=64, show_default=True,
               help="Most edits waiting to join the batch (per replica; it bounds the memory their images hold). "
                    "Below it a request is admitted while its predicted completion fits its deadline (--timeout "
@@ -61,10 +58,11 @@ DEFAULT_MAX_BATCH = 4
               show_default=True)
 @user_errors
 def serve(
-    runtime: RuntimeArgs, host: str, port: int, max_batch: int, max_queue: int, refuse_late: bool, timeout_s: float,
-    max_upload_mb: float, max_megapixels: float, max_steps: int, size_level: int | None, max_size_level: int | None,
-    warmup: bool, use_ray: bool, ray_address: str | None, replicas: int, min_replicas: int | None,
-    max_replicas: int | None, gpus_per_replica: float | None, cpus_per_replica: float, log_level: str,
+    runtime: RuntimeArgs, host: str, port: int, max_batch: int | None, max_queue: int, refuse_late: bool,
+    timeout_s: float, max_upload_mb: float, max_megapixels: float, max_steps: int, size_level: int | None,
+    max_size_level: int | None, warmup: bool, use_ray: bool, ray_address: str | None, replicas: int,
+    min_replicas: int | None, max_replicas: int | None, gpus_per_replica: float | None, cpus_per_replica: float,
+    log_level: str,
 ) -> None:
     """Serve edits over HTTP: POST /v1/edits (multipart image + instruction -> PNG), a web page at /,
     /healthz, /readyz and /metrics (Prometheus).

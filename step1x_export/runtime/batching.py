@@ -9,6 +9,7 @@ the batch is padded to a power of two, so one graph per (size, batch bucket) ser
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -50,8 +51,9 @@ class EditOutcome:
     image: Image.Image | None = None
     error: BaseException | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage; denoise = join to leave
-    step_seconds: list[float] = field(default_factory=list)  # each of its steps (device time on CUDA)
+    step_seconds: list[float] = field(default_factory=list)  # each of its steps, the work between them included
     batch_sizes: list[int] = field(default_factory=list)  # edits sharing each of its steps
+    dit_seconds: list[float] = field(default_factory=list)  # each of its DiT calls alone (device time on CUDA)
     latent: Tensor | None = None  # its denoised tokens before decoding (fidelity checks)
 
 
@@ -73,6 +75,40 @@ class LaneState:
     timer: StageTimer
     v12: bool = False
     events: StepEvents | None = None  # its steps' ends (device events on CUDA), started when it joins
+    clock: DiTClock | None = None  # the batch's DiT calls, and the first this lane took part in
+    first_call: int = 0
+
+
+class DiTClock:
+    """Times each DiT call of a batch alone (CUDA events around it on a GPU, the host clock on CPU), so the
+    server's forecast sees the step's own cost, not the preparation and decoding done between steps."""
+
+    def __init__(self, update: Callable[..., Tensor], cuda: bool):
+        self.update, self.cuda = update, cuda
+        self.marks: list[tuple[Any, Any]] = []
+
+    def _mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        import torch
+
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def __call__(self, *args: Tensor) -> Tensor:
+        start = self._mark()
+        out = self.update(*args)
+        self.marks.append((start, self._mark()))
+        return out
+
+    def seconds(self, first: int, count: int) -> list[float]:
+        marks = self.marks[first : first + count]
+        if self.cuda:
+            for _, end in marks:
+                end.synchronize()
+            return [a.elapsed_time(b) / 1000 for a, b in marks]
+        return [b - a for a, b in marks]
 
 
 class BatchRunner(Protocol):
@@ -117,6 +153,7 @@ def run_batch(runtime: BatchRunner, jobs: Sequence[EditJob], *, join: JoinFn | N
             deliver(EditOutcome(job, error=e))
             return None
         running[id(lane)] = lane
+        lane.tag.clock, lane.tag.first_call = clock, len(clock.marks)  # type: ignore[union-attr]
         return lane
 
     def leave(lanes: list[Lane]) -> None:
@@ -130,13 +167,13 @@ def run_batch(runtime: BatchRunner, jobs: Sequence[EditJob], *, join: JoinFn | N
             return []
         return [lane for job in join(room, key) if (lane := start(job)) is not None]
 
+    clock = DiTClock(runtime.batch_update(), runtime.device.type == "cuda")
     first = [lane for job in jobs if (lane := start(job)) is not None]
     if not first and join is None:
         return outcomes
-    update = runtime.batch_update()
     pad = graph_bucket if runtime.options.cuda_graphs else (lambda b: b)
     try:
-        denoise_lanes(update, first, join=joiners, leave=leave, max_batch=max_batch, pad_to=pad)
+        denoise_lanes(clock, first, join=joiners, leave=leave, max_batch=max_batch, pad_to=pad)
     except Exception as e:  # the DiT itself failed: every edit still in the batch gets the error
         for lane in list(running.values()):
             running.pop(id(lane))

@@ -99,6 +99,8 @@ class EditLanes:
             outcome = EditOutcome(state.job, error=lane.error, batch_sizes=lane.batch_sizes)
             if state.events is not None:
                 outcome.step_seconds = state.events.step_seconds()
+            if state.clock is not None:
+                outcome.dit_seconds = state.clock.seconds(state.first_call, len(lane.batch_sizes))
             if outcome.error is None:
                 try:
                     check_finite("denoising (final latent)", lane.x)

@@ -248,18 +248,21 @@ class Step1XEditRuntime(EditLanes):
         if max_batch > 1:
             self.check_batching()
         with self._lock:
-            if self._batching_blocker():  # one edit at a time, through `edit` (its stages freed in turn)
+            if self.why_not_batched():  # one edit at a time, through `edit` (its stages freed in turn)
                 return run_serially(self, jobs, join=join, done=done)
             return run_batch(self, jobs, join=join, done=done, max_batch=max_batch)
 
     def check_batching(self) -> None:
         """Raise ValueError unless this runtime can run several edits per DiT call."""
-        why = self._batching_blocker()
+        why = self.why_not_batched()
         if why:
             raise ValueError(f"batched edits (max_batch > 1) are not supported here: {why}")
 
-    def _batching_blocker(self) -> str:
+    def why_not_batched(self) -> str:
+        """Why this runtime runs one edit per DiT call ("" when it can batch)."""
         return ("v1.2 runs one DiT call per CFG branch" if self.config.reason_edit is not None
+                else f"batches run on the torch backend (the {self.options.backend} engines' profiles hold one "
+                     "edit)" if self.options.backend != "torch"
                 else "step caching decides per DiT call" if self.options.cache is not None
                 else "parallel degrees split one edit" if self.options.parallel.world > 1
                 else "sequential loading frees the MLLM during denoising" if self.options.sequential_load

@@ -33,10 +33,12 @@ class Forecast:
 
     def observe(self, outcome: EditOutcome) -> None:
         """Fold a finished edit's step times (each with its batch size) and its other stages into the means."""
-        # Its first step also holds the preparation of the edits that joined with it: the overhead's share.
-        for seconds, batch in list(zip(outcome.step_seconds, outcome.batch_sizes, strict=False))[1:]:
+        # The DiT calls alone: the preparation and decoding between steps is the overhead's share.
+        times = outcome.dit_seconds or outcome.step_seconds[1:]  # one at a time (no batching): its steps
+        for seconds, batch in zip(times, outcome.batch_sizes[-len(times):], strict=False):
             old = self.step_s.get(batch)
             self.step_s[batch] = seconds if old is None else old + SMOOTHING * (seconds - old)
+        # A decode shared by the edits that left together counts once per edit, so the mean errs high.
         other = sum(v for k, v in outcome.timings.items() if k != "denoise" and not k.startswith("load "))
         self.overhead_s = other if not self.overhead_s else self.overhead_s + SMOOTHING * (other - self.overhead_s)
 

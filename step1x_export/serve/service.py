@@ -18,7 +18,7 @@ from PIL import Image
 
 from ..validate import NonFiniteError
 from .metrics import ServeMetrics
-from .queue import Cancel, EditBatcher, EditCancelled, QueueFull, Ticket
+from .queue import DEFAULT_MAX_BATCH, Cancel, EditBatcher, EditCancelled, QueueFull, Ticket
 from .request import EditParams, EditRequest, ParamRules, RequestError
 from .spec import RuntimeSpec, ServeLimits
 
@@ -51,8 +51,7 @@ class EditService:
         self.runtime: Step1XEditRuntime | None = None
         self.rules: ParamRules | None = None
         self.model: dict[str, str | None] = dict(spec.identity())
-        self.queue = EditBatcher(int(spec.options.get("max_batch", 1)), limits.max_queue,
-                                 refuse_late=limits.refuse_late)
+        self.queue = EditBatcher(1, limits.max_queue, refuse_late=limits.refuse_late)  # its batch: set at load
         self.metrics = ServeMetrics(lambda: self.queue.waiting, lambda: self.queue.running)
 
     # -- lifetime -------------------------------------------------------------------------------
@@ -65,6 +64,8 @@ class EditService:
             opts = self.runtime.options
             self.model |= {"config": self.runtime.config.name, "device": str(self.runtime.device),
                            "precision": opts.precision.value, "replica": self.replica}
+            max_batch = self._max_batch(self.runtime)
+            self.queue.max_batch = self.queue.forecast.max_batch = max_batch
             if self.limits.warmup:
                 self.state = "warming"
                 self._warm_up(self.runtime, self.rules)
@@ -98,6 +99,16 @@ class EditService:
                           default_size_level=default, default_steps=runtime.config.default_steps,
                           default_cfg=runtime.config.default_cfg, max_pixels=self.limits.max_pixels,
                           timeout_s=self.limits.timeout_s)
+
+    def _max_batch(self, runtime: Step1XEditRuntime) -> int:
+        """The batch size asked for, else the default where the runtime can batch (else edits one at a time)."""
+        asked = self.spec.options.get("max_batch")
+        if asked is not None:
+            return int(asked)  # the runtime refused at load if it cannot batch
+        why = runtime.why_not_batched()
+        if why:
+            log.info("edits run one at a time: %s", why)
+        return 1 if why else DEFAULT_MAX_BATCH
 
     def _warm_up(self, runtime: Step1XEditRuntime, rules: ParamRules) -> None:
         """One edit at the default size, then a full batch of them: loads every stage, compiles and captures

@@ -34,9 +34,11 @@ class RuntimeSpec:
         return cls(str(kwargs["source"]), kwargs.get("backend", "torch"), rest)
 
     def load(self) -> Step1XEditRuntime:
+        """The runtime; `max_batch` None (the server's default: batch where the runtime can) is not passed."""
         from ..runtime import Step1XEditRuntime
 
-        return Step1XEditRuntime.load(self.source, self.backend, **self.options)  # type: ignore[arg-type]
+        options = {k: v for k, v in self.options.items() if not (k == "max_batch" and v is None)}
+        return Step1XEditRuntime.load(self.source, self.backend, **options)  # type: ignore[arg-type]
 
     def identity(self) -> dict[str, str | None]:
         """What the model is, for response headers and /v1/model (folders by name, not full path)."""
