@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # importing this module (the server's queue does) loads neither torch nor PIL
+    import torch
     from PIL import Image
     from torch import Tensor
 
@@ -116,6 +117,7 @@ class BatchRunner(Protocol):
     does not import the runtime that calls it."""
 
     options: RuntimeOptions
+    device: torch.device
     timings: dict[str, float]
     step_seconds: list[float]
 
