@@ -38,10 +38,10 @@ def to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(x.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy())
 
 
-def task_scores(edit: EditFn, size: int, *, views_per_photo: int = 4, tasks=TASKS) -> list[TaskScore]:
-    """Edit every held-out view with every task; view i of a task uses the task's instruction i (mod count),
-    so English and Chinese phrasings are all exercised."""
-    _, views = heldout_views(size, views_per_photo)
+def task_scores(edit: EditFn, shape: tuple[int, int], *, views_per_image: int = 2, tasks=TASKS) -> list[TaskScore]:
+    """Edit every held-out view at `shape` (width, height) with every task; view i of a task uses the task's
+    instruction i (mod count), so English and Chinese phrasings are all exercised."""
+    _, views = heldout_views(*shape, per_image=views_per_image)
     scores = []
     for task in tasks:
         target = task.target(views)
