@@ -11,6 +11,7 @@ the autoencoder, not by the DiT, not as the MLLM's image.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -79,10 +80,15 @@ def _other_package_photo(package: str, name: str) -> np.ndarray:
     raise ValueError(f"unknown photo source {package!r} in {package}:{name}; known: sklearn, matplotlib")
 
 
+@functools.lru_cache(maxsize=None)  # each shape's evaluation reads the same images; callers copy
+def _cached_photo(name: str) -> np.ndarray:
+    return load_photo(name)
+
+
 def photo_tensors(names: tuple[str, ...], max_short_side: int | None = None) -> list[Tensor]:
     """Photos as float [3, H, W] in [0, 1], optionally downscaled so the short side is <= max_short_side
     (training crops are small: cropping from a smaller copy is much cheaper and loses nothing)."""
-    photos = [torch.from_numpy(load_photo(n)).permute(2, 0, 1).float().div(255) for n in names]
+    photos = [torch.from_numpy(_cached_photo(n)).permute(2, 0, 1).float().div(255) for n in names]
     if max_short_side is None:
         return photos
     return [_shrink(p, max_short_side) for p in photos]

@@ -58,7 +58,7 @@ class TrainPlan:
     ae_pixels: int = 8192
     ae_lr: float = 1e-3
     latent_norm_weight: float = 0.05  # keeps each latent channel ~N(0, 1): scale 1 / shift 0 in the config
-    dit_steps: int = 4000
+    dit_steps: int = 2500
     dit_tokens: int = 2560  # sequence tokens (text + noisy + reference) per DiT step: the batch follows the shape
     dit_lr: float = 1e-3
     warmup: int = 100
