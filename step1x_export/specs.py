@@ -115,9 +115,8 @@ def shape_bucket(width: int, height: int, size_level: int) -> tuple[int, int]:
     return edit_size(round(10_000 * aspect), 10_000, size_level)
 
 
-# The trained toy model edits at the size levels and aspect ratios it trained at (64 to 160, up to 2:1 both
-# ways); its largest level is its default, as for every model.
-TOY_PROFILE = Profile(min_level=64, opt_level=128, max_level=160, max_aspect=2.0)
+# The trained toy model edits at 64 x 64 (its training resolution): its largest profile is that size.
+TOY_PROFILE = Profile(min_level=32, opt_level=64, max_level=64, max_aspect=2.0)
 
 
 def profile_for(config: ModelConfig) -> Profile:

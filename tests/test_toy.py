@@ -15,18 +15,13 @@ from step1x_export.cli import main
 from step1x_export.step1x_ref.imaging import pil_to_tensor
 from step1x_export.step1x_ref.loading import DIT_FILES, QWEN_DIR, VAE_FILE
 from step1x_export.toy import small_pipeline
-from step1x_export.step1x_ref.imaging import edit_size
-from step1x_export.toy.data import EVAL_SHAPES, HELDOUT, TRAIN_PHOTOS, heldout_views, size_level_for
-from step1x_export.toy.drawn import drawn_picture
+from step1x_export.toy.data import HELDOUT_PHOTOS, TRAIN_PHOTOS, heldout_views
 from step1x_export.toy.evaluate import to_pil
 from step1x_export.toy.tasks import TASK_BY_NAME, TASKS, psnr, task_for
-from step1x_export.toy.train import TrainPlan, train, training_shapes
+from step1x_export.toy.train import TrainPlan, train
 from step1x_export.toy.weights import FIGURES_FILE, TOY_CFG, TOY_SIZE, TOY_STEPS, WEIGHTS_DIR
 
 pytestmark = pytest.mark.xdist_group("toy")
-
-# Every task's recorded held-out margin over returning the input, at every evaluated shape, is above this.
-MIN_MARGIN_DB = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -42,25 +37,8 @@ def test_shipped_weights_official_layout_and_size() -> None:
     files = [p for p in WEIGHTS_DIR.rglob("*") if p.is_file()]
     assert (WEIGHTS_DIR / DIT_FILES["v1.1"][0]).is_file() and (WEIGHTS_DIR / VAE_FILE).is_file()
     assert (WEIGHTS_DIR / QWEN_DIR / "config.json").is_file()
-    assert sum(p.stat().st_size for p in files) <= 25e6
-    assert not set(HELDOUT) & set(TRAIN_PHOTOS)
-
-
-def test_training_covers_the_evaluated_shapes() -> None:
-    """The DiT trains at every shape it is scored at, both orientations, and each is kept as it is by the
-    edit size rule at its size level (so the scores are of the model at that shape, not of a resize)."""
-    shapes = training_shapes(TrainPlan())
-    assert set(EVAL_SHAPES) <= set(shapes)
-    assert all((h, w) in shapes for w, h in shapes)
-    assert max(max(w, h) / min(w, h) for w, h in shapes) >= 2
-    assert all(edit_size(w, h, size_level_for(w, h)) == (w, h) for w, h in EVAL_SHAPES)
-
-
-def test_drawn_pictures_are_seeded_and_varied() -> None:
-    a, b = (drawn_picture(80, 48, torch.Generator().manual_seed(7)) for _ in range(2))
-    assert a.shape == (3, 48, 80) and torch.equal(a, b)
-    others = torch.stack([drawn_picture(80, 48, torch.Generator().manual_seed(k)) for k in range(8)])
-    assert others.flatten(1).std(0).mean() > 0.1  # pictures differ from one seed to the next
+    assert sum(p.stat().st_size for p in files) <= 20e6
+    assert not set(HELDOUT_PHOTOS) & set(TRAIN_PHOTOS)
 
 
 def test_targets_are_exact() -> None:
@@ -72,16 +50,15 @@ def test_targets_are_exact() -> None:
     assert all(task_for(text) is task for task in TASKS for text in task.instructions)
 
 
-@pytest.mark.parametrize(("task", "shape", "image"), [("invert", (64, 96), "astronaut"), ("mirror", (96, 64), "logo")])
-def test_edit_beats_identity_on_a_heldout_image(toy, task: str, shape: tuple[int, int], image: str) -> None:
-    """A held-out photo and a held-out graphic at non-square shapes, English and Chinese."""
-    _, view = heldout_views(*shape, per_image=1, names=(image,))
+def test_edit_beats_identity_on_a_heldout_photo(toy, task: str = "invert") -> None:
+    """One held-out view (the astronaut's centre square at the training size), English and Chinese."""
+    _, views = heldout_views(TOY_SIZE, per_photo=1)
+    view = views[:1]
     t = TASK_BY_NAME[task]
     target = t.target(view)
     identity = psnr(view, target).item()
     for text in (t.english[0], t.chinese[0]):
-        out = toy.edit(to_pil(view[0]), text, seed=0, steps=TOY_STEPS, cfg=TOY_CFG, size_level=size_level_for(*shape))
-        assert out.size == shape
+        out = toy.edit(to_pil(view[0]), text, seed=0, steps=TOY_STEPS, cfg=TOY_CFG, size_level=TOY_SIZE)
         assert psnr(pil_to_tensor(out), target).item() > identity + 3, text
 
 
@@ -90,12 +67,12 @@ def test_teacache_keeps_the_edit(toy) -> None:
     and its edit stays within 0.5 dB of the uncached one, far above returning the input."""
     from step1x_export.toy.quality import cached_edit
 
-    _, views = heldout_views(64, per_image=1, names=("astronaut",))
+    _, views = heldout_views(TOY_SIZE, per_photo=1)
     t = TASK_BY_NAME["invert"]
     target = t.target(views[:1])
     reused: list[float] = []
     cached = cached_edit(toy, 0.4, reused)(to_pil(views[0]), t.english[0])
-    plain = toy.edit(to_pil(views[0]), t.english[0], seed=0, steps=TOY_STEPS, cfg=TOY_CFG, size_level=64)
+    plain = toy.edit(to_pil(views[0]), t.english[0], seed=0, steps=TOY_STEPS, cfg=TOY_CFG, size_level=TOY_SIZE)
     cached_db, plain_db = (psnr(pil_to_tensor(im), target).item() for im in (cached, plain))
     assert reused[0] > 0.2, reused
     assert abs(cached_db - plain_db) < 0.5, (cached_db, plain_db)
@@ -115,13 +92,10 @@ def test_training_photo_from_a_missing_package_names_the_extra(monkeypatch) -> N
 
 
 def test_figures_recorded_by_training_beat_identity() -> None:
-    """The held-out figures the training run recorded, at every evaluated shape: every task beats returning
-    the input (mirror included: it moves content across grids of every width)."""
     figures = json.loads((WEIGHTS_DIR / FIGURES_FILE).read_text())
-    assert set(figures["tasks"]) == {f"{w}x{h}" for w, h in EVAL_SHAPES}
-    for shape, rows in figures["tasks"].items():
-        margins = {row["task"]: row["model_db"] - row["identity_db"] for row in rows if row["task"] != "no_change"}
-        assert all(m > MIN_MARGIN_DB for m in margins.values()), (shape, margins)
+    margins = {row["task"]: row["model_db"] - row["identity_db"] for row in figures["tasks"]}
+    del margins["no_change"]  # returning the input is its exact target
+    assert all(m > 3 for m in margins.values()), margins  # mirror included: it moves content across the grid
 
 
 def test_training_is_deterministic() -> None:
@@ -139,7 +113,32 @@ def test_demo_edits_a_heldout_photo(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["demo", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "trained weights" in result.output and "PSNR vs the exact target" in result.output
-    w, h = edit_size(600, 400, TOY_SIZE)  # the whole coffee photo, at the default size level
-    assert Image.open(out).size == (w, h)
-    zoom = -(-256 // h)  # input | edit | exact target, each enlarged to >= 256 px high, 8 px apart
-    assert Image.open(tmp_path / "demo_side_by_side.png").size == (w * zoom * 3 + 2 * 8, h * zoom)
+    assert Image.open(out).size == (TOY_SIZE, TOY_SIZE)
+    # input | edit | exact target, each enlarged 4x, 8 px apart
+    assert Image.open(tmp_path / "demo_side_by_side.png").size == (TOY_SIZE * 4 * 3 + 2 * 8, TOY_SIZE * 4)
+
+
+def test_shape_views_hold_photos_and_graphics_at_every_shape() -> None:
+    """The per-shape tables' views: each held-out photo and graphic at the asked width x height (the edit size
+    rule keeps that size at its level), a logo's transparency shown over white."""
+    from step1x_export.step1x_ref.imaging import edit_size
+    from step1x_export.toy.data import EVAL_SHAPES, HELDOUT_GRAPHICS, shape_views, size_level_for
+
+    assert not set(HELDOUT_GRAPHICS) & set(TRAIN_PHOTOS)
+    for w, h in EVAL_SHAPES:
+        names, views = shape_views(w, h)
+        assert views.shape == (len(HELDOUT_PHOTOS) + len(HELDOUT_GRAPHICS), 3, h, w)
+        assert edit_size(w, h, size_level_for(w, h)) == (w, h)
+    logo = shape_views(64, 64, names=("logo",))[1][0]
+    assert torch.equal(logo[:, 0, 0], torch.ones(3))  # a transparent corner, over white
+
+
+def test_quality_shapes_are_parsed_or_refused() -> None:
+    import argparse
+
+    from step1x_export.toy.quality import parse_shape
+
+    assert parse_shape("96x64") == (96, 64)
+    for bad in ("96", "100x64", "ax64"):
+        with pytest.raises(argparse.ArgumentTypeError, match="WIDTHxHEIGHT|multiples of 16"):
+            parse_shape(bad)

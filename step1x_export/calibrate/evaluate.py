@@ -97,5 +97,5 @@ def task_psnr(pipe: Step1XEditPipeline, qmodel: nn.Module, recipe: str, *, steps
     def runner(p: Step1XEditPipeline):
         return lambda image, text: p.edit(image, text, seed=seed, steps=steps, cfg=cfg, size_level=size_level)
 
-    return {name: task_scores(runner(p), (size_level, size_level), views_per_image=views_per_photo)
+    return {name: task_scores(runner(p), size_level, views_per_photo=views_per_photo)
             for name, p in (("reference", pipe), (recipe, quantized))}

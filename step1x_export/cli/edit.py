@@ -139,7 +139,7 @@ def echo_reasoning(reasoned) -> None:
               help=f"True-CFG guidance scale [default: {get_config('toy').default_cfg} for toy (measured best for it), "
               "6.0 for tiny].")
 @click.option("--size-level", type=click.IntRange(16, 1024), default=None,
-              help="Edit resolution [default: the model's largest profile: 160 for toy (it trained at 64-160), "
+              help="Edit resolution [default: the model's largest profile: 64 for toy (its training resolution), "
                    "256 for tiny].")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Noise seed (and weight seed of tiny).")
 @user_errors

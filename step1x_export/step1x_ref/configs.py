@@ -221,8 +221,8 @@ _V12_EMBEDDER = replace(_FULL_EMBEDDER, max_length=2048, drop_tokens=90, max_pix
 _TINY_V12_EMBEDDER = replace(_V12_EMBEDDER, hidden_size=64, drop_tokens=222)
 _V12 = ReasonEditParams(token_mapping_in=3584, token_mapping_out=4096)
 _TINY_V12 = replace(_V12, token_mapping_in=64, token_mapping_out=64)
-# `toy`: the same architecture at a size that trains on one CPU core within the hour and really edits
-# (step1x_export.toy), at size levels 64-160: 64 x 64 px is an 8 x 8 latent, 4 x 4 = 16 DiT image tokens. The
+# `toy`: the same architecture at a size that trains on one CPU core in about 35 minutes and really
+# edits (step1x_export.toy). Edits are 64 x 64 px: an 8 x 8 latent, 4 x 4 = 16 DiT image tokens. The
 # autoencoder is 96 wide with no resnets in its encoder levels: its output norms have 32 groups, and at
 # width 32 or 64 (1-2 channels a group) they normalise the colour of an image away (measured: flat
 # colours decode to the same grey), so the width sets how much colour gets through. Its latent is

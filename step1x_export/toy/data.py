@@ -1,12 +1,10 @@
-"""Training and held-out images for the toy model: photographs that ship inside installed packages, and
-pictures the training script draws itself (`drawn`), cropped at every shape of the toy's profile.
+"""Training and held-out photographs for the toy model, from images that ship inside installed packages.
 
 The photos are scikit-image's bundled photographs (a dependency of this package) plus scikit-learn's two
 sample images and matplotlib's portrait of Grace Hopper (the `train` extra), so the data, and the trained
 weights, are the same on every machine. Most of scikit-image's photos are grey: without the three colour
 photos the autoencoder learns to drop colour it rarely sees (measured: held-out photos decoded grey). The
-held-out images, three photos and three graphics (logos, a colour wheel), are never seen in training: not by
-the autoencoder, not by the DiT, not as the MLLM's image.
+held-out photos are never seen in training: not by the autoencoder, not by the DiT, not as the MLLM's image.
 """
 
 from __future__ import annotations
@@ -19,22 +17,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .drawn import drawn_picture
-
-# Real photographs (colour and grey) bundled with scikit-image. Its synthetic images (colour wheel, logo,
-# binary blobs, phantoms) are left out: the held-out graphics come from them, and the drawn pictures
-# stand in for graphics in training.
+# Real photographs (colour and grey) bundled with scikit-image. Synthetic images (colour wheel, logo,
+# binary blobs, phantoms) are left out: they are not what an edit model is asked to edit.
 TRAIN_PHOTOS = (
     "chelsea", "motorcycle_left", "motorcycle_right", "retina", "immunohistochemistry", "hubble_deep_field",
     "camera", "coins", "brick", "grass", "gravel", "moon", "page", "text", "cell", "clock",
     "sklearn:china", "sklearn:flower", "matplotlib:grace_hopper",
 )
 HELDOUT_PHOTOS = ("astronaut", "coffee", "rocket")
-# Graphics, not photos: flat colours, sharp edges, lettering; the wide matplotlib logo is 4:1.
+# Graphics, not photos (flat colours, sharp edges, lettering; matplotlib's logo is 4:1), held out as well:
+# the per-shape tables score the model on these beside the photos.
 HELDOUT_GRAPHICS = ("logo", "colorwheel", "matplotlib:logo2.png")
-HELDOUT = HELDOUT_PHOTOS + HELDOUT_GRAPHICS
-# The shapes the held-out tables are measured at (width, height): squares at size levels 64 and 128,
-# 3:2 both ways, and 3:2 beyond level 128.
+# The shapes (width, height) the per-shape tables are measured at: squares at size levels 64 and 128, 3:2
+# both ways, and 3:2 past level 128.
 EVAL_SHAPES = ((64, 64), (96, 64), (64, 96), (128, 128), (192, 128))
 
 
@@ -42,7 +37,7 @@ def load_photo(name: str) -> np.ndarray:
     """A bundled photo as uint8 RGB [H, W, 3] (grey photos repeated over the three channels).
 
     `name` is a scikit-image `data` function, or "sklearn:NAME" / "matplotlib:NAME" for those packages' images
-    (matplotlib's: a .jpg unless NAME has an extension).
+    (matplotlib's: a .jpg unless NAME has an extension). A logo with transparency is shown over white.
     """
     from skimage import data as skimage_data
 
@@ -56,7 +51,7 @@ def load_photo(name: str) -> np.ndarray:
     arr = np.asarray(arr)
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
-    if arr.shape[2] == 4:  # a logo with transparency: shown over white, as a viewer shows it
+    if arr.shape[2] == 4 and (arr[..., 3] < 255).any():
         alpha = arr[..., 3:].astype(np.float32) / 255
         arr = (arr[..., :3] * alpha + 255 * (1 - alpha)).round()
     return np.ascontiguousarray(arr[..., :3].astype(np.uint8))
@@ -73,14 +68,14 @@ def _other_package_photo(package: str, name: str) -> np.ndarray:
             from PIL import Image
 
             with cbook.get_sample_data(name if "." in name else f"{name}.jpg") as f:
-                return np.asarray(Image.open(f).convert("RGBA"))
+                return np.asarray(Image.open(f).convert("RGBA" if name.endswith(".png") else "RGB"))
     except ImportError as e:
         raise ImportError(f"the toy model's training photo {package}:{name} needs {e.name}: "
                           "pip install 'step1x-export[train]'") from e
     raise ValueError(f"unknown photo source {package!r} in {package}:{name}; known: sklearn, matplotlib")
 
 
-@functools.lru_cache(maxsize=None)  # each shape's evaluation reads the same images; callers copy
+@functools.lru_cache(maxsize=None)  # every shape's table reads the same images; callers copy them
 def _cached_photo(name: str) -> np.ndarray:
     return load_photo(name)
 
@@ -108,18 +103,15 @@ def quantize(x: Tensor) -> Tensor:
     return x.clamp(0, 1).mul(255).round().div(255)
 
 
-def random_crop(photo: Tensor, width: int, height: int, gen: torch.Generator, min_scale: float = 0.2) -> Tensor:
-    """A crop of the photo's aspect-limited largest width:height box scaled by [min_scale, 1], at a random place,
-    resized to [3, height, width]."""
+def random_crop(photo: Tensor, size: int, gen: torch.Generator, min_scale: float = 0.2) -> Tensor:
+    """A square crop of side in [min_scale, 1] x the short side, at a random place, resized to size x size."""
     _, h, w = photo.shape
-    fit = min(w / width, h / height)  # the largest box of the asked aspect that fits
-    scale = min_scale + (1 - min_scale) * float(torch.rand((), generator=gen))
-    cw = min(w, max(width // 2, round(width * fit * scale)))
-    ch = min(h, max(height // 2, round(height * fit * scale)))
-    top = int(torch.randint(0, h - ch + 1, (), generator=gen))
-    left = int(torch.randint(0, w - cw + 1, (), generator=gen))
-    crop = photo[None, :, top : top + ch, left : left + cw]
-    return F.interpolate(crop, size=(height, width), mode="bilinear", antialias=True, align_corners=False)[0]
+    short = min(h, w)
+    side = max(size // 2, int(short * (min_scale + (1 - min_scale) * float(torch.rand((), generator=gen)))))
+    top = int(torch.randint(0, h - side + 1, (), generator=gen))
+    left = int(torch.randint(0, w - side + 1, (), generator=gen))
+    crop = photo[None, :, top : top + side, left : left + side]
+    return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
 
 
 def colour_jitter(x: Tensor, gen: torch.Generator) -> Tensor:
@@ -135,53 +127,68 @@ def colour_jitter(x: Tensor, gen: torch.Generator) -> Tensor:
     return x + (u[5] - 0.5) * 0.3  # brightness
 
 
-def training_image(photos: list[Tensor], width: int, height: int, gen: torch.Generator,
-                   drawn_share: float) -> Tensor:
-    """One training image [3, height, width] on 8-bit levels: a drawn picture (`drawn_share` of the time) or
-    an augmented crop of a photo (crop, random horizontal flip, colour jitter)."""
-    if float(torch.rand((), generator=gen)) < drawn_share:
-        return quantize(drawn_picture(width, height, gen))
-    photo = photos[int(torch.randint(0, len(photos), (), generator=gen))]
-    x = random_crop(photo, width, height, gen)
+def augmented_crop(photo: Tensor, size: int, gen: torch.Generator) -> Tensor:
+    """Crop, random horizontal flip, colour jitter, 8-bit levels: one training image [3, size, size]."""
+    x = random_crop(photo, size, gen)
     if float(torch.rand((), generator=gen)) < 0.5:
         x = x.flip(-1)
     return quantize(colour_jitter(x, gen))
 
 
-def image_batch(photos: list[Tensor], count: int, width: int, height: int, gen: torch.Generator,
-                drawn_share: float) -> Tensor:
-    """`count` training images [count, 3, height, width]."""
-    return torch.stack([training_image(photos, width, height, gen, drawn_share) for _ in range(count)])
+def crop_batch(photos: list[Tensor], count: int, size: int, gen: torch.Generator) -> Tensor:
+    """`count` augmented crops [count, 3, size, size], each from a photo drawn at random."""
+    picks = torch.randint(0, len(photos), (count,), generator=gen).tolist()
+    return torch.stack([augmented_crop(photos[i], size, gen) for i in picks])
 
 
-def aspect_crop(image: Tensor, width: int, height: int, gen: torch.Generator | None, min_scale: float) -> Tensor:
-    """The centre crop of `image` at width:height (gen None), else a seeded random one, resized to the shape."""
-    if gen is not None:
-        return random_crop(image, width, height, gen, min_scale=min_scale)
+def heldout_views(size: int, per_photo: int = 4, seed: int = 1234) -> tuple[list[str], Tensor]:
+    """The evaluation images: per held-out photo, its centre square and `per_photo - 1` seeded crops,
+    each resized to size x size and 8-bit ([N, 3, size, size]); no colour jitter (real photos as they are)."""
+    gen = torch.Generator().manual_seed(seed)
+    names, views = [], []
+    for name, photo in zip(HELDOUT_PHOTOS, photo_tensors(HELDOUT_PHOTOS), strict=True):
+        _, h, w = photo.shape
+        s = min(h, w)
+        centre = photo[None, :, (h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
+        views.append(F.interpolate(centre, size=(size, size), mode="bilinear", antialias=True)[0])
+        names.append(f"{name}/centre")
+        for k in range(per_photo - 1):
+            views.append(random_crop(photo, size, gen, min_scale=0.4))
+            names.append(f"{name}/crop{k}")
+    return names, quantize(torch.stack(views))
+
+
+def aspect_crop(image: Tensor, width: int, height: int, gen: torch.Generator | None, min_scale: float = 0.4) -> Tensor:
+    """A width:height crop of `image` resized to [3, height, width]: the largest centred one (gen None), else one
+    of [min_scale, 1] x that size at a seeded random place."""
     _, h, w = image.shape
-    fit = min(w / width, h / height)
-    cw, ch = min(w, round(width * fit)), min(h, round(height * fit))
-    top, left = (h - ch) // 2, (w - cw) // 2
+    scale = 1.0 if gen is None else min_scale + (1 - min_scale) * float(torch.rand((), generator=gen))
+    cw = max(1, round(min(w, h * width / height) * scale))
+    ch = max(1, round(min(h, w * height / width) * scale))
+    if gen is None:
+        top, left = (h - ch) // 2, (w - cw) // 2
+    else:
+        top = int(torch.randint(0, h - ch + 1, (), generator=gen))
+        left = int(torch.randint(0, w - cw + 1, (), generator=gen))
     crop = image[None, :, top : top + ch, left : left + cw]
     return F.interpolate(crop, size=(height, width), mode="bilinear", antialias=True, align_corners=False)[0]
 
 
-def heldout_views(width: int, height: int | None = None, per_image: int = 2, seed: int = 1234,
-                  names: tuple[str, ...] = HELDOUT) -> tuple[list[str], Tensor]:
-    """The evaluation images at width x height (square when height is None): per held-out image its centre
-    crop at that aspect and `per_image - 1` seeded crops, 8-bit ([N, 3, height, width]); no colour jitter."""
-    height = width if height is None else height
+def shape_views(width: int, height: int, per_image: int = 1, seed: int = 1234,
+                names: tuple[str, ...] = HELDOUT_PHOTOS + HELDOUT_GRAPHICS) -> tuple[list[str], Tensor]:
+    """The held-out photos and graphics at width x height: per image its centre crop at that aspect and
+    `per_image - 1` seeded crops, on 8-bit levels ([N, 3, height, width]); no colour jitter."""
     gen = torch.Generator().manual_seed(seed)
     labels, views = [], []
     for name, image in zip(names, photo_tensors(names), strict=True):
         for k in range(per_image):
-            views.append(aspect_crop(image, width, height, gen if k else None, min_scale=0.4))
+            views.append(aspect_crop(image, width, height, gen if k else None))
             labels.append(f"{name}/{'centre' if k == 0 else f'crop{k}'}")
     return labels, quantize(torch.stack(views))
 
 
 def size_level_for(width: int, height: int) -> int:
-    """A size level at which the edit size rule keeps a width x height image (multiples of 16) as it is."""
+    """A size level at which the edit size rule keeps a width x height image (sides multiples of 16) as it is."""
     from ..step1x_ref.imaging import edit_size
 
     base = math.isqrt(width * height)

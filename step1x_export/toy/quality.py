@@ -20,7 +20,7 @@ import torch
 from ..step1x_ref.pipeline import Step1XEditPipeline
 from . import small_pipeline
 from .data import EVAL_SHAPES, size_level_for
-from .evaluate import EditFn, TaskScore, format_scores, roundtrip, task_scores, to_pil
+from .evaluate import EditFn, TaskScore, format_scores, roundtrip, shape_scores, to_pil
 from .tasks import task_for
 from .weights import TOY_CFG, TOY_SIZE, TOY_STEPS
 
@@ -101,10 +101,12 @@ def quality_tables(shapes: tuple[Shape, ...], views: int, calib_samples: int, ca
 
     def score(label: str, edit: EditFn) -> None:
         for shape in shapes:
-            tables[shape][label] = task_scores(edit, shape, views_per_image=views)
-        log(f"{label} done at {time.perf_counter() - start:.0f} s")
+            tables[shape][label] = shape_scores(edit, shape, views_per_image=views)
+            log(f"{label} at {shape[0]}x{shape[1]} done at {time.perf_counter() - start:.0f} s: "
+                + ", ".join(f"{s.task} {s.model_db:.2f}" for s in tables[shape][label]))
 
     score("fp32 (torch)", pipeline_edit(pipe))
+    score("autoencoder ceiling", ceiling_edit(pipe))
     with tempfile.TemporaryDirectory() as tmp:
         score("ONNX Runtime", onnxruntime_edit(pipe, Path(tmp)))
     for label, recipe in RECIPES.items():
@@ -113,10 +115,10 @@ def quality_tables(shapes: tuple[Shape, ...], views: int, calib_samples: int, ca
         reused: list[float] = []
         for shape in shapes:
             reused.clear()
-            scores = task_scores(cached_edit(pipe, threshold, reused), shape, views_per_image=views)
+            scores = shape_scores(cached_edit(pipe, threshold, reused), shape, views_per_image=views)
             tables[shape][f"TeaCache {threshold:g} ({100 * sum(reused) / len(reused):.0f}% reused)"] = scores
-        log(f"TeaCache {threshold:g} done at {time.perf_counter() - start:.0f} s")
-    score("autoencoder ceiling", ceiling_edit(pipe))
+            log(f"TeaCache {threshold:g} at {shape[0]}x{shape[1]} done at {time.perf_counter() - start:.0f} s: "
+                + ", ".join(f"{s.task} {s.model_db:.2f}" for s in scores))
     return tables
 
 

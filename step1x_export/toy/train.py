@@ -6,12 +6,10 @@ The MLLM (the tiny Qwen2.5-VL with our tokenizer) stays as its seeded random ini
 the connector learns to read its hidden states. The DiT learns rectified flow on the sampler's own
 shifted timesteps, with the instruction dropped (replaced by "", as the CFG branch has it) 15% of the
 time so true CFG works; mirroring and inverting are drawn more often than the other tasks
-(`TrainPlan.task_weights`). Every DiT step is one shape of the toy's profile (`TOY_PROFILE`: size levels
-and aspect ratios both ways), its batch sized so each step holds about the same number of tokens.
-Data: augmented crops of the training photos (`data.TRAIN_PHOTOS`) and pictures drawn here (`drawn`); the
-held-out images are used only for the figures printed (the autoencoder's reconstruction after its phase,
-every task at the end), never to train. One CPU thread: deterministic, and on a shared 2-core machine
-faster than two (no OpenMP barriers waiting on a busy core).
+(`TrainPlan.task_weights`). Data: augmented crops of the training photos (`data.TRAIN_PHOTOS`); the held-out
+photos are used only for the figures printed (the autoencoder's reconstruction after its phase, every task
+at the end), never to train. One CPU thread: deterministic, and on a shared
+2-core machine faster than two (no OpenMP barriers waiting on a busy core).
 """
 
 from __future__ import annotations
@@ -37,29 +35,24 @@ from ..step1x_ref.math import rope_table
 from ..step1x_ref.model import Step1XEdit
 from ..step1x_ref.pipeline import Step1XEditPipeline
 from ..step1x_ref.sampling import pack, position_ids, schedule_mu, time_shift
-from ..specs import TOY_PROFILE
-from .data import EVAL_SHAPES, TRAIN_PHOTOS, heldout_views, image_batch, photo_tensors, size_level_for
+from .data import TRAIN_PHOTOS, crop_batch, heldout_views, photo_tensors
 from .tasks import TASKS, psnr
-from .weights import FIGURES_FILE, TOY_CFG, TOY_STEPS, WEIGHTS_DIR
-
-Shape = tuple[int, int]  # (width, height) in pixels, multiples of 16
+from .weights import FIGURES_FILE, TOY_CFG, TOY_SIZE, TOY_STEPS, WEIGHTS_DIR
 
 
 @dataclass(frozen=True)
 class TrainPlan:
     seed: int = 0
-    levels: tuple[int, ...] = (64, 80, 96, 112, 128, 144, 160)  # size levels the DiT's shapes come from
-    pool_per_shape: int = 32  # training images of each shape (shared by both phases)
-    drawn_share: float = 0.35  # of the training images: drawn pictures; the rest are crops of photos
-    ae_steps: int = 2800
-    # Square crops, their side cycling through ae_crops, as many a step as fit ae_pixels: small crops are
-    # many steps for the time, large ones teach the attention and norms whole pictures of every size.
-    ae_crops: tuple[int, ...] = (32, 48, 64, 96, 128)
-    ae_pixels: int = 8192
+    size: int = TOY_SIZE  # edit resolution (px)
+    pool: int = 1200  # augmented training crops (shared by both phases)
+    ae_steps: int = 2000  # at ae_crop px, batch ae_batch
+    ae_crop: int = 32
+    ae_batch: int = 8
+    ae_full_steps: int = 500  # then at the edit resolution, batch ae_batch // 2
     ae_lr: float = 1e-3
     latent_norm_weight: float = 0.05  # keeps each latent channel ~N(0, 1): scale 1 / shift 0 in the config
-    dit_steps: int = 2500
-    dit_tokens: int = 2560  # sequence tokens (text + noisy + reference) per DiT step: the batch follows the shape
+    dit_steps: int = 6000
+    dit_batch: int = 32
     dit_lr: float = 1e-3
     warmup: int = 100
     ema: float = 0.998
@@ -67,27 +60,14 @@ class TrainPlan:
     # Tasks drawn more often than the others (the rest weigh 1): mirroring moves content across the
     # image, which the DiT can only do through RoPE's relative positions, and it learns that last.
     task_weights: tuple[tuple[str, float], ...] = (("mirror", 3.0), ("invert", 1.5))
-    mllm_views: int = 24  # training images (of every shape) the MLLM sees with each instruction
-    eval_views: int = 1  # per held-out image and evaluated shape (1: its centre crop)
+    mllm_views: int = 24  # pool images the MLLM sees with each instruction
+    eval_views: int = 4  # per held-out photo
 
     @classmethod
     def quick(cls, seed: int = 0) -> TrainPlan:
         """A few steps of everything (tests of determinism and of the plumbing)."""
-        return cls(seed=seed, levels=(64,), pool_per_shape=2, ae_steps=2, ae_crops=(32, 64), dit_steps=2,
-                   dit_tokens=160, warmup=1, mllm_views=1, eval_views=1)
-
-
-def training_shapes(plan: TrainPlan) -> list[Shape]:
-    """Every (width, height) the edit size rule gives at the plan's size levels for aspect ratios within
-    the toy's profile, smallest first."""
-    shapes = {shape for level in plan.levels for shape in TOY_PROFILE.edit_sizes(level)}
-    return sorted(shapes, key=lambda s: (s[0] * s[1], s))
-
-
-def plan_from_json(fields: dict) -> TrainPlan:
-    """The plan figures.json records (JSON turned its tuples into lists)."""
-    return TrainPlan(**{k: tuple(map(tuple, v)) if k == "task_weights" else tuple(v) if isinstance(v, list) else v
-                        for k, v in fields.items()})
+        return cls(seed=seed, pool=8, ae_steps=2, ae_full_steps=1, dit_steps=2, dit_batch=4, warmup=1,
+                   mllm_views=1, eval_views=1)
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -127,31 +107,21 @@ def latent_norm_penalty(z: Tensor) -> Tensor:
     return mean.pow(2).mean() + (std - 1).pow(2).mean()
 
 
-def _randint(n: int, gen: torch.Generator) -> int:
-    return int(torch.randint(0, n, (), generator=gen))
-
-
-def pool_crops(pools: list[Tensor], count: int, side: int, gen: torch.Generator) -> Tensor:
-    """`count` square crops [count, 3, side, side], each of an image drawn from a pool (of any shape that fits)."""
-    fits = [p for p in pools if min(p.shape[-2:]) >= side]
-    crops = []
-    for _ in range(count):
-        pool = fits[_randint(len(fits), gen)]
-        image = pool[_randint(pool.shape[0], gen)]
-        top, left = _randint(image.shape[1] - side + 1, gen), _randint(image.shape[2] - side + 1, gen)
-        crops.append(image[:, top : top + side, left : left + side])
-    return torch.stack(crops)
-
-
-def train_autoencoder(ae: AutoEncoder, pools: list[Tensor], plan: TrainPlan, log) -> None:
-    """Reconstruction (MSE + 0.1 L1 in [-1, 1]) on crops of the pools' images and of their task targets."""
+def train_autoencoder(ae: AutoEncoder, pool: Tensor, plan: TrainPlan, log) -> None:
+    """Reconstruction (MSE + 0.1 L1 in [-1, 1]) on crops of the pool and their task targets."""
     gen = torch.Generator().manual_seed(plan.seed + 10)
     opt = torch.optim.Adam(ae.parameters(), lr=plan.ae_lr)
     ae.train().requires_grad_(True)
-    total = plan.ae_steps
+    total = plan.ae_steps + plan.ae_full_steps
     for step in range(total):
-        side = plan.ae_crops[step % len(plan.ae_crops)]
-        x = random_task_images(pool_crops(pools, max(1, plan.ae_pixels // side**2), side, gen), gen) * 2 - 1
+        full = step >= plan.ae_steps
+        batch, side = (plan.ae_batch // 2, plan.size) if full else (plan.ae_batch, plan.ae_crop)
+        idx = torch.randint(0, pool.shape[0], (batch,), generator=gen)
+        x = random_task_images(pool[idx], gen)
+        if not full:
+            top, left = torch.randint(0, plan.size - side + 1, (2,), generator=gen).tolist()
+            x = x[..., top : top + side, left : left + side]
+        x = x * 2 - 1
         set_lr(opt, lr_at(step, total, plan.ae_lr, plan.warmup))
         z = ae.encoder(x).chunk(2, dim=1)[0]
         out = ae.decoder(z)
@@ -161,43 +131,20 @@ def train_autoencoder(ae: AutoEncoder, pools: list[Tensor], plan: TrainPlan, log
         loss.backward()
         opt.step()
         if step % 100 == 0 or step == total - 1:
-            log(f"ae {step + 1}/{total} {side} px x{x.shape[0]} mse {mse.item():.5f} "
-                f"({10 * math.log10(4 / mse.item()):.2f} dB)")
+            log(f"ae {step + 1}/{total} mse {mse.item():.5f} ({10 * math.log10(4 / mse.item()):.2f} dB)")
     ae.eval().requires_grad_(False)
 
 
 @torch.inference_mode()
-def heldout_reconstruction_db(ae: AutoEncoder, shape: Shape, views_per_image: int = 2) -> float:
+def heldout_reconstruction_db(ae: AutoEncoder, size: int) -> float:
     """Mean PSNR of decode(encode(x)) over the held-out views: the ceiling every edit's figure sits under."""
-    _, views = heldout_views(*shape, per_image=views_per_image)
+    _, views = heldout_views(size)
     out = ae.decode(ae.encode(views * 2 - 1)).clamp(-1, 1) * 0.5 + 0.5
     return psnr(out, views).mean().item()
 
 
-def training_pools(plan: TrainPlan, shapes: list[Shape]) -> list[Tensor]:
-    """Per shape, `pool_per_shape` training images [P, 3, height, width], from one seeded generator."""
-    gen = torch.Generator().manual_seed(plan.seed + 30)
-    photos = photo_tensors(TRAIN_PHOTOS, max_short_side=320)
-    return [image_batch(photos, plan.pool_per_shape, w, h, gen, plan.drawn_share) for w, h in shapes]
-
-
-@dataclass
-class ShapeLatents:
-    """One training shape's data for the DiT: packed latents of its images [P, N, 64], of every task's
-    target [P, T, N, 64], and the RoPE table of (text | noisy | reference) positions."""
-
-    shape: Shape
-    refs: Tensor
-    targets: Tensor
-    pe: Tensor
-
-    @property
-    def tokens(self) -> int:
-        return self.refs.shape[1]
-
-
 @torch.inference_mode()
-def encode_pool(ae: AutoEncoder, pool: Tensor, chunk: int = 64) -> tuple[Tensor, Tensor]:
+def encode_pool(ae: AutoEncoder, pool: Tensor, chunk: int = 100) -> tuple[Tensor, Tensor]:
     """Packed latents of the pool images [P, N, 64] and of every task's target [P, T, N, 64]."""
     def enc(x: Tensor) -> Tensor:
         return torch.cat([pack(ae.encode(x[i : i + chunk] * 2 - 1)) for i in range(0, x.shape[0], chunk)])
@@ -207,18 +154,8 @@ def encode_pool(ae: AutoEncoder, pool: Tensor, chunk: int = 64) -> tuple[Tensor,
     return refs, targets
 
 
-def shape_latents(model: Step1XEdit, ae: AutoEncoder, pools: list[Tensor], txt_len: int) -> list[ShapeLatents]:
-    out = []
-    for pool in pools:
-        h, w = pool.shape[-2:]
-        refs, targets = encode_pool(ae, pool)
-        pe = rope_table(position_ids(txt_len, h // 16, w // 16, "v1.1"), model.params.axes_dim, model.params.theta)
-        out.append(ShapeLatents((w, h), refs, targets, pe))
-    return out
-
-
 @torch.inference_mode()
-def embed_instructions(embedder: Qwen25VLEmbedder, images: list[Tensor]) -> tuple[Tensor, Tensor, list[int]]:
+def embed_instructions(embedder: Qwen25VLEmbedder, images: Tensor) -> tuple[Tensor, Tensor, list[int]]:
     """MLLM embeddings of every instruction, and of "" last, with each of `images` as the picture:
     emb [I + 1, V, L, C], mask [I + 1, V, L], and the task index of each instruction."""
     prompts = [(k, text) for k, task in enumerate(TASKS) for text in task.instructions]
@@ -231,11 +168,6 @@ def embed_instructions(embedder: Qwen25VLEmbedder, images: list[Tensor]) -> tupl
     return torch.stack(embs, 1), torch.stack(masks, 1), [k for k, _ in prompts]
 
 
-def mllm_images(pools: list[Tensor], count: int) -> list[Tensor]:
-    """`count` training images spread over the shapes (the MLLM sees each instruction with all of them)."""
-    return [pools[(k * len(pools)) // count][k % pools[0].shape[0]] for k in range(count)]
-
-
 def task_draw_weights(plan: TrainPlan) -> Tensor:
     weights = dict(plan.task_weights)
     unknown = set(weights) - {t.name for t in TASKS}
@@ -245,11 +177,14 @@ def task_draw_weights(plan: TrainPlan) -> Tensor:
     return torch.tensor([float(weights.get(t.name, 1.0)) for t in TASKS])
 
 
-def train_dit(model: Step1XEdit, data: list[ShapeLatents], emb: Tensor, mask: Tensor, prompt_task: list[int],
+def train_dit(model: Step1XEdit, refs: Tensor, targets: Tensor, emb: Tensor, mask: Tensor, prompt_task: list[int],
               plan: TrainPlan, log) -> AveragedModel:
-    """Rectified flow: x_t = (1 - t) x0 + t noise, the DiT predicts noise - x0 from (x_t | reference).
-    Each step is one shape drawn at random, with as many images as fit `plan.dit_tokens`."""
+    """Rectified flow: x_t = (1 - t) x0 + t noise, the DiT predicts noise - x0 from (x_t | reference)."""
     gen = torch.Generator().manual_seed(plan.seed + 20)
+    n_tokens = refs.shape[1]
+    grid = plan.size // 16
+    pe = rope_table(position_ids(emb.shape[2], grid, grid, "v1.1"), model.params.axes_dim, model.params.theta)
+    mu = schedule_mu(n_tokens)
     by_task = [torch.tensor([i for i, k in enumerate(prompt_task) if k == t]) for t in range(len(TASKS))]
     uncond = emb.shape[0] - 1
     draw = task_draw_weights(plan)
@@ -257,22 +192,20 @@ def train_dit(model: Step1XEdit, data: list[ShapeLatents], emb: Tensor, mask: Te
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(plan.ema))
     opt = torch.optim.AdamW(model.parameters(), lr=plan.dit_lr, weight_decay=0.0)
     for step in range(plan.dit_steps):
-        shape = data[_randint(len(data), gen)]
-        n = shape.tokens
-        b = max(1, plan.dit_tokens // (2 * n + emb.shape[2]))
-        img_idx = torch.randint(0, shape.refs.shape[0], (b,), generator=gen)
+        b = plan.dit_batch
+        img_idx = torch.randint(0, refs.shape[0], (b,), generator=gen)
         task_idx = torch.multinomial(draw, b, replacement=True, generator=gen)
         choice = torch.randint(0, 1 << 20, (b,), generator=gen)
         prompt = torch.stack([by_task[t][c % len(by_task[t])] for t, c in zip(task_idx.tolist(), choice, strict=True)])
         prompt = torch.where(torch.rand(b, generator=gen) < plan.instruction_dropout, uncond, prompt)
         view = torch.randint(0, emb.shape[1], (b,), generator=gen)
-        t = time_shift(schedule_mu(n), 1.0, torch.rand(b, generator=gen).clamp(1e-4, 1 - 1e-4))
-        noise = torch.randn(b, n, 64, generator=gen)
-        x0, ref = shape.targets[img_idx, task_idx], shape.refs[img_idx]
+        t = time_shift(mu, 1.0, torch.rand(b, generator=gen).clamp(1e-4, 1 - 1e-4))
+        noise = torch.randn(b, n_tokens, 64, generator=gen)
+        x0, ref = targets[img_idx, task_idx], refs[img_idx]
         tt = t[:, None, None]
         x_t = (1 - tt) * x0 + tt * noise
         set_lr(opt, lr_at(step, plan.dit_steps, plan.dit_lr, plan.warmup))
-        pred = model(torch.cat([x_t, ref], dim=1), shape.pe, t, emb[prompt, view], mask[prompt, view])[:, :n]
+        pred = model(torch.cat([x_t, ref], dim=1), pe, t, emb[prompt, view], mask[prompt, view])[:, :n_tokens]
         loss = F.mse_loss(pred, noise - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -280,7 +213,7 @@ def train_dit(model: Step1XEdit, data: list[ShapeLatents], emb: Tensor, mask: Te
         opt.step()
         ema.update_parameters(model)
         if step % 100 == 0 or step == plan.dit_steps - 1:
-            log(f"dit {step + 1}/{plan.dit_steps} {shape.shape[0]}x{shape.shape[1]} x{b} loss {loss.item():.4f}")
+            log(f"dit {step + 1}/{plan.dit_steps} loss {loss.item():.4f}")
     model.eval().requires_grad_(False)
     return ema
 
@@ -302,54 +235,45 @@ def train(plan: TrainPlan, log=print, ae_checkpoint: Path | None = None) -> Step
 def _train(plan: TrainPlan, log, ae_checkpoint: Path | None) -> Step1XEditPipeline:
     config = get_config("toy")
     model, ae, embedder = build_untrained(config, plan.seed)
+    gen = torch.Generator().manual_seed(plan.seed + 30)
     t0 = time.perf_counter()
-    shapes = training_shapes(plan)
-    pools = training_pools(plan, shapes)
-    log(f"{plan.pool_per_shape} training images at each of {len(shapes)} shapes ({shapes[0][0]}x{shapes[0][1]} "
-        f"to {shapes[-1][0]}x{shapes[-1][1]}), {plan.drawn_share:.0%} drawn, in {time.perf_counter() - t0:.0f} s")
+    pool = crop_batch(photo_tensors(TRAIN_PHOTOS, max_short_side=320), plan.pool, plan.size, gen)
+    log(f"{plan.pool} training crops of {len(TRAIN_PHOTOS)} photos in {time.perf_counter() - t0:.0f} s")
     if ae_checkpoint is not None and ae_checkpoint.is_file():
         ae.load_state_dict(load_file(str(ae_checkpoint)))
         ae.eval().requires_grad_(False)
         log(f"autoencoder read from {ae_checkpoint}")
     else:
-        train_autoencoder(ae, pools, plan, log)
+        train_autoencoder(ae, pool, plan, log)
         if ae_checkpoint is not None:
             save_file(ae.state_dict(), str(ae_checkpoint))
-    ceilings = ", ".join(f"{w}x{h} {heldout_reconstruction_db(ae, (w, h), 1):.2f}" for w, h in EVAL_SHAPES)
-    log(f"autoencoder trained at {time.perf_counter() - t0:.0f} s; held-out reconstruction (dB, centre views) "
-        f"{ceilings} (reported, never trained on)")
-    emb, mask, prompt_task = embed_instructions(embedder, mllm_images(pools, plan.mllm_views))
-    data = shape_latents(model, ae, pools, emb.shape[2])
-    refs = torch.cat([d.refs.flatten(0, 1) for d in data])
-    log(f"latents std {refs.std().item():.3f} mean {refs.mean().item():.3f}; {len(prompt_task)} instructions "
-        f"embedded; at {time.perf_counter() - t0:.0f} s")
-    ema = train_dit(model, data, emb, mask, prompt_task, plan, log)
+    log(f"autoencoder trained at {time.perf_counter() - t0:.0f} s; held-out reconstruction "
+        f"{heldout_reconstruction_db(ae, plan.size):.2f} dB (reported, never trained on)")
+    refs, targets = encode_pool(ae, pool)
+    log(f"latents std {refs.std().item():.3f} mean {refs.mean().item():.3f}; "
+        f"encoded at {time.perf_counter() - t0:.0f} s")
+    emb, mask, prompt_task = embed_instructions(embedder, pool[: plan.mllm_views])
+    log(f"{len(prompt_task)} instructions embedded at {time.perf_counter() - t0:.0f} s")
+    ema = train_dit(model, refs, targets, emb, mask, prompt_task, plan, log)
     model.load_state_dict(ema.module.state_dict())
     log(f"DiT trained at {time.perf_counter() - t0:.0f} s")
     return Step1XEditPipeline(config, model, ae, embedder)
 
 
-def evaluate_weights(out: Path, plan: TrainPlan, train_seconds: float, log=print) -> str:
-    """Load `out` as any checkpoint is loaded, score it on the held-out images at every evaluated shape
-    (and its autoencoder's ceiling there), write figures.json there."""
+def evaluate_weights(out: Path, plan: TrainPlan, train_seconds: float) -> str:
+    """Load `out` as any checkpoint is loaded, score it on the held-out photos, write figures.json there."""
     from .evaluate import format_scores, task_scores
 
     loaded = Step1XEditPipeline.from_pretrained(out, config=get_config("toy"), dtype=torch.float32)
-    tables, ceilings = {}, {}
-    for w, h in EVAL_SHAPES:
-        level = size_level_for(w, h)
 
-        def edit(image, instruction, level=level):
-            return loaded.edit(image, instruction, seed=0, steps=TOY_STEPS, cfg=TOY_CFG, size_level=level)
+    def edit(image, instruction):
+        return loaded.edit(image, instruction, seed=0, steps=TOY_STEPS, cfg=TOY_CFG, size_level=plan.size)
 
-        tables[f"{w}x{h}"] = task_scores(edit, (w, h), views_per_image=plan.eval_views)
-        ceilings[f"{w}x{h}"] = heldout_reconstruction_db(loaded.ae, (w, h), plan.eval_views)
-        log(f"evaluated {w}x{h}")
+    scores = task_scores(edit, plan.size, views_per_photo=plan.eval_views)
     figures = {"plan": asdict(plan), "train_seconds": round(train_seconds, 1), "threads": 1,
-               "steps": TOY_STEPS, "cfg": TOY_CFG, "autoencoder_db": ceilings,
-               "tasks": {shape: [asdict(s) for s in scores] for shape, scores in tables.items()}}
+               "steps": TOY_STEPS, "cfg": TOY_CFG, "tasks": [asdict(s) for s in scores]}
     (out / FIGURES_FILE).write_text(json.dumps(figures, indent=1))
-    return format_scores({f"fp32 {shape}": scores for shape, scores in tables.items()})
+    return format_scores({f"toy fp32 ({TOY_STEPS} steps, cfg {TOY_CFG})": scores})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -366,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     if args.evaluate_only:
         recorded = json.loads((args.out / FIGURES_FILE).read_text())
-        plan, train_s = plan_from_json(recorded["plan"]), recorded["train_seconds"]
+        plan, train_s = TrainPlan(**recorded["plan"]), recorded["train_seconds"]
     else:
         pipe = train(plan, log=lambda m: print(f"[{time.perf_counter() - start:7.1f} s] {m}", flush=True),
                      ae_checkpoint=args.ae_checkpoint)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..specs import TOY_PROFILE
 from ..step1x_ref.configs import get_config
 
 # The official layout (DiT + connector, vae.safetensors, Qwen2.5-VL folder), inside the package.
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-FIGURES_FILE = "figures.json"  # what the training run measured on the held-out images
-TOY_SIZE = TOY_PROFILE.max_level  # the size level it edits at by default
+FIGURES_FILE = "figures.json"  # what the training run measured on the held-out photos
+TOY_SIZE = 64  # the edit resolution it was trained for (size_level)
 TOY_STEPS = 28
 TOY_CFG = get_config("toy").default_cfg  # the guidance it is run with (measured best for it)
