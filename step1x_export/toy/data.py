@@ -75,7 +75,7 @@ def _other_package_photo(package: str, name: str) -> np.ndarray:
     raise ValueError(f"unknown photo source {package!r} in {package}:{name}; known: sklearn, matplotlib")
 
 
-@functools.lru_cache(maxsize=None)  # every shape's table reads the same images; callers copy them
+@functools.cache  # every shape's table reads the same images; callers copy them
 def _cached_photo(name: str) -> np.ndarray:
     return load_photo(name)
 

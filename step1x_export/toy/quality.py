@@ -3,7 +3,7 @@ graphics), one table per evaluated shape, for the fp32 reference, ONNX Runtime, 
 (calibrated here on the toy model), step caching (TeaCache, with the share of DiT calls it reused), next to
 the identity baseline and the autoencoder's ceiling.
 
-    python -m step1x_export.toy.quality [--shapes 64x64 96x64 ...] [--views 2] [--calib-samples 42]
+    python -m step1x_export.toy.quality [--shapes 64x64 96x64 ...] [--views 1] [--calib-samples 42]
         [--calib-steps 28] [--teacache 0.2 0.4]
 """
 
@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shapes", type=parse_shape, nargs="+", default=list(EVAL_SHAPES),
                         help="edit sizes WIDTHxHEIGHT to score at [default: "
                              + " ".join(f"{w}x{h}" for w, h in EVAL_SHAPES) + "]")
-    parser.add_argument("--views", type=int, default=2, help="views per held-out image (6 images) and shape")
+    parser.add_argument("--views", type=int, default=1,
+                        help="views per held-out image (3 photos, 3 graphics) and shape: 1 is the centre crop")
     parser.add_argument("--calib-samples", type=int, default=42, help="calibration pairs (toy instructions)")
     parser.add_argument("--calib-steps", type=int, default=TOY_STEPS, help="denoising steps per calibration pair")
     parser.add_argument("--teacache", type=float, nargs="*", default=[0.2, 0.4],
