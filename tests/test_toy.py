@@ -116,3 +116,29 @@ def test_demo_edits_a_heldout_photo(tmp_path: Path) -> None:
     assert Image.open(out).size == (TOY_SIZE, TOY_SIZE)
     # input | edit | exact target, each enlarged 4x, 8 px apart
     assert Image.open(tmp_path / "demo_side_by_side.png").size == (TOY_SIZE * 4 * 3 + 2 * 8, TOY_SIZE * 4)
+
+
+def test_shape_views_hold_photos_and_graphics_at_every_shape() -> None:
+    """The per-shape tables' views: each held-out photo and graphic at the asked width x height (the edit size
+    rule keeps that size at its level), a logo's transparency shown over white."""
+    from step1x_export.step1x_ref.imaging import edit_size
+    from step1x_export.toy.data import EVAL_SHAPES, HELDOUT_GRAPHICS, shape_views, size_level_for
+
+    assert not set(HELDOUT_GRAPHICS) & set(TRAIN_PHOTOS)
+    for w, h in EVAL_SHAPES:
+        names, views = shape_views(w, h)
+        assert views.shape == (len(HELDOUT_PHOTOS) + len(HELDOUT_GRAPHICS), 3, h, w)
+        assert edit_size(w, h, size_level_for(w, h)) == (w, h)
+    logo = shape_views(64, 64, names=("logo",))[1][0]
+    assert torch.equal(logo[:, 0, 0], torch.ones(3))  # a transparent corner, over white
+
+
+def test_quality_shapes_are_parsed_or_refused() -> None:
+    import argparse
+
+    from step1x_export.toy.quality import parse_shape
+
+    assert parse_shape("96x64") == (96, 64)
+    for bad in ("96", "100x64", "ax64"):
+        with pytest.raises(argparse.ArgumentTypeError, match="WIDTHxHEIGHT|multiples of 16"):
+            parse_shape(bad)

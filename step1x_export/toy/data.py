@@ -9,6 +9,9 @@ held-out photos are never seen in training: not by the autoencoder, not by the D
 
 from __future__ import annotations
 
+import functools
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -22,12 +25,19 @@ TRAIN_PHOTOS = (
     "sklearn:china", "sklearn:flower", "matplotlib:grace_hopper",
 )
 HELDOUT_PHOTOS = ("astronaut", "coffee", "rocket")
+# Graphics, not photos (flat colours, sharp edges, lettering; matplotlib's logo is 4:1), held out as well:
+# the per-shape tables score the model on these beside the photos.
+HELDOUT_GRAPHICS = ("logo", "colorwheel", "matplotlib:logo2.png")
+# The shapes (width, height) the per-shape tables are measured at: squares at size levels 64 and 128, 3:2
+# both ways, and 3:2 past level 128.
+EVAL_SHAPES = ((64, 64), (96, 64), (64, 96), (128, 128), (192, 128))
 
 
 def load_photo(name: str) -> np.ndarray:
     """A bundled photo as uint8 RGB [H, W, 3] (grey photos repeated over the three channels).
 
-    `name` is a scikit-image `data` function, or "sklearn:NAME" / "matplotlib:NAME" for those packages' photos.
+    `name` is a scikit-image `data` function, or "sklearn:NAME" / "matplotlib:NAME" for those packages' images
+    (matplotlib's: a .jpg unless NAME has an extension). A logo with transparency is shown over white.
     """
     from skimage import data as skimage_data
 
@@ -41,6 +51,9 @@ def load_photo(name: str) -> np.ndarray:
     arr = np.asarray(arr)
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.shape[2] == 4 and (arr[..., 3] < 255).any():
+        alpha = arr[..., 3:].astype(np.float32) / 255
+        arr = (arr[..., :3] * alpha + 255 * (1 - alpha)).round()
     return np.ascontiguousarray(arr[..., :3].astype(np.uint8))
 
 
@@ -54,18 +67,23 @@ def _other_package_photo(package: str, name: str) -> np.ndarray:
             from matplotlib import cbook
             from PIL import Image
 
-            with cbook.get_sample_data(f"{name}.jpg") as f:
-                return np.asarray(Image.open(f).convert("RGB"))
+            with cbook.get_sample_data(name if "." in name else f"{name}.jpg") as f:
+                return np.asarray(Image.open(f).convert("RGBA" if name.endswith(".png") else "RGB"))
     except ImportError as e:
         raise ImportError(f"the toy model's training photo {package}:{name} needs {e.name}: "
                           "pip install 'step1x-export[train]'") from e
     raise ValueError(f"unknown photo source {package!r} in {package}:{name}; known: sklearn, matplotlib")
 
 
+@functools.cache  # every shape's table reads the same images; callers copy them
+def _cached_photo(name: str) -> np.ndarray:
+    return load_photo(name)
+
+
 def photo_tensors(names: tuple[str, ...], max_short_side: int | None = None) -> list[Tensor]:
     """Photos as float [3, H, W] in [0, 1], optionally downscaled so the short side is <= max_short_side
     (training crops are small: cropping from a smaller copy is much cheaper and loses nothing)."""
-    photos = [torch.from_numpy(load_photo(n)).permute(2, 0, 1).float().div(255) for n in names]
+    photos = [torch.from_numpy(_cached_photo(n)).permute(2, 0, 1).float().div(255) for n in names]
     if max_short_side is None:
         return photos
     return [_shrink(p, max_short_side) for p in photos]
@@ -138,3 +156,43 @@ def heldout_views(size: int, per_photo: int = 4, seed: int = 1234) -> tuple[list
             views.append(random_crop(photo, size, gen, min_scale=0.4))
             names.append(f"{name}/crop{k}")
     return names, quantize(torch.stack(views))
+
+
+def aspect_crop(image: Tensor, width: int, height: int, gen: torch.Generator | None, min_scale: float = 0.4) -> Tensor:
+    """A width:height crop of `image` resized to [3, height, width]: the largest centred one (gen None), else one
+    of [min_scale, 1] x that size at a seeded random place."""
+    _, h, w = image.shape
+    scale = 1.0 if gen is None else min_scale + (1 - min_scale) * float(torch.rand((), generator=gen))
+    cw = max(1, round(min(w, h * width / height) * scale))
+    ch = max(1, round(min(h, w * height / width) * scale))
+    if gen is None:
+        top, left = (h - ch) // 2, (w - cw) // 2
+    else:
+        top = int(torch.randint(0, h - ch + 1, (), generator=gen))
+        left = int(torch.randint(0, w - cw + 1, (), generator=gen))
+    crop = image[None, :, top : top + ch, left : left + cw]
+    return F.interpolate(crop, size=(height, width), mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def shape_views(width: int, height: int, per_image: int = 1, seed: int = 1234,
+                names: tuple[str, ...] = HELDOUT_PHOTOS + HELDOUT_GRAPHICS) -> tuple[list[str], Tensor]:
+    """The held-out photos and graphics at width x height: per image its centre crop at that aspect and
+    `per_image - 1` seeded crops, on 8-bit levels ([N, 3, height, width]); no colour jitter."""
+    gen = torch.Generator().manual_seed(seed)
+    labels, views = [], []
+    for name, image in zip(names, photo_tensors(names), strict=True):
+        for k in range(per_image):
+            views.append(aspect_crop(image, width, height, gen if k else None))
+            labels.append(f"{name}/{'centre' if k == 0 else f'crop{k}'}")
+    return labels, quantize(torch.stack(views))
+
+
+def size_level_for(width: int, height: int) -> int:
+    """A size level at which the edit size rule keeps a width x height image (sides multiples of 16) as it is."""
+    from ..step1x_ref.imaging import edit_size
+
+    base = math.isqrt(width * height)
+    for level in (base, base + 1, base - 1, base + 2):
+        if edit_size(width, height, level) == (width, height):
+            return level
+    raise ValueError(f"no size level keeps {width}x{height} unchanged")

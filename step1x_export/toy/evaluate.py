@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ..step1x_ref.imaging import pil_to_tensor, tensor_to_pil
-from .data import heldout_views
+from .data import heldout_views, shape_views
 from .tasks import TASKS, psnr
 
 EditFn = Callable[[Image.Image, str], Image.Image]
@@ -39,9 +39,20 @@ def to_pil(x: torch.Tensor) -> Image.Image:
 
 
 def task_scores(edit: EditFn, size: int, *, views_per_photo: int = 4, tasks=TASKS) -> list[TaskScore]:
-    """Edit every held-out view with every task; view i of a task uses the task's instruction i (mod count),
-    so English and Chinese phrasings are all exercised."""
+    """Every task on the held-out photos' square views at `size` (what training records)."""
     _, views = heldout_views(size, views_per_photo)
+    return scores_on(edit, views, tasks)
+
+
+def shape_scores(edit: EditFn, shape: tuple[int, int], *, views_per_image: int = 1, tasks=TASKS) -> list[TaskScore]:
+    """Every task on the held-out photos and graphics at `shape` (width, height)."""
+    _, views = shape_views(*shape, per_image=views_per_image)
+    return scores_on(edit, views, tasks)
+
+
+def scores_on(edit: EditFn, views: torch.Tensor, tasks=TASKS) -> list[TaskScore]:
+    """Edit every view with every task; view i of a task uses the task's instruction i (mod count), so English
+    and Chinese phrasings are all exercised."""
     scores = []
     for task in tasks:
         target = task.target(views)

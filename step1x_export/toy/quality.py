@@ -1,8 +1,11 @@
-"""The toy model's quality table: task PSNR against the exact targets on the held-out photos, for the
-fp32 reference, ONNX Runtime, FP8 and INT8-SmoothQuant (calibrated here on the toy model), step caching
-(TeaCache, with the share of DiT calls it reused), next to the identity baseline and the autoencoder's ceiling.
+"""The toy model's quality tables: task PSNR against the exact targets on the held-out images (photos and
+graphics), one table per evaluated shape, for the fp32 reference, ONNX Runtime (at the shapes the exported
+graphs' profile takes: the toy's, up to 80 px a side), FP8 and INT8-SmoothQuant
+(calibrated here on the toy model), step caching (TeaCache, with the share of DiT calls it reused), next to
+the identity baseline and the autoencoder's ceiling.
 
-    python -m step1x_export.toy.quality [--views 4] [--calib-samples 42] [--calib-steps 28] [--teacache 0.2 0.4]
+    python -m step1x_export.toy.quality [--shapes 64x64 96x64 ...] [--views 1] [--calib-samples 42]
+        [--calib-steps 28] [--teacache 0.2 0.4]
 """
 
 from __future__ import annotations
@@ -15,17 +18,27 @@ from pathlib import Path
 
 import torch
 
+from ..export.manifest import ExportError
 from ..step1x_ref.pipeline import Step1XEditPipeline
 from . import small_pipeline
-from .evaluate import EditFn, TaskScore, format_scores, roundtrip, task_scores, to_pil
+from .data import EVAL_SHAPES, size_level_for
+from .evaluate import EditFn, TaskScore, format_scores, roundtrip, shape_scores, to_pil
 from .tasks import task_for
 from .weights import TOY_CFG, TOY_SIZE, TOY_STEPS
+
+Shape = tuple[int, int]
 
 RECIPES = {"FP8 (W8A8 E4M3)": "fp8", "INT8 (SmoothQuant W8A8)": "int8-sq"}
 
 
+def level_of(image) -> int:
+    """The size level that edits `image` at its own size (the held-out views are made at the edit size)."""
+    return size_level_for(*image.size)
+
+
 def pipeline_edit(pipe: Step1XEditPipeline, seed: int = 0) -> EditFn:
-    return lambda image, text: pipe.edit(image, text, seed=seed, steps=TOY_STEPS, cfg=TOY_CFG, size_level=TOY_SIZE)
+    return lambda image, text: pipe.edit(image, text, seed=seed, steps=TOY_STEPS, cfg=TOY_CFG,
+                                         size_level=level_of(image))
 
 
 def ceiling_edit(pipe: Step1XEditPipeline) -> EditFn:
@@ -45,7 +58,8 @@ def onnxruntime_edit(pipe: Step1XEditPipeline, export_dir: Path) -> EditFn:
 
     export_components(pipe, export_dir, components=("vae_encoder", "dit", "vae_decoder"), progress=False)
     runtime = Step1XEditRuntime.load(export_dir, "onnxruntime", mllm="toy", device="cpu")
-    return lambda image, text: runtime.edit(image, text, seed=0, steps=TOY_STEPS, cfg=TOY_CFG, size_level=TOY_SIZE)
+    return lambda image, text: runtime.edit(image, text, seed=0, steps=TOY_STEPS, cfg=TOY_CFG,
+                                            size_level=level_of(image))
 
 
 def cached_edit(pipe: Step1XEditPipeline, threshold: float, reused: list[float]) -> EditFn:
@@ -56,7 +70,7 @@ def cached_edit(pipe: Step1XEditPipeline, threshold: float, reused: list[float])
     runtime = Step1XEditRuntime.from_pipeline(pipe, options)
 
     def edit(image, text):
-        out = runtime.edit(image, text, seed=0, steps=TOY_STEPS, cfg=TOY_CFG, size_level=TOY_SIZE)
+        out = runtime.edit(image, text, seed=0, steps=TOY_STEPS, cfg=TOY_CFG, size_level=level_of(image))
         stats = runtime.cache_stats
         reused.append(stats.reused / (stats.computed + stats.reused))
         return out
@@ -78,42 +92,71 @@ def quantized_pipeline(pipe: Step1XEditPipeline, recipe: str, samples: int, step
     return Step1XEditPipeline(pipe.config, qmodel, pipe.ae, pipe.embedder, device=pipe.device, dtype=pipe.dtype)
 
 
-def quality_table(views: int, calib_samples: int, calib_steps: int, teacache: tuple[float, ...] = (),
-                  log=print) -> dict[str, list[TaskScore]]:
+def quality_tables(shapes: tuple[Shape, ...], views: int, calib_samples: int, calib_steps: int,
+                   teacache: tuple[float, ...] = (), log=print) -> dict[Shape, dict[str, list[TaskScore]]]:
+    """Per shape, one column of task scores per backend. Each backend is built once (the ONNX export has
+    dynamic shapes, the quantized DiTs are calibrated once at the default size level) and run at every shape."""
     torch.set_num_threads(1)
     pipe = small_pipeline("toy")
     start = time.perf_counter()
-    columns = {"fp32 (torch)": task_scores(pipeline_edit(pipe), TOY_SIZE, views_per_photo=views)}
-    log(f"fp32 done at {time.perf_counter() - start:.0f} s")
+    tables: dict[Shape, dict[str, list[TaskScore]]] = {shape: {} for shape in shapes}
+
+    def score(label: str, edit: EditFn) -> None:
+        for shape in shapes:
+            try:
+                tables[shape][label] = shape_scores(edit, shape, views_per_image=views)
+            except ExportError as e:  # an exported graph takes only the toy profile's sizes
+                log(f"{label} at {shape[0]}x{shape[1]}: not scored ({e})")
+                continue
+            log(f"{label} at {shape[0]}x{shape[1]} done at {time.perf_counter() - start:.0f} s: "
+                + ", ".join(f"{s.task} {s.model_db:.2f}" for s in tables[shape][label]))
+
+    score("fp32 (torch)", pipeline_edit(pipe))
+    score("autoencoder ceiling", ceiling_edit(pipe))
     with tempfile.TemporaryDirectory() as tmp:
-        columns["ONNX Runtime"] = task_scores(onnxruntime_edit(pipe, Path(tmp)), TOY_SIZE, views_per_photo=views)
-    log(f"ONNX Runtime done at {time.perf_counter() - start:.0f} s")
+        score("ONNX Runtime", onnxruntime_edit(pipe, Path(tmp)))
     for label, recipe in RECIPES.items():
-        qpipe = quantized_pipeline(pipe, recipe, calib_samples, calib_steps)
-        columns[label] = task_scores(pipeline_edit(qpipe), TOY_SIZE, views_per_photo=views)
-        log(f"{label} done at {time.perf_counter() - start:.0f} s")
+        score(label, pipeline_edit(quantized_pipeline(pipe, recipe, calib_samples, calib_steps)))
     for threshold in teacache:
         reused: list[float] = []
-        scores = task_scores(cached_edit(pipe, threshold, reused), TOY_SIZE, views_per_photo=views)
-        columns[f"TeaCache {threshold:g} ({100 * sum(reused) / len(reused):.0f}% reused)"] = scores
-        log(f"TeaCache {threshold:g} done at {time.perf_counter() - start:.0f} s")
-    columns["autoencoder ceiling"] = task_scores(ceiling_edit(pipe), TOY_SIZE, views_per_photo=views)
-    return columns
+        for shape in shapes:
+            reused.clear()
+            scores = shape_scores(cached_edit(pipe, threshold, reused), shape, views_per_image=views)
+            tables[shape][f"TeaCache {threshold:g} ({100 * sum(reused) / len(reused):.0f}% reused)"] = scores
+            log(f"TeaCache {threshold:g} at {shape[0]}x{shape[1]} done at {time.perf_counter() - start:.0f} s: "
+                + ", ".join(f"{s.task} {s.model_db:.2f}" for s in scores))
+    return tables
+
+
+def parse_shape(text: str) -> Shape:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a shape is WIDTHxHEIGHT (e.g. 96x64), got {text!r}") from None
+    if w % 16 or h % 16 or min(w, h) < 16:
+        raise argparse.ArgumentTypeError(f"a shape's sides are multiples of 16 (>= 16), got {text!r}")
+    return w, h
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m step1x_export.toy.quality", description=__doc__.split("\n")[0])
-    parser.add_argument("--views", type=int, default=4, help="views per held-out photo (3 photos)")
+    parser.add_argument("--shapes", type=parse_shape, nargs="+", default=list(EVAL_SHAPES),
+                        help="edit sizes WIDTHxHEIGHT to score at [default: "
+                             + " ".join(f"{w}x{h}" for w, h in EVAL_SHAPES) + "]")
+    parser.add_argument("--views", type=int, default=1,
+                        help="views per held-out image (3 photos, 3 graphics) and shape: 1 is the centre crop")
     parser.add_argument("--calib-samples", type=int, default=42, help="calibration pairs (toy instructions)")
     parser.add_argument("--calib-steps", type=int, default=TOY_STEPS, help="denoising steps per calibration pair")
     parser.add_argument("--teacache", type=float, nargs="*", default=[0.2, 0.4],
                         help="TeaCache thresholds to score (upstream's default is 0.2; none: --teacache)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    columns = quality_table(args.views, args.calib_samples, args.calib_steps, tuple(args.teacache))
-    print(f"task PSNR (dB) vs the exact target, mean over {3 * args.views} held-out views at "
-          f"{TOY_SIZE}x{TOY_SIZE}, {TOY_STEPS} steps, cfg {TOY_CFG}, seed 0:")
-    print(format_scores(columns))
+    tables = quality_tables(tuple(args.shapes), args.views, args.calib_samples, args.calib_steps,
+                            tuple(args.teacache))
+    for (w, h), columns in tables.items():
+        print(f"\n{w}x{h} (size level {size_level_for(w, h)}): task PSNR (dB) vs the exact target, mean over "
+              f"{6 * args.views} held-out views, {TOY_STEPS} steps, cfg {TOY_CFG}, seed 0:")
+        print(format_scores(columns))
     print(f"took {time.perf_counter() - start:.0f} s")
 
 
