@@ -98,6 +98,7 @@ def test_text_ids_from_mrope_temporal_index():
     assert torch.equal(text_ids(rope), torch.tensor([[-6.0, 0, 0], [-5, 0, 0], [-4, 0, 0], [-4, 0, 0], [-1, 0, 0]]))
 
 
+@pytest.mark.isa
 def test_vision_tokens_on_the_latent_grid_match_upstream():
     """Upstream's set_vision_tokens_position_ids (v1p2.py:335-403) for a 2 x 3 token grid from a 64 x 48 image,
     run on float32 and printed as hex: rows (y) then columns (x). Both invert a 3 x 3 matrix in float32
