@@ -15,7 +15,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "isa: compares float paths whose kernels depend on the CPU's vector ISA (compiled vs eager, "
         "ONNX Runtime vs torch); `.ci/run` runs these again under the narrowest ISA (scalar ATen and inductor "
-        "code, oneDNN and MKL capped at AVX2), see `tests/isa.py`")
+        "code, MKL and oneDNN capped at SSE4)")
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,8 @@ from step1x_export.calibrate.recipes import DEFAULT_EXCLUDE, build_artifact, sel
 from step1x_export.hashing import module_hash
 from step1x_export.step1x_ref.pipeline import Step1XEditPipeline
 
+pytestmark = pytest.mark.xdist_group("calibrate")  # the calibrated artifacts are made once, on one worker
+
 STEPS, SIZE = 4, 64
 # Measured on the tiny random model (4 calibration pairs, 4 steps, size 64, 2 held-out pairs):
 # fp8 SQNR/step mean 39.6 dB, min 39.0, image PSNR 57.5; int8-sq (alpha 0.5) 51.2, 49.9, 61.9.
@@ -220,7 +222,6 @@ def test_quantized_dit_accuracy(pipe, artifacts, recipe):
 
 # -- export --quant: the artifact as explicit Q/DQ in the exported dit graph ------------------------
 
-@pytest.mark.isa
 def test_export_with_quant_matches_torch_w8a8(pipe, artifacts, tmp_path):
     from test_quant_onnx import _inputs
 

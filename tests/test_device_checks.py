@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.xdist_group("device_checks")  # one run of the device-check script serves every test here
+
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--model", "tiny", "--device", "cpu", "--sizes", "32", "--aspects", "3", "--graph-cache", "2", "--steps", "1",
          "--edit-size", "32", "--edit-steps", "1", "--quant-size", "32", "--export-size", "32", "--runs", "1"]

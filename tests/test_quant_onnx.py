@@ -31,6 +31,8 @@ from step1x_export.step1x_ref.model import Step1XEdit
 from step1x_export.step1x_ref.random_weights import randomize_
 from step1x_export.step1x_ref.sampling import position_ids
 
+pytestmark = pytest.mark.xdist_group("quant_onnx")  # one export of the DiT graph serves every test here
+
 CONFIG = get_config("tiny")
 
 
