@@ -129,7 +129,7 @@ def assert_same_edit(got: np.ndarray, expected: np.ndarray, seed: int) -> None:
     """A served edit equals the serial one: bit for bit when it ran alone; in a batch, each 8-bit level within one.
 
     A batched DiT call may sum in other blocks than the batch-1 call (CPU GEMMs pick kernels by row count), so
-    the final latent differs by rounding (relative <= 1e-6, tests/test_batching.py); a pixel near a
+    the final latent differs by rounding (bounded in tests/test_batching.py); a pixel near a
     quantisation boundary may then land on the neighbouring level, never further. Another seed's edit differs
     by tens of levels, so a mix-up cannot hide under this bound.
     """
