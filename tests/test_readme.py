@@ -1,9 +1,9 @@
 """Every command and snippet the README shows runs as written: the README's commands are the product's contract.
 
 The `step1x-export` commands run in one scratch folder, in the README's order (the flow's steps read what the
-earlier ones wrote), through `python -m step1x_export.cli` so that this checkout's code runs, whatever the
-console script on PATH points at. The server runs on a free port in place of the README's, and the README's
-`curl` talks to it. The install and test commands are the ones `.ci/run` runs.
+earlier ones wrote), through the CLI's entry point in this process (this checkout's code, whatever the console
+script on PATH points at; torch is imported once, not per command). The server runs on a free port in place
+of the README's, and the README's `curl` talks to it. The install and test commands are the ones `.ci/run` runs.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner, Result
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,9 +78,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cli(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "step1x_export.cli", *argv], cwd=cwd, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+def cli(argv: list[str]) -> Result:
+    from step1x_export.cli import main
+
+    return CliRunner().invoke(main, argv, prog_name="step1x-export")
 
 
 def wait_ready(url: str, server: subprocess.Popen, seconds: float = 120) -> None:
@@ -95,9 +97,10 @@ def wait_ready(url: str, server: subprocess.Popen, seconds: float = 120) -> None
     raise TimeoutError(f"{url} not ready after {seconds} s")
 
 
-def test_readme_commands_run_as_written(tmp_path: Path):
+def test_readme_commands_run_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Demo, the whole flow and serve + curl, in the README's order, each exiting 0 with its output written."""
     Image.new("RGB", (96, 64), (200, 40, 30)).save(tmp_path / "in.png")  # the `in.png` the README's commands edit
+    monkeypatch.chdir(tmp_path)
     port = str(free_port())
     server = None
     try:
@@ -109,8 +112,8 @@ def test_readme_commands_run_as_written(tmp_path: Path):
                                           env={**os.environ, "PYTHONPATH": str(ROOT)})
                 wait_ready(f"http://127.0.0.1:{port}/readyz", server)
             elif argv[0] == "step1x-export":
-                done = cli(argv[1:], tmp_path)
-                assert done.returncode == 0, f"{shlex.join(argv)} exited {done.returncode}:\n{done.stderr[-3000:]}"
+                done = cli(argv[1:])
+                assert done.exit_code == 0, f"{shlex.join(argv)} exited {done.exit_code}:\n{done.output[-3000:]}"
             elif argv[0] == "curl":
                 assert server is not None, "the README's curl comes after its serve command"
                 args = [a.replace(f":{README_PORT}/", f":{port}/") for a in argv]
