@@ -37,3 +37,16 @@ def tiny_export(tiny_pipe, tmp_path_factory) -> Path:
     export_components(tiny_pipe, out, components=COMPONENTS, precision="fp32", progress=False,
                       external_data_threshold=EXTERNAL_THRESHOLD)
     return out
+
+
+@pytest.fixture
+def fresh_compiles():
+    """Dynamo's cache and the process's compile backends emptied, so a test that counts compiles counts its own:
+    runtimes share one backend per process, and a block type an earlier test compiled compiles nothing again."""
+    import torch
+
+    from step1x_export.runtime import compile as compile_mod
+
+    torch._dynamo.reset()
+    compile_mod._BACKENDS.clear()
+    yield

@@ -265,6 +265,7 @@ def test_ladder_rows_are_runtime_options():
         row_options(LADDER[-1], settings)
 
 
+@pytest.mark.usefixtures("fresh_compiles")
 def test_compile_row_runs_through_the_runtime_on_cpu(models):
     """The '+ compile' row forced on CPU: compiled by the runtime (one compile per block type), the same
     final latent as the eager row within fp32 rounding, and the DiT handed back eager afterwards."""

@@ -63,6 +63,7 @@ def one_thread():
 
 
 @pytest.mark.isa
+@pytest.mark.usefixtures("fresh_compiles")
 def test_twelve_sizes_one_compiled_runtime():
     with Step1XEditRuntime.load("tiny", backend="torch", device="cpu", compile=True) as rt, \
             Step1XEditRuntime.load("tiny", backend="torch", device="cpu", compile=False) as eager:
@@ -85,6 +86,7 @@ def test_twelve_sizes_one_compiled_runtime():
 
 
 @pytest.mark.isa
+@pytest.mark.usefixtures("fresh_compiles")
 def test_shipped_default_configuration_with_quant_and_compile(tmp_path: Path):
     """What `step1x-export edit --quant A` runs on a GPU (compile auto = on there, CUDA graphs on), with
     compile forced so the CPU runs it: quantized blocks compile (fullgraph) and match eager W8A8."""
