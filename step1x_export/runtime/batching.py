@@ -37,7 +37,7 @@ class EditJob:
     instruction: str
     seed: int = 0
     steps: int | None = None
-    cfg: float = 6.0
+    cfg: float | None = None  # None: the model's (ModelConfig.default_cfg)
     size_level: int | None = None
     negative_prompt: str | None = None
     progress: ProgressFn | None = None  # called after each of this edit's steps; raising stops this edit only

@@ -54,8 +54,9 @@ class EditLanes:
         """Checks, preprocess, MLLM, VAE encode and the sampling inputs of one edit: a lane for the loop."""
         size_level = self.default_size_level if job.size_level is None else job.size_level
         steps = self.config.default_steps if job.steps is None else job.steps
+        cfg = self.config.default_cfg if job.cfg is None else job.cfg
         v12 = self.config.reason_edit is not None
-        check_edit_numbers(steps=steps, cfg=job.cfg, size_level=size_level, seed=job.seed)
+        check_edit_numbers(steps=steps, cfg=cfg, size_level=size_level, seed=job.seed)
         for name, text in (("instruction", job.instruction), ("negative_prompt", job.negative_prompt)):
             if not isinstance(text, str) and not (name == "negative_prompt" and text is None):
                 raise InputError(f"{name} must be a str, got {type(text).__name__}")
@@ -81,7 +82,7 @@ class EditLanes:
                                                steps=steps, reference=img.has_reference)
         conditioning = branch_conditioning(self.config, encoded, img.width, img.height) if v12 else (pe, *encoded)
         noise, *conditioning = (t.to(self.device) for t in (noise, *conditioning))
-        lane = Lane.of(noise, ref, timesteps, guidance=job.cfg, truncate=self.config.cfg_truncate,
+        lane = Lane.of(noise, ref, timesteps, guidance=cfg, truncate=self.config.cfg_truncate,
                        conditioning=tuple(conditioning), tag=LaneState(job, img, timer, v12))
         self._start_steps(lane)  # it joins the loop next
         return lane

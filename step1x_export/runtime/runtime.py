@@ -196,7 +196,7 @@ class Step1XEditRuntime(EditLanes):
         *,
         seed: int = 0,
         steps: int | None = None,
-        cfg: float = 6.0,
+        cfg: float | None = None,
         size_level: int | None = None,
         negative_prompt: str | None = None,
         progress: ProgressFn | None = None,
@@ -206,9 +206,10 @@ class Step1XEditRuntime(EditLanes):
         """Edit `image` as `instruction` says; an image of the input's size. With `image=None`, generate a
         `width` x `height` image from the text (text-to-image: no reference tokens). Serialised per runtime.
 
-        `size_level` defaults to the model's: 1024 for the real model (upstream's), the largest its
-        profile covers for a tiny one. Numbers are checked first (InputError naming the argument), and a
-        stage that yields NaN or infinity raises NonFiniteError naming it: no picture is made of it.
+        `steps` and `cfg` default to the model's (`ModelConfig.default_steps`, `default_cfg`); `size_level` to
+        the model's: 1024 for the real model (upstream's), the largest its profile covers for a tiny one. Numbers
+        are checked first (InputError naming the argument), and a stage that yields NaN or infinity raises
+        NonFiniteError naming it: no picture is made of it.
         """
         job = EditJob(image, instruction, seed=seed, steps=steps, cfg=cfg, size_level=size_level,
                       negative_prompt=negative_prompt, progress=progress)

@@ -317,7 +317,7 @@ class Step1XEditPipeline:
         *,
         seed: int = 0,
         steps: int | None = None,
-        cfg: float = 6.0,
+        cfg: float | None = None,
         size_level: int | None = None,
         negative_prompt: str | None = None,
         sample_posterior: bool = False,
@@ -330,9 +330,10 @@ class Step1XEditPipeline:
 
         `size_level` defaults to the model's (1024 real, the profile's top for a tiny config). Other engines
         run the same loop through `runtime.Step1XEditRuntime`.
-        `steps` defaults to the model's (28; v1.2: 50).
+        `steps` defaults to the model's (28; v1.2: 50), `cfg` to its guidance (`ModelConfig.default_cfg`).
         """
         steps = self.config.default_steps if steps is None else steps
+        cfg = self.config.default_cfg if cfg is None else cfg
         size_level = profile_for(self.config).max_level if size_level is None else size_level
         check_edit_numbers(steps=steps, cfg=cfg, size_level=size_level, seed=seed)
         self.timer = StageTimer(self.device)
