@@ -18,6 +18,8 @@ ATTENTION = ("auto", "flash", "cudnn", "efficient", "math")  # runtime.attention
 # first). A graph holds its own memory pool (the step's activations at that size); 4 keeps the working set of
 # a few common sizes warm while bounding memory when a server sees every aspect ratio.
 DEFAULT_GRAPH_CACHE = 4
+# runtime.batching: edits per batch; far past where a step's cost stops amortising on any device
+MAX_BATCH = 64
 # The modulation Linears: 3.2 B of the DiT's 12.4 B parameters, acting on one vector per sample.
 MODULATION = ("*_mod.lin", "*.modulation.lin")
 # calibrate.recipes: kept in high precision by default. The embedders and the final layer are what FP8

@@ -25,7 +25,6 @@ if TYPE_CHECKING:  # importing this module (the server's queue does) loads neith
     from .options import RuntimeOptions
     from .progress import StepEvents
 
-MAX_BATCH = 64  # edits per batch; far past where a step's cost stops amortising on any device
 BatchKey = tuple[int, int]  # the edit's (width, height) at its size level: edits batch only with their own key
 
 

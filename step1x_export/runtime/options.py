@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
-from ..choices import ATTENTION, DEFAULT_GRAPH_CACHE
+from ..choices import ATTENTION, DEFAULT_GRAPH_CACHE, MAX_BATCH
 from ..precision import Precision
 from .cache_spec import CacheSpec
 from .parallel.degrees import ParallelDegrees
@@ -52,8 +52,9 @@ class RuntimeOptions:
             raise ValueError(f"graph_cache must be an integer >= 1 (graphs kept), got {self.graph_cache!r}")
         if self.attention not in ATTENTION:
             raise ValueError(f"unknown attention {self.attention!r}; choose one of {', '.join(ATTENTION)}")
-        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or not 1 <= self.max_batch <= 64:
-            raise ValueError(f"max_batch must be an integer in [1, 64] (edits per DiT call), got {self.max_batch!r}")
+        batch = self.max_batch
+        if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
+            raise ValueError(f"max_batch must be an integer in [1, {MAX_BATCH}] (edits per DiT call), got {batch!r}")
         if self.mllm_quant not in (None, "none", "fp8", "int8"):
             raise ValueError(f"unknown mllm_quant {self.mllm_quant!r}; choose none, fp8 or int8")
         if isinstance(self.cache, str):

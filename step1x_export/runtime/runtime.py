@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..choices import MAX_BATCH
 from ..precision import Precision
 from ..specs import ComponentSpec, dit_spec, profile_for, vae_decoder_spec, vae_encoder_spec
 from ..step1x_ref.configs import ModelConfig
@@ -38,7 +39,7 @@ from ..step1x_ref.sampling import Lane, ProgressFn, UpdateFn, denoise_lanes, gui
 from ..timing import StageTimer
 from ..validate import SEED_RANGE, check_device, check_finite, check_int
 from .attention import with_attention
-from .batching import MAX_BATCH, DoneFn, EditJob, EditOutcome, JoinFn, run_batch, run_serially
+from .batching import DoneFn, EditJob, EditOutcome, JoinFn, run_batch, run_serially
 from .buffers import Shape, edit_dims
 from .caching import CachedStep, CacheSpec, CacheStats
 from .compile import compile_backend, compile_blocks
