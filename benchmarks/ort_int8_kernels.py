@@ -30,10 +30,10 @@ from step1x_export.calibrate.onnx_qdq import insert_qdq
 from step1x_export.calibrate.recipes import build_artifact
 from step1x_export.specs import dit_spec
 from step1x_export.step1x_ref.configs import get_config
-from step1x_export.step1x_ref.math import rope_table
-from step1x_export.step1x_ref.model import Step1XEdit
-from step1x_export.step1x_ref.random_weights import randomize_
+from step1x_export.step1x_ref.dit.math import rope_table
+from step1x_export.step1x_ref.dit.model import Step1XEdit
 from step1x_export.step1x_ref.sampling import position_ids
+from step1x_export.step1x_ref.weights.random_weights import randomize_
 
 CONFIG = get_config("tiny")
 LEVELS = {"graph semantics (ORT_DISABLE_ALL)": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

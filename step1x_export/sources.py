@@ -27,8 +27,8 @@ def small_pipeline(name: str, *, seed: int = 0, dtype: torch.dtype | None = None
     (`dtype` default: float32)."""
     import torch
 
-    from .step1x_ref.loading import CheckpointError
     from .step1x_ref.pipeline import Step1XEditPipeline
+    from .step1x_ref.weights.loading import CheckpointError
 
     dtype = torch.float32 if dtype is None else dtype
     if name not in PACKAGED:

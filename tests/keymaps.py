@@ -1,6 +1,6 @@
 """Our (official) DiT keys -> diffusers' `FluxTransformer2DModel` keys, for the parity tests.
 
-The product's Step1X-Edit diffusers map (`step1x_ref.diffusers_layout`) does all the re-layout (qkv and
+The product's Step1X-Edit diffusers map (`step1x_ref.weights.diffusers_layout`) does all the re-layout (qkv and
 linear1 splits, the final layer's swapped halves); diffusers' FLUX transformer differs from the Step1X
 port only in the embedders' module names, renamed here. So `test_dit`'s parity with FLUX checks that map
 numerically too.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from step1x_export.step1x_ref.diffusers_layout import dit_keymap
+from step1x_export.step1x_ref.weights.diffusers_layout import dit_keymap
 
 # Step1X diffusers port -> diffusers FLUX (time_embed / vec_embed are Step1XEditMLPEmbedder there)
 FLUX_EMBEDDERS = {

@@ -10,8 +10,8 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-from step1x_export.step1x_ref.autoencoder import AutoEncoder, VAEDecoder, VAEEncoder
 from step1x_export.step1x_ref.configs import VAEParams, get_config
+from step1x_export.step1x_ref.vae.autoencoder import AutoEncoder, VAEDecoder, VAEEncoder
 
 TINY = get_config("tiny").vae
 # A second shape: 3 levels (factor 4) whose width goes up then down (shortcut convs where the

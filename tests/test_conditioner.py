@@ -1,4 +1,4 @@
-"""The MLLM embedder (step1x_ref.conditioner) on the tiny Qwen2.5-VL, CPU, fp32."""
+"""The MLLM embedder (step1x_ref.mllm.conditioner) on the tiny Qwen2.5-VL, CPU, fp32."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from step1x_export.step1x_ref.conditioner import (
+from step1x_export.step1x_ref.configs import get_config
+from step1x_export.step1x_ref.mllm.conditioner import (
     Qwen25VL_7b_PREFIX,
     Qwen25VLEmbedder,
     build_mllm_inputs,
@@ -20,8 +21,7 @@ from step1x_export.step1x_ref.conditioner import (
     smart_resize,
     split_string,
 )
-from step1x_export.step1x_ref.configs import get_config
-from step1x_export.step1x_ref.loading import CheckpointError
+from step1x_export.step1x_ref.weights.loading import CheckpointError
 
 CFG = get_config("tiny")
 PARAMS = CFG.embedder

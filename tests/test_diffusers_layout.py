@@ -17,14 +17,14 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from step1x_export.cli import main
-from step1x_export.step1x_ref import diffusers_layout
-from step1x_export.step1x_ref.autoencoder import AutoEncoder
 from step1x_export.step1x_ref.configs import get_config
-from step1x_export.step1x_ref.diffusers_layout import PIPELINE_VERSIONS, Rule, dit_keymap, vae_keymap
-from step1x_export.step1x_ref.loading import CheckpointError, ModelFiles
-from step1x_export.step1x_ref.model import Step1XEdit
+from step1x_export.step1x_ref.dit.model import Step1XEdit
 from step1x_export.step1x_ref.pipeline import Step1XEditPipeline
-from step1x_export.step1x_ref.random_weights import randomize_
+from step1x_export.step1x_ref.vae.autoencoder import AutoEncoder
+from step1x_export.step1x_ref.weights import diffusers_layout
+from step1x_export.step1x_ref.weights.diffusers_layout import PIPELINE_VERSIONS, Rule, dit_keymap, vae_keymap
+from step1x_export.step1x_ref.weights.loading import CheckpointError, ModelFiles
+from step1x_export.step1x_ref.weights.random_weights import randomize_
 
 TINY = get_config("tiny")
 

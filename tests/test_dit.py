@@ -7,10 +7,10 @@ import torch
 from keymaps import dit_to_diffusers
 
 from step1x_export.step1x_ref.configs import get_config
-from step1x_export.step1x_ref.math import rope_table
-from step1x_export.step1x_ref.model import Step1XEdit
-from step1x_export.step1x_ref.random_weights import randomize_
+from step1x_export.step1x_ref.dit.math import rope_table
+from step1x_export.step1x_ref.dit.model import Step1XEdit
 from step1x_export.step1x_ref.sampling import position_ids
+from step1x_export.step1x_ref.weights.random_weights import randomize_
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -28,7 +28,7 @@ from step1x_export.runtime.engine import Engine
 from step1x_export.runtime.onnxruntime import OrtEngine
 from step1x_export.specs import COMPONENTS
 from step1x_export.step1x_ref import pipeline as pipeline_module
-from step1x_export.step1x_ref.math import rope_table
+from step1x_export.step1x_ref.dit.math import rope_table
 from step1x_export.step1x_ref.pipeline import Step1XEditPipeline
 from step1x_export.step1x_ref.sampling import position_ids
 

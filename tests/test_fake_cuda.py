@@ -21,7 +21,7 @@ from step1x_export.calibrate.weight_only import WeightOnlyLinear
 from step1x_export.plan.stages import dit_layout
 from step1x_export.runtime.compile import CompileBackend, compile_blocks
 from step1x_export.step1x_ref.configs import get_config
-from step1x_export.step1x_ref.layers import DoubleStreamBlock, SingleStreamBlock
+from step1x_export.step1x_ref.dit.layers import DoubleStreamBlock, SingleStreamBlock
 
 DIT = get_config("v1.1").dit
 HIDDEN, HEADS = DIT.hidden_size, DIT.num_heads

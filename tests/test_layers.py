@@ -28,6 +28,18 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 )
 LAYER = {part: i for i, parts in enumerate(LAYERS) for part in parts}
 
+# Inside the reference, bottom to top, by what each part models (docs/design.md).
+REFERENCE = "step1x_ref"
+REFERENCE_LAYERS: tuple[tuple[str, ...], ...] = (
+    ("configs", "imaging"),  # the published configurations; image sizes and conversions
+    ("sampling", "profiles", "dit", "vae"),  # the denoising loop; the edit sizes; the DiT and connector; the VAE
+    ("weights",),  # official and diffusers layouts, loading, LoRA, random weights
+    ("mllm",),  # the Qwen2.5-VL conditioners and their processor; v1.2's thinking and reflection
+    ("versions",),  # what differs between releases, over the parts below
+    ("pipeline",),  # the reference edit over all of them
+)
+REFERENCE_LAYER = {part: i for i, parts in enumerate(REFERENCE_LAYERS) for part in parts}
+
 
 def module_files() -> dict[str, Path]:
     """Dotted module name -> file, for every module of the package."""
@@ -63,9 +75,17 @@ def part_of(module: str) -> str:
     return parts[1] if len(parts) > 1 else "<package>"
 
 
+def reference_part(module: str) -> str | None:
+    """The part of the reference `module` belongs to (None outside it, or for the reference's own __init__)."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[1] == REFERENCE else None
+
+
 def test_every_part_has_a_layer():
     unplaced = sorted({part_of(m) for m in module_files()} - set(LAYER) - {"<package>", "__main__"})
     assert not unplaced, f"put these parts of the package in a layer of tests/test_layers.py: {unplaced}"
+    unplaced = sorted({reference_part(m) for m in module_files()} - set(REFERENCE_LAYER) - {None})
+    assert not unplaced, f"put these parts of step1x_ref in REFERENCE_LAYERS of tests/test_layers.py: {unplaced}"
 
 
 def test_imports_point_down_the_layers():
@@ -74,6 +94,15 @@ def test_imports_point_down_the_layers():
              if part_of(a) in LAYER and part_of(b) in LAYER and part_of(a) != part_of(b)
              and LAYER[part_of(a)] <= LAYER[part_of(b)]]
     assert not wrong, "imports that do not point to a lower layer:\n" + "\n".join(wrong)
+
+
+def test_reference_imports_point_down_its_layers():
+    layer = REFERENCE_LAYER
+    wrong = [f"{a} -> {b} ({pa} is layer {layer[pa]}, {pb} is layer {layer[pb]})"
+             for a, targets in import_graph().items() for b in sorted(targets)
+             if (pa := reference_part(a)) in layer and (pb := reference_part(b)) in layer and pa != pb
+             and layer[pa] <= layer[pb]]
+    assert not wrong, "imports inside step1x_ref that do not point to a lower layer:\n" + "\n".join(wrong)
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:

@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from step1x_export.step1x_ref.autoencoder import AutoEncoder
 from step1x_export.step1x_ref.configs import get_config
-from step1x_export.step1x_ref.loading import CheckpointError, ModelFiles, load_into
-from step1x_export.step1x_ref.model import Step1XEdit
-from step1x_export.step1x_ref.random_weights import randomize_
+from step1x_export.step1x_ref.dit.model import Step1XEdit
+from step1x_export.step1x_ref.vae.autoencoder import AutoEncoder
+from step1x_export.step1x_ref.weights.loading import CheckpointError, ModelFiles, load_into
+from step1x_export.step1x_ref.weights.random_weights import randomize_
 
 
 def write(model: torch.nn.Module, path: Path, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:

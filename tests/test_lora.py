@@ -19,8 +19,8 @@ from step1x_export.export.manifest import ExportError, load_manifest
 from step1x_export.export.refit import refit_names
 from step1x_export.hashing import file_sha256
 from step1x_export.runtime import Step1XEditRuntime
-from step1x_export.step1x_ref.lora import LoraError, LoraSpec, merge_lora
 from step1x_export.step1x_ref.pipeline import Step1XEditPipeline
+from step1x_export.step1x_ref.weights.lora import LoraError, LoraSpec, merge_lora
 
 # (kohya name, module, rank, alpha stored in the file: None = no alpha key, 0 = "no scaling")
 LAYERS = [

@@ -34,9 +34,9 @@ from step1x_export.hashing import file_identity
 from step1x_export.runtime import Step1XEditRuntime
 from step1x_export.safetensors_io import SafetensorsIOError, TensorInfo, TensorReader, stream_safetensors
 from step1x_export.step1x_ref.configs import get_config
-from step1x_export.step1x_ref.loading import CheckpointError, load_into
-from step1x_export.step1x_ref.model import Step1XEdit
-from step1x_export.step1x_ref.random_weights import randomize_
+from step1x_export.step1x_ref.dit.model import Step1XEdit
+from step1x_export.step1x_ref.weights.loading import CheckpointError, load_into
+from step1x_export.step1x_ref.weights.random_weights import randomize_
 
 ROOT = Path(__file__).resolve().parents[1]
 EDIT = {"seed": 0, "steps": 2, "size_level": 32}
@@ -167,7 +167,7 @@ from step1x_export.calibrate.artifact import LayerScales, QuantArtifact
 from step1x_export.calibrate.formats import QuantFormat
 from step1x_export.calibrate.qcheckpoint import WEIGHT_ONLY_DEFAULT, write_quantized_checkpoint
 from step1x_export.calibrate.recipes import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, select_layers
-from step1x_export.step1x_ref.model import Step1XEdit
+from step1x_export.step1x_ref.dit.model import Step1XEdit
 from wide_model import wide_config
 
 config = wide_config()

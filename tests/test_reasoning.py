@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from step1x_export.cli import main
-from step1x_export.step1x_ref.reasoning import (
+from step1x_export.step1x_ref.mllm.reasoning import (
     FAILED_VERDICT,
     Judgement,
     best_round,
@@ -21,7 +21,7 @@ from step1x_export.step1x_ref.reasoning import (
     read_verdict,
     reasoned_edit,
 )
-from step1x_export.step1x_ref.reasoning_prompts import PROMPTS
+from step1x_export.step1x_ref.mllm.reasoning_prompts import PROMPTS
 
 
 def scores(a: float, b: float) -> str:
@@ -158,7 +158,7 @@ def test_cli_think_needs_v12(photo_path, tmp_path):
 
 
 def test_generation_is_seeded():
-    from step1x_export.step1x_ref.generation import TextGenerator
+    from step1x_export.step1x_ref.mllm.generation import TextGenerator
     from step1x_export.step1x_ref.pipeline import Step1XEditPipeline
 
     embedder = Step1XEditPipeline.random("tiny-v1.2").embedder

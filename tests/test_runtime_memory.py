@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from step1x_export.runtime.loaders import _vae_half
 from step1x_export.runtime.memory import DriverMemory, read_peak
-from step1x_export.step1x_ref.loading import CheckpointError, ModelFiles
+from step1x_export.step1x_ref.weights.loading import CheckpointError, ModelFiles
 
 
 def test_each_vae_stage_loads_only_its_half(tiny_pipe, tmp_path):

@@ -29,10 +29,10 @@ from step1x_export.runtime.trt_build import BuildOptions
 from step1x_export.runtime.trt_manifest import EngineManifest, EngineRecord
 from step1x_export.specs import dim_ranges, dit_spec
 from step1x_export.step1x_ref.configs import get_config
-from step1x_export.step1x_ref.math import rope_table
-from step1x_export.step1x_ref.model import Step1XEdit
-from step1x_export.step1x_ref.random_weights import randomize_
+from step1x_export.step1x_ref.dit.math import rope_table
+from step1x_export.step1x_ref.dit.model import Step1XEdit
 from step1x_export.step1x_ref.sampling import denoise, get_schedule, guided_euler, position_ids
+from step1x_export.step1x_ref.weights.random_weights import randomize_
 
 CONFIG = get_config("tiny")
 

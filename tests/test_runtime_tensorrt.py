@@ -16,9 +16,9 @@ from step1x_export.runtime.trt_build import BuildInput, BuildOptions, build_all 
 from step1x_export.runtime.trt_engine import TensorRTEngine  # noqa: E402
 from step1x_export.runtime.trt_manifest import EngineManifest, current_platform  # noqa: E402
 from step1x_export.specs import dim_ranges, vae_decoder_spec  # noqa: E402
-from step1x_export.step1x_ref.autoencoder import AutoEncoder, VAEDecoder  # noqa: E402
 from step1x_export.step1x_ref.configs import get_config  # noqa: E402
-from step1x_export.step1x_ref.random_weights import randomize_  # noqa: E402
+from step1x_export.step1x_ref.vae.autoencoder import AutoEncoder, VAEDecoder  # noqa: E402
+from step1x_export.step1x_ref.weights.random_weights import randomize_  # noqa: E402
 
 
 def test_build_and_run_vae_decoder(tmp_path):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from step1x_export.cli import main
 from step1x_export.step1x_ref.imaging import pil_to_tensor
-from step1x_export.step1x_ref.loading import DIT_FILES, QWEN_DIR, VAE_FILE
+from step1x_export.step1x_ref.weights.loading import DIT_FILES, QWEN_DIR, VAE_FILE
 from step1x_export.toy import small_pipeline
 from step1x_export.toy.data import HELDOUT_PHOTOS, TRAIN_PHOTOS, heldout_views
 from step1x_export.toy.evaluate import to_pil

@@ -14,12 +14,12 @@ from PIL import Image
 
 from step1x_export.runtime import Step1XEditRuntime
 from step1x_export.specs import dim_ranges, dit_spec
-from step1x_export.step1x_ref.conditioner_v1p2 import EDIT_PREFIX, split_prompt, split_quoted
 from step1x_export.step1x_ref.configs import get_config
-from step1x_export.step1x_ref.model import Step1XEdit
+from step1x_export.step1x_ref.dit.model import Step1XEdit
+from step1x_export.step1x_ref.mllm.conditioner_v1p2 import EDIT_PREFIX, split_prompt, split_quoted
 from step1x_export.step1x_ref.pipeline import Step1XEditPipeline
-from step1x_export.step1x_ref.positions_v1p2 import branch_ids, branch_inputs, text_ids, vision_to_latent
-from step1x_export.step1x_ref.random_weights import randomize_
+from step1x_export.step1x_ref.versions.v1p2_positions import branch_ids, branch_inputs, text_ids, vision_to_latent
+from step1x_export.step1x_ref.weights.random_weights import randomize_
 
 CONFIG = get_config("tiny-v1.2")
 

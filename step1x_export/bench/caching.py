@@ -15,7 +15,7 @@ from ..runtime.step import engine_step_fn
 from ..runtime.torch_engine import TorchEngine
 from ..specs import dit_spec
 from ..step1x_ref.configs import ModelConfig
-from ..step1x_ref.model import Step1XEdit
+from ..step1x_ref.dit.model import Step1XEdit
 from ..step1x_ref.sampling import StepFn, denoise, guided_euler
 from .ladder import psnr
 from .measure import synchronize

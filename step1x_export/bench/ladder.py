@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..precision import Precision
 from ..runtime.options import RuntimeOptions
-from ..step1x_ref.model import Step1XEdit
+from ..step1x_ref.dit.model import Step1XEdit
 from .measure import FAILED, NOT_IMPLEMENTED, OK, SKIPPED, peak_memory_gb, reset_peak_memory, short_error, synchronize
 from .measure import percentile as _percentile
 

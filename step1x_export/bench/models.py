@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..step1x_ref.autoencoder import AutoEncoder
-from ..step1x_ref.conditioner import MLLMInputs, Qwen25VLEmbedder, select_tokens
 from ..step1x_ref.configs import ModelConfig, get_config
-from ..step1x_ref.model import Step1XEdit
+from ..step1x_ref.dit.model import Step1XEdit
+from ..step1x_ref.mllm.conditioner import MLLMInputs, Qwen25VLEmbedder, select_tokens
 from ..step1x_ref.pipeline import sampling_inputs
-from ..step1x_ref.random_weights import randomize_
 from ..step1x_ref.sampling import StepFn, pack
+from ..step1x_ref.vae.autoencoder import AutoEncoder
+from ..step1x_ref.weights.random_weights import randomize_
 
 # Qwen2.5-VL-7B-Instruct's published config.json, set explicitly (transformers' defaults drift between versions).
 QWEN25_VL_7B_TEXT = {
@@ -141,7 +141,7 @@ def build_mllm(config: ModelConfig, device: torch.device, dtype: torch.dtype, se
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     if config.tiny_qwen is not None:
-        from ..step1x_ref.tiny_qwen import build_tiny_processor, tiny_qwen_config
+        from ..step1x_ref.mllm.tiny_qwen import build_tiny_processor, tiny_qwen_config
 
         processor = build_tiny_processor(config.embedder.min_pixels, config.embedder.max_pixels)
         hf_config = tiny_qwen_config(config.tiny_qwen, processor.tokenizer)
@@ -166,7 +166,7 @@ def build_mllm_with_processor(config: ModelConfig, device: torch.device, dtype: 
     """
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from ..step1x_ref.tiny_qwen import build_tiny_processor
+    from ..step1x_ref.mllm.tiny_qwen import build_tiny_processor
 
     if config.tiny_qwen is not None:
         return Qwen25VLEmbedder.tiny(config.tiny_qwen, config.embedder, seed=seed, dtype=dtype).to(device)

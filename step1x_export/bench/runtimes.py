@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from ..specs import dit_spec, vae_decoder_spec, vae_encoder_spec
-from ..step1x_ref.autoencoder import VAEDecoder, VAEEncoder
 from ..step1x_ref.configs import ModelConfig
+from ..step1x_ref.vae.autoencoder import VAEDecoder, VAEEncoder
 from .models import BenchModels, dit_inputs
 
 if TYPE_CHECKING:

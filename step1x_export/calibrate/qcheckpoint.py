@@ -30,8 +30,8 @@ from ..folders import SHA256, check_schema, parse_json
 from ..hashing import FileIdentity, file_identity
 from ..safetensors_io import SafetensorsIOError, TensorInfo, TensorReader, group_by_module, stream_safetensors
 from ..step1x_ref.configs import CONFIGS, ModelConfig, get_config
-from ..step1x_ref.loading import CheckpointError, check_state_dict
-from ..step1x_ref.model import Step1XEdit
+from ..step1x_ref.dit.model import Step1XEdit
+from ..step1x_ref.weights.loading import CheckpointError, check_state_dict
 from .artifact import QuantArtifact, _metadata, dtype_name
 from .formats import QuantFormat
 from .qlinear import QuantLinear

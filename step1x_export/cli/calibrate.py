@@ -89,9 +89,9 @@ def calibrate(
     from ..hashing import file_identity
     from ..sources import PACKAGED, small_pipeline
     from ..specs import profile_for
-    from ..step1x_ref.loading import ModelFiles
-    from ..step1x_ref.lora import LoraSpec, merge_loras
     from ..step1x_ref.pipeline import Step1XEditPipeline
+    from ..step1x_ref.weights.loading import ModelFiles
+    from ..step1x_ref.weights.lora import LoraSpec, merge_loras
     from ..toy.calibration import calibration_pairs, task_psnr
     from ..toy.evaluate import format_scores
 

@@ -56,8 +56,8 @@ def export(
     from ..calibrate.artifact import load_artifact
     from ..export import export_components
     from ..sources import small_pipeline
-    from ..step1x_ref.lora import LoraSpec, merge_loras
     from ..step1x_ref.pipeline import Step1XEditPipeline
+    from ..step1x_ref.weights.lora import LoraSpec, merge_loras
 
     if (model_dir is None) == (model_name is None):
         raise click.UsageError("give exactly one of --model-dir DIR or --model tiny")

@@ -48,7 +48,7 @@ def quantize(model_dir: Path | None, checkpoint: Path | None, version: str, arti
     from ..calibrate.artifact import load_artifact
     from ..calibrate.qcheckpoint import write_quantized_checkpoint
     from ..calibrate.weight_only import WEIGHT_ONLY_FORMATS
-    from ..step1x_ref.loading import ModelFiles
+    from ..step1x_ref.weights.loading import ModelFiles
 
     source = checkpoint if checkpoint is not None else ModelFiles.in_dir(model_dir, version).dit
     info = write_quantized_checkpoint(

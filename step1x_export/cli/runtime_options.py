@@ -97,7 +97,7 @@ class RuntimeArgs:
 
     def load_kwargs(self) -> dict[str, Any]:
         """`Step1XEditRuntime.load`'s arguments: (source, backend) and the keywords."""
-        from ..step1x_ref.lora import LoraSpec
+        from ..step1x_ref.weights.lora import LoraSpec
 
         self.check_source()
         if self.backend == "torch":

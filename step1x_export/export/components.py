@@ -15,10 +15,10 @@ from PIL import Image
 from torch import nn
 
 from ..precision import Precision
-from ..step1x_ref.autoencoder import VAEDecoder, VAEEncoder
-from ..step1x_ref.math import rope_table
+from ..step1x_ref.dit.math import rope_table
 from ..step1x_ref.pipeline import Step1XEditPipeline
 from ..step1x_ref.sampling import position_ids
+from ..step1x_ref.vae.autoencoder import VAEDecoder, VAEEncoder
 from .qwen import LLMExport, VisionExport, llm_position_ids, vision_inputs
 
 EXAMPLE_INSTRUCTION = 'Replace the text "OPEN" with "CLOSED" and make the sky purple'

@@ -16,8 +16,8 @@ from ..hashing import file_sha256, module_hash
 from ..precision import Precision
 from ..specs import COMPONENTS, component_specs, dim_ranges
 from ..step1x_ref.configs import ModelConfig
-from ..step1x_ref.lora import merged_loras
 from ..step1x_ref.pipeline import Step1XEditPipeline
+from ..step1x_ref.weights.lora import merged_loras
 from .components import build_units
 from .manifest import MANIFEST, META_COMPONENT, META_EXPORT_ID, QWEN_DIR, ComponentEntry, Manifest
 from .onnx_io import DEFAULT_OPSET, EXPORTER, EXTERNAL_DATA_THRESHOLD, export_graph, save_graph

@@ -22,9 +22,9 @@ from ..calibrate.recipes import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, get_recipe, se
 from ..runtime.buffers import edit_dims
 from ..runtime.mllm import MLLM_WEIGHT_ONLY, drop_lm_head
 from ..specs import ComponentSpec, dim_ranges, dit_spec, llm_spec, vae_decoder_spec, vae_encoder_spec, vision_spec
-from ..step1x_ref.autoencoder import AutoEncoder, VAEDecoder, VAEEncoder
 from ..step1x_ref.configs import ModelConfig
-from ..step1x_ref.model import Step1XEdit
+from ..step1x_ref.dit.model import Step1XEdit
+from ..step1x_ref.vae.autoencoder import AutoEncoder, VAEDecoder, VAEEncoder
 
 # Qwen2.5-VL-7B-Instruct's config.json (the architecture fields; token ids as the official file has them).
 QWEN25_VL_7B = {
@@ -99,7 +99,7 @@ def qwen_config(config: ModelConfig):
     from transformers import Qwen2_5_VLConfig
 
     if config.tiny_qwen is not None:
-        from ..step1x_ref.tiny_qwen import build_tiny_processor, tiny_qwen_config
+        from ..step1x_ref.mllm.tiny_qwen import build_tiny_processor, tiny_qwen_config
 
         e = config.embedder
         return tiny_qwen_config(config.tiny_qwen, build_tiny_processor(e.min_pixels, e.max_pixels).tokenizer)

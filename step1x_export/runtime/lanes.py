@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from ..specs import shape_bucket
-from ..step1x_ref.edit_v1p2 import branch_conditioning, postprocess_v1p2, prepare_image_v1p2
 from ..step1x_ref.imaging import edit_size
 from ..step1x_ref.pipeline import EditImage, negative_prompt_for, postprocess, prepare_input, sampling_inputs
 from ..step1x_ref.sampling import Lane, unpack
+from ..step1x_ref.versions.v1p2 import branch_conditioning, postprocess_v1p2, prepare_image_v1p2
 from ..timing import StageTimer
 from ..validate import InputError, check_edit_numbers, check_finite
 from .batching import BatchKey, EditJob, EditOutcome, LaneState

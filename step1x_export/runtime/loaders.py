@@ -13,11 +13,12 @@ from ..hashing import FileIdentity, file_identity
 from ..safetensors_io import TensorReader
 from ..sources import TINY, small_pipeline, weights_note
 from ..specs import component_specs, dit_spec, vae_decoder_spec, vae_encoder_spec
-from ..step1x_ref.autoencoder import AutoEncoder, VAEDecoder, VAEEncoder
-from ..step1x_ref.conditioner import Qwen25VLEmbedder
 from ..step1x_ref.configs import ModelConfig, get_config
-from ..step1x_ref.edit_v1p2 import with_rules
-from ..step1x_ref.loading import (
+from ..step1x_ref.mllm.conditioner import Qwen25VLEmbedder
+from ..step1x_ref.pipeline import Step1XEditPipeline
+from ..step1x_ref.vae.autoencoder import AutoEncoder, VAEDecoder, VAEEncoder
+from ..step1x_ref.versions.v1p2 import with_rules
+from ..step1x_ref.weights.loading import (
     CheckpointError,
     ModelFiles,
     check_qwen_dir,
@@ -27,8 +28,7 @@ from ..step1x_ref.loading import (
     load_vae,
     mllm_dirs,
 )
-from ..step1x_ref.lora import LoraSpec, merge_loras
-from ..step1x_ref.pipeline import Step1XEditPipeline
+from ..step1x_ref.weights.lora import LoraSpec, merge_loras
 from .buffers import BufferPool, Shape, select_profile
 from .mllm import prepare_mllm
 from .options import RuntimeOptions

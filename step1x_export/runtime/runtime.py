@@ -26,16 +26,16 @@ from ..choices import MAX_BATCH
 from ..precision import Precision
 from ..specs import ComponentSpec, dit_spec, profile_for, vae_decoder_spec, vae_encoder_spec
 from ..step1x_ref.configs import ModelConfig
-from ..step1x_ref.edit_v1p2 import per_branch
-from ..step1x_ref.generation import TextGenerator
-from ..step1x_ref.lora import LoraSpec
+from ..step1x_ref.mllm.generation import TextGenerator
+from ..step1x_ref.mllm.reasoning import JUDGE_RETRIES, ReasonedEdit, reasoned_edit
 from ..step1x_ref.pipeline import (
     EditImage,
     Step1XEditPipeline,
     no_reference,
 )
-from ..step1x_ref.reasoning import JUDGE_RETRIES, ReasonedEdit, reasoned_edit
 from ..step1x_ref.sampling import Lane, ProgressFn, UpdateFn, denoise_lanes, guided_euler, pack
+from ..step1x_ref.versions.v1p2 import per_branch
+from ..step1x_ref.weights.lora import LoraSpec
 from ..timing import StageTimer
 from ..validate import SEED_RANGE, check_device, check_finite, check_int
 from .attention import with_attention

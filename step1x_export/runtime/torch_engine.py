@@ -12,7 +12,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ..specs import ComponentSpec
-from ..step1x_ref.conditioner import Qwen25VLEmbedder
+from ..step1x_ref.mllm.conditioner import Qwen25VLEmbedder
 from .compile import uncompile_blocks
 
 

@@ -16,10 +16,23 @@ from safetensors.torch import save_file
 
 from ..timing import StageTimer
 from ..validate import check_edit_numbers, check_finite
-from .autoencoder import AutoEncoder
-from .conditioner import Qwen25VLEmbedder
 from .configs import ModelConfig, Resample, get_config
-from .diffusers_layout import (
+from .dit.math import rope_table
+from .dit.model import Step1XEdit
+from .imaging import RESAMPLE, check_size, edit_size, pil_to_tensor, tensor_to_pil, to_rgb
+from .mllm.conditioner import Qwen25VLEmbedder
+from .profiles import profile_for
+from .sampling import ProgressFn, StepFn, denoise, get_schedule, guided_euler, pack, position_ids, unpack
+from .vae.autoencoder import AutoEncoder
+from .versions.v1p2 import (
+    branch_conditioning,
+    per_branch,
+    postprocess_v1p2,
+    prepare_image_v1p2,
+    torch_dit_step,
+    with_rules,
+)
+from .weights.diffusers_layout import (
     PROCESSOR_DIR,
     TEXT_ENCODER_DIR,
     TRANSFORMER_DIR,
@@ -29,15 +42,9 @@ from .diffusers_layout import (
     write_model_index,
     write_weights,
 )
-from .edit_v1p2 import branch_conditioning, per_branch, postprocess_v1p2, prepare_image_v1p2, torch_dit_step, with_rules
-from .imaging import RESAMPLE, check_size, edit_size, pil_to_tensor, tensor_to_pil, to_rgb
-from .loading import DIT_FILES, QWEN_DIR, VAE_FILE, Layout, ModelFiles, detect_version, load_dit, load_vae
-from .lora import LoraSpec, merge_loras
-from .math import rope_table
-from .model import Step1XEdit
-from .profiles import profile_for
-from .random_weights import randomize_
-from .sampling import ProgressFn, StepFn, denoise, get_schedule, guided_euler, pack, position_ids, unpack
+from .weights.loading import DIT_FILES, QWEN_DIR, VAE_FILE, Layout, ModelFiles, detect_version, load_dit, load_vae
+from .weights.lora import LoraSpec, merge_loras
+from .weights.random_weights import randomize_
 
 
 @dataclass

@@ -27,14 +27,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ..step1x_ref.autoencoder import AutoEncoder
-from ..step1x_ref.conditioner import Qwen25VLEmbedder
 from ..step1x_ref.configs import ModelConfig, get_config
+from ..step1x_ref.dit.math import rope_table
+from ..step1x_ref.dit.model import Step1XEdit
 from ..step1x_ref.imaging import tensor_to_pil
-from ..step1x_ref.math import rope_table
-from ..step1x_ref.model import Step1XEdit
+from ..step1x_ref.mllm.conditioner import Qwen25VLEmbedder
 from ..step1x_ref.pipeline import Step1XEditPipeline
 from ..step1x_ref.sampling import pack, position_ids, schedule_mu, time_shift
+from ..step1x_ref.vae.autoencoder import AutoEncoder
 from .data import TRAIN_PHOTOS, crop_batch, heldout_views, photo_tensors
 from .tasks import TASKS, psnr
 from .weights import FIGURES_FILE, TOY_CFG, TOY_SIZE, TOY_STEPS, WEIGHTS_DIR

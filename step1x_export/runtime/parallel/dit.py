@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 
-from ...step1x_ref.model import Step1XEdit
+from ...step1x_ref.dit.model import Step1XEdit
 from ..split_dit import Hidden
 from .attention import sequence_parallel
 from .layout import ParallelDegrees, ParallelGroups, init_groups

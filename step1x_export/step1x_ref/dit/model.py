@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .configs import ModelConfig
+from ..configs import ModelConfig
 from .connector import Qwen2Connector
 from .layers import DoubleStreamBlock, LastLayer, MLPEmbedder, SingleStreamBlock
 from .math import timestep_embedding

@@ -17,8 +17,8 @@ from itertools import pairwise
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2Tokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from step1x_export.step1x_ref.prompt_prefix import Qwen25VL_7b_PREFIX
-from step1x_export.step1x_ref.qwen_processor import ImageOnlyQwen25VLProcessor
+from step1x_export.step1x_ref.mllm.prompt_prefix import Qwen25VL_7b_PREFIX
+from step1x_export.step1x_ref.mllm.qwen_processor import ImageOnlyQwen25VLProcessor
 
 # Qwen2.5-VL-7B-Instruct's chat template (chat_template.json), with its default system turn and
 # the `add_vision_id` "Picture N: " labels.

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..hashing import file_sha256
+from ...hashing import file_sha256
 from .loading import CheckpointError, read_safetensors, show_keys
 
 PREFIX = "lora_unet_"

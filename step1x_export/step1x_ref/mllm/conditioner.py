@@ -22,8 +22,8 @@ from PIL import Image
 from torch import nn
 
 from step1x_export.step1x_ref.configs import EmbedderParams
-from step1x_export.step1x_ref.loading import CheckpointError, check_qwen_dir
-from step1x_export.step1x_ref.prompt_prefix import Qwen25VL_7b_PREFIX
+from step1x_export.step1x_ref.mllm.prompt_prefix import Qwen25VL_7b_PREFIX
+from step1x_export.step1x_ref.weights.loading import CheckpointError, check_qwen_dir
 
 # qwen_vl_utils `fetch_image` defaults (v0.0.10, the version upstream pins): the first resize.
 IMAGE_FACTOR = 28
@@ -235,7 +235,7 @@ class Qwen25VLEmbedder(nn.Module):
         from transformers import Qwen2_5_VLForConditionalGeneration
 
         from step1x_export.step1x_ref.configs import get_config
-        from step1x_export.step1x_ref.tiny_qwen import build_tiny_processor, tiny_qwen_config
+        from step1x_export.step1x_ref.mllm.tiny_qwen import build_tiny_processor, tiny_qwen_config
 
         params = params or get_config("tiny").embedder
         processor = build_tiny_processor(params.min_pixels, params.max_pixels)

@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .conditioner import Qwen25VLEmbedder
-from .conditioner_v1p2 import Qwen25VLEmbedderV12, V12Text
-from .configs import ModelConfig
-from .imaging import check_size, edit_size, to_rgb
-from .positions_v1p2 import branch_inputs
-from .sampling import StepFn
+from ..configs import ModelConfig
+from ..imaging import check_size, edit_size, to_rgb
+from ..mllm.conditioner import Qwen25VLEmbedder
+from ..mllm.conditioner_v1p2 import Qwen25VLEmbedderV12, V12Text
+from ..sampling import StepFn
+from .v1p2_positions import branch_inputs
 
 # The DiT's inputs per branch besides img and timestep, in the dit spec's order.
 BRANCH_INPUTS = ("pe", "llm_embedding", "llm_mask", "text_embeds", "text_mask")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .configs import VAEParams
+from ..configs import VAEParams
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:

@@ -19,8 +19,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .autoencoder import AutoEncoder
-from .configs import ModelConfig
+from ..configs import ModelConfig
+from ..dit.model import Step1XEdit
+from ..vae.autoencoder import AutoEncoder
 from .diffusers_layout import (
     MODEL_INDEX,
     PIPELINE_VERSIONS,
@@ -35,7 +36,6 @@ from .diffusers_layout import (
     dit_keymap,
     vae_keymap,
 )
-from .model import Step1XEdit
 
 DIT_FILES = {
     "v1.0": ("step1x-edit-i1258.safetensors", "step1x-edit-i1258-FP8.safetensors"),

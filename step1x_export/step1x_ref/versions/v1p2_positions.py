@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .conditioner_v1p2 import V12Text
-from .configs import ModelConfig
-from .math import rope_table
-from .sampling import image_ids
+from ..configs import ModelConfig
+from ..dit.math import rope_table
+from ..mllm.conditioner_v1p2 import V12Text
+from ..sampling import image_ids
 
 VISION_PIXELS = 28  # pixels per merged vision token side (2 x 14-pixel patches)
 VISION_CENTRE = 13.5  # a merged vision token's centre, in pixels from its corner

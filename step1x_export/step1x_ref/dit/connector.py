@@ -10,7 +10,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .configs import ConnectorParams
+from ..configs import ConnectorParams
 from .math import timestep_embedding
 
 

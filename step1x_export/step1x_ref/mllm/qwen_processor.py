@@ -12,7 +12,7 @@ from pathlib import Path
 from transformers import Qwen2_5_VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
-from .configs import EmbedderParams
+from ..configs import EmbedderParams
 
 
 class ImageOnlyQwen25VLProcessor(Qwen2_5_VLProcessor):

@@ -1,0 +1,1 @@
+"""The DiT: its layers, the connector from the MLLM, RoPE and attention maths."""
