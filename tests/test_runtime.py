@@ -132,6 +132,22 @@ def test_sequential_load_and_close(image, reference_run):
         rt2.edit(image, PROMPT, **EDIT)
 
 
+def test_load_takes_the_options_object(image, reference_run):
+    """`load(source, options)` runs as the options say; a keyword is one field on top of them; an unknown
+    keyword names the valid ones. The edit is the reference's, bit for bit."""
+    options = RuntimeOptions(precision="fp32", graph_cache=2, sequential_load=True)
+    with Step1XEditRuntime.load("tiny", options, seed=0, device="cpu") as rt:
+        assert (rt.options.graph_cache, rt.options.sequential_load, rt.options.precision) == (2, True, "fp32")
+        _, latent = edit_and_latent(runtime_module, rt.edit, image, PROMPT, **EDIT)
+        assert torch.equal(latent, reference_run[1])
+    with Step1XEditRuntime.load("tiny", options, device="cpu", graph_cache=3, sequential_load=False) as rt:
+        assert (rt.options.graph_cache, rt.options.sequential_load) == (3, False)
+    with pytest.raises(TypeError, match="graph_cahe.*RuntimeOptions fields backend, precision, cuda_graphs"):
+        Step1XEditRuntime.load("tiny", device="cpu", graph_cahe=3)
+    with pytest.raises(ValueError, match="graph_cache must be an integer"):
+        Step1XEditRuntime.load("tiny", device="cpu", graph_cache=0)
+
+
 def test_profile_is_checked_before_any_work(image):
     pipe = Step1XEditPipeline.random("tiny", seed=0)
     config = pipe.config

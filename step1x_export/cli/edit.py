@@ -79,7 +79,7 @@ def edit(
 
     def run(**overrides: object) -> tuple[Image.Image, Step1XEditRuntime, torch.Tensor]:
         nonlocal reasoned
-        rt = Step1XEditRuntime.load(**runtime.load_kwargs(), **{**speedups, **overrides})
+        rt = Step1XEditRuntime.load(**{**runtime.load_kwargs(), **speedups, **overrides})
         with rt, step_progress(enabled=not quiet and is_leader()) as progress:
             t2i_w, t2i_h = (None, None) if image is not None else t2i_size(rt)
             options = {"width": t2i_w, "height": t2i_h, "steps": steps,

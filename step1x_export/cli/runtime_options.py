@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..choices import ATTENTION, DTYPES
-from ..runtime.options import BACKENDS, DEFAULT_GRAPH_CACHE, RuntimeOptions
+from ..runtime.options import BACKENDS, DEFAULT_GRAPH_CACHE, RuntimeOptions, changed_fields
 from .common import DEVICE, SMALL_MODELS, lora_option, torch_dtype, version_option
 
 if TYPE_CHECKING:
@@ -105,13 +105,13 @@ class RuntimeArgs:
         else:
             source = self.engine_dir
             mllm = self.model_name if self.model_dir is None else self.model_dir  # either layout
+        # The flags' RuntimeOptions as load's keywords; the precision travels as dtype, so that without --dtype
+        # load picks the device's default.
+        options = {k: v for k, v in changed_fields(self.options()).items() if k != "precision"}
         return {
             "source": source, "backend": self.backend, "quant": self.quant, "device": self.device,
-            "dtype": torch_dtype(self.dtype) if self.dtype else None, "cuda_graphs": self.cuda_graphs_asked,
-            "compile": self.compile, "compile_mode": self.compile_mode, "graph_cache": self.graph_cache,
-            "shape_buckets": self.shape_buckets, "sequential_load": self.sequential_load, "version": self.version,
-            "mllm": mllm, "mllm_quant": self.mllm_quant_asked, "loras": [LoraSpec.parse(spec) for spec in self.loras],
-            "attention": self.attention,
+            "dtype": torch_dtype(self.dtype) if self.dtype else None, "version": self.version, "mllm": mllm,
+            "loras": [LoraSpec.parse(spec) for spec in self.loras], **options,
         }
 
     def load(self) -> Step1XEditRuntime:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..choices import ATTENTION, DEFAULT_GRAPH_CACHE, MAX_BATCH
 from ..precision import Precision
@@ -85,3 +86,25 @@ class RuntimeOptions:
         graphs = self.cuda_graphs and graphs_ok
         cache = 1 if graphs and self.backend == "tensorrt" else self.graph_cache
         return replace(self, cuda_graphs=graphs, compile=compile_on, graph_cache=cache)
+
+
+def option_names() -> tuple[str, ...]:
+    """Every `RuntimeOptions` field, in declaration order: the one list of the runtime's toggles."""
+    return tuple(f.name for f in fields(RuntimeOptions))
+
+
+def with_overrides(options: RuntimeOptions, overrides: Mapping[str, Any], caller: str,
+                   also: Sequence[str] = ()) -> RuntimeOptions:
+    """`options` with the fields named in `overrides` replaced (and checked, as any `RuntimeOptions`);
+    a name that is no field raises TypeError listing the fields (and `also`: the caller's own keywords)."""
+    unknown = sorted(set(overrides) - set(option_names()))
+    if unknown:
+        raise TypeError(f"{caller}: unknown keyword(s) {', '.join(unknown)}; valid: {', '.join(also)} and the "
+                        f"RuntimeOptions fields {', '.join(option_names())}")
+    return replace(options, **overrides)
+
+
+def changed_fields(options: RuntimeOptions) -> dict[str, Any]:
+    """The fields of `options` that differ from the defaults, by name (as `with_overrides` takes them)."""
+    default = RuntimeOptions()
+    return {name: value for name in option_names() if (value := getattr(options, name)) != getattr(default, name)}

@@ -48,14 +48,16 @@ from .engine import Engine
 from .lanes import EditLanes
 from .loaders import TINY, engine_loaders, pipeline_loaders, torch_loaders
 from .memory import DriverMemory, PeakMemory, read_peak, release_cached, reset_peak
-from .options import DEFAULT_GRAPH_CACHE, Backend, RuntimeOptions
+from .options import Backend, RuntimeOptions, with_overrides
 from .parallel.dit import parallel_dit
-from .parallel.layout import ParallelDegrees, check_launched, rank_device
+from .parallel.layout import check_launched, rank_device
 from .stages import Loader, Stages
 from .stats import RuntimeStats
 from .step import engine_step_fn
 
 ShapeCheck = Callable[[str, dict[str, Shape]], None]  # (component, {input: shape}) -> raises if outside
+# `load`'s own keywords: what is loaded and where (every other keyword is a `RuntimeOptions` field).
+LOAD_KEYWORDS = ("quant", "device", "dtype", "version", "mllm", "seed", "loras")
 DTYPE_PRECISION = {torch.float32: Precision.FP32, torch.bfloat16: Precision.BF16, torch.float16: Precision.FP16}
 
 
@@ -113,59 +115,50 @@ class Step1XEditRuntime(EditLanes):
     def load(
         cls,
         source: str | Path,
-        backend: Backend = "torch",
+        options: RuntimeOptions | Backend | None = None,
         *,
         quant: str | Path | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
-        cuda_graphs: bool = True,
-        sequential_load: bool = False,
-        compile: bool | None = None,
-        compile_mode: str | None = None,
-        graph_cache: int = DEFAULT_GRAPH_CACHE,
-        shape_buckets: bool = False,
         version: str | None = None,
         mllm: str | Path | None = None,
         seed: int = 0,
-        mllm_quant: str | None = None,
-        cache: CacheSpec | str | None = None,
-        cfg_degree: int = 1,
-        ulysses_degree: int = 1,
-        ring_degree: int = 1,
-        max_batch: int = 1,
         loras: Sequence[LoraSpec] = (),
-        attention: str = "auto",
+        **overrides: Any,
     ) -> Step1XEditRuntime:
-        """A runtime over `source`: a tiny config name ("tiny": random weights from `seed`, as
-        `Step1XEditPipeline.random`), a model dir with the official files (torch backend), or an
-        export / engine dir (onnxruntime, tensorrt). For engine dirs the MLLM runs in torch from
-        `mllm` (a Qwen2.5-VL directory, a model folder in either layout, or a tiny config name), default: the
-        export's tiny config. `source` model folders may be in the official or the diffusers layout (detected);
-        `version` defaults to what a diffusers folder says it holds, else v1.1. `loras` are merged into the
-        torch DiT's weights before `quant` (an export or engine carries the LoRAs merged when it was made).
-        `quant` is a calibration artifact applied to the torch DiT, or a quantized checkpoint (`step1x-export
-        quantize`) loaded as the DiT; `mllm_quant` ("fp8" / "int8") makes the MLLM's Linears weight-only 8-bit.
-        `compile`: None compiles the torch DiT
-        on CUDA only, True on any device (CPU included), False never; `graph_cache` bounds the CUDA graphs
-        kept (one per edit size, least recently used evicted); `shape_buckets` snaps each edit to the nearest
-        of `specs.BUCKET_ASPECTS` (the output is still the input's size). `cache` turns on step caching;
-        degrees > 1 split the DiT over torchrun's ranks (one GPU each); `attention` picks the SDPA kernel
-        (`runtime.attention`). `max_batch` bounds `edit_batch`'s batch."""
+        """A runtime over `source`, run as `options` (a `RuntimeOptions`, or just a backend name) with any of
+        its fields given as keywords on top, e.g. `load("tiny", compile=True)`; an unknown keyword raises
+        TypeError naming the valid ones.
+
+        The other keywords say what is loaded and where. `source`: a tiny config name ("tiny": random weights
+        from `seed`, as `Step1XEditPipeline.random`), a model dir with the official files (torch backend), or an
+        export / engine dir (onnxruntime, tensorrt). For engine dirs the MLLM runs in torch from `mllm` (a
+        Qwen2.5-VL directory, a model folder in either layout, or a tiny config name), default: the export's tiny
+        config. `source` model folders may be in the official or the diffusers layout (detected); `version`
+        defaults to what a diffusers folder says it holds, else v1.1. `loras` are merged into the torch DiT's
+        weights before `quant` (an export or engine carries the LoRAs merged when it was made). `quant` is a
+        calibration artifact applied to the torch DiT, or a quantized checkpoint (`step1x-export quantize`)
+        loaded as the DiT. `dtype` sets the precision; without it (and without options or a `precision`
+        keyword) bf16 on a GPU as upstream, fp32 on CPU and for tiny models (the test reference)."""
         device = check_device(device) if device is not None else default_device()
         check_int("seed", seed, *SEED_RANGE)
-        degrees = ParallelDegrees(cfg=cfg_degree, ulysses=ulysses_degree, ring=ring_degree)
-        if degrees.world > 1:
-            check_launched(degrees)
-            device = rank_device(device)
-        if dtype is None:  # bf16 on a GPU as upstream; fp32 on CPU (and for tiny models, the test reference)
+        if isinstance(options, str):  # the backend, as the second argument
+            if "backend" in overrides:
+                raise TypeError("Step1XEditRuntime.load: the backend is given twice")
+            options, overrides["backend"] = None, options
+        if options is None and dtype is None and "precision" not in overrides:
             tiny = str(source) in TINY or str(mllm) in TINY  # a config name, never a guess from a path
             dtype = torch.bfloat16 if device.type == "cuda" and not tiny else torch.float32
-        options = RuntimeOptions(
-            backend=backend, precision=precision_of(dtype), cuda_graphs=cuda_graphs, compile=compile,
-            compile_mode=compile_mode, graph_cache=graph_cache, shape_buckets=shape_buckets,
-            sequential_load=sequential_load, mllm_quant=mllm_quant, cache=cache, cfg_degree=cfg_degree,
-            ulysses_degree=ulysses_degree, ring_degree=ring_degree, attention=attention, max_batch=max_batch,
-        )
+        if dtype is not None:
+            if "precision" in overrides:
+                raise TypeError("Step1XEditRuntime.load: give dtype or precision, not both")
+            overrides["precision"] = precision_of(dtype)
+        options = with_overrides(options or RuntimeOptions(), overrides, "Step1XEditRuntime.load",
+                                 also=LOAD_KEYWORDS)
+        if options.parallel.world > 1:
+            check_launched(options.parallel)
+            device = rank_device(device)
+        backend = options.backend
         if backend == "torch":
             config, loaders, notes = torch_loaders(source, options.resolved(device), device, version=version,
                                                    quant=quant, seed=seed, loras=loras)
@@ -176,8 +169,9 @@ class Step1XEditRuntime(EditLanes):
         if quant is not None:
             raise ValueError(f"--quant applies to the torch backend; a {backend} export has its quantization "
                              "(Q/DQ nodes) in the graph already")
-        config, loaders, check, notes = engine_loaders(Path(source), backend, device, dtype, mllm=mllm, seed=seed,
-                                                       mllm_quant=mllm_quant)
+        config, loaders, check, notes = engine_loaders(Path(source), backend, device,
+                                                       options.precision.compute_dtype, mllm=mllm, seed=seed,
+                                                       mllm_quant=options.mllm_quant)
         return cls(config, loaders, options, device, shape_check=check, notes=notes)
 
     @classmethod
