@@ -33,10 +33,11 @@ REFERENCE = "step1x_ref"
 REFERENCE_LAYERS: tuple[tuple[str, ...], ...] = (
     ("configs", "imaging"),  # the published configurations; image sizes and conversions
     ("sampling", "profiles", "dit", "vae"),  # the denoising loop; the edit sizes; the DiT and connector; the VAE
-    ("weights",),  # official and diffusers layouts, loading, LoRA, random weights
+    ("weights", "edit_inputs"),  # layouts, loading, LoRA, random weights; what every version's edit shares
     ("mllm",),  # the Qwen2.5-VL conditioners and their processor; v1.2's thinking and reflection
     ("versions",),  # what differs between releases, over the parts below
-    ("pipeline",),  # the reference edit over all of them
+    ("flow",),  # the order of one edit over stage engines, the version chosen from the config
+    ("pipeline",),  # the reference edit: the flow over eager torch modules
 )
 REFERENCE_LAYER = {part: i for i, parts in enumerate(REFERENCE_LAYERS) for part in parts}
 

@@ -19,6 +19,7 @@ from test_runtime import edit_and_latent, rel_err
 from step1x_export.cli import main
 from step1x_export.step1x_ref import pipeline as pipeline_module
 from step1x_export.step1x_ref.pipeline import Step1XEditPipeline
+from step1x_export.step1x_ref.versions import v1x
 
 FAST = ["--model", "tiny", "--steps", "2", "--size-level", "64", "--quiet"]
 
@@ -67,7 +68,7 @@ def test_default_size_level_follows_the_model(pipe: Step1XEditPipeline, photo: I
         seen.append(size_level)
         raise _Stop  # the size is all this test needs: stop before the model runs
 
-    with mock.patch.object(pipeline_module, "prepare_image", record), pytest.raises(_Stop):
+    with mock.patch.object(v1x, "prepare_image", record), pytest.raises(_Stop):
         pipe.edit(photo, "x", seed=0, steps=1)
     assert seen == [256]
 

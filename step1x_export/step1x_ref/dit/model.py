@@ -39,8 +39,8 @@ class Step1XEdit(nn.Module):
         self.final_layer = LastLayer(p.hidden_size, p.out_channels)
         self.connector = Qwen2Connector(config.connector, with_scale_factor=config.has_scale_factor)
         # v1.2: quoted characters' MLLM input embeddings, mapped and added to the connector's text tokens.
-        v12 = config.reason_edit
-        self.text_token_mapping = nn.Linear(v12.token_mapping_in, v12.token_mapping_out) if v12 else None
+        rules = config.reason_edit
+        self.text_token_mapping = nn.Linear(rules.token_mapping_in, rules.token_mapping_out) if rules else None
 
     def forward(
         self, img: Tensor, pe: Tensor, timestep: Tensor, llm_embedding: Tensor, llm_mask: Tensor,

@@ -1,5 +1,5 @@
-"""v1.2's edit around the shared denoising loop: its image preparation, its per-branch conditioning and
-the step function that runs the DiT once per CFG branch.
+"""v1.2's edit around the shared denoising loop: its image preparation, its per-branch conditioning, the
+step function that runs the DiT once per CFG branch, its output, and no text-to-image.
 
 The two CFG branches have different text lengths (padding is trimmed) and the DiT's joint attention is
 unmasked, so they cannot share a padded batch without changing the result: the step runs the DiT with
@@ -9,12 +9,16 @@ unchanged; only its step function differs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
+from ...validate import InputError, check_finite
 from ..configs import ModelConfig
+from ..edit_inputs import EditImage
 from ..imaging import check_size, edit_size, to_rgb
 from ..mllm.conditioner import Qwen25VLEmbedder
 from ..mllm.conditioner_v1p2 import Qwen25VLEmbedderV12, V12Text
@@ -70,12 +74,37 @@ def per_branch(step_fn: StepFn, n_inputs: int = len(BRANCH_INPUTS)) -> StepFn:
     return step
 
 
-def torch_dit_step(model: torch.nn.Module, dtype: torch.dtype) -> StepFn:
-    """The torch DiT as a batch-1 step over v1.2's inputs (in `BRANCH_INPUTS` order) -> pred float32."""
+@dataclass(frozen=True)
+class V1p2:
+    """v1.2: reasoning edits. The CFG branches keep their own (trimmed) text lengths, so the DiT runs once per
+    branch; the image is resized for the VAE and the MLLM separately; there is no text-to-image."""
 
-    @torch.inference_mode()
-    def step(img: Tensor, t: Tensor, pe: Tensor, emb: Tensor, mask: Tensor, text_embeds: Tensor,
-             text_mask: Tensor) -> Tensor:
-        return model(img.to(dtype), pe, t.to(dtype), emb.to(dtype), mask, text_embeds.to(dtype), text_mask).float()
+    config: ModelConfig = field(repr=False)
+    text_to_image: bool = False
+    shape_buckets: bool = False
+    trimmed_text: bool = True
+    # its text-token mapping reads the LLM's input embeddings, which the llm graph does not output
+    mllm_graphs: bool = False
+    per_branch_dit: str = "v1.2 runs one DiT call per CFG branch"
 
-    return step
+    def embedder(self, embedder: Qwen25VLEmbedder) -> Qwen25VLEmbedder:
+        return with_rules(embedder, self.config)
+
+    def prepare(self, image: Image.Image | None, size_level: int, *, width: int | None = None,
+                height: int | None = None, bucket: tuple[int, int] | None = None) -> EditImage:
+        if image is None:
+            raise InputError(f"{self.config.name}: text-to-image is not supported for v1.2")
+        return EditImage(*prepare_image_v1p2(image, size_level))
+
+    def check_encoded(self, encoded: list[V12Text]) -> None:
+        for text in encoded:
+            check_finite("the MLLM encoder (text embedding)", text.embedding)
+
+    def conditioning(self, encoded: list[V12Text], img: EditImage) -> tuple[Tensor, ...]:
+        return branch_conditioning(self.config, encoded, img.width, img.height)
+
+    def step(self, step_fn: StepFn) -> StepFn:
+        return per_branch(step_fn)
+
+    def postprocess(self, pixels: Tensor, orig_size: tuple[int, int]) -> Image.Image:
+        return postprocess_v1p2(pixels, orig_size)
