@@ -16,6 +16,7 @@ from .choices import COMPONENTS  # noqa: F401  (the exported graphs, named here 
 from .step1x_ref.configs import ModelConfig
 from .step1x_ref.imaging import edit_size
 from .step1x_ref.profiles import Profile, profile_for
+from .step1x_ref.versions import edit_version
 
 # "compute" follows the graph's precision (fp32 / bf16 / fp16); the others are fixed.
 DType = Literal["compute", "float32", "int64"]
@@ -150,7 +151,7 @@ def text_length_range(config: ModelConfig) -> tuple[int, int]:
     v1.2 trims the padding, so the length varies per edit: at least the image tokens at the processor's
     min_pixels (the empty negative prompt keeps little else), typically max_pixels' image plus an instruction.
     """
-    if config.reason_edit is None:
+    if not edit_version(config).trimmed_text:
         return config.embedder.max_length, config.embedder.max_length
     t_min, t_max = vision_token_range(config)
     return t_min, min(t_max + 64, config.embedder.max_length)
@@ -161,7 +162,7 @@ def text_dim(config: ModelConfig) -> Dim:
 
     Dynamic, not bucketed: the DiT's joint attention has no mask, so padding to a bucket would change
     every output; one graph with a dynamic axis stays exact (TensorRT: one profile min..max)."""
-    return "txt_len" if config.reason_edit is not None else config.embedder.max_length
+    return "txt_len" if edit_version(config).trimmed_text else config.embedder.max_length
 
 
 def dit_spec(config: ModelConfig) -> ComponentSpec:
@@ -169,10 +170,9 @@ def dit_spec(config: ModelConfig) -> ComponentSpec:
 
     v1.2 adds the MLLM's input embeddings and the quoted-character mask (its text-token mapping)."""
     p, txt, hidden = config.dit, text_dim(config), config.embedder.hidden_size
-    v12 = (
-        (TensorSpec("text_embeds", "compute", ("batch", txt, hidden)), TensorSpec("text_mask", "int64", ("batch", txt)))
-        if config.reason_edit is not None else ()
-    )
+    text_tokens = (TensorSpec("text_embeds", "compute", ("batch", txt, hidden)),
+                   TensorSpec("text_mask", "int64", ("batch", txt)))
+    taken = edit_version(config).dit_inputs  # the version's conditioning, by name
     return ComponentSpec(
         name="dit",
         inputs=(
@@ -181,7 +181,7 @@ def dit_spec(config: ModelConfig) -> ComponentSpec:
             TensorSpec("timestep", "compute", ("batch",)),
             TensorSpec("llm_embedding", "compute", ("batch", txt, hidden)),
             TensorSpec("llm_mask", "int64", ("batch", txt)),
-            *v12,
+            *(spec for spec in text_tokens if spec.name in taken),
         ),
         outputs=(TensorSpec("pred", "compute", ("batch", "img_tokens", p.out_channels)),),
     )

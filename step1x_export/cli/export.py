@@ -57,16 +57,14 @@ def export(
     from ..export import export_components
     from ..sources import small_pipeline
     from ..step1x_ref.pipeline import Step1XEditPipeline
+    from ..step1x_ref.versions import edit_version
     from ..step1x_ref.weights.lora import LoraSpec, merge_loras
 
     if (model_dir is None) == (model_name is None):
         raise click.UsageError("give exactly one of --model-dir DIR or --model tiny")
-    v12 = (model_name or version).endswith("v1.2")
-    if components is None:
-        components = ",".join(c for c in COMPONENTS if not (v12 and c in ("vision", "llm")))
-    names = [c.strip() for c in components.split(",") if c.strip()]
-    unknown = [c for c in names if c not in COMPONENTS]
-    if unknown or not names:
+    names = [c.strip() for c in components.split(",") if c.strip()] if components is not None else None
+    unknown = [c for c in names if c not in COMPONENTS] if names is not None else []
+    if unknown or names == []:
         raise click.BadParameter(f"unknown {unknown or 'empty list'}; choose from {', '.join(COMPONENTS)}",
                                  param_hint="--components")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
@@ -79,6 +77,9 @@ def export(
     else:
         pipe = small_pipeline(model_name, seed=seed, dtype=dtype)
         merge_loras(pipe.model, loras)
+    if names is None:  # every component the model's version exports (v1.2's MLLM runs in torch)
+        graphs = edit_version(pipe.config).mllm_graphs
+        names = [c for c in COMPONENTS if graphs or c not in ("vision", "llm")]
     manifest = export_components(pipe, out_dir, components=names, precision=Precision.parse(precision),
                                  force=force, progress=not quiet, opset=opset, quant=quant)
     for name, entry in manifest.components.items():

@@ -19,6 +19,7 @@ from ..step1x_ref.dit.math import rope_table
 from ..step1x_ref.pipeline import Step1XEditPipeline
 from ..step1x_ref.sampling import position_ids
 from ..step1x_ref.vae.autoencoder import VAEDecoder, VAEEncoder
+from ..step1x_ref.versions import edit_version
 from .qwen import LLMExport, VisionExport, llm_position_ids, vision_inputs
 
 EXAMPLE_INSTRUCTION = 'Replace the text "OPEN" with "CLOSED" and make the sky purple'
@@ -93,7 +94,8 @@ def build_units(pipe: Step1XEditPipeline, names: list[str], precision: Precision
     if "dit" in names:
         n_h, n_w = 2, 3
         p = cfg.dit
-        txt = cfg.embedder.max_length if cfg.reason_edit is None else 9  # v1.2: a dynamic text axis
+        version = edit_version(cfg)
+        txt = 9 if version.trimmed_text else cfg.embedder.max_length  # a dynamic text axis, or padded
         n = n_h * n_w
         args = (
             torch.randn(2, 2 * n, p.in_channels, dtype=dtype),
@@ -102,7 +104,7 @@ def build_units(pipe: Step1XEditPipeline, names: list[str], precision: Precision
             torch.randn(2, txt, cfg.embedder.hidden_size, dtype=dtype),
             (torch.arange(txt) < 7).long().expand(2, -1).contiguous(),
         )
-        if cfg.reason_edit is not None:  # the MLLM's input embeddings and the quoted-character mask
+        if "text_embeds" in version.dit_inputs:  # the MLLM's input embeddings and the quoted-character mask
             args += (torch.randn(2, txt, cfg.embedder.hidden_size, dtype=dtype),
                      (torch.arange(txt) % 3 == 1).long().expand(2, -1).contiguous())
         units["dit"] = ExportUnit(_cast(pipe.model, dtype).eval(), pipe.model, args, precision)

@@ -17,6 +17,7 @@ from ..precision import Precision
 from ..specs import COMPONENTS, component_specs, dim_ranges
 from ..step1x_ref.configs import ModelConfig
 from ..step1x_ref.pipeline import Step1XEditPipeline
+from ..step1x_ref.versions import edit_version
 from ..step1x_ref.weights.lora import merged_loras
 from .components import build_units
 from .manifest import MANIFEST, META_COMPONENT, META_EXPORT_ID, QWEN_DIR, ComponentEntry, Manifest
@@ -78,7 +79,7 @@ def export_components(
     if unknown or not components:
         raise ValueError(f"unknown components {unknown or '(none given)'}; choose from {', '.join(specs)}")
     mllm = sorted({"vision", "llm"} & set(components))
-    if config.reason_edit is not None and mllm:
+    if mllm and not edit_version(config).mllm_graphs:
         raise ValueError(f"{config.name}: components {mllm} are not exported for v1.2 (its text-token mapping "
                          "reads the LLM's input embeddings, which the llm graph does not output; the MLLM runs in "
                          "torch); export vae_encoder,dit,vae_decoder")

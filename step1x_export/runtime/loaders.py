@@ -17,7 +17,7 @@ from ..step1x_ref.configs import ModelConfig, get_config
 from ..step1x_ref.mllm.conditioner import Qwen25VLEmbedder
 from ..step1x_ref.pipeline import Step1XEditPipeline
 from ..step1x_ref.vae.autoencoder import AutoEncoder, VAEDecoder, VAEEncoder
-from ..step1x_ref.versions.v1p2 import with_rules
+from ..step1x_ref.versions import edit_version
 from ..step1x_ref.weights.loading import (
     CheckpointError,
     ModelFiles,
@@ -111,7 +111,7 @@ def qwen_encoder(qwen_dir: Path, config: ModelConfig, dtype: torch.dtype, device
     """The MLLM stage from a Qwen2.5-VL directory: loaded on the host, trimmed and quantized there, then
     moved, so the device only ever holds what the stage keeps."""
     embedder = Qwen25VLEmbedder.from_pretrained(qwen_dir, config.embedder, dtype, "cpu", processor_dir=processor_dir)
-    return TorchEncoder(with_rules(prepare_mllm(embedder, quant).to(device), config))
+    return TorchEncoder(edit_version(config).embedder(prepare_mllm(embedder, quant).to(device)))
 
 
 def torch_loaders(
@@ -167,7 +167,7 @@ def mllm_loader(config: ModelConfig, mllm: str | Path | None, device: torch.devi
     if name in TINY:
         def tiny() -> TorchEncoder:  # the same weights as the torch backend's for this name and seed
             embedder = small_pipeline(name, seed=seed, dtype=dtype).embedder
-            return TorchEncoder(with_rules(prepare_mllm(embedder, quant).to(device), config))
+            return TorchEncoder(edit_version(config).embedder(prepare_mllm(embedder, quant).to(device)))
 
         return tiny, f"MLLM: torch, {weights_note(name, seed)}"
     if mllm is None:
@@ -219,13 +219,13 @@ def engine_loaders(source: Path, backend: str, device: torch.device, dtype: torc
         entry = manifest.components[name]
         return lambda: OrtEngine(entry.path, entry.spec)
 
-    # v1.2's token mapping reads the LLM's input embeddings, which the llm graph does not output: torch MLLM.
-    if mllm is None and config.reason_edit is None and {"vision", "llm"} <= manifest.components.keys():
+    graphs = edit_version(config).mllm_graphs  # v1.2's token mapping reads what the llm graph does not output
+    if mllm is None and graphs and {"vision", "llm"} <= manifest.components.keys():
         encoder, note = (lambda: ort_embedder(manifest, config)), "MLLM: ONNX Runtime (vision + llm graphs)"
     else:
         encoder, note = mllm_loader(config, mllm, device, dtype, seed, mllm_quant)
-        note += (" (v1.2's MLLM always runs in torch)" if config.reason_edit is not None
-                 else " (the export has no vision/llm graphs, or mllm was given)")
+        note += (" (the export has no vision/llm graphs, or mllm was given)" if graphs
+                 else f" ({config.name}'s MLLM always runs in torch)")
     loaders = {"encoder": encoder, **{c: ort(c) for c in ENGINE_COMPONENTS}}
 
     def check(component: str, shapes: dict[str, Shape]) -> None:

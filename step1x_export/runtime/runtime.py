@@ -24,8 +24,9 @@ from PIL import Image
 
 from ..choices import MAX_BATCH
 from ..precision import Precision
-from ..specs import ComponentSpec, dit_spec, profile_for, vae_decoder_spec, vae_encoder_spec
+from ..specs import ComponentSpec, dit_spec, vae_decoder_spec, vae_encoder_spec
 from ..step1x_ref.configs import ModelConfig
+from ..step1x_ref.flow import EditFlow
 from ..step1x_ref.mllm.generation import TextGenerator
 from ..step1x_ref.mllm.reasoning import JUDGE_RETRIES, ReasonedEdit, reasoned_edit
 from ..step1x_ref.pipeline import (
@@ -34,7 +35,6 @@ from ..step1x_ref.pipeline import (
     no_reference,
 )
 from ..step1x_ref.sampling import Lane, ProgressFn, UpdateFn, denoise_lanes, guided_euler, pack
-from ..step1x_ref.versions.v1p2 import per_branch
 from ..step1x_ref.weights.lora import LoraSpec
 from ..timing import StageTimer
 from ..validate import SEED_RANGE, check_device, check_finite, check_int
@@ -83,12 +83,15 @@ class Step1XEditRuntime(EditLanes):
         notes: tuple[str, ...] = (),
     ):
         self.config, self.device = config, torch.device(device)
+        self.flow = EditFlow(config)  # the order of an edit and the version's rules, as the reference runs them
+        self.version = self.flow.version
         self.options = options.resolved(self.device)
         if self.options.max_batch > 1:
             self.check_batching()
-        if config.reason_edit is not None and (self.options.cache is not None or self.options.parallel.world > 1):
-            # both work on the batch-2 DiT call; v1.2 runs one call per CFG branch (their text lengths differ)
-            raise ValueError(f"{config.name}: step caching and parallel degrees are not supported for v1.2 yet")
+        if self.version.per_branch_dit and (self.options.cache is not None or self.options.parallel.world > 1):
+            # both work on the batch-2 DiT call
+            raise ValueError(f"{config.name}: step caching and parallel degrees are not supported here yet: "
+                             f"{self.version.per_branch_dit}")
         self.notes = notes  # how the stages were built (e.g. "MLLM runs in torch"), for logs
         self._shape_check = shape_check
         self._lock = threading.RLock()  # re-entered by edit_reasoned's edits
@@ -256,8 +259,8 @@ class Step1XEditRuntime(EditLanes):
 
     def why_not_batched(self) -> str:
         """Why this runtime runs one edit per DiT call ("" when it can batch)."""
-        return ("v1.2 runs one DiT call per CFG branch" if self.config.reason_edit is not None
-                else f"batches run on the torch backend (the {self.options.backend} engines' profiles hold one "
+        return (self.version.per_branch_dit
+                or f"batches run on the torch backend (the {self.options.backend} engines' profiles hold one "
                      "edit)" if self.options.backend != "torch"
                 else "step caching decides per DiT call" if self.options.cache is not None
                 else "parallel degrees split one edit" if self.options.parallel.world > 1
@@ -280,7 +283,7 @@ class Step1XEditRuntime(EditLanes):
         judgement, around `edit`; returns the chosen image, every round's image and every generated text.
         The MLLM generates in torch, seeded from `seed`; edit i (0-based) draws its noise from `seed + i`, so
         each round starts from new noise, as upstream's one generator gives it."""
-        if self.config.reason_edit is None:
+        if not self.version.reasoning:
             raise ValueError(f"thinking and reflection are v1.2 features; this runtime runs {self.config.name}")
         with self._lock:
             if self.stages is None:
@@ -351,9 +354,7 @@ class Step1XEditRuntime(EditLanes):
                                            capacity=self.options.graph_cache, counts=self._graph_counts)
             self._graphs = None
             return with_attention(guided_euler(self._cached_step), self.options.attention, self.device)
-        step = engine_step_fn(dit)
-        # v1.2: the CFG branches' text lengths differ, so the DiT runs once per branch (batch 1).
-        update = guided_euler(per_branch(step) if self.config.reason_edit is not None else step)
+        update = guided_euler(self.version.step(engine_step_fn(dit)))  # v1.2: the DiT once per CFG branch
         update = with_attention(update, self.options.attention, self.device)  # in force when traced and captured
         self._graphs = None
         if self.options.cuda_graphs:  # the whole step (DiT + CFG + Euler), captured once per shape
@@ -374,7 +375,7 @@ class Step1XEditRuntime(EditLanes):
     @property
     def default_size_level(self) -> int:
         """The edit resolution `edit` uses when none is given: the model's (1024 real, the profile's top tiny)."""
-        return profile_for(self.config).max_level
+        return self.flow.default_size_level
 
     def check_shapes(self, width: int, height: int, *, reference: bool = True) -> None:
         """Raise ProfileError (naming the component and its min/max) if an engine cannot run this size."""

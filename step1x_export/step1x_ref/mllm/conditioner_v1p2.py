@@ -105,7 +105,7 @@ class V12Inputs(MLLMInputs):
     text_mask: torch.Tensor  # [1, S] long: 1 on tokens of quoted characters
 
 
-def build_v12_inputs(processor, instruction: str, image: Image.Image) -> V12Inputs:
+def build_v1p2_inputs(processor, instruction: str, image: Image.Image) -> V12Inputs:
     """Ids (each piece tokenised alone), the quoted-character mask and the image's pixels."""
     messages = [{"role": "user", "content": [{"type": "text", "text": f"{EDIT_PREFIX} {instruction}"},
                                              {"type": "image", "image": image}]}]
@@ -148,7 +148,7 @@ class Qwen25VLEmbedderV12(Qwen25VLEmbedder):
         self.bang_is_padding, self.bf16_embeddings = bang_is_padding, bf16_embeddings
 
     def prepare(self, instruction: str, image: Image.Image) -> V12Inputs:
-        return build_v12_inputs(self.processor, instruction, image)
+        return build_v1p2_inputs(self.processor, instruction, image)
 
     def rope_mask(self, inputs: MLLMInputs) -> torch.Tensor:
         return inputs.attention_mask if self.bang_is_padding else torch.ones_like(inputs.input_ids)

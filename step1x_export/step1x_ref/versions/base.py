@@ -24,7 +24,9 @@ class EditVersion(Protocol):
     text_to_image: bool  # an edit without an input image generates one from the text
     shape_buckets: bool  # its edits may snap to the fixed aspect buckets
     trimmed_text: bool  # the text length varies per edit (padding trimmed): a dynamic text axis in the DiT
+    dit_inputs: tuple[str, ...]  # the names of `conditioning`'s tensors: the dit spec's inputs it feeds
     mllm_graphs: bool  # its MLLM may run from the exported vision and llm graphs
+    reasoning: bool  # the MLLM may think before the edit and judge it after (v1.2's reasoning edit)
     # Why the two CFG branches cannot share one DiT call ("" where they do): step caching, parallel degrees and
     # batched edits all work on that batch-2 call.
     per_branch_dit: str

@@ -84,6 +84,8 @@ class V1p2:
     shape_buckets: bool = False
     trimmed_text: bool = True
     # its text-token mapping reads the LLM's input embeddings, which the llm graph does not output
+    reasoning: bool = True  # the MLLM thinks before the edit and judges it after (`mllm.reasoning`)
+    dit_inputs: tuple[str, ...] = BRANCH_INPUTS  # per branch; `conditioning` holds the cond then the uncond
     mllm_graphs: bool = False
     per_branch_dit: str = "v1.2 runs one DiT call per CFG branch"
 

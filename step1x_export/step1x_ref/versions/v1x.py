@@ -55,6 +55,8 @@ class V1x:
     text_to_image: bool = True
     shape_buckets: bool = True
     trimmed_text: bool = False
+    reasoning: bool = False
+    dit_inputs: tuple[str, ...] = ("pe", "llm_embedding", "llm_mask")  # one batch-2 call for both branches
     mllm_graphs: bool = True
     per_branch_dit: str = ""
 
