@@ -34,16 +34,16 @@ from ..step1x_ref.pipeline import (
     Step1XEditPipeline,
     no_reference,
 )
-from ..step1x_ref.sampling import Lane, ProgressFn, UpdateFn, denoise_lanes, guided_euler, pack
+from ..step1x_ref.sampling import Lane, ProgressFn, UpdateFn, denoise_lanes, pack
 from ..step1x_ref.weights.lora import LoraSpec
 from ..timing import StageTimer
 from ..validate import SEED_RANGE, check_device, check_finite, check_int
-from .attention import with_attention
 from .batching import DoneFn, EditJob, EditOutcome, JoinFn, run_batch, run_serially
 from .buffers import Shape, edit_dims
-from .caching import CachedStep, CacheSpec, CacheStats
-from .compile import compile_backend, compile_blocks
+from .caching import CachedStep, CacheStats
+from .compile import compile_backend
 from .cudagraph import CudaGraphed, GraphCounts
+from .denoiser import DiTUpdates
 from .engine import Engine
 from .lanes import EditLanes
 from .loaders import TINY, engine_loaders, pipeline_loaders, torch_loaders
@@ -52,8 +52,6 @@ from .options import Backend, RuntimeOptions, with_overrides
 from .parallel.dit import parallel_dit
 from .parallel.layout import check_launched, rank_device
 from .stages import Loader, Stages
-from .stats import RuntimeStats
-from .step import engine_step_fn
 
 ShapeCheck = Callable[[str, dict[str, Shape]], None]  # (component, {input: shape}) -> raises if outside
 # `load`'s own keywords: what is loaded and where (every other keyword is a `RuntimeOptions` field).
@@ -71,7 +69,7 @@ def precision_of(dtype: torch.dtype) -> Precision:
     return DTYPE_PRECISION[dtype]
 
 
-class Step1XEditRuntime(EditLanes):
+class Step1XEditRuntime(EditLanes, DiTUpdates):
     def __init__(
         self,
         config: ModelConfig,
@@ -267,14 +265,6 @@ class Step1XEditRuntime(EditLanes):
                 else "sequential loading frees the MLLM during denoising" if self.options.sequential_load
                 else "")
 
-    def batch_update(self) -> UpdateFn:
-        """The DiT's whole-step update for batched lanes (the resident DiT; graphs per size and batch bucket)."""
-        assert self.stages is not None
-        dit = self.stages.load("dit")
-        if self._update is None or self._update[0] is not dit:
-            self._update = (dit, self._make_update(dit))
-        return self._update[1]
-
     def edit_reasoned(
         self, image: Image.Image, instruction: str, *, think: bool = False, reflect: int = 0,
         judge_retries: int = JUDGE_RETRIES, seed: int = 0, **edit_options: Any,
@@ -319,48 +309,6 @@ class Step1XEditRuntime(EditLanes):
             self.cache_stats = self._cached_step.stats
         self._start_steps(lane)  # after the DiT's load: the first step's time is its own
         denoise_lanes(self._update[1], [lane])
-
-    def _compiled(self, load_dit: Loader) -> Loader:
-        """The DiT loader, its blocks compiled on load (the torch backend: `resolved` turns compile off elsewhere)."""
-
-        def load() -> Any:
-            engine = load_dit()
-            module = getattr(engine, "module", None)
-            if module is None or not hasattr(module, "double_blocks"):
-                raise ValueError(f"compile applies to a torch DiT; the dit stage is a {type(engine).__name__}")
-            assert self.compiler is not None
-            compile_blocks(module, self.compiler)
-            return engine
-
-        return load
-
-    def stats(self) -> RuntimeStats:
-        """Edits, compiles and CUDA graphs since load (graphs: captured, held now, evicted)."""
-        return RuntimeStats(
-            edits=self._edits,
-            compiles=self.compiler.compiles - self._compiles_before if self.compiler is not None else 0,
-            graphs_captured=self._graph_counts.captured,
-            graphs_cached=self._graphs.graphs if self._graphs is not None else 0,
-            graphs_evicted=self._graph_counts.evicted,
-            graph_cache=self.options.graph_cache,
-            step_ms=[1000 * s for s in self.step_seconds],
-        )
-
-    def _make_update(self, dit: Engine) -> UpdateFn:
-        self._cached_step = None
-        if self.options.cache is not None:  # a data-dependent step: its pieces are graphed, not the whole step
-            assert isinstance(self.options.cache, CacheSpec)
-            self._cached_step = CachedStep(dit, self.options.cache, cuda_graphs=self.options.cuda_graphs,
-                                           capacity=self.options.graph_cache, counts=self._graph_counts)
-            self._graphs = None
-            return with_attention(guided_euler(self._cached_step), self.options.attention, self.device)
-        update = guided_euler(self.version.step(engine_step_fn(dit)))  # v1.2: the DiT once per CFG branch
-        update = with_attention(update, self.options.attention, self.device)  # in force when traced and captured
-        self._graphs = None
-        if self.options.cuda_graphs:  # the whole step (DiT + CFG + Euler), captured once per shape
-            update = self._graphs = CudaGraphed(update, enabled=True, capacity=self.options.graph_cache,
-                                                counts=self._graph_counts)
-        return update
 
     @contextmanager
     def _stage(self, timer: StageTimer, name: str, label: str) -> Iterator[Any]:
