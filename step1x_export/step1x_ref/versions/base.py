@@ -4,7 +4,7 @@ never ask which version they run; adding a release is one module here plus its c
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from ..sampling import StepFn
 
 
+@runtime_checkable
 class EditVersion(Protocol):
     """One release's rules for an edit. Capabilities are plain flags; the rest are the steps that differ."""
 

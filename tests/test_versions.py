@@ -1,0 +1,31 @@
+"""One object per model version, chosen from the config: every named config has one, it carries the whole
+interface, and what a version refuses it refuses before any model work."""
+
+from __future__ import annotations
+
+import pytest
+
+from step1x_export.step1x_ref.configs import CONFIGS, get_config
+from step1x_export.step1x_ref.edit_inputs import EditImage
+from step1x_export.step1x_ref.versions import VERSIONS, EditVersion, edit_version
+from step1x_export.validate import InputError
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_every_config_has_a_version(name):
+    config = CONFIGS[name]
+    version = edit_version(config)
+    assert isinstance(version, EditVersion) and version.config is config
+    assert version.dit_inputs[:3] == ("pe", "llm_embedding", "llm_mask")  # the dit spec's shared inputs first
+
+
+def test_every_release_is_registered():
+    assert set(VERSIONS) == {c.version for c in CONFIGS.values()}
+
+
+def test_text_to_image_where_the_version_has_it():
+    canvas = edit_version(get_config("tiny")).prepare(None, 64, width=64, height=48)
+    assert isinstance(canvas, EditImage) and not canvas.has_reference and (canvas.width, canvas.height) == (64, 48)
+    with pytest.raises(InputError, match="text-to-image is not supported for v1.2"):
+        edit_version(get_config("tiny-v1.2")).prepare(None, 64, width=64, height=48)
+
