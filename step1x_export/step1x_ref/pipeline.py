@@ -33,6 +33,7 @@ from .flow import EditFlow
 from .mllm.conditioner import Qwen25VLEmbedder
 from .sampling import ProgressFn, StepFn, denoise, guided_euler, pack, unpack
 from .vae.autoencoder import AutoEncoder
+from .versions import edit_version
 from .versions.v1x import postprocess, prepare_image, prepare_input  # noqa: F401  (v1.0 / v1.1's, as before)
 from .weights.diffusers_layout import (
     PROCESSOR_DIR,
@@ -136,7 +137,7 @@ class Step1XEditPipeline:
             raise ValueError(f"config {config.name}: full-size models read Qwen2.5-VL-7B (hidden 3584)")
         embedder = Qwen25VLEmbedder.from_pretrained(files.qwen, config.embedder, dtype=dtype, device=device,
                                                     processor_dir=files.processor)
-        return cls(config, model, ae, EditFlow(config).version.embedder(embedder), device=device, dtype=dtype)
+        return cls(config, model, ae, edit_version(config).embedder(embedder), device=device, dtype=dtype)
 
     @classmethod
     def random(
@@ -151,7 +152,7 @@ class Step1XEditPipeline:
         merge_loras(model, loras)
         ae = randomize_(AutoEncoder(config.vae), seed + 1).eval().requires_grad_(False)
         embedder = Qwen25VLEmbedder.tiny(config.tiny_qwen, params=config.embedder, seed=seed + 2, dtype=dtype)
-        return cls(config, model, ae, EditFlow(config).version.embedder(embedder), dtype=dtype)
+        return cls(config, model, ae, edit_version(config).embedder(embedder), dtype=dtype)
 
     def save_pretrained(self, model_dir: str | Path, layout: Layout = "official", *, shards: int = 2) -> ModelFiles:
         """Write this pipeline's weights in the official or the diffusers layout (both read by `from_pretrained`);
