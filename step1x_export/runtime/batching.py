@@ -73,7 +73,6 @@ class LaneState:
     job: EditJob
     img: EditImage
     timer: StageTimer
-    v12: bool = False
     events: StepEvents | None = None  # its steps' ends (device events on CUDA), started when it joins
     clock: DiTClock | None = None  # the batch's DiT calls, and the first this lane took part in
     first_call: int = 0

@@ -1,6 +1,6 @@
-"""The stages around the denoising loop, per edit: preprocess, MLLM and VAE encode into a lane; VAE decode
-and postprocess out of it. `Step1XEditRuntime.edit` runs them for one edit, `edit_batch` for a batch whose
-lanes join and leave the one loop at step boundaries.
+"""The stages around the denoising loop, per edit: the edit flow's preparation (preprocess, MLLM and VAE
+encode) into a lane; VAE decode and the version's postprocess out of it. `Step1XEditRuntime.edit` runs them for
+one edit, `edit_batch` for a batch whose lanes join and leave the one loop at step boundaries.
 """
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ from PIL import Image
 
 from ..specs import shape_bucket
 from ..step1x_ref.imaging import edit_size
-from ..step1x_ref.pipeline import EditImage, negative_prompt_for, postprocess, prepare_input, sampling_inputs
-from ..step1x_ref.sampling import Lane, unpack
-from ..step1x_ref.versions.v1p2 import branch_conditioning, postprocess_v1p2, prepare_image_v1p2
+from ..step1x_ref.sampling import Lane, pack, unpack
 from ..timing import StageTimer
-from ..validate import InputError, check_edit_numbers, check_finite
+from ..validate import InputError, check_finite
 from .batching import BatchKey, EditJob, EditOutcome, LaneState
 from .progress import StepEvents
 
 if TYPE_CHECKING:
     from ..step1x_ref.configs import ModelConfig
+    from ..step1x_ref.flow import EditFlow
+    from ..step1x_ref.versions import EditVersion
     from .options import RuntimeOptions
     from .stages import Stages
 
@@ -32,6 +32,8 @@ class EditLanes:
     """`Step1XEditRuntime`'s per-edit stages around the loop (a mixin: the runtime supplies the attributes)."""
 
     config: ModelConfig
+    flow: EditFlow
+    version: EditVersion
     options: RuntimeOptions
     device: torch.device
     stages: Stages | None
@@ -39,51 +41,36 @@ class EditLanes:
     _edits: int
     default_size_level: int
     _stage: Callable[[StageTimer, str, str], AbstractContextManager[Any]]
-    _reference: Callable[[StageTimer, EditImage], torch.Tensor]
     check_shapes: Callable[..., None]
 
     def batch_key(self, image: Image.Image, size_level: int | None = None) -> BatchKey:
         """The size an edit of `image` runs at: edits batch only with others of the same key."""
         size_level = self.default_size_level if size_level is None else size_level
-        if self.options.shape_buckets and self.config.reason_edit is None:
+        if self.options.shape_buckets and self.version.shape_buckets:
             return shape_bucket(*image.size, size_level)
         return edit_size(*image.size, size_level)
 
     def prepare_lane(self, job: EditJob, *, width: int | None = None, height: int | None = None,
                      timer: StageTimer | None = None) -> Lane:
-        """Checks, preprocess, MLLM, VAE encode and the sampling inputs of one edit: a lane for the loop."""
-        size_level = self.default_size_level if job.size_level is None else job.size_level
-        steps = self.config.default_steps if job.steps is None else job.steps
-        cfg = self.config.default_cfg if job.cfg is None else job.cfg
-        v12 = self.config.reason_edit is not None
-        check_edit_numbers(steps=steps, cfg=cfg, size_level=size_level, seed=job.seed)
+        """Checks, then the edit flow's preparation (preprocess, MLLM, VAE encode, sampling inputs): a lane."""
+        steps, cfg, size_level = self.flow.settle(seed=job.seed, steps=job.steps, cfg=job.cfg,
+                                                  size_level=job.size_level)
         for name, text in (("instruction", job.instruction), ("negative_prompt", job.negative_prompt)):
             if not isinstance(text, str) and not (name == "negative_prompt" and text is None):
                 raise InputError(f"{name} must be a str, got {type(text).__name__}")
         if self.stages is None:
             raise RuntimeError("Step1XEditRuntime is closed")
         timer = timer or StageTimer(self.device)
-        image = job.image
-        with timer.stage("preprocess"):
-            if v12 and image is None:
-                raise InputError(f"{self.config.name}: text-to-image is not supported for v1.2")
-            bucket = (shape_bucket(*image.size, size_level)
-                      if self.options.shape_buckets and image is not None and not v12 else None)
-            img = (EditImage(*prepare_image_v1p2(image, size_level)) if v12
-                   else prepare_input(image, size_level, self.config, width, height, bucket))
-            self.check_shapes(img.width, img.height, reference=img.has_reference)  # before any model work
-        with self._stage(timer, "encoder", "mllm") as encoder:
-            encoded = encoder([job.instruction, negative_prompt_for(img, job.negative_prompt)], img.mllm_image)
-            for text in encoded if v12 else encoded[:1]:
-                check_finite("the MLLM encoder (text embedding)", text.embedding if v12 else text)
-        ref = self._reference(timer, img)
-        txt_len = 1 if v12 else encoded[0].shape[1]  # v1.2's per-branch pe comes with its conditioning
-        noise, pe, timesteps = sampling_inputs(self.config, txt_len, img.width, img.height, seed=job.seed,
-                                               steps=steps, reference=img.has_reference)
-        conditioning = branch_conditioning(self.config, encoded, img.width, img.height) if v12 else (pe, *encoded)
-        noise, *conditioning = (t.to(self.device) for t in (noise, *conditioning))
-        lane = Lane.of(noise, ref, timesteps, guidance=cfg, truncate=self.config.cfg_truncate,
-                       conditioning=tuple(conditioning), tag=LaneState(job, img, timer, v12))
+        bucket = (shape_bucket(*job.image.size, size_level)
+                  if self.options.shape_buckets and self.version.shape_buckets and job.image is not None else None)
+        img, inputs = self.flow.prepare_inputs(
+            EngineStages(self, timer), timer, job.image, job.instruction, seed=job.seed, steps=steps,
+            size_level=size_level, device=self.device, negative_prompt=job.negative_prompt, width=width,
+            height=height, bucket=bucket,  # the engines' profiles checked before any model work:
+            check=lambda img: self.check_shapes(img.width, img.height, reference=img.has_reference),
+        )
+        lane = Lane.of(inputs.noise, inputs.ref, inputs.timesteps, guidance=cfg, truncate=self.config.cfg_truncate,
+                       conditioning=inputs.conditioning, tag=LaneState(job, img, timer))
         self._start_steps(lane)  # it joins the loop next
         return lane
 
@@ -131,9 +118,7 @@ class EditLanes:
                 state: LaneState = lane.tag  # type: ignore[assignment]
                 try:
                     check_finite("the VAE decoder (image)", pixels[i : i + 1])
-                    with state.timer.stage("postprocess"):
-                        outcome.image = (postprocess_v1p2 if state.v12 else postprocess)(pixels[i : i + 1],
-                                                                                        state.img.orig_size)
+                    outcome.image = self.flow.postprocess(state.timer, pixels[i : i + 1], state.img.orig_size)
                     if len(finished) > 1 and decode_s is not None:
                         outcome.timings["vae_decode"] = decode_s  # the shared call's time, for each edit
                     self._edits += 1
@@ -149,3 +134,20 @@ class EditLanes:
         state.events = StepEvents(self.device, state.job.progress)
         lane.progress = state.events
 
+
+
+class EngineStages:
+    """The runtime's engines as the edit flow's stages of one edit: each loaded (and, with sequential loading,
+    freed) in turn and timed on the edit's timer. The denoising and decoding of lanes run batched
+    (`Step1XEditRuntime.edit_batch`), not through here."""
+
+    def __init__(self, lanes: EditLanes, timer: StageTimer):
+        self.lanes, self.timer = lanes, timer
+
+    def encode_text(self, texts: list[str], image: Image.Image) -> Any:
+        with self.lanes._stage(self.timer, "encoder", "mllm") as encoder:
+            return encoder(texts, image)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        with self.lanes._stage(self.timer, "vae_encoder", "vae_encode") as vae_encoder:
+            return pack(vae_encoder(image=pixels)["latent"].float())

@@ -30,14 +30,12 @@ from ..step1x_ref.flow import EditFlow
 from ..step1x_ref.mllm.generation import TextGenerator
 from ..step1x_ref.mllm.reasoning import JUDGE_RETRIES, ReasonedEdit, reasoned_edit
 from ..step1x_ref.pipeline import (
-    EditImage,
     Step1XEditPipeline,
-    no_reference,
 )
-from ..step1x_ref.sampling import Lane, ProgressFn, UpdateFn, denoise_lanes, pack
+from ..step1x_ref.sampling import Lane, ProgressFn, UpdateFn, denoise_lanes
 from ..step1x_ref.weights.lora import LoraSpec
 from ..timing import StageTimer
-from ..validate import SEED_RANGE, check_device, check_finite, check_int
+from ..validate import SEED_RANGE, check_device, check_int
 from .batching import DoneFn, EditJob, EditOutcome, JoinFn, run_batch, run_serially
 from .buffers import Shape, edit_dims
 from .caching import CachedStep, CacheStats
@@ -291,15 +289,6 @@ class Step1XEditRuntime(EditLanes, DiTUpdates):
 
             return reasoned_edit(edit, generate, image, instruction, think=think, reflect=reflect,
                                  retries=judge_retries)
-
-    def _reference(self, timer: StageTimer, img: EditImage) -> torch.Tensor:
-        """The packed reference latent (the VAE encoder stage), or no tokens for text-to-image."""
-        if img.resized is None:
-            return no_reference(self.config, self.device)
-        with self._stage(timer, "vae_encoder", "vae_encode") as vae_encoder:
-            ref = pack(vae_encoder(image=img.resized.to(self.device) * 2 - 1)["latent"].float())
-            check_finite("the VAE encoder (reference latent)", ref)
-            return ref
 
     def _denoise(self, dit: Engine, lane: Lane) -> None:
         if self._update is None or self._update[0] is not dit:  # an update (and its graphs) per engine instance
