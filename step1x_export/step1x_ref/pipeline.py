@@ -6,7 +6,7 @@ published model; speed belongs to `step1x_export.runtime`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from ..timing import StageTimer
 from ..validate import check_edit_numbers, check_finite
 from .autoencoder import AutoEncoder
 from .conditioner import Qwen25VLEmbedder
+from .conditioning_cache import ConditioningCache
 from .configs import ModelConfig, Resample, get_config
 from .diffusers_layout import (
     PROCESSOR_DIR,
@@ -31,7 +32,17 @@ from .diffusers_layout import (
 )
 from .edit_v1p2 import branch_conditioning, per_branch, postprocess_v1p2, prepare_image_v1p2, torch_dit_step, with_rules
 from .imaging import RESAMPLE, check_size, edit_size, pil_to_tensor, tensor_to_pil, to_rgb
-from .loading import DIT_FILES, QWEN_DIR, VAE_FILE, Layout, ModelFiles, detect_version, load_dit, load_vae
+from .loading import (
+    DIT_FILES,
+    QWEN_DIR,
+    VAE_FILE,
+    Layout,
+    ModelFiles,
+    check_qwen_dir,
+    detect_version,
+    load_dit,
+    load_vae,
+)
 from .lora import LoraSpec, merge_loras
 from .math import rope_table
 from .model import Step1XEdit
@@ -173,14 +184,26 @@ class Step1XEditPipeline:
         config: ModelConfig,
         model: Step1XEdit,
         ae: AutoEncoder,
-        embedder: Qwen25VLEmbedder,
+        embedder: Qwen25VLEmbedder | Callable[[], Qwen25VLEmbedder],
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        conditioning_cache: ConditioningCache | None = None,
     ):
-        self.config, self.model, self.ae, self.embedder = config, model, ae, embedder
+        """`embedder` may be a function that loads it: then the MLLM is loaded when first needed (never, when
+        every edit's conditioning is in `conditioning_cache`)."""
+        self.config, self.model, self.ae = config, model, ae
+        self._embedder = embedder
+        self.conditioning_cache = conditioning_cache
+        self.conditioning_from_cache = False  # whether the last edit's MLLM conditioning came from the cache
         self.device, self.dtype = torch.device(device), dtype
         self.timer = StageTimer(self.device)
+
+    @property
+    def embedder(self) -> Qwen25VLEmbedder:
+        if not isinstance(self._embedder, torch.nn.Module):
+            self._embedder = self._embedder()
+        return self._embedder
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -207,9 +230,16 @@ class Step1XEditPipeline:
         ae = load_vae(files, config, device=device)
         if config.tiny_qwen is None and config.embedder.hidden_size != 3584:
             raise ValueError(f"config {config.name}: full-size models read Qwen2.5-VL-7B (hidden 3584)")
-        embedder = Qwen25VLEmbedder.from_pretrained(files.qwen, config.embedder, dtype=dtype, device=device,
-                                                    processor_dir=files.processor)
-        return cls(config, model, ae, with_rules(embedder, config), device=device, dtype=dtype)
+
+        def load_embedder() -> Qwen25VLEmbedder:
+            embedder = Qwen25VLEmbedder.from_pretrained(files.qwen, config.embedder, dtype=dtype, device=device,
+                                                        processor_dir=files.processor)
+            return with_rules(embedder, config)
+
+        check_qwen_dir(files.qwen)  # a broken folder is refused at load, not at the first edit
+        cache = ConditioningCache.for_mllm([files.qwen, files.processor or files.qwen], config.embedder, dtype,
+                                           torch.device(device))
+        return cls(config, model, ae, load_embedder, device=device, dtype=dtype, conditioning_cache=cache)
 
     @classmethod
     def random(
@@ -276,7 +306,7 @@ class Step1XEditPipeline:
             img = (EditImage(*prepare_image_v1p2(image, size_level)) if v12
                    else prepare_input(image, size_level, self.config, width, height))
         with self.timer.stage("mllm"), torch.inference_mode():
-            encoded = self.embedder([instruction, negative_prompt_for(img, negative_prompt)], img.mllm_image)
+            encoded = self.encode([instruction, negative_prompt_for(img, negative_prompt)], img.mllm_image)
         branches = branch_conditioning(self.config, encoded, img.width, img.height) if v12 else None
         emb, mask = branches[1:3] if branches else encoded
         with self.timer.stage("vae_encode"), torch.inference_mode():
@@ -300,6 +330,18 @@ class Step1XEditPipeline:
             orig_size=img.orig_size,
             branches=branches,
         )
+
+    def encode(self, texts: list[str], image: Image.Image):
+        """The MLLM's conditioning of `texts` on `image`, from the conditioning cache when it has it."""
+        cache = self.conditioning_cache
+        stored = cache.load(texts, image) if cache is not None else None
+        self.conditioning_from_cache = stored is not None
+        if stored is not None:
+            return tuple(t.to(self.device) for t in stored)
+        encoded = self.embedder(texts, image)
+        if cache is not None:
+            cache.store(texts, image, encoded)
+        return encoded
 
     def decode(self, latent_tokens: torch.Tensor, inputs: EditInputs) -> Image.Image:
         check_finite("denoising (final latent)", latent_tokens)
