@@ -135,15 +135,32 @@ def test_graph_buckets_are_powers_of_two():
 
 def test_forecast_is_the_serial_queue_at_batch_one_and_shares_steps_when_batched():
     serial = Forecast(max_batch=1)
-    serial.step_s, serial.overhead_s = {1: 0.1}, 0.5
-    # 3 edits ahead with 10 steps left in all, this one 4 steps: 4 overheads + 14 steps of 0.1 s
+    serial.step_s, serial.overhead_s, serial.shared_s = {1: 0.1}, 0.4, 0.1
+    # 3 edits ahead with 10 steps left in all, this one 4 steps: 4 x (own stages + decode) + 14 steps of 0.1 s
     assert serial.completion_s(work=10, edits=3, steps=4) == pytest.approx(4 * 0.5 + 14 * 0.1)
     batched = Forecast(max_batch=4)
-    batched.step_s, batched.overhead_s = {1: 0.1, 4: 0.2}, 0.5
+    batched.step_s, batched.overhead_s, batched.shared_s = {1: 0.1, 4: 0.2}, 0.4, 0.1
     assert batched.completion_s(work=10, edits=3, steps=4) == pytest.approx(4 * 0.5 + 14 / 4 * 0.2)
     assert batched.completion_s(work=0, edits=0, steps=4) == pytest.approx(0.5 + 4 * 0.1)  # alone: its own steps
     assert batched.step_time(2) == pytest.approx(0.2)  # unseen: the smaller size, scaled as if nothing were shared
-    assert serial.retry_after_s(work=100, edits=9, steps=4) == 15  # 9 overheads + 100 steps, 14.5 s, rounded up
+    assert serial.retry_after_s(work=100, edits=9, steps=4) == 15  # 9 edits + 100 steps ahead, 14.5 s, rounded up
+
+
+def test_forecast_counts_a_shared_decode_once_per_call():
+    """Edits leaving together share one VAE decode: the edits ahead pay a share of it, the new edit its whole
+    call. Counted once per edit instead, 4 edits ahead would add 4 decodes instead of 1 (refusing early)."""
+    forecast = Forecast(max_batch=4)
+    forecast.step_s = {1: 0.1, 4: 0.2}
+    for _ in range(60):  # the running means settle on edits that left in fours
+        forecast.observe(EditOutcome(EditJob(image(), "x"), timings={"mllm": 0.3, "vae_decode": 0.8},
+                                     shared={"vae_decode": 4}))
+    assert (forecast.overhead_s, forecast.shared_s) == (pytest.approx(0.3), pytest.approx(0.8))
+    assert forecast.sharing == pytest.approx(4, rel=1e-4)
+    # 4 ahead (8 steps left), 4 steps own: 4 x (0.3 + 0.8 / 4) + 0.3 + 0.8 + 12 / 4 x 0.2
+    assert forecast.completion_s(work=8, edits=4, steps=4) == pytest.approx(4 * 0.5 + 1.1 + 0.6, rel=1e-4)
+    alone = Forecast(max_batch=1)
+    alone.observe(EditOutcome(EditJob(image(), "x"), timings={"mllm": 0.3, "vae_decode": 0.2}))
+    assert (alone.overhead_s, alone.shared_s, alone.sharing) == (pytest.approx(0.3), pytest.approx(0.2), 1.0)
 
 
 def test_padding_to_a_graph_bucket_repeats_a_real_lane_and_drops_its_result():
