@@ -28,6 +28,19 @@ LANE_MODULES = (nn.Linear, nn.GELU, nn.SiLU)
 _FORWARDS: WeakKeyDictionary[nn.Module, Callable[[Tensor], Tensor]] = WeakKeyDictionary()
 
 
+def _into(module: nn.Module, x: Tensor) -> Callable[[Tensor, Tensor], object] | None:
+    """Writes `module`'s output for rows of `x` into a slice of the batch's output, the very kernel its forward
+    calls (no concatenation to copy), or None where its forward takes another path for such an input."""
+    if type(module) is nn.Linear and module.bias is not None and (x.dim() == 2 or x.dim() == 3 and x.is_contiguous()):
+        w, b = module.weight, module.bias  # F.linear's own path here: addmm on the rows, the bias fused
+        return lambda rows, out: torch.addmm(b, rows.reshape(-1, w.shape[1]), w.t(), out=out.view(-1, w.shape[0]))
+    if type(module) is nn.GELU:
+        return lambda rows, out: torch._C._nn.gelu(rows, approximate=module.approximate, out=out)
+    if type(module) is nn.SiLU and not module.inplace:
+        return lambda rows, out: torch._C._nn.silu(rows, out=out)
+    return None
+
+
 def _lane_forward(module: nn.Module) -> Callable[[Tensor], Tensor]:
     """`module`'s own forward, one edit's rows at a time (one function per module, so compiled guards hold)."""
     if module not in _FORWARDS:
@@ -36,7 +49,15 @@ def _lane_forward(module: nn.Module) -> Callable[[Tensor], Tensor]:
         def forward(x: Tensor) -> Tensor:
             if x.shape[0] <= LANE_ROWS:
                 return own(module, x)
-            return torch.cat([own(module, x[i : i + LANE_ROWS]) for i in range(0, x.shape[0], LANE_ROWS)])
+            starts = range(0, x.shape[0], LANE_ROWS)
+            into = _into(module, x)
+            if into is None:
+                return torch.cat([own(module, x[i : i + LANE_ROWS]) for i in starts])
+            width = module.out_features if isinstance(module, nn.Linear) else x.shape[-1]
+            out = x.new_empty(*x.shape[:-1], width)
+            for i in starts:
+                into(x[i : i + LANE_ROWS], out[i : i + LANE_ROWS])
+            return out
 
         _FORWARDS[module] = forward
     return _FORWARDS[module]
