@@ -45,6 +45,7 @@ from .caching import CachedStep, CacheSpec, CacheStats
 from .compile import compile_backend, compile_blocks
 from .cudagraph import CudaGraphed, GraphCounts
 from .engine import Engine
+from .lane_gemms import lane_exact
 from .lanes import EditLanes
 from .loaders import TINY, engine_loaders, pipeline_loaders, torch_loaders
 from .memory import DriverMemory, PeakMemory, read_peak, release_cached, reset_peak
@@ -357,7 +358,7 @@ class Step1XEditRuntime(EditLanes):
                                            capacity=self.options.graph_cache, counts=self._graph_counts)
             self._graphs = None
             return with_attention(guided_euler(self._cached_step), self.options.attention, self.device)
-        step = engine_step_fn(dit)
+        step = lane_exact(engine_step_fn(dit), getattr(dit, "module", None))  # a batch: each edit's own GEMMs
         # v1.2: the CFG branches' text lengths differ, so the DiT runs once per branch (batch 1).
         update = guided_euler(per_branch(step) if self.config.reason_edit is not None else step)
         update = with_attention(update, self.options.attention, self.device)  # in force when traced and captured
