@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -5,6 +6,9 @@ import pytest
 
 # tests import their shared helpers (keymaps, test_runtime) as top-level modules
 sys.path.insert(0, str(Path(__file__).parent))
+# Every edit in the suite computes its MLLM conditioning (and nothing is written to the user's cache), in this
+# process and in the servers and CLIs it starts; tests/test_conditioning_cache.py turns the cache on for itself.
+os.environ["STEP1X_EXPORT_CACHE"] = "off"
 
 # Tiny VAE graphs are ~9-13 MB, the others 0.5-3.5 MB: this threshold sends the VAE graphs to external
 # data and keeps the rest inline, so one export covers both ways of writing a graph.

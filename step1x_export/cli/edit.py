@@ -188,6 +188,9 @@ def demo(out_path: Path, prompt: str | None, model_name: str, steps: int, cfg: f
     target = exact_target(image, prompt) if trained else None
     save_image(side_by_side(image, result, *([target] if target is not None else [])), pair_path)
     click.echo(pipe.timer.table())
+    if pipe.conditioning_from_cache:
+        click.echo(f"the MLLM's conditioning of this photo and instruction came from the cache in "
+                   f"{pipe.conditioning_cache.folder} (STEP1X_EXPORT_CACHE=off computes it)")
     click.echo(f"wrote {out_path} ({result.width}x{result.height}) and {pair_path} "
                f"({'input | edit | exact target' if target is not None else 'input | edit'}, enlarged)")
     if not trained:

@@ -14,6 +14,7 @@ from .caching import CachedStep, CacheSpec, CacheStats
 from .compile import compile_blocks
 from .cudagraph import CudaGraphed, GraphCounts
 from .engine import Engine
+from .lane_gemms import lane_exact
 from .stats import RuntimeStats
 from .step import engine_step_fn
 
@@ -82,7 +83,8 @@ class DiTUpdates:
                                            capacity=self.options.graph_cache, counts=self._graph_counts)
             self._graphs = None
             return with_attention(guided_euler(self._cached_step), self.options.attention, self.device)
-        update = guided_euler(self.version.step(engine_step_fn(dit)))  # v1.2: the DiT once per CFG branch
+        step = lane_exact(engine_step_fn(dit), getattr(dit, "module", None))  # a batch: each edit's own GEMMs
+        update = guided_euler(self.version.step(step))  # v1.2: the DiT once per CFG branch
         update = with_attention(update, self.options.attention, self.device)  # in force when traced and captured
         self._graphs = None
         if self.options.cuda_graphs:  # the whole step (DiT + CFG + Euler), captured once per shape

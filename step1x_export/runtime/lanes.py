@@ -121,6 +121,7 @@ class EditLanes:
                     outcome.image = self.flow.postprocess(state.timer, pixels[i : i + 1], state.img.orig_size)
                     if len(finished) > 1 and decode_s is not None:
                         outcome.timings["vae_decode"] = decode_s  # the shared call's time, for each edit
+                        outcome.shared["vae_decode"] = len(finished)
                     self._edits += 1
                 except Exception as e:
                     outcome.error = e

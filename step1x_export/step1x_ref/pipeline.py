@@ -7,7 +7,7 @@ published model; speed belongs to `step1x_export.runtime`, which runs the same f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from .edit_inputs import (  # noqa: F401  (the edit's shared inputs, importable 
 )
 from .flow import EditFlow
 from .mllm.conditioner import Qwen25VLEmbedder
+from .mllm.conditioning_cache import ConditioningCache
 from .sampling import ProgressFn, StepFn, denoise, guided_euler, pack, unpack
 from .vae.autoencoder import AutoEncoder
 from .versions import edit_version
@@ -45,7 +46,17 @@ from .weights.diffusers_layout import (
     write_model_index,
     write_weights,
 )
-from .weights.loading import DIT_FILES, QWEN_DIR, VAE_FILE, Layout, ModelFiles, detect_version, load_dit, load_vae
+from .weights.loading import (
+    DIT_FILES,
+    QWEN_DIR,
+    VAE_FILE,
+    Layout,
+    ModelFiles,
+    check_qwen_dir,
+    detect_version,
+    load_dit,
+    load_vae,
+)
 from .weights.lora import LoraSpec, merge_loras
 from .weights.random_weights import randomize_
 
@@ -67,7 +78,7 @@ class EagerStages:
 
     def encode_text(self, texts: list[str], image: Image.Image):
         with self.pipe.timer.stage("mllm"), torch.inference_mode():
-            return self.pipe.embedder(texts, image)
+            return self.pipe.encode(texts, image)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         with self.pipe.timer.stage("vae_encode"), torch.inference_mode():
@@ -92,15 +103,27 @@ class Step1XEditPipeline:
         config: ModelConfig,
         model: Step1XEdit,
         ae: AutoEncoder,
-        embedder: Qwen25VLEmbedder,
+        embedder: Qwen25VLEmbedder | Callable[[], Qwen25VLEmbedder],
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        conditioning_cache: ConditioningCache | None = None,
     ):
-        self.model, self.ae, self.embedder = model, ae, embedder
+        """`embedder` may be a function that loads it: then the MLLM is loaded when first needed (never, when
+        every edit's conditioning is in `conditioning_cache`)."""
+        self.model, self.ae = model, ae
         self.config = config
+        self._embedder = embedder
+        self.conditioning_cache = conditioning_cache
+        self.conditioning_from_cache = False  # whether the last edit's MLLM conditioning came from the cache
         self.device, self.dtype = torch.device(device), dtype
         self.timer = StageTimer(self.device)
+
+    @property
+    def embedder(self) -> Qwen25VLEmbedder:
+        if not isinstance(self._embedder, torch.nn.Module):
+            self._embedder = self._embedder()
+        return self._embedder
 
     @property
     def config(self) -> ModelConfig:
@@ -135,9 +158,16 @@ class Step1XEditPipeline:
         ae = load_vae(files, config, device=device)
         if config.tiny_qwen is None and config.embedder.hidden_size != 3584:
             raise ValueError(f"config {config.name}: full-size models read Qwen2.5-VL-7B (hidden 3584)")
-        embedder = Qwen25VLEmbedder.from_pretrained(files.qwen, config.embedder, dtype=dtype, device=device,
-                                                    processor_dir=files.processor)
-        return cls(config, model, ae, edit_version(config).embedder(embedder), device=device, dtype=dtype)
+
+        def load_embedder() -> Qwen25VLEmbedder:
+            embedder = Qwen25VLEmbedder.from_pretrained(files.qwen, config.embedder, dtype=dtype, device=device,
+                                                        processor_dir=files.processor)
+            return edit_version(config).embedder(embedder)
+
+        check_qwen_dir(files.qwen)  # a broken folder is refused at load, not at the first edit
+        cache = ConditioningCache.for_mllm([files.qwen, files.processor or files.qwen], config.embedder, dtype,
+                                           torch.device(device))
+        return cls(config, model, ae, load_embedder, device=device, dtype=dtype, conditioning_cache=cache)
 
     @classmethod
     def random(
@@ -202,6 +232,18 @@ class Step1XEditPipeline:
                                              size_level=size_level, device=self.device,
                                              negative_prompt=negative_prompt, width=width, height=height)
         return inputs
+
+    def encode(self, texts: list[str], image: Image.Image):
+        """The MLLM's conditioning of `texts` on `image`, from the conditioning cache when it has it."""
+        cache = self.conditioning_cache
+        stored = cache.load(texts, image) if cache is not None else None
+        self.conditioning_from_cache = stored is not None
+        if stored is not None:
+            return tuple(t.to(self.device) for t in stored)
+        encoded = self.embedder(texts, image)
+        if cache is not None:
+            cache.store(texts, image, encoded)
+        return encoded
 
     def decode(self, latent_tokens: torch.Tensor, inputs: EditInputs) -> Image.Image:
         return self.flow.finish(EagerStages(self), self.timer, latent_tokens, inputs.height, inputs.width,

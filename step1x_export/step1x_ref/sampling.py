@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .configs import Version
 
-# step_fn(img [2B, 2N, 64] = (noisy | reference) x (B cond, B uncond), t [2B], *conditioning) -> pred [2B, 2N, 64]
+# step_fn(img [2B, 2N, 64] = (noisy | reference) x (cond, uncond) per lane, t [2B], *conditioning) -> pred [2B, 2N, 64]
 StepFn = Callable[..., Tensor]
 # update(x [B, N, 64], ref, guidance [B], t [B], dt [B], rescale [B], *conditioning) -> next x: one step of B edits
 UpdateFn = Callable[..., Tensor]
@@ -92,15 +92,21 @@ def guided_euler(step_fn: StepFn) -> UpdateFn:
     -> true CFG per lane -> Euler on the noisy half (the reference half stays fixed; its prediction is discarded).
 
     x, ref [B, N, 64]; guidance, t, dt, rescale [B] (each lane its own); the per-branch conditioning is
-    [2B, ...], the B cond rows then the B uncond rows (`Batch`), so the DiT sees batch 2B and timesteps [2B].
+    [2B, ...], each lane's cond row then its uncond row (`Batch`), so the DiT sees batch 2B and timesteps [2B]
+    and lane i owns rows 2i and 2i + 1, as an edit alone owns rows 0 and 1. CFG and Euler run per lane, on
+    exactly the tensors the edit alone has: the rescale's pow and norm then round as they do alone, whatever
+    the batch (their vectorised and scalar paths split elements by count).
     """
 
     def update(x: Tensor, ref: Tensor, guidance: Tensor, t: Tensor, dt: Tensor, rescale: Tensor,
                *conditioning: Tensor) -> Tensor:
-        b = x.shape[0]
-        pred = step_fn(torch.cat([x, ref], dim=1).repeat(2, 1, 1), torch.cat([t, t]), *conditioning)
-        per_lane = (guidance.view(b, 1, 1), rescale.view(b, 1, 1))
-        return x + dt.view(b, 1, 1) * cfg_combine(pred[:b], pred[b:], *per_lane)[:, : x.shape[1]]
+        b, n = x.shape[:2]
+        pred = step_fn(torch.cat([x, ref], dim=1).repeat_interleave(2, dim=0), t.repeat_interleave(2), *conditioning)
+        lanes = [x[i : i + 1] + dt[i : i + 1].view(1, 1, 1)
+                 * cfg_combine(pred[2 * i : 2 * i + 1], pred[2 * i + 1 : 2 * i + 2], guidance[i : i + 1].view(1, 1, 1),
+                               rescale[i : i + 1].view(1, 1, 1))[:, :n]
+                 for i in range(b)]  # a static count: one traced graph per batch size
+        return lanes[0] if b == 1 else torch.cat(lanes)
 
     return update
 
@@ -178,7 +184,7 @@ class Batch:
     def _stack(parts: list[Tensor]) -> Tensor:
         if len(parts) == 1 or parts[0].shape[0] == 1:  # one lane, or shared by the batch
             return parts[0]
-        return torch.cat([p[:1] for p in parts] + [p[1:] for p in parts])  # cond rows, then uncond rows
+        return torch.cat(parts)  # each lane's (cond, uncond) rows together: lane i at rows 2i, 2i + 1
 
     def step_inputs(self) -> tuple[Tensor, ...]:
         """x, ref, guidance, t, dt, rescale of this step, each lane at its own step."""

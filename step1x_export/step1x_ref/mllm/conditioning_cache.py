@@ -1,0 +1,126 @@
+"""The MLLM's conditioning kept on disk, so an edit tried again skips the MLLM.
+
+Edits are tried: the same photo and instruction again with another seed, step count or guidance. The MLLM's
+output depends on none of those, and producing it is the edit's most expensive part to set up: loading
+Qwen2.5-VL (15 GB for the published model; on CPU, importing transformers' Qwen2.5-VL modules alone takes
+longer than a whole toy edit). A pipeline loaded from a model folder looks its conditioning up here first and
+loads the MLLM only on a miss.
+
+A key names everything the conditioning depends on: the MLLM's files (sha256 of each), the embedder's settings,
+dtype and device type, the code that turns the MLLM's states into conditioning, transformers' version, the
+texts, and the image as the MLLM receives it (mode, size, pixels). Entries are safetensors files (no pickle),
+written atomically; an entry that cannot be read is recomputed and written again. The folder is
+`$STEP1X_EXPORT_CACHE/conditioning` when that is set (`off` turns the cache off), else
+`$XDG_CACHE_HOME/step1x-export/conditioning` (`~/.cache/...`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ...hashing import file_identity, file_sha256
+from ..configs import EmbedderParams
+
+CACHE_ENV = "STEP1X_EXPORT_CACHE"
+OFF = ("off", "0", "none", "")
+FORMAT = 1
+# The code between the MLLM's hidden states and the conditioning: a change to it is a new key.
+CODE = ("conditioner.py", "qwen_processor.py", "prompt_prefix.py")
+HASHED_DIRECTLY = 64 << 20  # smaller files are hashed at every load; larger ones through their cached identity
+
+
+def cache_folder() -> Path | None:
+    """Where entries live, or None when `$STEP1X_EXPORT_CACHE` is `off`."""
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in OFF else Path(value) / "conditioning"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "step1x-export" / "conditioning"
+
+
+def _file_digest(path: Path) -> str:
+    return file_sha256(path) if path.stat().st_size <= HASHED_DIRECTLY else file_identity(path).sha256
+
+
+def _code_digest() -> str:
+    h = hashlib.sha256()
+    for name in CODE:
+        h.update(name.encode() + b"\0" + (Path(__file__).parent / name).read_bytes())
+    return h.hexdigest()
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+@dataclass(frozen=True)
+class ConditioningCache:
+    """Conditioning entries of one MLLM (`identity`) in `folder`."""
+
+    folder: Path
+    identity: str
+
+    @classmethod
+    def for_mllm(cls, folders: list[Path], params: EmbedderParams, dtype: torch.dtype,
+                 device: torch.device) -> ConditioningCache | None:
+        """The cache of the MLLM in `folders` (its weights folder, and the processor's where it lives apart);
+        None when the cache is off."""
+        folder = cache_folder()
+        if folder is None:
+            return None
+        files = sorted({p for d in folders for p in Path(d).iterdir() if p.is_file()})
+        identity = {
+            "format": FORMAT,
+            "files": [[p.name, _file_digest(p)] for p in files],
+            "params": dataclasses.asdict(params),
+            "dtype": str(dtype),
+            "device": device.type,
+            "code": _code_digest(),
+            "transformers": _version("transformers"),
+            "torch": torch.__version__,
+        }
+        return cls(folder, hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest())
+
+    def path(self, texts: list[str], image: Image.Image) -> Path:
+        h = hashlib.sha256(self.identity.encode())
+        h.update(json.dumps({"texts": texts, "mode": image.mode, "size": image.size}).encode())
+        h.update(image.tobytes())
+        return self.folder / f"{h.hexdigest()}.safetensors"
+
+    def load(self, texts: list[str], image: Image.Image) -> tuple[torch.Tensor, ...] | None:
+        """The stored conditioning, or None (no entry, or one that cannot be read)."""
+        path = self.path(texts, image)
+        try:
+            tensors = load_file(str(path))
+        except (OSError, SafetensorError):
+            return None
+        if sorted(tensors) != [str(i) for i in range(len(tensors))]:
+            return None
+        return tuple(tensors[str(i)] for i in range(len(tensors)))
+
+    def store(self, texts: list[str], image: Image.Image, outputs: object) -> None:
+        """Keep `outputs` when they are tensors (the v1.0 / v1.1 embedders' (embedding, mask)); a cache that
+        cannot be written costs the next edit time, never this one."""
+        if not isinstance(outputs, tuple | list) or not all(isinstance(t, torch.Tensor) for t in outputs):
+            return
+        path = self.path(texts, image)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({str(i): t.detach().cpu().contiguous() for i, t in enumerate(outputs)}, str(tmp))
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
