@@ -56,6 +56,7 @@ def alone(rt: Step1XEditRuntime, i: int) -> tuple[torch.Tensor, np.ndarray]:
     return rt.last_latent.clone(), np.asarray(out)
 
 
+@pytest.mark.isa  # which kernels a batch picks depends on the vector ISA: CI runs it again on the narrowest
 def test_each_edit_of_a_batch_with_joiners_equals_the_edit_alone(runtime):
     """Two edits start together; the third joins at step 1, the fourth and fifth at step 2 (one waits for a
     place: max_batch 4); each leaves when its own schedule ends."""
