@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from step1x_export.runtime import Step1XEditRuntime
 from step1x_export.runtime.batching import EditJob, EditOutcome, graph_bucket
@@ -185,3 +186,41 @@ def test_the_server_batches_by_default_only_where_the_runtime_can():
     assert EditService(RuntimeSpec("tiny"), ServeLimits())._max_batch(can) == 4
     assert EditService(RuntimeSpec("tiny"), ServeLimits())._max_batch(cannot) == 1
     assert EditService(RuntimeSpec("tiny", options={"max_batch": 2}), ServeLimits())._max_batch(can) == 2
+
+
+def test_lane_by_lane_blocks_trace_as_one_graph_and_give_each_lane_its_alone_numbers():
+    """What the runtime's compile and CUDA graphs see of a batched call: the lane-by-lane forwards trace into
+    one graph per block with a static count of per-lane GEMMs (3 lanes: 3 x each Linear), and the compiled
+    or eager batched block gives each lane what the block gives it alone (eager: bit for bit)."""
+    from step1x_export.runtime.lane_gemms import lane_modules
+    from step1x_export.step1x_ref.configs import get_config
+    from step1x_export.step1x_ref.layers import DoubleStreamBlock
+    from step1x_export.step1x_ref.math import rope_table
+    from step1x_export.step1x_ref.sampling import position_ids
+
+    p = get_config("tiny").dit
+    torch.manual_seed(0)
+    block = DoubleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio, p.qkv_bias).eval().requires_grad_(False)
+    img, txt, vec = torch.randn(6, 8, p.hidden_size), torch.randn(6, 5, p.hidden_size), torch.randn(6, p.hidden_size)
+    pe = rope_table(position_ids(5, 2, 2, "v1.1"), p.axes_dim, p.theta)
+    alone = [block(img[i : i + 2], txt[i : i + 2], vec[i : i + 2], pe) for i in (0, 2, 4)]
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        with lane_modules(block):
+            eager = block(img, txt, vec, pe)
+            compiled = torch.compile(block, backend=record, fullgraph=True, dynamic=False)(img, txt, vec, pe)
+    finally:
+        torch._dynamo.reset()
+    linears = sum(isinstance(m, nn.Linear) for m in block.modules())
+    assert len(graphs) == 1
+    gemms = (torch.addmm, torch._C._nn.linear)  # addmm where F.linear itself would; else F.linear on the rows
+    assert sum(n.target in gemms for n in graphs[0].graph.nodes) == 3 * linears
+    for i, (a_img, a_txt) in enumerate(alone):
+        assert torch.equal(eager[0][2 * i : 2 * i + 2], a_img) and torch.equal(eager[1][2 * i : 2 * i + 2], a_txt)
+        assert torch.equal(compiled[0][2 * i : 2 * i + 2], a_img)  # the recorded graph runs the same kernels
