@@ -9,8 +9,9 @@ when answered; loopback only), --repeats times, alternating between the servers 
 in the machine's load falls on every setting alike. Reported per run: answers by status (503s are the
 deadline rule's refusals), throughput, p50 / p99 latency of the successful answers, the machine's 1-minute
 load average (sampled every 0.5 s during the run: mean and max), and whether every answer equals its
-seed's serial edit (run in this process on the same model, within one 8-bit level: a batched DiT call may
-round differently, tests/test_batching.py). Prints a Markdown table and writes JSON (--out).
+seed's serial edit (run in this process on the same model: a batched edit is bit for bit the edit alone,
+tests/test_batching.py; an answer more than one 8-bit level off is listed), with the largest level difference
+seen. Prints a Markdown table and writes JSON (--out).
 """
 
 from __future__ import annotations
@@ -97,34 +98,47 @@ def one_run(url: str, png: bytes, fields: dict[str, str], clients: int, args: ar
     statuses: dict[str, int] = {}
     for r in report.replies:
         statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
-    mismatched = [r.seed for r in report.ok
-                  if np.abs(np.asarray(Image.open(io.BytesIO(r.body)).convert("RGB")).astype(int)
-                            - reference[r.seed].astype(int)).max() > 1]
+    levels = {r.seed: int(np.abs(np.asarray(Image.open(io.BytesIO(r.body)).convert("RGB")).astype(int)
+                                 - reference[r.seed].astype(int)).max()) for r in report.ok}
+    mismatched = [seed for seed, level in levels.items() if level > 1]
     return {**report.summary(), "statuses": statuses, "refused_503": statuses.get("503", 0),
             "transport_errors": len(report.errors), "mismatched": mismatched,
+            "max_level_diff": max(levels.values(), default=0),
             "loadavg_mean": round(statistics.fmean(load.samples), 2), "loadavg_max": round(max(load.samples), 2)}
 
 
-def step_times(models: list[str], batches: list[int]) -> None:
-    """In-process: the median DiT step time of `edit_batch` at each batch size (8 steps; the first step of a
-    batch also holds its edits' preparation and is left out), and its share per edit."""
+def step_times(models: list[str], batches: list[int], repeats: int = 30) -> None:
+    """In-process: one denoising step (DiT + CFG + Euler) of b edits at each batch size, timed in thread CPU
+    time (the machine is shared: wall time would count other jobs), median of `repeats`, alternating between the
+    runtime's exact step (each Linear, GELU and SiLU lane by lane: every edit bit for bit its edit alone) and the
+    same step with plain batched GEMMs (what exactness costs); per edit = per step / b."""
     import torch
 
     from step1x_export.runtime import Step1XEditRuntime
     from step1x_export.runtime.batching import EditJob
+    from step1x_export.runtime.step import engine_step_fn
+    from step1x_export.step1x_ref.sampling import Batch, guided_euler
 
     torch.set_num_threads(1)
-    image = Image.new("RGB", (64, 48))
     print(f"load average before: {os.getloadavg()[0]:.1f}")
     for model in models:
         level = SETTINGS[model]["size_level"]
         with Step1XEditRuntime.load(model, max_batch=max(batches)) as rt:
-            rt.edit_batch([EditJob(image, "x", seed=0, steps=4, size_level=level)])  # warm
+            lanes = [rt.prepare_lane(EditJob(input_png()[1], "x", seed=i, steps=4, size_level=level))
+                     for i in range(max(batches))]
+            updates = {"exact": rt.batch_update(), "batched GEMMs": guided_euler(engine_step_fn(rt.stages.load("dit")))}
             for b in batches:
-                jobs = [EditJob(image, "x", seed=i, steps=8, size_level=level) for i in range(b)]
-                steps = sorted(rt.edit_batch(jobs, max_batch=b)[0].step_seconds[1:])
-                median = steps[len(steps) // 2]
-                print(f"{model} batch {b}: {1000 * median:.1f} ms per step, {1000 * median / b:.1f} ms per edit")
+                batch = Batch(lanes[:b], b)
+                args = (*batch.step_inputs(), *batch.conditioning)
+                seconds: dict[str, list[float]] = {name: [] for name in updates}
+                for _ in range(repeats + 2):
+                    for name, update in updates.items():
+                        t0 = time.thread_time()
+                        update(*args)
+                        seconds[name].append(time.thread_time() - t0)
+                medians = {name: statistics.median(s[2:]) for name, s in seconds.items()}
+                print(f"{model} batch {b}: " + ", ".join(f"{name} {1000 * m:.1f} ms per step, {1000 * m / b:.2f} ms "
+                                                         "per edit" for name, m in medians.items()))
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
@@ -139,7 +153,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server (OMP_NUM_THREADS)")
     p.add_argument("--timeout", type=float, default=300.0, help="the server's --timeout (its default)")
     p.add_argument("--out", type=Path, default=Path("serve_batching.json"))
-    p.add_argument("--step-times", action="store_true", help="only the in-process DiT step time per batch size")
+    p.add_argument("--step-times", action="store_true",
+                   help="only the in-process step time per batch size, exact and with batched GEMMs")
     args = p.parse_args()
     if args.step_times:
         return step_times(args.models.split(","), sorted({1, *map(int, args.batches.split(","))}))
@@ -169,13 +184,13 @@ def main() -> None:
     args.out.write_text(json.dumps({"conditions": conditions, "rows": rows}, indent=2))
     print(json.dumps(conditions))
     print("| model | steps | --max-batch | clients | run | ok / 503 / other | throughput edits/s | p50 s | p99 s | "
-          "load avg mean (max) | answers = serial |\n|---|---|---|---|---|---|---|---|---|---|---|")
+          "load avg mean (max) | answers = serial (max level diff) |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         other = r["requests"] - r["ok"] - r["refused_503"]
         print(f"| {r['model']} | {r['steps']} | {r['max_batch']} | {r['clients']} | {r['repeat'] + 1} | {r['ok']} / "
               f"{r['refused_503']} / "
               f"{other} | {r['throughput_rps']} | {r['p50_s']} | {r['p99_s']} | {r['loadavg_mean']} "
-              f"({r['loadavg_max']}) | {'yes' if not r['mismatched'] else r['mismatched']} |")
+              f"({r['loadavg_max']}) | {'yes' if not r['mismatched'] else r['mismatched']} ({r['max_level_diff']}) |")
 
 
 if __name__ == "__main__":

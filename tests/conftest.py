@@ -9,6 +9,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 # Every edit in the suite computes its MLLM conditioning (and nothing is written to the user's cache), in this
 # process and in the servers and CLIs it starts; tests/test_conditioning_cache.py turns the cache on for itself.
 os.environ["STEP1X_EXPORT_CACHE"] = "off"
+# xdist workers share the cores: each worker's ops (and the CLIs and servers it starts) get an equal share of
+# threads, not every core each. With every core per worker, the workers' OpenMP threads spin against each
+# other: on this project's 2-core machine (with other work running), tests/test_pipeline.py, test_runtime.py
+# and test_caching.py under `-n 2` took 150-172 s with two threads per worker and 36-41 s with one.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 
 # Tiny VAE graphs are ~9-13 MB, the others 0.5-3.5 MB: this threshold sends the VAE graphs to external
 # data and keeps the rest inline, so one export covers both ways of writing a graph.

@@ -51,7 +51,6 @@ class EditOutcome:
     image: Image.Image | None = None
     error: BaseException | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage; denoise = join to leave
-    shared: dict[str, int] = field(default_factory=dict)  # stage -> edits its one call served (a shared VAE decode)
     step_seconds: list[float] = field(default_factory=list)  # each of its steps, the work between them included
     batch_sizes: list[int] = field(default_factory=list)  # edits sharing each of its steps
     dit_seconds: list[float] = field(default_factory=list)  # each of its DiT calls alone (device time on CUDA)

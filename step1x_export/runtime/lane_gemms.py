@@ -1,13 +1,15 @@
-"""Batched DiT calls in which each edit gets the very numbers it gets alone: every Linear runs lane by lane.
+"""Batched DiT calls in which each edit gets the very numbers it gets alone: GEMMs and activations lane by lane.
 
-A batch changes how many rows each GEMM of the DiT has (2 per edit: its cond and uncond branch), and BLAS
-picks its kernel, so its summation order, by the row count: measured with MKL here, a [2, C] modulation
-vector and the image tokens of a small edit round differently at 2B rows than at 2 (on its AVX2 path up to
-48 rows per edit). So inside a batched call each `nn.Linear` runs as B GEMMs of one edit's rows (adjacent:
-`sampling.Batch`), the very call the edit alone makes; the batch shares everything else (attention, norms,
-RoPE, the element-wise ops, the per-op dispatch). The chunk count is static per batch size, so a traced or
-captured step (torch.compile, CUDA graphs) holds B GEMMs per Linear. A call of one edit is left untouched.
-"""
+A batch changes how many rows each op of the DiT sees (2 per edit: its cond and uncond branch). BLAS picks
+its GEMM kernel, so its summation order, by the row count: measured with MKL here, a [2, C] modulation vector
+and the image tokens of a small edit round differently at 2B rows than at 2 (on its AVX2 path up to 48 rows
+per edit). GELU and SiLU round differently on their vectorised and scalar paths, and ATen splits a large
+element-wise op into per-thread chunks whose ends (scalar tails) move with its size. So inside a batched
+call each `nn.Linear`, `nn.GELU` and `nn.SiLU` runs once per edit on its rows (adjacent: `sampling.Batch`),
+the very call the edit alone makes, writing into the batch's output; the batch shares everything else
+(attention, norms, RoPE, the exact element-wise ops, the per-op dispatch). The chunk count is static per
+batch size, so a traced or captured step (torch.compile, CUDA graphs) holds B calls per module. A call of
+one edit is left untouched."""
 
 from __future__ import annotations
 
@@ -21,8 +23,6 @@ from torch import Tensor, nn
 from ..step1x_ref.sampling import StepFn
 
 LANE_ROWS = 2  # one edit's rows in a DiT call: its cond and uncond branch
-# GEMMs pick kernels by row count; GELU and SiLU round differently on their vectorised and scalar paths, and
-# ATen splits a large element-wise op into per-thread chunks whose ends (scalar tails) move with its size.
 LANE_MODULES = (nn.Linear, nn.GELU, nn.SiLU)
 _FORWARDS: WeakKeyDictionary[nn.Module, Callable[[Tensor], Tensor]] = WeakKeyDictionary()
 

@@ -27,8 +27,9 @@ if TYPE_CHECKING:
     from ..runtime.batching import BatchKey, EditJob
 
 log = logging.getLogger("step1x_export.serve")
-# Edits per batch when the server is not told: on 2 CPU cores the toy model's throughput still grows to 8
-# (docs/serving.md); on a GPU a 1024^2 edit at batch 2 (CFG) already fills much of the device.
+# Edits per batch when the server is not told: on 2 CPU cores the toy model's step costs an edit least at 4
+# and its throughput gains nothing more at 8 (docs/serving.md); on a GPU a 1024^2 edit at batch 2 (CFG)
+# already fills much of the device.
 DEFAULT_MAX_BATCH = 4
 
 
