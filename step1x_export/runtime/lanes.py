@@ -1,6 +1,7 @@
 """The stages around the denoising loop, per edit: the edit flow's preparation (preprocess, MLLM and VAE
-encode) into a lane; VAE decode and the version's postprocess out of it. `Step1XEditRuntime.edit` runs them for
-one edit, `edit_batch` for a batch whose lanes join and leave the one loop at step boundaries.
+encode) into a lane; the flow's finish (VAE decode, the version's postprocess) out of it.
+`Step1XEditRuntime.edit` runs them for one edit, `edit_batch` for a batch whose lanes join and leave the one
+loop at step boundaries.
 """
 
 from __future__ import annotations
@@ -112,10 +113,8 @@ class EditLanes:
         for lane, outcome in finished:
             state: LaneState = lane.tag  # type: ignore[assignment]
             try:
-                with self._stage(state.timer, "vae_decoder", "vae_decode") as vae_decoder:
-                    pixels = vae_decoder(latent=unpack(lane.x.float(), state.img.height, state.img.width))["image"]
-                check_finite("the VAE decoder (image)", pixels)
-                outcome.image = self.flow.postprocess(state.timer, pixels, state.img.orig_size)
+                outcome.image = self.flow.finish(EngineStages(self, state.timer), state.timer, lane.x,
+                                                 state.img.height, state.img.width, state.img.orig_size)
                 self._edits += 1
             except Exception as e:
                 outcome.error = e
@@ -130,8 +129,8 @@ class EditLanes:
 
 class EngineStages:
     """The runtime's engines as the edit flow's stages of one edit: each loaded (and, with sequential loading,
-    freed) in turn and timed on the edit's timer. The denoising and decoding of lanes run batched
-    (`Step1XEditRuntime.edit_batch`), not through here."""
+    freed) in turn and timed on the edit's timer. The loop runs apart, over lanes (`Step1XEditRuntime.edit`,
+    `edit_batch`)."""
 
     def __init__(self, lanes: EditLanes, timer: StageTimer):
         self.lanes, self.timer = lanes, timer
@@ -143,3 +142,7 @@ class EngineStages:
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         with self.lanes._stage(self.timer, "vae_encoder", "vae_encode") as vae_encoder:
             return pack(vae_encoder(image=pixels)["latent"].float())
+
+    def decode(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        with self.lanes._stage(self.timer, "vae_decoder", "vae_decode") as vae_decoder:
+            return vae_decoder(latent=unpack(tokens, height, width))["image"]

@@ -3,7 +3,7 @@
 `EditFlow` owns that order and the model's defaults; its version object (`versions.edit_version`) owns what
 differs between releases. The reference pipeline runs it over eager torch modules
 (`pipeline.EagerStages`); the runtime runs the same steps over its engines (compiled, graphed, ONNX Runtime,
-TensorRT), its lanes batching the denoising and decoding of several edits.
+TensorRT): `prepare_inputs` into a lane, its own loop (lanes of several edits share each DiT call), `finish`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from .sampling import ProgressFn
 from .versions import EditVersion, edit_version
 
 
-class EditStages(Protocol):
-    """The engines of one edit; each call times itself on the edit's timer."""
+class PrepareStages(Protocol):
+    """The engines before the loop; each call times itself on the edit's timer."""
 
     def encode_text(self, texts: list[str], image: Image.Image) -> Any:
         """The MLLM over [instruction, negative prompt] and the image: the version's encoder output."""
@@ -34,13 +34,19 @@ class EditStages(Protocol):
         """VAE encoder: pixels [1, 3, H, W] in [-1, 1] -> packed reference tokens [1, N, 64] float32."""
         ...
 
+
+class DecodeStage(Protocol):
+    def decode(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """VAE decoder: tokens [1, N, 64] -> pixels [1, 3, H, W]."""
+        ...
+
+
+class EditStages(PrepareStages, DecodeStage, Protocol):
+    """The engines of one whole edit (the runtime's lanes run the loop themselves, batched)."""
+
     def denoise(self, inputs: EditInputs, *, guidance: float, truncate: float,
                 progress: ProgressFn | None) -> torch.Tensor:
         """The denoising loop over the version's step: the final tokens [1, N, 64]."""
-        ...
-
-    def decode(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """VAE decoder: tokens [1, N, 64] -> pixels [1, 3, H, W]."""
         ...
 
 
@@ -66,7 +72,7 @@ class EditFlow:
         return steps, cfg, size_level
 
     def prepare_inputs(
-        self, stages: EditStages, timer: StageTimer, image: Image.Image | None, instruction: str, *, seed: int,
+        self, stages: PrepareStages, timer: StageTimer, image: Image.Image | None, instruction: str, *, seed: int,
         steps: int, size_level: int, device: torch.device, negative_prompt: str | None = None,
         width: int | None = None, height: int | None = None, bucket: tuple[int, int] | None = None,
         check: Callable[[EditImage], None] | None = None,
@@ -92,7 +98,7 @@ class EditFlow:
                             conditioning=conditioning, step_over=self.version.step)
         return img, inputs
 
-    def finish(self, stages: EditStages, timer: StageTimer, tokens: torch.Tensor, height: int, width: int,
+    def finish(self, stages: DecodeStage, timer: StageTimer, tokens: torch.Tensor, height: int, width: int,
                orig_size: tuple[int, int]) -> Image.Image:
         """Decode the final tokens and postprocess: the output image at the input's size."""
         check_finite("denoising (final latent)", tokens)
