@@ -47,9 +47,13 @@ class EditLanes:
     def batch_key(self, image: Image.Image, size_level: int | None = None) -> BatchKey:
         """The size an edit of `image` runs at: edits batch only with others of the same key."""
         size_level = self.default_size_level if size_level is None else size_level
-        if self.options.shape_buckets and self.version.shape_buckets:
-            return shape_bucket(*image.size, size_level)
-        return edit_size(*image.size, size_level)
+        return self._bucket(image, size_level) or edit_size(*image.size, size_level)
+
+    def _bucket(self, image: Image.Image | None, size_level: int) -> BatchKey | None:
+        """The aspect bucket (width, height) an edit of `image` snaps to, or None where it keeps its own."""
+        if image is None or not (self.options.shape_buckets and self.version.shape_buckets):
+            return None
+        return shape_bucket(*image.size, size_level)
 
     def prepare_lane(self, job: EditJob, *, width: int | None = None, height: int | None = None,
                      timer: StageTimer | None = None) -> Lane:
@@ -62,8 +66,7 @@ class EditLanes:
         if self.stages is None:
             raise RuntimeError("Step1XEditRuntime is closed")
         timer = timer or StageTimer(self.device)
-        bucket = (shape_bucket(*job.image.size, size_level)
-                  if self.options.shape_buckets and self.version.shape_buckets and job.image is not None else None)
+        bucket = self._bucket(job.image, size_level)
         img, inputs = self.flow.prepare_inputs(
             EngineStages(self, timer), timer, job.image, job.instruction, seed=job.seed, steps=steps,
             size_level=size_level, device=self.device, negative_prompt=job.negative_prompt, width=width,
