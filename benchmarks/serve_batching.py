@@ -83,7 +83,8 @@ def start_server(model: str, max_batch: int, args: argparse.Namespace) -> tuple[
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [*CLI, "serve", "--model", model, "--port", str(port), "--max-batch", str(max_batch),
-           "--size-level", str(SETTINGS[model]["size_level"]), "--timeout", str(args.timeout), "--log-level", "warning"]
+           f"--{args.batching}-batch", "--size-level", str(SETTINGS[model]["size_level"]), "--timeout",
+           str(args.timeout), "--log-level", "warning"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_ready(url)
@@ -146,6 +147,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="toy,tiny")
     p.add_argument("--batches", default="1,4", help="--max-batch values to compare")
+    p.add_argument("--batching", choices=("fixed", "adaptive"), default="fixed",
+                   help="the servers' batch policy: fixed (up to --max-batch always: what batching does) or adaptive "
+                        "(serve's default: the measured batch size with the most steps per second)")
     p.add_argument("--clients", default="8,16")
     p.add_argument("--requests", type=int, default=32, help="edits per run")
     p.add_argument("--warm", type=int, default=4, help="edits sent (and not counted) after /readyz")

@@ -148,6 +148,24 @@ def test_forecast_is_the_serial_queue_at_batch_one_and_shares_steps_when_batched
     assert serial.retry_after_s(work=100, edits=9, steps=4) == 15  # 9 overheads + 100 steps, 14.5 s, rounded up
 
 
+def test_adaptive_batches_go_only_as_far_as_batching_gets_more_steps_done():
+    forecast = Forecast(max_batch=4)
+    assert forecast.batch_limit() == 4  # nothing measured: the first batch (the warm-up's) measures max_batch
+    forecast.step_s = {1: 0.0061, 4: 0.0046 * 4}  # fixed costs dominate (the toy on 2 CPU cores): batch
+    assert forecast.batch_limit() == 4
+    forecast.step_s |= {2: 0.0040 * 2}  # a measured smaller batch that gets more done wins
+    assert forecast.batch_limit() == 2
+    forecast.step_s = {1: 0.0388, 4: 0.0459 * 4}  # compute-bound (the tiny model there): one at a time
+    assert forecast.batch_limit() == 1
+    fixed = Forecast(max_batch=4, adaptive=False)
+    fixed.step_s = dict(forecast.step_s)
+    assert fixed.batch_limit() == 4
+    forecast.step_s, forecast.overhead_s = {1: 0.1, 4: 0.4}, 0.0  # a tie: the smaller batch, lower latency
+    assert forecast.batch_limit() == 1
+    # The admission forecast predicts the batches the server runs: 8 edits ahead run one at a time.
+    assert forecast.completion_s(work=16, edits=8, steps=2) == pytest.approx(18 * 0.1)
+
+
 def test_padding_to_a_graph_bucket_repeats_a_real_lane_and_drops_its_result():
     """With CUDA graphs the batch is padded to a power of two; the padding rows never reach a lane. The step is
     element-wise and CFG runs per lane (the rescale on at every step: truncate 0), so padded and unpadded runs

@@ -28,8 +28,9 @@ PNG = input_png()
 
 @pytest.fixture(scope="module")
 def roomy(tmp_path_factory):
-    # otherwise the defaults: batches of 4, admission by deadline
-    with server(["--size-level", "32", "--timeout", "60"],
+    # otherwise the defaults: batches of 4 (fixed, so batching is tested whether or not it pays on this CPU),
+    # admission by deadline
+    with server(["--size-level", "32", "--timeout", "60", "--fixed-batch"],
                 tmp_path_factory.mktemp("roomy") / "server.log") as s:
         yield s
 

@@ -26,6 +26,11 @@ from .runtime_options import RuntimeArgs, runtime_options
 @click.option("--refuse-late/--no-refuse-late", default=True, show_default=True,
               help="Answer 503 + Retry-After at once to a request predicted to finish past its deadline; with "
                    "--no-refuse-late it is admitted and stopped at the deadline (504).")
+@click.option("--adaptive-batch/--fixed-batch", default=True, show_default=True,
+              help="Adaptive: batches take the measured number of edits (up to --max-batch; the warm-up measures "
+                   "one edit and one full batch) with the most denoising steps done per second, so batching never "
+                   "costs throughput (a compute-bound step can cost more per edit in a batch); fixed: up to "
+                   "--max-batch always. /metrics: step1x_batch_limit.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(0.1, 86_400), default=300.0, show_default=True,
               help="Seconds per request, queue wait included; past it the edit is stopped and the answer is 504.")
 @click.option("--max-upload-mb", type=click.FloatRange(0.01, 1024), default=20.0, show_default=True,
@@ -59,7 +64,8 @@ from .runtime_options import RuntimeArgs, runtime_options
 @user_errors
 def serve(
     runtime: RuntimeArgs, host: str, port: int, max_batch: int | None, max_queue: int, refuse_late: bool,
-    timeout_s: float, max_upload_mb: float, max_megapixels: float, max_steps: int, size_level: int | None,
+    adaptive_batch: bool, timeout_s: float, max_upload_mb: float, max_megapixels: float, max_steps: int,
+    size_level: int | None,
     max_size_level: int | None, warmup: bool, use_ray: bool, ray_address: str | None, replicas: int,
     min_replicas: int | None, max_replicas: int | None, gpus_per_replica: float | None, cpus_per_replica: float,
     log_level: str,
@@ -87,7 +93,7 @@ def serve(
     limits = ServeLimits(
         max_queue=max_queue, timeout_s=timeout_s, max_upload_bytes=round(max_upload_mb * 1e6),
         max_pixels=round(max_megapixels * 1e6), max_steps=max_steps, max_size_level=max_size_level,
-        default_size_level=size_level, warmup=warmup, refuse_late=refuse_late,
+        default_size_level=size_level, warmup=warmup, refuse_late=refuse_late, adaptive_batch=adaptive_batch,
     )
     if not use_ray:
         from ..serve.server import run_server

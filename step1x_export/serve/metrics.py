@@ -15,7 +15,8 @@ BATCH_BUCKETS = (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 class ServeMetrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, queue_depth: Callable[[], float], running: Callable[[], float]) -> None:
+    def __init__(self, queue_depth: Callable[[], float], running: Callable[[], float],
+                 batch_limit: Callable[[], float]) -> None:
         self.registry = r = CollectorRegistry()
         self.requests = Counter("step1x_requests", "HTTP edit requests answered, by status code", ["status"],
                                 registry=r)
@@ -34,6 +35,9 @@ class ServeMetrics:
         self.busy.set_function(running)
         self.batch = Histogram("step1x_edit_batch_size", "Mean number of edits sharing each DiT step of an edit",
                                buckets=BATCH_BUCKETS, registry=r)
+        self.limit = Gauge("step1x_batch_limit", "Edits a batch takes now: with adaptive batching the measured "
+                           "size (up to --max-batch) with the most steps per second", registry=r)
+        self.limit.set_function(batch_limit)
         self.ready = Gauge("step1x_ready", "1 once the model is loaded and warm", registry=r)
 
     def render(self) -> bytes:

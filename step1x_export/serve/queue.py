@@ -89,9 +89,9 @@ class Ticket:
 class EditBatcher:
     """Waiting edits, admission by deadline, and the worker thread that runs them in batches."""
 
-    def __init__(self, max_batch: int, max_queue: int, *, refuse_late: bool = True):
+    def __init__(self, max_batch: int, max_queue: int, *, refuse_late: bool = True, adaptive: bool = True):
         self.max_batch, self.max_queue, self.refuse_late = max_batch, max_queue, refuse_late
-        self.forecast = Forecast(max_batch)
+        self.forecast = Forecast(max_batch, adaptive=adaptive)
         self.runtime: Step1XEditRuntime | None = None
         self._waiting: deque[Ticket] = deque()
         self._running: set[Ticket] = set()
@@ -168,12 +168,13 @@ class EditBatcher:
                 if not self._waiting:
                     return
             assert self.runtime is not None
-            first = self._take(self.max_batch, None)
+            with self._lock:  # adaptive: the batch size that measured fastest, up to max_batch
+                limit = self.forecast.batch_limit()
+            first = self._take(limit, None)
             if not first:
                 continue
             try:
-                self.runtime.edit_batch([t.job for t in first], join=self._join, done=self._done,
-                                        max_batch=self.max_batch)
+                self.runtime.edit_batch([t.job for t in first], join=self._join, done=self._done, max_batch=limit)
             except Exception as e:  # a fault outside any one edit: fail the batch's edits, keep serving
                 log.exception("a batch of edits failed")
                 with self._lock:

@@ -51,8 +51,10 @@ class EditService:
         self.runtime: Step1XEditRuntime | None = None
         self.rules: ParamRules | None = None
         self.model: dict[str, str | None] = dict(spec.identity())
-        self.queue = EditBatcher(1, limits.max_queue, refuse_late=limits.refuse_late)  # its batch: set at load
-        self.metrics = ServeMetrics(lambda: self.queue.waiting, lambda: self.queue.running)
+        self.queue = EditBatcher(1, limits.max_queue, refuse_late=limits.refuse_late,  # its batch: set at load
+                                 adaptive=limits.adaptive_batch)
+        self.metrics = ServeMetrics(lambda: self.queue.waiting, lambda: self.queue.running,
+                                    lambda: self.queue.forecast.batch_limit())
 
     # -- lifetime -------------------------------------------------------------------------------
     def load(self) -> None:

@@ -60,6 +60,7 @@ class ServeLimits:
     default_size_level: int | None = None  # None: the model's largest profile level (as `edit`)
     warmup: bool = True  # one small edit (and one batch) before /readyz says ready
     refuse_late: bool = True  # 503 at once for a request predicted to finish past its deadline (else: 504 then)
+    adaptive_batch: bool = True  # batches of the measured size (<= max_batch) with the most steps per second
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "max_upload_bytes", "max_pixels", "max_steps"):
