@@ -113,17 +113,21 @@ class EditService:
         return 1 if why else DEFAULT_MAX_BATCH
 
     def _warm_up(self, runtime: Step1XEditRuntime, rules: ParamRules) -> None:
-        """One edit at the default size, then a full batch of them: loads every stage, compiles and captures
-        graphs for that shape and the largest batch, and gives the admission forecast its first step times."""
+        """One edit at the default size, then a full batch of them, twice: the first pass loads every stage,
+        compiles and captures graphs for that shape and the largest batch; the second gives the admission
+        forecast (and the adaptive batch limit) step times without those one-off costs, which would otherwise
+        make a batch size look slower than it serves."""
         from ..runtime.batching import EditJob
 
         image = Image.new("RGB", (rules.default_size_level,) * 2, (128, 128, 128))
         job = EditJob(image, "warm-up", seed=0, steps=WARMUP_STEPS, size_level=rules.default_size_level)
-        for batch in dict.fromkeys((1, self.queue.max_batch)):
-            for outcome in runtime.edit_batch([job] * batch, max_batch=batch):
-                if outcome.error is not None:
-                    raise outcome.error
-                self.queue.forecast.observe(outcome)
+        for measured in (False, True):
+            for batch in dict.fromkeys((1, self.queue.max_batch)):
+                for outcome in runtime.edit_batch([job] * batch, max_batch=batch):
+                    if outcome.error is not None:
+                        raise outcome.error
+                    if measured:
+                        self.queue.forecast.observe(outcome)
 
     # -- edits ----------------------------------------------------------------------------------
     def check_ready(self) -> ParamRules:
