@@ -76,7 +76,7 @@ def build_autoencoder(width: int, groups: int, seed: int, ch_mult: tuple[int, ..
     return ae
 
 
-def reconstruction_loss(out: Tensor, x: Tensor, loss: str, edge_weight: float) -> Tensor:
+def reconstruction_loss(out: Tensor, x: Tensor, loss: str, edge_weight: float, colour_weight: float) -> Tensor:
     if loss == "mse+l1":
         value = F.mse_loss(out, x) + 0.1 * (out - x).abs().mean()
     elif loss == "l1":
@@ -89,6 +89,9 @@ def reconstruction_loss(out: Tensor, x: Tensor, loss: str, edge_weight: float) -
         dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
         dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
         value = value + edge_weight * ((dx(out) - dx(x)).abs().mean() + (dy(out) - dy(x)).abs().mean())
+    if colour_weight:
+        grey_free = lambda t: t - t.mean(1, keepdim=True)  # noqa: E731
+        value = value + colour_weight * (grey_free(out) - grey_free(x)).abs().mean()
     return value
 
 
@@ -137,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--latent-norm-weight", type=float, default=0.05, help="weight of the latent N(0,1) penalty [0.05]")
     p.add_argument("--loss", default="mse+l1", choices=("mse+l1", "l1", "mse"), help="reconstruction loss [mse+l1]")
     p.add_argument("--edge-weight", type=float, default=0.0, help="weight of an L1 loss on image gradients [0]")
+    p.add_argument("--colour-weight", type=float, default=0.0,
+                   help="weight of an L1 loss on each pixel's channels minus their mean (its colour) [0]")
     p.add_argument("--width", type=int, default=96, help="autoencoder width ch (multiple of 32) [96, the toy's]")
     p.add_argument("--ch-mult", type=int, nargs=4, help="width multiples of the 4 levels [1 1 1 1, the toy's]")
     p.add_argument("--res-blocks", type=int, help="encoder resnets a level (the decoder's: one more) [0, the toy's]")
@@ -168,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         set_lr(opt, lr_at(step, args.steps, args.lr, 100))
         z = ae.encoder(x).chunk(2, dim=1)[0]
         out = ae.decoder(z)
-        loss = reconstruction_loss(out, x, args.loss, args.edge_weight)
+        loss = reconstruction_loss(out, x, args.loss, args.edge_weight, args.colour_weight)
         if args.latent_norm_weight:
             loss = loss + args.latent_norm_weight * latent_norm_penalty(z)
         opt.zero_grad(set_to_none=True)
