@@ -9,7 +9,8 @@ script draws (`toy.drawn`); each step takes square crops of one side (cycling th
 pool, each replaced by a random task's target as the shipped phase does. Printed at the end (and every
 `--eval-every` steps): decode(encode(x)) PSNR on the held-out photos and graphics at 64x64, 128x128 and
 192x128 (their centre crops, `toy.data.shape_views`), and the decoded images' per-channel std over the
-target's (1.0 keeps contrast) and their colour (chroma) over the target's (near 0: decoded grey), with the step count and wall time.
+target's (1.0 keeps contrast) and their colour (chroma) over the target's (near 0: decoded grey), with the
+step count and wall time.
 """
 
 from __future__ import annotations
@@ -26,8 +27,13 @@ from torch import Tensor
 
 from step1x_export.step1x_ref.configs import get_config
 from step1x_export.step1x_ref.vae.autoencoder import AutoEncoder
-from step1x_export.toy.data import HELDOUT_GRAPHICS, HELDOUT_PHOTOS, TRAIN_PHOTOS, augmented_crop, \
-    photo_tensors, shape_views
+from step1x_export.toy.data import (
+    HELDOUT_PHOTOS,
+    TRAIN_PHOTOS,
+    augmented_crop,
+    photo_tensors,
+    shape_views,
+)
 from step1x_export.toy.drawn import drawn_picture
 from step1x_export.toy.tasks import psnr
 from step1x_export.toy.train import latent_norm_penalty, lr_at, random_task_images, set_lr
