@@ -62,17 +62,20 @@ def _lane_forward(module: nn.Module) -> Callable[[Tensor], Tensor]:
     return _FORWARDS[module]
 
 
+def lane_members(module: nn.Module) -> list[nn.Module]:
+    """`module`'s plain Linears (not quantized ones: their own types), GELUs and SiLUs: what runs lane by lane."""
+    return [m for m in module.modules() if type(m) in LANE_MODULES]
+
+
 @contextmanager
-def lane_modules(module: nn.Module) -> Iterator[None]:
-    """While inside, `module`'s plain Linears (not quantized ones: their own types), GELUs and SiLUs run lane
-    by lane."""
-    chunked = [m for m in module.modules() if type(m) in LANE_MODULES]
-    for m in chunked:
+def lane_modules(members: list[nn.Module]) -> Iterator[None]:
+    """While inside, `members` (`lane_members` of a module) run lane by lane."""
+    for m in members:
         m.forward = _lane_forward(m)  # type: ignore[method-assign]
     try:
         yield
     finally:
-        for m in chunked:
+        for m in members:
             del m.forward
 
 
@@ -81,11 +84,12 @@ def lane_exact(step: StepFn, module: nn.Module | None) -> StepFn:
     one edit."""
     if module is None:  # an engine without a torch module (ONNX Runtime, TensorRT) runs one edit per call
         return step
+    members = lane_members(module)  # found once, not at every step: a loaded DiT's modules do not change
 
     def lanes_step(img: Tensor, t: Tensor, *conditioning: Tensor) -> Tensor:
         if img.shape[0] <= LANE_ROWS:
             return step(img, t, *conditioning)
-        with lane_modules(module):
+        with lane_modules(members):
             return step(img, t, *conditioning)
 
     return lanes_step
