@@ -165,8 +165,8 @@ class Step1XEditPipeline:
             return edit_version(config).embedder(embedder)
 
         check_qwen_dir(files.qwen)  # a broken folder is refused at load, not at the first edit
-        cache = ConditioningCache.for_mllm([files.qwen, files.processor or files.qwen], config.embedder, dtype,
-                                           torch.device(device))
+        mllm_folders = [files.qwen, *([files.processor] if files.processor else [])]
+        cache = ConditioningCache.for_mllm(mllm_folders, config.embedder, dtype, torch.device(device))
         return cls(config, model, ae, load_embedder, device=device, dtype=dtype, conditioning_cache=cache)
 
     @classmethod

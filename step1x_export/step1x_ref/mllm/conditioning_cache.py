@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from importlib import metadata
 from pathlib import Path
 
@@ -68,10 +69,14 @@ def _version(package: str) -> str:
 
 @dataclass(frozen=True)
 class ConditioningCache:
-    """Conditioning entries of one MLLM (`identity`) in `folder`."""
+    """Conditioning entries of one MLLM (the Qwen files in `mllm_folders`, read with `params` in `dtype` on a
+    `device_type` device) in `folder`."""
 
     folder: Path
-    identity: str
+    mllm_folders: tuple[Path, ...]
+    params: EmbedderParams
+    dtype: torch.dtype
+    device_type: str
 
     @classmethod
     def for_mllm(cls, folders: list[Path], params: EmbedderParams, dtype: torch.dtype,
@@ -79,20 +84,25 @@ class ConditioningCache:
         """The cache of the MLLM in `folders` (its weights folder, and the processor's where it lives apart);
         None when the cache is off."""
         folder = cache_folder()
-        if folder is None:
-            return None
-        files = sorted({p for d in folders for p in Path(d).iterdir() if p.is_file()})
+        return None if folder is None else cls(folder, tuple(folders), params, dtype, device.type)
+
+    @cached_property
+    def identity(self) -> str:
+        """Who makes the conditioning, as one digest. Computed at the first lookup, not at load: it hashes the
+        MLLM's files (15 GB for the published model, once per file thanks to the identity cache), which a
+        pipeline that never edits (export, calibrate, save) should not pay."""
+        files = sorted({p for d in self.mllm_folders for p in Path(d).iterdir() if p.is_file()})
         identity = {
             "format": FORMAT,
             "files": [[p.name, _file_digest(p)] for p in files],
-            "params": dataclasses.asdict(params),
-            "dtype": str(dtype),
-            "device": device.type,
+            "params": dataclasses.asdict(self.params),
+            "dtype": str(self.dtype),
+            "device": self.device_type,
             "code": _code_digest(),
             "transformers": _version("transformers"),
             "torch": torch.__version__,
         }
-        return cls(folder, hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest())
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
     def path(self, texts: list[str], image: Image.Image) -> Path:
         h = hashlib.sha256(self.identity.encode())
