@@ -29,9 +29,7 @@ from ..step1x_ref.configs import ModelConfig
 from ..step1x_ref.flow import EditFlow
 from ..step1x_ref.mllm.generation import TextGenerator
 from ..step1x_ref.mllm.reasoning import JUDGE_RETRIES, ReasonedEdit, reasoned_edit
-from ..step1x_ref.pipeline import (
-    Step1XEditPipeline,
-)
+from ..step1x_ref.pipeline import Step1XEditPipeline
 from ..step1x_ref.sampling import Lane, ProgressFn, UpdateFn, denoise_lanes
 from ..step1x_ref.weights.lora import LoraSpec
 from ..timing import StageTimer
