@@ -110,3 +110,45 @@ def test_off_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     pipe.encode(TEXTS, photo())
     assert pipe.conditioning_cache is None and not pipe.conditioning_from_cache
     assert not any(tmp_path.iterdir())
+
+
+def test_the_toy_ships_its_demo_conditioning_as_its_mllm_computes_it(cache_dir: Path) -> None:
+    from step1x_export.specs import profile_for
+    from step1x_export.toy.demo import demo_conditioning
+
+    pipe = small_pipeline("toy")
+    shipped = demo_conditioning(pipe, profile_for(pipe.config).max_level)
+    assert pipe.conditioning_entry is not None and pipe.conditioning_entry.parent == pipe.conditioning_cache.shipped
+    for texts, image, (emb, mask) in shipped:
+        live_emb, live_mask = pipe.embedder(texts, image)
+        assert torch.equal(mask, live_mask)
+        # Another CPU may sum the MLLM's dot products (<= 128 terms in this tiny Qwen) in another order: each
+        # op then differs by up to ~128 float32 ulps of its largest term; 1e-4 leaves room for a few layers.
+        assert ((emb - live_emb).norm() / live_emb.norm()).item() <= 1e-4
+    assert not any(cache_dir.parent.rglob("*.safetensors"))  # read from the model folder, nothing written
+
+
+def test_shipped_entries_outlive_library_versions_not_the_mllm(cache_dir: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from step1x_export.step1x_ref.mllm import conditioning_cache
+
+    folder = tmp_path / "toy"
+    shutil.copytree(PACKAGED["toy"], folder, ignore=shutil.ignore_patterns("conditioning"))
+    maker = small_pipeline("toy")
+    want = maker.encode(TEXTS, photo(5))
+    copy = type(maker).from_pretrained(folder, config=maker.config, dtype=torch.float32)
+    shipped = folder / "conditioning"
+    assert copy.conditioning_cache.shipped is None  # the copy ships nothing yet
+    cache = ConditioningCache(cache_dir, copy.conditioning_cache.mllm_folders, maker.config.embedder,
+                              torch.float32, "cpu", shipped)
+    cache.ship(TEXTS, photo(5), want)
+    monkeypatch.setattr(conditioning_cache, "_version", lambda package: "another version")
+    pipe = type(maker).from_pretrained(folder, config=maker.config, dtype=torch.float32)
+    got = pipe.encode(TEXTS, photo(5))
+    assert pipe.conditioning_entry.parent == shipped and not isinstance(pipe._embedder, torch.nn.Module)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    template = folder / "Qwen2.5-VL-7B-Instruct" / "chat_template.jinja"
+    template.write_text(template.read_text() + " ")
+    changed = type(maker).from_pretrained(folder, config=maker.config, dtype=torch.float32)
+    changed.encode(TEXTS, photo(5))
+    assert not changed.conditioning_from_cache  # another MLLM: the shipped entry is not its answer

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ..step1x_ref.configs import get_config
+from ..toy.weights import DEMO_INSTRUCTION
 from .common import CFG, IMAGE_SUFFIXES, SEED, SMALL_MODELS, check_output_path, save_image, step_progress, user_errors
 from .runtime_options import RuntimeArgs, runtime_options
 from .speedups import cache_fidelity, is_leader, speedup_options
@@ -15,7 +16,6 @@ from .speedups import cache_fidelity, is_leader, speedup_options
 if TYPE_CHECKING:
     from PIL import Image
 
-DEMO_INSTRUCTION = "swap red and blue"
 RANDOM_DEMO_INSTRUCTION = "Make the sky behind the astronaut a deep purple"
 
 
@@ -188,9 +188,12 @@ def demo(out_path: Path, prompt: str | None, model_name: str, steps: int, cfg: f
     target = exact_target(image, prompt) if trained else None
     save_image(side_by_side(image, result, *([target] if target is not None else [])), pair_path)
     click.echo(pipe.timer.table())
-    if pipe.conditioning_from_cache:
-        click.echo(f"the MLLM's conditioning of this photo and instruction came from the cache in "
-                   f"{pipe.conditioning_cache.folder} (STEP1X_EXPORT_CACHE=off computes it)")
+    if pipe.conditioning_entry is not None:
+        where = ("from the entries shipped with the model (its MLLM's output, checked by the test suite)"
+                 if pipe.conditioning_entry.parent == pipe.conditioning_cache.shipped
+                 else f"from the cache in {pipe.conditioning_cache.folder}")
+        click.echo(f"the MLLM's conditioning of this photo and instruction came {where}; "
+                   "STEP1X_EXPORT_CACHE=off runs the MLLM")
     click.echo(f"wrote {out_path} ({result.width}x{result.height}) and {pair_path} "
                f"({'input | edit | exact target' if target is not None else 'input | edit'}, enlarged)")
     if not trained:

@@ -31,7 +31,7 @@ from .edit_inputs import (  # noqa: F401  (the edit's shared inputs, importable 
 )
 from .flow import EditFlow
 from .mllm.conditioner import Qwen25VLEmbedder
-from .mllm.conditioning_cache import ConditioningCache
+from .mllm.conditioning_cache import SHIPPED_CONDITIONING_DIR, ConditioningCache
 from .sampling import ProgressFn, StepFn, denoise, guided_euler, pack, unpack
 from .vae.autoencoder import AutoEncoder
 from .versions import edit_version
@@ -115,9 +115,13 @@ class Step1XEditPipeline:
         self.config = config
         self._embedder = embedder
         self.conditioning_cache = conditioning_cache
-        self.conditioning_from_cache = False  # whether the last edit's MLLM conditioning came from the cache
+        self.conditioning_entry: Path | None = None  # the cache entry the last edit's MLLM conditioning came from
         self.device, self.dtype = torch.device(device), dtype
         self.timer = StageTimer(self.device)
+
+    @property
+    def conditioning_from_cache(self) -> bool:
+        return self.conditioning_entry is not None
 
     @property
     def embedder(self) -> Qwen25VLEmbedder:
@@ -166,7 +170,9 @@ class Step1XEditPipeline:
 
         check_qwen_dir(files.qwen)  # a broken folder is refused at load, not at the first edit
         mllm_folders = [files.qwen, *([files.processor] if files.processor else [])]
-        cache = ConditioningCache.for_mllm(mllm_folders, config.embedder, dtype, torch.device(device))
+        shipped = Path(model_dir) / SHIPPED_CONDITIONING_DIR
+        cache = ConditioningCache.for_mllm(mllm_folders, config.embedder, dtype, torch.device(device),
+                                           shipped if shipped.is_dir() else None)
         return cls(config, model, ae, load_embedder, device=device, dtype=dtype, conditioning_cache=cache)
 
     @classmethod
@@ -236,10 +242,10 @@ class Step1XEditPipeline:
     def encode(self, texts: list[str], image: Image.Image):
         """The MLLM's conditioning of `texts` on `image`, from the conditioning cache when it has it."""
         cache = self.conditioning_cache
-        stored = cache.load(texts, image) if cache is not None else None
-        self.conditioning_from_cache = stored is not None
-        if stored is not None:
-            return tuple(t.to(self.device) for t in stored)
+        found = cache.lookup(texts, image) if cache is not None else None
+        self.conditioning_entry = None if found is None else found[1]
+        if found is not None:
+            return tuple(t.to(self.device) for t in found[0])
         encoded = self.embedder(texts, image)
         if cache is not None:
             cache.store(texts, image, encoded)

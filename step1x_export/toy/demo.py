@@ -3,11 +3,15 @@ edit's score."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 from PIL import Image
 
 from ..step1x_ref.imaging import edit_size, pil_to_tensor
 from .evaluate import to_pil
 from .tasks import psnr, task_for
+from .weights import DEMO_INSTRUCTION
 
 
 def demo_photo(trained: bool) -> tuple[str, Image.Image]:
@@ -61,3 +65,44 @@ def task_report(image: Image.Image, result: Image.Image, instruction: str) -> st
     model, identity = psnr(pil_to_tensor(result), target).item(), psnr(x, target).item()
     return (f"task {task.name}: PSNR vs the exact target {model:.2f} dB; returning the input unchanged: "
             f"{identity:.2f} dB")
+
+
+def demo_conditioning(pipe, size_level: int) -> list[tuple[list[str], Image.Image, tuple]]:
+    """What the demo's edit asks the MLLM (texts, image) and what the pipeline answers, in order."""
+    calls = []
+    encode = pipe.encode
+
+    def recording(texts: list[str], image: Image.Image):
+        outputs = encode(texts, image)
+        calls.append((texts, image, outputs))
+        return outputs
+
+    pipe.encode = recording
+    try:
+        image = edit_resolution(demo_photo(trained=True)[1], size_level)
+        pipe.prepare(image, DEMO_INSTRUCTION, seed=0, steps=1, size_level=size_level)
+    finally:
+        del pipe.encode  # the class's method again
+    return calls
+
+
+def ship_demo_conditioning(weights_dir: Path, size_level: int) -> list[Path]:
+    """Write the toy MLLM's conditioning of the demo's photo and instruction into the weights folder's shipped
+    entries (replacing any there), computed by the MLLM now: the demo's first run then skips transformers'
+    imports, seconds of a first run whose edit takes half a second."""
+    import torch
+
+    from ..step1x_ref.configs import get_config
+    from ..step1x_ref.mllm.conditioning_cache import SHIPPED_CONDITIONING_DIR, ConditioningCache
+    from ..step1x_ref.pipeline import Step1XEditPipeline
+    from ..step1x_ref.weights.loading import ModelFiles
+
+    config = get_config("toy")
+    pipe = Step1XEditPipeline.from_pretrained(weights_dir, config=config, dtype=torch.float32)
+    pipe.conditioning_cache = None  # the MLLM itself, never an entry
+    files = ModelFiles.in_dir(weights_dir, config.version)
+    shipped = Path(weights_dir) / SHIPPED_CONDITIONING_DIR
+    shutil.rmtree(shipped, ignore_errors=True)
+    cache = ConditioningCache(shipped, (files.qwen, *([files.processor] if files.processor else [])),
+                              config.embedder, torch.float32, "cpu", shipped)
+    return [cache.ship(texts, image, outputs) for texts, image, outputs in demo_conditioning(pipe, size_level)]

@@ -11,3 +11,4 @@ FIGURES_FILE = "figures.json"  # what the training run measured on the held-out 
 TOY_SIZE = 64  # the edit resolution it was trained for (size_level)
 TOY_STEPS = 28
 TOY_CFG = get_config("toy").default_cfg  # the guidance it is run with (measured best for it)
+DEMO_INSTRUCTION = "swap red and blue"  # what `step1x-export demo` asks of it
