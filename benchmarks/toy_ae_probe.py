@@ -101,6 +101,23 @@ def reconstruction_loss(out: Tensor, x: Tensor, loss: str, edge_weight: float, c
     return value
 
 
+def patch_pca(pool: Tensor, channels: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """The linear code a latent can be taught first: the top `channels` principal components of the pool's
+    8x8 patches (and their task targets), whitened. Returns mean [192], basis [channels, 192], std [channels]."""
+    x = random_task_images(pool, gen) * 2 - 1
+    patches = F.pixel_unshuffle(x, 8).permute(0, 2, 3, 1).reshape(-1, 192)
+    mean = patches.mean(0)
+    _, s, v = torch.linalg.svd(patches[::3] - mean, full_matrices=False)
+    std = s[:channels] / math.sqrt(patches[::3].shape[0] - 1)
+    return mean, v[:channels], std
+
+
+def pca_codes(x: Tensor, mean: Tensor, basis: Tensor, std: Tensor) -> Tensor:
+    """[B, 3, H, W] in [-1, 1] -> whitened patch-PCA codes [B, C, H/8, W/8]."""
+    patches = F.pixel_unshuffle(x, 8).permute(0, 2, 3, 1)
+    return (((patches - mean) @ basis.T) / std).permute(0, 3, 1, 2)
+
+
 def chroma(x: Tensor) -> Tensor:
     """Per image, the mean distance of a pixel's channels from their mean: 0 for a grey picture."""
     return (x - x.mean(1, keepdim=True)).abs().mean(dim=(1, 2, 3))
@@ -152,6 +169,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ch-mult", type=int, nargs=4, help="width multiples of the 4 levels [1 1 1 1, the toy's]")
     p.add_argument("--res-blocks", type=int, help="encoder resnets a level (the decoder's: one more) [0, the toy's]")
     p.add_argument("--groups", type=int, default=32, help="GroupNorm groups in every norm [32, FLUX's]")
+    p.add_argument("--pca-weight", type=float, default=0.0,
+                   help="weight of an MSE pulling the latent to the whitened 8x8 patch-PCA code [0]")
+    p.add_argument("--pca-decoder-weight", type=float, default=0.0,
+                   help="weight of the decoder's reconstruction from the PCA code itself (faded as --pca-weight) [0]")
+    p.add_argument("--pca-until", type=float, default=1.0,
+                   help="share of the steps the PCA pull lasts, fading linearly to 0 [1.0: to the end]")
     p.add_argument("--no-tasks", action="store_true", help="train on the images only, not task targets too")
     p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps [0: only at the end]")
     p.add_argument("--png-dir", type=Path, help="write input|decoded PNGs of the held-out images here")
@@ -168,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{sum(q.numel() for q in ae.parameters()) / 1e6:.2f} M params; {vars(args)}", flush=True)
     gen = torch.Generator().manual_seed(args.seed + 10)
     opt = torch.optim.Adam(ae.parameters(), lr=args.lr)
+    if args.pca_weight:
+        pca = patch_pca(pool, ae.params.z_channels, torch.Generator().manual_seed(args.seed + 40))
     ae.train()
     for step in range(args.steps):
         side = args.crops[step % len(args.crops)]
@@ -182,6 +207,13 @@ def main(argv: list[str] | None = None) -> None:
         loss = reconstruction_loss(out, x, args.loss, args.edge_weight, args.colour_weight)
         if args.latent_norm_weight:
             loss = loss + args.latent_norm_weight * latent_norm_penalty(z)
+        fade = max(0.0, 1 - step / max(1.0, args.pca_until * args.steps))
+        if args.pca_weight and fade:
+            codes = pca_codes(x, *pca)
+            loss = loss + args.pca_weight * fade * F.mse_loss(z, codes)
+            if args.pca_decoder_weight:
+                taught = ae.decoder(codes)
+                loss = loss + args.pca_decoder_weight * fade * reconstruction_loss(taught, x, args.loss, 0, 0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
