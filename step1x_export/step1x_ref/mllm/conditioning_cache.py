@@ -21,6 +21,7 @@ were made by whoever trained the model, with theirs); the suite recomputes the t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -139,10 +140,8 @@ class ConditioningCache:
         """Keep `outputs` when they are tensors (the v1.0 / v1.1 embedders' (embedding, mask)); a cache that
         cannot be written costs the next edit time, never this one."""
         if _storable(outputs):
-            try:
+            with contextlib.suppress(OSError):
                 _write_entry(self.path(texts, image), outputs)
-            except OSError:
-                pass
 
     def ship(self, texts: list[str], image: Image.Image, outputs: tuple[torch.Tensor, ...]) -> Path:
         """Write `outputs` as an entry shipped with the model (into `shipped`); errors are raised."""
