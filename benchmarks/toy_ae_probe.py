@@ -27,6 +27,15 @@ from torch import Tensor
 
 from step1x_export.step1x_ref.configs import get_config
 from step1x_export.step1x_ref.vae.autoencoder import AutoEncoder
+from step1x_export.toy.autoencoder_phase import (
+    latent_norm_penalty,
+    lr_at,
+    patch_pca,
+    pca_codes,
+    pool_crops,
+    random_task_images,
+    set_lr,
+)
 from step1x_export.toy.data import (
     HELDOUT_PHOTOS,
     TRAIN_PHOTOS,
@@ -36,7 +45,6 @@ from step1x_export.toy.data import (
 )
 from step1x_export.toy.drawn import drawn_picture
 from step1x_export.toy.tasks import psnr
-from step1x_export.toy.train import latent_norm_penalty, lr_at, random_task_images, set_lr
 
 SHAPES = ((64, 64), (128, 128), (192, 128))
 POOL_SIDE = 128
@@ -54,15 +62,6 @@ def build_pool(count: int, drawn_share: float, seed: int) -> Tensor:
             photo = photos[int(torch.randint(0, len(photos), (), generator=gen))]
             images.append(augmented_crop(photo, POOL_SIDE, gen))
     return torch.stack(images)
-
-
-def pool_crops(pool: Tensor, count: int, side: int, gen: torch.Generator) -> Tensor:
-    idx = torch.randint(0, pool.shape[0], (count,), generator=gen).tolist()
-    crops = []
-    for i in idx:
-        top, left = torch.randint(0, POOL_SIDE - side + 1, (2,), generator=gen).tolist()
-        crops.append(pool[i, :, top : top + side, left : left + side])
-    return torch.stack(crops)
 
 
 def build_autoencoder(width: int, groups: int, seed: int, ch_mult: tuple[int, ...] | None = None,
@@ -99,23 +98,6 @@ def reconstruction_loss(out: Tensor, x: Tensor, loss: str, edge_weight: float, c
         grey_free = lambda t: t - t.mean(1, keepdim=True)  # noqa: E731
         value = value + colour_weight * (grey_free(out) - grey_free(x)).abs().mean()
     return value
-
-
-def patch_pca(pool: Tensor, channels: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-    """The linear code a latent can be taught first: the top `channels` principal components of the pool's
-    8x8 patches (and their task targets), whitened. Returns mean [192], basis [channels, 192], std [channels]."""
-    x = random_task_images(pool, gen) * 2 - 1
-    patches = F.pixel_unshuffle(x, 8).permute(0, 2, 3, 1).reshape(-1, 192)
-    mean = patches.mean(0)
-    _, s, v = torch.linalg.svd(patches[::3] - mean, full_matrices=False)
-    std = s[:channels] / math.sqrt(patches[::3].shape[0] - 1)
-    return mean, v[:channels], std
-
-
-def pca_codes(x: Tensor, mean: Tensor, basis: Tensor, std: Tensor) -> Tensor:
-    """[B, 3, H, W] in [-1, 1] -> whitened patch-PCA codes [B, C, H/8, W/8]."""
-    patches = F.pixel_unshuffle(x, 8).permute(0, 2, 3, 1)
-    return (((patches - mean) @ basis.T) / std).permute(0, 3, 1, 2)
 
 
 def chroma(x: Tensor) -> Tensor:
@@ -192,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(args.seed + 10)
     opt = torch.optim.Adam(ae.parameters(), lr=args.lr)
     if args.pca_weight:
-        pca = patch_pca(pool, ae.params.z_channels, torch.Generator().manual_seed(args.seed + 40))
+        gen_pca = torch.Generator().manual_seed(args.seed + 40)
+        pca = patch_pca(random_task_images(pool[::3], gen_pca) * 2 - 1, ae.params.z_channels)
     ae.train()
     for step in range(args.steps):
         side = args.crops[step % len(args.crops)]

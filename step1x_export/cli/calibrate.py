@@ -44,7 +44,7 @@ from .common import (
               help="Denoising steps per pair (statistics cover every step, both CFG branches).")
 @click.option("--size-level", type=click.IntRange(16, 4096), default=None,
               help="Edit resolution of the calibration runs (use the one you deploy at) [default: 1024 for the real "
-                   "model, 64 for toy, 256 for the tiny ones].")
+                   "model, 128 for toy, 256 for the tiny ones].")
 @click.option("--cfg", type=CFG, default=None,
               help=f"True-CFG guidance scale [default: 6.0 (upstream's); {get_config('toy').default_cfg} for toy "
               "(what it runs with)].")
@@ -111,7 +111,7 @@ def calibrate(
     else:
         pipe = small_pipeline(model_name, dtype=torch_dtype(dtype or "fp32"))
         merge_loras(pipe.model, loras)
-    size_level = size_level or profile_for(pipe.config).max_level
+    size_level = size_level or profile_for(pipe.config).default_level
     cfg = cfg if cfg is not None else pipe.config.default_cfg
     pairs = calib[:samples]
     stats = collect_stats(pipe, pairs, steps=steps, size_level=size_level, cfg=cfg, seed=seed, progress=not quiet)

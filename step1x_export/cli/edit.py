@@ -40,7 +40,8 @@ RANDOM_DEMO_INSTRUCTION = "Make the sky behind the astronaut a deep purple"
               help="v1.2 --reflect: attempts per judging step when the MLLM's answer does not parse (upstream's 20).")
 @click.option("--size-level", type=click.IntRange(16, 4096), default=None,
               help="Edit resolution: area ~ size_level^2, aspect kept; the output is resized back to the input's size "
-                   "[default: 1024 for the real model (upstream's), 256 for the tiny ones (their largest profile)].")
+                   "[default: 1024 for the real model (upstream's), 128 for toy (it trained at 64 to 160), 256 for the tiny "
+                   "ones (their largest profile)].")
 @click.option("--negative-prompt", default=None,
               help='Instruction of the unconditional branch [default: "" for an edit; upstream\'s negative prompt '
                    "(worst quality, ...) for text-to-image].")
@@ -143,7 +144,7 @@ def echo_reasoning(reasoned) -> None:
               help=f"True-CFG guidance scale [default: {get_config('toy').default_cfg} for toy (measured best for it), "
               "6.0 for tiny].")
 @click.option("--size-level", type=click.IntRange(16, 1024), default=None,
-              help="Edit resolution [default: the model's largest profile: 64 for toy (its training resolution), "
+              help="Edit resolution [default: the model's: 128 for toy (it trained at 64 to 160, up to 2:1), "
                    "256 for tiny].")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Noise seed (and weight seed of tiny).")
 @user_errors
@@ -165,7 +166,7 @@ def demo(out_path: Path, prompt: str | None, model_name: str, steps: int, cfg: f
     trained = model_name in PACKAGED
     prompt = prompt if prompt is not None else (DEMO_INSTRUCTION if trained else RANDOM_DEMO_INSTRUCTION)
     pipe = small_pipeline(model_name, seed=seed)
-    size_level = size_level or profile_for(pipe.config).max_level
+    size_level = size_level or profile_for(pipe.config).default_level
     cfg = cfg if cfg is not None else get_config(model_name).default_cfg
     # The photo is brought to the edit resolution first, so the edit is shown and scored as the model made it.
     photo_name, photo = demo_photo(trained)

@@ -221,17 +221,18 @@ _V12_EMBEDDER = replace(_FULL_EMBEDDER, max_length=2048, drop_tokens=90, max_pix
 _TINY_V12_EMBEDDER = replace(_V12_EMBEDDER, hidden_size=64, drop_tokens=222)
 _V12 = ReasonEditParams(token_mapping_in=3584, token_mapping_out=4096)
 _TINY_V12 = replace(_V12, token_mapping_in=64, token_mapping_out=64)
-# `toy`: the same architecture at a size that trains on one CPU core in about 35 minutes and really
-# edits (step1x_export.toy). Edits are 64 x 64 px: an 8 x 8 latent, 4 x 4 = 16 DiT image tokens. The
+# `toy`: the same architecture at a size that trains on one CPU core in about 70 minutes and really
+# edits (step1x_export.toy), at size levels 64 to 160 and aspect ratios up to 2:1; by default at 128:
+# 128 x 128 px, a 16 x 16 latent, 8 x 8 = 64 DiT image tokens. The
 # autoencoder is 96 wide with no resnets in its encoder levels: its output norms have 32 groups, and at
 # width 32 or 64 (1-2 channels a group) they normalise the colour of an image away (measured: flat
 # colours decode to the same grey), so the width sets how much colour gets through. Its latent is
-# trained normalised (scale 1, shift 0); the MLLM sees the image as 2 x 2 merged tokens, and every
-# instruction it is trained on fits in 48 kept tokens.
+# trained normalised (scale 1, shift 0); the MLLM sees the image as 2 x 2 merged tokens (at most 16), and
+# every instruction it is trained on fits, with them, in 64 kept tokens.
 _TOY_DIT = replace(_TINY_DIT, hidden_size=96, num_heads=3, context_in_dim=96)
 _TOY_CONNECTOR = ConnectorParams(in_channels=64, hidden_size=96, num_heads=2, depth=1, global_dim=32)
 _TOY_VAE = replace(_FLUX_VAE, ch=96, ch_mult=(1, 1, 1, 1), num_res_blocks=0, scale_factor=1.0, shift_factor=0.0)
-_TOY_EMBEDDER = replace(_TINY_EMBEDDER, max_length=48, min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28)
+_TOY_EMBEDDER = replace(_TINY_EMBEDDER, max_length=64, min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28)
 
 
 def _tiny(name: str, version: Version) -> ModelConfig:

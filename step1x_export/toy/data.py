@@ -135,10 +135,23 @@ def augmented_crop(photo: Tensor, size: int, gen: torch.Generator) -> Tensor:
     return quantize(colour_jitter(x, gen))
 
 
-def crop_batch(photos: list[Tensor], count: int, size: int, gen: torch.Generator) -> Tensor:
-    """`count` augmented crops [count, 3, size, size], each from a photo drawn at random."""
-    picks = torch.randint(0, len(photos), (count,), generator=gen).tolist()
-    return torch.stack([augmented_crop(photos[i], size, gen) for i in picks])
+def training_image(photos: list[Tensor], width: int, height: int, gen: torch.Generator, drawn_share: float) -> Tensor:
+    """One training image [3, height, width] on 8-bit levels: a picture drawn here (posters, drawings, screens:
+    `drawn_share` of them), else an augmented crop of a photo at that aspect (crop, flip, colour jitter)."""
+    from .drawn import drawn_picture
+
+    if float(torch.rand((), generator=gen)) < drawn_share:
+        return quantize(drawn_picture(width, height, gen))
+    x = aspect_crop(photos[int(torch.randint(0, len(photos), (), generator=gen))], width, height, gen, min_scale=0.2)
+    if float(torch.rand((), generator=gen)) < 0.5:
+        x = x.flip(-1)
+    return quantize(colour_jitter(x, gen))
+
+
+def image_batch(photos: list[Tensor], count: int, width: int, height: int, gen: torch.Generator,
+                drawn_share: float) -> Tensor:
+    """`count` training images [count, 3, height, width], from one seeded generator."""
+    return torch.stack([training_image(photos, width, height, gen, drawn_share) for _ in range(count)])
 
 
 def heldout_views(size: int, per_photo: int = 4, seed: int = 1234) -> tuple[list[str], Tensor]:

@@ -15,16 +15,13 @@ from .weights import DEMO_INSTRUCTION
 
 
 def demo_photo(trained: bool) -> tuple[str, Image.Image]:
-    """The demo's input: for a trained model, the centre square of scikit-image's coffee photo (held out:
-    never seen in training; square, as the toy trained); for random weights, the astronaut, whole."""
+    """The demo's input: for a trained model, scikit-image's coffee photo, whole (3:2; held out: never seen in
+    training); for random weights, the astronaut, whole."""
     from skimage import data as skimage_data  # real photographs that ship with a dependency
 
     if not trained:
         return "astronaut", Image.fromarray(skimage_data.astronaut())
-    photo = Image.fromarray(skimage_data.coffee())
-    side = min(photo.size)
-    left, top = (photo.width - side) // 2, (photo.height - side) // 2
-    return "coffee (centre square)", photo.crop((left, top, left + side, top + side))
+    return "coffee", Image.fromarray(skimage_data.coffee())
 
 
 def edit_resolution(image: Image.Image, size_level: int) -> Image.Image:

@@ -3,20 +3,23 @@
     python -m step1x_export.toy.train [--out DIR] [--seed 0] [--quick]
 
 The MLLM (the tiny Qwen2.5-VL with our tokenizer) stays as its seeded random initialisation, frozen:
-the connector learns to read its hidden states. The DiT learns rectified flow on the sampler's own
-shifted timesteps, with the instruction dropped (replaced by "", as the CFG branch has it) 15% of the
-time so true CFG works; mirroring and inverting are drawn more often than the other tasks
-(`TrainPlan.task_weights`). Data: augmented crops of the training photos (`data.TRAIN_PHOTOS`); the held-out
-photos are used only for the figures printed (the autoencoder's reconstruction after its phase, every task
-at the end), never to train. One CPU thread: deterministic, and on a shared
-2-core machine faster than two (no OpenMP barriers waiting on a busy core).
+the connector learns to read its hidden states. The autoencoder learns reconstruction on crops of photos and
+drawn pictures, its latent pulled towards the whitened principal components of 8x8 patches (a linear code
+that already reconstructs the held-out images at ~28 dB: the conv layers start from a good latent instead of
+searching for one, which at 8 images a step on one core they did not find in 25 minutes). The DiT learns
+rectified flow on the sampler's own shifted timesteps, with the instruction dropped (replaced by "", as the
+CFG branch has it) 15% of the time so true CFG works; mirroring and inverting are drawn more often than the
+other tasks (`TrainPlan.task_weights`). Every DiT step is one shape of the toy's profile (size levels and
+aspect ratios up to 2:1 both ways), its batch sized so each step holds about the same number of tokens.
+Data: augmented crops of the training photos (`data.TRAIN_PHOTOS`) and pictures drawn here (`drawn`); the
+held-out images are used only for the figures printed, never to train. One CPU thread: deterministic, and on
+a shared 2-core machine faster than two (no OpenMP barriers waiting on a busy core).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,26 +36,36 @@ from ..step1x_ref.dit.model import Step1XEdit
 from ..step1x_ref.imaging import tensor_to_pil
 from ..step1x_ref.mllm.conditioner import Qwen25VLEmbedder
 from ..step1x_ref.pipeline import Step1XEditPipeline
+from ..step1x_ref.profiles import TOY_PROFILE
 from ..step1x_ref.sampling import pack, position_ids, schedule_mu, time_shift
 from ..step1x_ref.vae.autoencoder import AutoEncoder
-from .data import TRAIN_PHOTOS, crop_batch, heldout_views, photo_tensors
-from .tasks import TASKS, psnr
+from .autoencoder_phase import lr_at, reconstruction_db, reconstruction_report, set_lr, train_autoencoder
+from .data import EVAL_SHAPES, TRAIN_PHOTOS, image_batch, photo_tensors, size_level_for
+from .demo import ship_demo_conditioning
+from .tasks import TASKS
 from .weights import FIGURES_FILE, TOY_CFG, TOY_SIZE, TOY_STEPS, WEIGHTS_DIR
+
+Shape = tuple[int, int]  # (width, height) in pixels, multiples of 16
 
 
 @dataclass(frozen=True)
 class TrainPlan:
     seed: int = 0
-    size: int = TOY_SIZE  # edit resolution (px)
-    pool: int = 1200  # augmented training crops (shared by both phases)
-    ae_steps: int = 2000  # at ae_crop px, batch ae_batch
-    ae_crop: int = 32
+    levels: tuple[int, ...] = (64, 80, 96, 112, 128, 144, 160)  # size levels the DiT's shapes come from
+    pool_per_shape: int = 16  # the DiT's training images of each shape
+    drawn_share: float = 0.35  # of the training images: drawn pictures; the rest are crops of photos
+    ae_pool: int = 600  # the autoencoder's training images, ae_pool_side px square
+    ae_pool_side: int = 128
+    ae_steps: int = 3400
+    # Square crops, their side cycling through ae_crops, ae_batch of them every step: fewer images a step
+    # (a fixed pixel budget at large crops) decoded everything grey.
+    ae_crops: tuple[int, ...] = (32, 48, 64)
     ae_batch: int = 8
-    ae_full_steps: int = 500  # then at the edit resolution, batch ae_batch // 2
     ae_lr: float = 1e-3
     latent_norm_weight: float = 0.05  # keeps each latent channel ~N(0, 1): scale 1 / shift 0 in the config
-    dit_steps: int = 6000
-    dit_batch: int = 32
+    pca_weight: float = 1.0  # pull of the latent towards the whitened 8x8 patch-PCA code
+    dit_steps: int = 9000
+    dit_tokens: int = 2560  # sequence tokens (text + noisy + reference) per DiT step: the batch follows the shape
     dit_lr: float = 1e-3
     warmup: int = 100
     ema: float = 0.998
@@ -60,27 +73,27 @@ class TrainPlan:
     # Tasks drawn more often than the others (the rest weigh 1): mirroring moves content across the
     # image, which the DiT can only do through RoPE's relative positions, and it learns that last.
     task_weights: tuple[tuple[str, float], ...] = (("mirror", 3.0), ("invert", 1.5))
-    mllm_views: int = 24  # pool images the MLLM sees with each instruction
-    eval_views: int = 4  # per held-out photo
+    mllm_views: int = 24  # training images (of every shape) the MLLM sees with each instruction
+    eval_views: int = 1  # per held-out image and evaluated shape (1: its centre crop)
 
     @classmethod
     def quick(cls, seed: int = 0) -> TrainPlan:
         """A few steps of everything (tests of determinism and of the plumbing)."""
-        return cls(seed=seed, pool=8, ae_steps=2, ae_full_steps=1, dit_steps=2, dit_batch=4, warmup=1,
-                   mllm_views=1, eval_views=1)
+        return cls(seed=seed, levels=(64,), pool_per_shape=2, ae_pool=4, ae_steps=2, ae_crops=(32, 64),
+                   ae_batch=2, dit_steps=2, dit_tokens=160, warmup=1, mllm_views=1, eval_views=1)
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+def plan_from_json(fields: dict) -> TrainPlan:
+    """The plan figures.json records (JSON turned its tuples into lists)."""
+    return TrainPlan(**{k: tuple(map(tuple, v)) if k == "task_weights" else tuple(v) if isinstance(v, list) else v
+                        for k, v in fields.items()})
 
 
-def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    for group in opt.param_groups:
-        group["lr"] = lr
+def training_shapes(plan: TrainPlan) -> list[Shape]:
+    """Every (width, height) the edit size rule gives at the plan's size levels for aspect ratios within the
+    toy's profile, smallest first."""
+    shapes = {shape for level in plan.levels for shape in TOY_PROFILE.edit_sizes(level)}
+    return sorted(shapes, key=lambda s: (s[0] * s[1], s))
 
 
 def build_untrained(config: ModelConfig, seed: int) -> tuple[Step1XEdit, AutoEncoder, Qwen25VLEmbedder]:
@@ -95,56 +108,23 @@ def build_untrained(config: ModelConfig, seed: int) -> tuple[Step1XEdit, AutoEnc
     return model, ae, embedder
 
 
-def random_task_images(x: Tensor, gen: torch.Generator) -> Tensor:
-    """Each image replaced by one task's target at random: the autoencoder must also reproduce the edits."""
-    picks = torch.randint(0, len(TASKS), (x.shape[0],), generator=gen).tolist()
-    return torch.stack([TASKS[k].target(img[None])[0] for k, img in zip(picks, x, strict=True)])
+@dataclass
+class ShapeLatents:
+    """One training shape's data for the DiT: packed latents of its images [P, N, 64], of every task's
+    target [P, T, N, 64], and the RoPE table of (text | noisy | reference) positions."""
 
+    shape: Shape
+    refs: Tensor
+    targets: Tensor
+    pe: Tensor
 
-def latent_norm_penalty(z: Tensor) -> Tensor:
-    mean = z.mean(dim=(0, 2, 3))
-    std = z.std(dim=(0, 2, 3))
-    return mean.pow(2).mean() + (std - 1).pow(2).mean()
-
-
-def train_autoencoder(ae: AutoEncoder, pool: Tensor, plan: TrainPlan, log) -> None:
-    """Reconstruction (MSE + 0.1 L1 in [-1, 1]) on crops of the pool and their task targets."""
-    gen = torch.Generator().manual_seed(plan.seed + 10)
-    opt = torch.optim.Adam(ae.parameters(), lr=plan.ae_lr)
-    ae.train().requires_grad_(True)
-    total = plan.ae_steps + plan.ae_full_steps
-    for step in range(total):
-        full = step >= plan.ae_steps
-        batch, side = (plan.ae_batch // 2, plan.size) if full else (plan.ae_batch, plan.ae_crop)
-        idx = torch.randint(0, pool.shape[0], (batch,), generator=gen)
-        x = random_task_images(pool[idx], gen)
-        if not full:
-            top, left = torch.randint(0, plan.size - side + 1, (2,), generator=gen).tolist()
-            x = x[..., top : top + side, left : left + side]
-        x = x * 2 - 1
-        set_lr(opt, lr_at(step, total, plan.ae_lr, plan.warmup))
-        z = ae.encoder(x).chunk(2, dim=1)[0]
-        out = ae.decoder(z)
-        mse = F.mse_loss(out, x)
-        loss = mse + 0.1 * (out - x).abs().mean() + plan.latent_norm_weight * latent_norm_penalty(z)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 100 == 0 or step == total - 1:
-            log(f"ae {step + 1}/{total} mse {mse.item():.5f} ({10 * math.log10(4 / mse.item()):.2f} dB)")
-    ae.eval().requires_grad_(False)
+    @property
+    def tokens(self) -> int:
+        return self.refs.shape[1]
 
 
 @torch.inference_mode()
-def heldout_reconstruction_db(ae: AutoEncoder, size: int) -> float:
-    """Mean PSNR of decode(encode(x)) over the held-out views: the ceiling every edit's figure sits under."""
-    _, views = heldout_views(size)
-    out = ae.decode(ae.encode(views * 2 - 1)).clamp(-1, 1) * 0.5 + 0.5
-    return psnr(out, views).mean().item()
-
-
-@torch.inference_mode()
-def encode_pool(ae: AutoEncoder, pool: Tensor, chunk: int = 100) -> tuple[Tensor, Tensor]:
+def encode_pool(ae: AutoEncoder, pool: Tensor, chunk: int = 64) -> tuple[Tensor, Tensor]:
     """Packed latents of the pool images [P, N, 64] and of every task's target [P, T, N, 64]."""
     def enc(x: Tensor) -> Tensor:
         return torch.cat([pack(ae.encode(x[i : i + chunk] * 2 - 1)) for i in range(0, x.shape[0], chunk)])
@@ -154,8 +134,18 @@ def encode_pool(ae: AutoEncoder, pool: Tensor, chunk: int = 100) -> tuple[Tensor
     return refs, targets
 
 
+def shape_latents(model: Step1XEdit, ae: AutoEncoder, pools: list[Tensor], txt_len: int) -> list[ShapeLatents]:
+    out = []
+    for pool in pools:
+        h, w = pool.shape[-2:]
+        refs, targets = encode_pool(ae, pool)
+        pe = rope_table(position_ids(txt_len, h // 16, w // 16, "v1.1"), model.params.axes_dim, model.params.theta)
+        out.append(ShapeLatents((w, h), refs, targets, pe))
+    return out
+
+
 @torch.inference_mode()
-def embed_instructions(embedder: Qwen25VLEmbedder, images: Tensor) -> tuple[Tensor, Tensor, list[int]]:
+def embed_instructions(embedder: Qwen25VLEmbedder, images: list[Tensor]) -> tuple[Tensor, Tensor, list[int]]:
     """MLLM embeddings of every instruction, and of "" last, with each of `images` as the picture:
     emb [I + 1, V, L, C], mask [I + 1, V, L], and the task index of each instruction."""
     prompts = [(k, text) for k, task in enumerate(TASKS) for text in task.instructions]
@@ -168,6 +158,11 @@ def embed_instructions(embedder: Qwen25VLEmbedder, images: Tensor) -> tuple[Tens
     return torch.stack(embs, 1), torch.stack(masks, 1), [k for k, _ in prompts]
 
 
+def mllm_images(pools: list[Tensor], count: int) -> list[Tensor]:
+    """`count` training images spread over the shapes (the MLLM sees each instruction with all of them)."""
+    return [pools[(k * len(pools)) // count][k % pools[0].shape[0]] for k in range(count)]
+
+
 def task_draw_weights(plan: TrainPlan) -> Tensor:
     weights = dict(plan.task_weights)
     unknown = set(weights) - {t.name for t in TASKS}
@@ -177,14 +172,15 @@ def task_draw_weights(plan: TrainPlan) -> Tensor:
     return torch.tensor([float(weights.get(t.name, 1.0)) for t in TASKS])
 
 
-def train_dit(model: Step1XEdit, refs: Tensor, targets: Tensor, emb: Tensor, mask: Tensor, prompt_task: list[int],
+def _randint(n: int, gen: torch.Generator) -> int:
+    return int(torch.randint(0, n, (), generator=gen))
+
+
+def train_dit(model: Step1XEdit, data: list[ShapeLatents], emb: Tensor, mask: Tensor, prompt_task: list[int],
               plan: TrainPlan, log) -> AveragedModel:
-    """Rectified flow: x_t = (1 - t) x0 + t noise, the DiT predicts noise - x0 from (x_t | reference)."""
+    """Rectified flow: x_t = (1 - t) x0 + t noise, the DiT predicts noise - x0 from (x_t | reference).
+    Each step is one shape drawn at random, with as many images as fit `plan.dit_tokens`."""
     gen = torch.Generator().manual_seed(plan.seed + 20)
-    n_tokens = refs.shape[1]
-    grid = plan.size // 16
-    pe = rope_table(position_ids(emb.shape[2], grid, grid, "v1.1"), model.params.axes_dim, model.params.theta)
-    mu = schedule_mu(n_tokens)
     by_task = [torch.tensor([i for i, k in enumerate(prompt_task) if k == t]) for t in range(len(TASKS))]
     uncond = emb.shape[0] - 1
     draw = task_draw_weights(plan)
@@ -192,20 +188,22 @@ def train_dit(model: Step1XEdit, refs: Tensor, targets: Tensor, emb: Tensor, mas
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(plan.ema))
     opt = torch.optim.AdamW(model.parameters(), lr=plan.dit_lr, weight_decay=0.0)
     for step in range(plan.dit_steps):
-        b = plan.dit_batch
-        img_idx = torch.randint(0, refs.shape[0], (b,), generator=gen)
+        shape = data[_randint(len(data), gen)]
+        n = shape.tokens
+        b = max(1, plan.dit_tokens // (2 * n + emb.shape[2]))
+        img_idx = torch.randint(0, shape.refs.shape[0], (b,), generator=gen)
         task_idx = torch.multinomial(draw, b, replacement=True, generator=gen)
         choice = torch.randint(0, 1 << 20, (b,), generator=gen)
         prompt = torch.stack([by_task[t][c % len(by_task[t])] for t, c in zip(task_idx.tolist(), choice, strict=True)])
         prompt = torch.where(torch.rand(b, generator=gen) < plan.instruction_dropout, uncond, prompt)
         view = torch.randint(0, emb.shape[1], (b,), generator=gen)
-        t = time_shift(mu, 1.0, torch.rand(b, generator=gen).clamp(1e-4, 1 - 1e-4))
-        noise = torch.randn(b, n_tokens, 64, generator=gen)
-        x0, ref = targets[img_idx, task_idx], refs[img_idx]
+        t = time_shift(schedule_mu(n), 1.0, torch.rand(b, generator=gen).clamp(1e-4, 1 - 1e-4))
+        noise = torch.randn(b, n, 64, generator=gen)
+        x0, ref = shape.targets[img_idx, task_idx], shape.refs[img_idx]
         tt = t[:, None, None]
         x_t = (1 - tt) * x0 + tt * noise
         set_lr(opt, lr_at(step, plan.dit_steps, plan.dit_lr, plan.warmup))
-        pred = model(torch.cat([x_t, ref], dim=1), pe, t, emb[prompt, view], mask[prompt, view])[:, :n_tokens]
+        pred = model(torch.cat([x_t, ref], dim=1), shape.pe, t, emb[prompt, view], mask[prompt, view])[:, :n]
         loss = F.mse_loss(pred, noise - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -213,7 +211,7 @@ def train_dit(model: Step1XEdit, refs: Tensor, targets: Tensor, emb: Tensor, mas
         opt.step()
         ema.update_parameters(model)
         if step % 100 == 0 or step == plan.dit_steps - 1:
-            log(f"dit {step + 1}/{plan.dit_steps} loss {loss.item():.4f}")
+            log(f"dit {step + 1}/{plan.dit_steps} {shape.shape[0]}x{shape.shape[1]} x{b} loss {loss.item():.4f}")
     model.eval().requires_grad_(False)
     return ema
 
@@ -235,51 +233,64 @@ def train(plan: TrainPlan, log=print, ae_checkpoint: Path | None = None) -> Step
 def _train(plan: TrainPlan, log, ae_checkpoint: Path | None) -> Step1XEditPipeline:
     config = get_config("toy")
     model, ae, embedder = build_untrained(config, plan.seed)
-    gen = torch.Generator().manual_seed(plan.seed + 30)
     t0 = time.perf_counter()
-    pool = crop_batch(photo_tensors(TRAIN_PHOTOS, max_short_side=320), plan.pool, plan.size, gen)
-    log(f"{plan.pool} training crops of {len(TRAIN_PHOTOS)} photos in {time.perf_counter() - t0:.0f} s")
+    gen = torch.Generator().manual_seed(plan.seed + 30)
+    photos = photo_tensors(TRAIN_PHOTOS, max_short_side=320)
+    side = plan.ae_pool_side
+    ae_pool = image_batch(photos, plan.ae_pool, side, side, gen, plan.drawn_share)
+    shapes = training_shapes(plan)
+    pools = [image_batch(photos, plan.pool_per_shape, w, h, gen, plan.drawn_share) for w, h in shapes]
+    log(f"{plan.ae_pool} autoencoder images ({side}x{side}) and {plan.pool_per_shape} DiT images at each of "
+        f"{len(shapes)} shapes ({shapes[0][0]}x{shapes[0][1]} to {shapes[-1][0]}x{shapes[-1][1]}), "
+        f"{plan.drawn_share:.0%} drawn, in {time.perf_counter() - t0:.0f} s")
     if ae_checkpoint is not None and ae_checkpoint.is_file():
         ae.load_state_dict(load_file(str(ae_checkpoint)))
         ae.eval().requires_grad_(False)
         log(f"autoencoder read from {ae_checkpoint}")
     else:
-        train_autoencoder(ae, pool, plan, log)
+        train_autoencoder(ae, ae_pool, plan, log)
         if ae_checkpoint is not None:
             save_file(ae.state_dict(), str(ae_checkpoint))
-    log(f"autoencoder trained at {time.perf_counter() - t0:.0f} s; held-out reconstruction "
-        f"{heldout_reconstruction_db(ae, plan.size):.2f} dB (reported, never trained on)")
-    refs, targets = encode_pool(ae, pool)
-    log(f"latents std {refs.std().item():.3f} mean {refs.mean().item():.3f}; "
-        f"encoded at {time.perf_counter() - t0:.0f} s")
-    emb, mask, prompt_task = embed_instructions(embedder, pool[: plan.mllm_views])
-    log(f"{len(prompt_task)} instructions embedded at {time.perf_counter() - t0:.0f} s")
-    ema = train_dit(model, refs, targets, emb, mask, prompt_task, plan, log)
+    log(f"autoencoder trained at {time.perf_counter() - t0:.0f} s; held-out reconstruction (dB, centre views) "
+        f"{reconstruction_report(ae)} (reported, never trained on)")
+    emb, mask, prompt_task = embed_instructions(embedder, mllm_images(pools, plan.mllm_views))
+    data = shape_latents(model, ae, pools, emb.shape[2])
+    refs = torch.cat([d.refs.flatten(0, 1) for d in data])
+    log(f"latents std {refs.std().item():.3f} mean {refs.mean().item():.3f}; {len(prompt_task)} instructions "
+        f"embedded; at {time.perf_counter() - t0:.0f} s")
+    ema = train_dit(model, data, emb, mask, prompt_task, plan, log)
     model.load_state_dict(ema.module.state_dict())
     log(f"DiT trained at {time.perf_counter() - t0:.0f} s")
     return Step1XEditPipeline(config, model, ae, embedder)
 
 
-def evaluate_weights(out: Path, plan: TrainPlan, train_seconds: float) -> str:
-    """Load `out` as any checkpoint is loaded, score it on the held-out photos, write figures.json there."""
-    from .evaluate import format_scores, task_scores
+def evaluate_weights(out: Path, plan: TrainPlan, train_seconds: float, log=print) -> str:
+    """Load `out` as any checkpoint is loaded, score it on the held-out images at every evaluated shape (and
+    its autoencoder's ceiling there), write figures.json there."""
+    from .evaluate import format_scores, shape_scores
 
     loaded = Step1XEditPipeline.from_pretrained(out, config=get_config("toy"), dtype=torch.float32)
+    tables, ceilings = {}, {}
+    for w, h in EVAL_SHAPES:
+        level = size_level_for(w, h)
 
-    def edit(image, instruction):
-        return loaded.edit(image, instruction, seed=0, steps=TOY_STEPS, cfg=TOY_CFG, size_level=plan.size)
+        def edit(image, instruction, level=level):
+            return loaded.edit(image, instruction, seed=0, steps=TOY_STEPS, cfg=TOY_CFG, size_level=level)
 
-    scores = task_scores(edit, plan.size, views_per_photo=plan.eval_views)
+        tables[f"{w}x{h}"] = shape_scores(edit, (w, h), views_per_image=plan.eval_views)
+        ceilings[f"{w}x{h}"] = reconstruction_db(loaded.ae, (w, h), plan.eval_views)
+        log(f"evaluated {w}x{h}")
     figures = {"plan": asdict(plan), "train_seconds": round(train_seconds, 1), "threads": 1,
-               "steps": TOY_STEPS, "cfg": TOY_CFG, "tasks": [asdict(s) for s in scores]}
+               "steps": TOY_STEPS, "cfg": TOY_CFG, "autoencoder_db": ceilings,
+               "tasks": {shape: [asdict(s) for s in scores] for shape, scores in tables.items()}}
     (out / FIGURES_FILE).write_text(json.dumps(figures, indent=1))
-    return format_scores({f"toy fp32 ({TOY_STEPS} steps, cfg {TOY_CFG})": scores})
+    return format_scores({f"fp32 {shape}": scores for shape, scores in tables.items()})
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m step1x_export.toy.train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help=f"weights folder [default: {WEIGHTS_DIR}]")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of every phase's weights and draws [0]")
     parser.add_argument("--quick", action="store_true", help="a few steps of each phase (plumbing check)")
     parser.add_argument("--ae-checkpoint", type=Path, help="save the trained autoencoder here, or read it if present")
     parser.add_argument("--evaluate-only", action="store_true",
@@ -290,12 +301,13 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     if args.evaluate_only:
         recorded = json.loads((args.out / FIGURES_FILE).read_text())
-        plan, train_s = TrainPlan(**recorded["plan"]), recorded["train_seconds"]
+        plan, train_s = plan_from_json(recorded["plan"]), recorded["train_seconds"]
     else:
         pipe = train(plan, log=lambda m: print(f"[{time.perf_counter() - start:7.1f} s] {m}", flush=True),
                      ae_checkpoint=args.ae_checkpoint)
         train_s = time.perf_counter() - start
         pipe.save_pretrained(args.out)
+        ship_demo_conditioning(args.out, TOY_SIZE)
     evaluating = time.perf_counter()
     print(evaluate_weights(args.out, plan, train_s))
     print(f"trained in {train_s:.0f} s, evaluated in {time.perf_counter() - evaluating:.0f} s; wrote {args.out}")
