@@ -40,8 +40,8 @@ RANDOM_DEMO_INSTRUCTION = "Make the sky behind the astronaut a deep purple"
               help="v1.2 --reflect: attempts per judging step when the MLLM's answer does not parse (upstream's 20).")
 @click.option("--size-level", type=click.IntRange(16, 4096), default=None,
               help="Edit resolution: area ~ size_level^2, aspect kept; the output is resized back to the input's size "
-                   "[default: 1024 for the real model (upstream's), 128 for toy (it trained at 64 to 160), 256 for the tiny "
-                   "ones (their largest profile)].")
+                   "[default: 1024 for the real model (upstream's), 128 for toy (it trained at 64 to 160), 256 "
+                   "for the tiny ones (their largest profile)].")
 @click.option("--negative-prompt", default=None,
               help='Instruction of the unconditional branch [default: "" for an edit; upstream\'s negative prompt '
                    "(worst quality, ...) for text-to-image].")

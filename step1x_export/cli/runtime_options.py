@@ -129,9 +129,9 @@ def _source_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]
                      "--engine-dir only its Qwen2.5-VL is used."),
         click.option("--model", "model_name", type=click.Choice(list(SMALL_MODELS)),
                      help="Use a small model instead of --model-dir: toy (trained here, does the edits of "
-                     "`step1x_export.toy.tasks` at size levels 64 to 160, up to 2:1) or tiny (random weights, testing; not a real "
-                     "edit). With --engine-dir, --model/--model-dir only name a torch MLLM to use instead of the "
-                     "export's vision/llm graphs."),
+                     "`step1x_export.toy.tasks` at size levels 64 to 160, up to 2:1) or tiny (random weights, "
+                     "testing; not a real edit). With --engine-dir, --model/--model-dir only name a torch MLLM "
+                     "to use instead of the export's vision/llm graphs."),
         click.option("--backend", type=click.Choice(list(BACKENDS)), default="torch", show_default=True,
                      help="What runs the VAE and DiT: PyTorch, ONNX Runtime (needs --engine-dir from `step1x-export "
                      "export`) or TensorRT (--engine-dir from `step1x-export build`). The MLLM runs in torch."),
