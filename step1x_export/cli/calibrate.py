@@ -44,7 +44,7 @@ from .common import (
               help="Denoising steps per pair (statistics cover every step, both CFG branches).")
 @click.option("--size-level", type=click.IntRange(16, 4096), default=None,
               help="Edit resolution of the calibration runs (use the one you deploy at) [default: 1024 for the real "
-                   "model, 128 for toy, 256 for the tiny ones].")
+                   "model, 160 for toy, 256 for the tiny ones].")
 @click.option("--cfg", type=CFG, default=None,
               help=f"True-CFG guidance scale [default: 6.0 (upstream's); {get_config('toy').default_cfg} for toy "
               "(what it runs with)].")

@@ -40,7 +40,7 @@ RANDOM_DEMO_INSTRUCTION = "Make the sky behind the astronaut a deep purple"
               help="v1.2 --reflect: attempts per judging step when the MLLM's answer does not parse (upstream's 20).")
 @click.option("--size-level", type=click.IntRange(16, 4096), default=None,
               help="Edit resolution: area ~ size_level^2, aspect kept; the output is resized back to the input's size "
-                   "[default: 1024 for the real model (upstream's), 128 for toy (it trained at 64 to 160), 256 "
+                   "[default: 1024 for the real model (upstream's), 160 for toy (it trained at 64 to 160), 256 "
                    "for the tiny ones (their largest profile)].")
 @click.option("--negative-prompt", default=None,
               help='Instruction of the unconditional branch [default: "" for an edit; upstream\'s negative prompt '
@@ -144,7 +144,7 @@ def echo_reasoning(reasoned) -> None:
               help=f"True-CFG guidance scale [default: {get_config('toy').default_cfg} for toy (measured best for it), "
               "6.0 for tiny].")
 @click.option("--size-level", type=click.IntRange(16, 1024), default=None,
-              help="Edit resolution [default: the model's: 128 for toy (it trained at 64 to 160, up to 2:1), "
+              help="Edit resolution [default: the model's: 160 for toy (it trained at 64 to 160, up to 2:1), "
                    "256 for tiny].")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Noise seed (and weight seed of tiny).")
 @user_errors

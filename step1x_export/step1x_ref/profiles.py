@@ -42,8 +42,9 @@ TINY_PROFILE = Profile(min_level=32, opt_level=64, max_level=256, max_aspect=2.0
 
 
 # The trained toy model edits at the size levels and aspect ratios it trained at: 64 to 160, up to 2:1 both
-# ways; by default at 128, where its held-out edits score best.
-TOY_PROFILE = Profile(min_level=64, opt_level=128, max_level=160, max_aspect=2.0, default=128)
+# ways; by default at its top, where its held-out edits score best (at 128 a 3:2 photo is 144x96, a grid where
+# its "swap red and blue" fails on the coffee photo: 8.2 dB, against 18.1 at 192x128).
+TOY_PROFILE = Profile(min_level=64, opt_level=128, max_level=160, max_aspect=2.0)
 
 
 def profile_for(config: ModelConfig) -> Profile:
