@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ..step1x_ref.configs import get_config
-from ..toy.weights import DEMO_INSTRUCTION
+from ..toy.defaults import DEMO_INSTRUCTION
 from .common import CFG, IMAGE_SUFFIXES, SEED, SMALL_MODELS, check_output_path, save_image, step_progress, user_errors
 from .runtime_options import RuntimeArgs, runtime_options
 from .speedups import cache_fidelity, is_leader, speedup_options

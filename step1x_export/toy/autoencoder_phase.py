@@ -4,7 +4,6 @@ targets, the latent pulled towards a linear code that already reconstructs well 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -12,10 +11,8 @@ from torch import Tensor
 
 from ..step1x_ref.vae.autoencoder import AutoEncoder
 from .data import EVAL_SHAPES, shape_views
+from .plan import TrainPlan
 from .tasks import TASKS, psnr
-
-if TYPE_CHECKING:
-    from .train import TrainPlan
 
 PATCH = 8  # the latent's downscale: one latent pixel per 8x8 patch
 

@@ -9,9 +9,9 @@ from pathlib import Path
 from PIL import Image
 
 from ..step1x_ref.imaging import edit_size, pil_to_tensor
+from .defaults import DEMO_INSTRUCTION
 from .evaluate import to_pil
 from .tasks import psnr, task_for
-from .weights import DEMO_INSTRUCTION
 
 
 def demo_photo(trained: bool) -> tuple[str, Image.Image]:

@@ -1,6 +1,6 @@
 """The toy model's quality tables: task PSNR against the exact targets on the held-out images (photos and
 graphics), one table per evaluated shape, for the fp32 reference, ONNX Runtime (at the shapes the exported
-graphs' profile takes: the toy's, up to 80 px a side), FP8 and INT8-SmoothQuant
+graphs' profile takes: the toy's, size levels 64 to 160), FP8 and INT8-SmoothQuant
 (calibrated here on the toy model), step caching (TeaCache, with the share of DiT calls it reused), next to
 the identity baseline and the autoencoder's ceiling.
 

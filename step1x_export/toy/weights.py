@@ -12,4 +12,3 @@ FIGURES_FILE = "figures.json"  # what the training run measured on the held-out 
 TOY_SIZE = TOY_PROFILE.default_level  # the size level it edits at by default (it trained at 64 to 160)
 TOY_STEPS = 28
 TOY_CFG = get_config("toy").default_cfg  # the guidance it is run with (measured best for it)
-DEMO_INSTRUCTION = "swap red and blue"  # what `step1x-export demo` asks of it

@@ -1,0 +1,57 @@
+"""The toy's training plan: every number a from-scratch run follows (recorded in figures.json)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..step1x_ref.profiles import TOY_PROFILE
+
+Shape = tuple[int, int]  # (width, height) in pixels, multiples of 16
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    seed: int = 0
+    levels: tuple[int, ...] = (64, 80, 96, 112, 128, 144, 160)  # size levels the DiT's shapes come from
+    pool_per_shape: int = 16  # the DiT's training images of each shape
+    drawn_share: float = 0.35  # of the training images: drawn pictures; the rest are crops of photos
+    ae_pool: int = 600  # the autoencoder's training images, ae_pool_side px square
+    ae_pool_side: int = 128
+    ae_steps: int = 3400
+    # Square crops, their side cycling through ae_crops, ae_batch of them every step: fewer images a step
+    # (a fixed pixel budget at large crops) decoded everything grey.
+    ae_crops: tuple[int, ...] = (32, 48, 64)
+    ae_batch: int = 8
+    ae_lr: float = 1e-3
+    latent_norm_weight: float = 0.05  # keeps each latent channel ~N(0, 1): scale 1 / shift 0 in the config
+    pca_weight: float = 1.0  # pull of the latent towards the whitened 8x8 patch-PCA code
+    dit_steps: int = 9000
+    dit_tokens: int = 2560  # sequence tokens (text + noisy + reference) per DiT step: the batch follows the shape
+    dit_lr: float = 1e-3
+    warmup: int = 100
+    ema: float = 0.998
+    instruction_dropout: float = 0.15
+    # Tasks drawn more often than the others (the rest weigh 1): mirroring moves content across the
+    # image, which the DiT can only do through RoPE's relative positions, and it learns that last.
+    task_weights: tuple[tuple[str, float], ...] = (("mirror", 3.0), ("invert", 1.5))
+    mllm_views: int = 24  # training images (of every shape) the MLLM sees with each instruction
+    eval_views: int = 1  # per held-out image and evaluated shape (1: its centre crop)
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> TrainPlan:
+        """A few steps of everything (tests of determinism and of the plumbing)."""
+        return cls(seed=seed, levels=(64,), pool_per_shape=2, ae_pool=4, ae_steps=2, ae_crops=(32, 64),
+                   ae_batch=2, dit_steps=2, dit_tokens=160, warmup=1, mllm_views=1, eval_views=1)
+
+
+def plan_from_json(fields: dict) -> TrainPlan:
+    """The plan figures.json records (JSON turned its tuples into lists)."""
+    return TrainPlan(**{k: tuple(map(tuple, v)) if k == "task_weights" else tuple(v) if isinstance(v, list) else v
+                        for k, v in fields.items()})
+
+
+def training_shapes(plan: TrainPlan) -> list[Shape]:
+    """Every (width, height) the edit size rule gives at the plan's size levels for aspect ratios within the
+    toy's profile, smallest first."""
+    shapes = {shape for level in plan.levels for shape in TOY_PROFILE.edit_sizes(level)}
+    return sorted(shapes, key=lambda s: (s[0] * s[1], s))
