@@ -169,9 +169,8 @@ class Step1XEditPipeline:
             return edit_version(config).embedder(embedder)
 
         check_qwen_dir(files.qwen)  # a broken folder is refused at load, not at the first edit
-        mllm_folders = [files.qwen, *([files.processor] if files.processor else [])]
         shipped = Path(model_dir) / SHIPPED_CONDITIONING_DIR
-        cache = ConditioningCache.for_mllm(mllm_folders, config.embedder, dtype, torch.device(device),
+        cache = ConditioningCache.for_mllm(files.mllm_folders, config.embedder, dtype, torch.device(device),
                                            shipped if shipped.is_dir() else None)
         return cls(config, model, ae, load_embedder, device=device, dtype=dtype, conditioning_cache=cache)
 

@@ -100,6 +100,5 @@ def ship_demo_conditioning(weights_dir: Path, size_level: int) -> list[Path]:
     files = ModelFiles.in_dir(weights_dir, config.version)
     shipped = Path(weights_dir) / SHIPPED_CONDITIONING_DIR
     shutil.rmtree(shipped, ignore_errors=True)
-    cache = ConditioningCache(shipped, (files.qwen, *([files.processor] if files.processor else [])),
-                              config.embedder, torch.float32, "cpu", shipped)
+    cache = ConditioningCache(shipped, tuple(files.mllm_folders), config.embedder, torch.float32, "cpu", shipped)
     return [cache.ship(texts, image, outputs) for texts, image, outputs in demo_conditioning(pipe, size_level)]

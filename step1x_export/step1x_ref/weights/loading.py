@@ -66,6 +66,11 @@ class ModelFiles:
     layout: Layout = "official"
     processor: Path | None = None  # the Qwen processor's folder where it is apart from the model (diffusers)
 
+    @property
+    def mllm_folders(self) -> list[Path]:
+        """Every folder the MLLM is read from: its weights', and the processor's where it lives apart."""
+        return [self.qwen, *([self.processor] if self.processor else [])]
+
     @classmethod
     def in_dir(cls, model_dir: str | Path, version: str) -> ModelFiles:
         """Find the files of `version` in `model_dir`, in either layout (a `model_index.json` marks diffusers')."""
