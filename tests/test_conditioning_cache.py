@@ -117,7 +117,7 @@ def test_the_toy_ships_its_demo_conditioning_as_its_mllm_computes_it(cache_dir: 
     from step1x_export.toy.demo import demo_conditioning
 
     pipe = small_pipeline("toy")
-    shipped = demo_conditioning(pipe, profile_for(pipe.config).default_level)
+    shipped = demo_conditioning(pipe, profile_for(pipe.config).max_level)
     assert pipe.conditioning_entry is not None and pipe.conditioning_entry.parent == pipe.conditioning_cache.shipped
     for texts, image, (emb, mask) in shipped:
         live_emb, live_mask = pipe.embedder(texts, image)

@@ -111,7 +111,7 @@ def calibrate(
     else:
         pipe = small_pipeline(model_name, dtype=torch_dtype(dtype or "fp32"))
         merge_loras(pipe.model, loras)
-    size_level = size_level or profile_for(pipe.config).default_level
+    size_level = size_level or profile_for(pipe.config).max_level
     cfg = cfg if cfg is not None else pipe.config.default_cfg
     pairs = calib[:samples]
     stats = collect_stats(pipe, pairs, steps=steps, size_level=size_level, cfg=cfg, seed=seed, progress=not quiet)

@@ -166,7 +166,7 @@ def demo(out_path: Path, prompt: str | None, model_name: str, steps: int, cfg: f
     trained = model_name in PACKAGED
     prompt = prompt if prompt is not None else (DEMO_INSTRUCTION if trained else RANDOM_DEMO_INSTRUCTION)
     pipe = small_pipeline(model_name, seed=seed)
-    size_level = size_level or profile_for(pipe.config).default_level
+    size_level = size_level or profile_for(pipe.config).max_level
     cfg = cfg if cfg is not None else get_config(model_name).default_cfg
     # The photo is brought to the edit resolution first, so the edit is shown and scored as the model made it.
     photo_name, photo = demo_photo(trained)

@@ -96,7 +96,7 @@ class EditService:
 
         profile = profile_for(runtime.config)
         top = self.limits.max_size_level or profile.max_level
-        default = min(self.limits.default_size_level or profile.default_level, top)
+        default = min(self.limits.default_size_level or profile.max_level, top)
         return ParamRules(max_steps=self.limits.max_steps, min_size_level=16, max_size_level=top,
                           default_size_level=default, default_steps=runtime.config.default_steps,
                           default_cfg=runtime.config.default_cfg, max_pixels=self.limits.max_pixels,

@@ -59,8 +59,8 @@ class EditFlow:
 
     @property
     def default_size_level(self) -> int:
-        """The model's edit resolution: 1024 for the real model (upstream's), its profile's default for a small one."""
-        return profile_for(self.config).default_level
+        """The model's edit resolution: 1024 for the real model (upstream's), its profile's top for a small one."""
+        return profile_for(self.config).max_level
 
     def settle(self, *, seed: int, steps: int | None, cfg: float | None,
                size_level: int | None) -> tuple[int, float, int]:

@@ -12,17 +12,12 @@ from .imaging import edit_size
 
 @dataclass(frozen=True)
 class Profile:
-    """The edit resolutions an export must cover without re-export, and the one edits run at by default."""
+    """The edit resolutions an export must cover without re-export."""
 
     min_level: int
     opt_level: int
     max_level: int
     max_aspect: float  # long side / short side
-    default: int | None = None  # the size level edits run at unless told; None: max_level
-
-    @property
-    def default_level(self) -> int:
-        return self.max_level if self.default is None else self.default
 
     def edit_sizes(self, level: int, samples: int = 257) -> list[tuple[int, int]]:
         """Every (width, height) the size_level rule gives at `level` for aspect ratios within max_aspect.
