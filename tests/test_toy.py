@@ -4,6 +4,7 @@ training is deterministic."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -105,9 +106,13 @@ def test_figures_recorded_by_training_beat_identity_at_every_shape() -> None:
     assert figures["autoencoder_db"]["128x128"] >= CEILING_DB
 
 
-def test_training_is_deterministic() -> None:
-    """Two seeded runs of a few steps of every phase give bit-identical weights, which training did change."""
-    a, b = (train(TrainPlan.quick(0), log=lambda _: None) for _ in range(2))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_training_is_deterministic(threads: int) -> None:
+    """Two seeded runs of a few steps of every phase give bit-identical weights, which training did change, on
+    one thread (how the shipped weights were made) and on two (each count sums its own way: compared only
+    with itself)."""
+    plan = replace(TrainPlan.quick(0), threads=threads)
+    a, b = (train(plan, log=lambda _: None) for _ in range(2))
     for name, tensor in a.model.state_dict().items():
         assert torch.equal(tensor, b.model.state_dict()[name]), name
     for name, tensor in a.ae.state_dict().items():
@@ -150,3 +155,15 @@ def test_quality_shapes_are_parsed_or_refused() -> None:
     for bad in ("96", "100x64", "ax64"):
         with pytest.raises(argparse.ArgumentTypeError, match="WIDTHxHEIGHT|multiples of 16"):
             parse_shape(bad)
+
+
+def test_plan_overrides_change_fields_and_name_what_is_wrong() -> None:
+    from step1x_export.toy.plan import with_overrides
+
+    plan = with_overrides(TrainPlan(), ["dit_steps=12000", 'task_weights=[["swap_red_blue", 1.5]]', "levels=[64, 96]"])
+    assert (plan.dit_steps, plan.task_weights, plan.levels) == (12000, (("swap_red_blue", 1.5),), (64, 96))
+    assert with_overrides(plan, []) == plan
+    for bad, message in (("dit_step=3", "FIELD one of seed, threads, levels"), ("dit_steps=a", "must be JSON"),
+                         ("dit_steps=1.5", "dit_steps takes a value like 9000"), ("ema", "expected FIELD=VALUE")):
+        with pytest.raises(ValueError, match=message):
+            with_overrides(TrainPlan(), [bad])

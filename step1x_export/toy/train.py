@@ -12,8 +12,8 @@ CFG branch has it) 15% of the time so true CFG works; mirroring and inverting ar
 other tasks (`TrainPlan.task_weights`). Every DiT step is one shape of the toy's profile (size levels and
 aspect ratios up to 2:1 both ways), its batch sized so each step holds about the same number of tokens.
 Data: augmented crops of the training photos (`data.TRAIN_PHOTOS`) and pictures drawn here (`drawn`); the
-held-out images are used only for the figures printed, never to train. One CPU thread: deterministic, and on
-a shared 2-core machine faster than two (no OpenMP barriers waiting on a busy core).
+held-out images are used only for the figures printed, never to train. `TrainPlan.threads` CPU threads (one by
+default): on one machine, runs with the same thread count are bit-identical; the evaluation always uses one.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from ..step1x_ref.vae.autoencoder import AutoEncoder
 from .autoencoder_phase import lr_at, reconstruction_db, reconstruction_report, set_lr, train_autoencoder
 from .data import EVAL_SHAPES, TRAIN_PHOTOS, image_batch, photo_tensors, size_level_for
 from .demo import ship_demo_conditioning
-from .plan import Shape, TrainPlan, plan_from_json, training_shapes
+from .plan import Shape, TrainPlan, plan_from_json, training_shapes, with_overrides
 from .tasks import TASKS
 from .weights import FIGURES_FILE, TOY_CFG, TOY_SIZE, TOY_STEPS, WEIGHTS_DIR
 
@@ -173,7 +173,7 @@ def train(plan: TrainPlan, log=print, ae_checkpoint: Path | None = None) -> Step
     there on its first run and read back on later ones: the DiT phase then runs exactly as from scratch.
     """
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(plan.threads)
     try:
         return _train(plan, log, ae_checkpoint)
     finally:
@@ -230,7 +230,7 @@ def evaluate_weights(out: Path, plan: TrainPlan, train_seconds: float, log=print
         tables[f"{w}x{h}"] = shape_scores(edit, (w, h), views_per_image=plan.eval_views)
         ceilings[f"{w}x{h}"] = reconstruction_db(loaded.ae, (w, h), plan.eval_views)
         log(f"evaluated {w}x{h}")
-    figures = {"plan": asdict(plan), "train_seconds": round(train_seconds, 1), "threads": 1,
+    figures = {"plan": asdict(plan), "train_seconds": round(train_seconds, 1), "threads": plan.threads,
                "steps": TOY_STEPS, "cfg": TOY_CFG, "autoencoder_db": ceilings,
                "tasks": {shape: [asdict(s) for s in scores] for shape, scores in tables.items()}}
     (out / FIGURES_FILE).write_text(json.dumps(figures, indent=1))
@@ -245,9 +245,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ae-checkpoint", type=Path, help="save the trained autoencoder here, or read it if present")
     parser.add_argument("--evaluate-only", action="store_true",
                         help="only re-score the weights in --out (keeps the training time figures.json has)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="change one field of the training plan (toy/plan.py) for this run, VALUE in JSON, "
+                             "e.g. --set dit_steps=12000; repeatable; figures.json records the plan used")
     args = parser.parse_args(argv)
     plan = TrainPlan.quick(args.seed) if args.quick else TrainPlan(seed=args.seed)
-    torch.set_num_threads(1)  # the evaluation too: see the module docstring
+    try:
+        plan = with_overrides(plan, args.overrides)
+    except ValueError as e:
+        parser.error(f"--set {e}")
+    torch.set_num_threads(1)  # the evaluation: one thread, as the demo and the quality tables run
     start = time.perf_counter()
     if args.evaluate_only:
         recorded = json.loads((args.out / FIGURES_FILE).read_text())
