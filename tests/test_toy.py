@@ -106,6 +106,16 @@ def test_figures_recorded_by_training_beat_identity_at_every_shape() -> None:
     assert figures["autoencoder_db"]["128x128"] >= CEILING_DB
 
 
+def test_shipped_weights_were_made_by_the_default_plan() -> None:
+    """`python -m step1x_export.toy.train` retrains the shipped weights: the plan figures.json records is
+    today's default (a changed default needs a retrain and its figures)."""
+    from step1x_export.toy.plan import plan_from_json
+
+    figures = json.loads((WEIGHTS_DIR / FIGURES_FILE).read_text())
+    assert plan_from_json(figures["plan"]) == TrainPlan()
+    assert figures["threads"] == TrainPlan().threads
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_training_is_deterministic(threads: int) -> None:
     """Two seeded runs of a few steps of every phase give bit-identical weights, which training did change, on
