@@ -221,7 +221,8 @@ _V12_EMBEDDER = replace(_FULL_EMBEDDER, max_length=2048, drop_tokens=90, max_pix
 _TINY_V12_EMBEDDER = replace(_V12_EMBEDDER, hidden_size=64, drop_tokens=222)
 _V12 = ReasonEditParams(token_mapping_in=3584, token_mapping_out=4096)
 _TINY_V12 = replace(_V12, token_mapping_in=64, token_mapping_out=64)
-# `toy`: the same architecture at a size that trains on one CPU core in about 55 minutes and really
+# `toy`: the same architecture at a size that trains on one CPU core in about an hour (55-57 minutes on a
+# Sapphire Rapids, ~76 projected on an AVX2 EPYC: docs/toy.md) and really
 # edits (step1x_export.toy), at size levels 64 to 160 and aspect ratios up to 2:1; by default at 160:
 # 160 x 160 px, a 20 x 20 latent, 10 x 10 = 100 DiT image tokens. The
 # autoencoder is 96 wide with no resnets in its encoder levels: its output norms have 32 groups, and at
