@@ -43,6 +43,10 @@ class TrainPlan:
     mllm_views: int = 24  # training images (of every shape) the MLLM sees with each instruction
     eval_views: int = 1  # per held-out image and evaluated shape (1: its centre crop)
 
+    def __post_init__(self) -> None:
+        if self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
+
     @classmethod
     def quick(cls, seed: int = 0) -> TrainPlan:
         """A few steps of everything (tests of determinism and of the plumbing)."""
