@@ -31,11 +31,13 @@ import numpy as np
 from PIL import Image
 
 from step1x_export.serve.load import free_port, run_load, wait_ready
+from step1x_export.step1x_ref.configs import get_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-c", "from step1x_export.cli import main; main()"]
-# toy: its own defaults (28 steps, CFG 2, 64x64 edits); tiny: a short edit at its smallest useful size
-SETTINGS = {"tiny": {"steps": 4, "cfg": 6.0, "size_level": 32}, "toy": {"steps": 28, "cfg": 2.0, "size_level": 64}}
+# toy: its own steps and CFG, 64x64 edits; tiny: a short edit at its smallest useful size
+SETTINGS = {"tiny": {"steps": 4, "cfg": 6.0, "size_level": 32},
+            "toy": {"steps": 28, "cfg": get_config("toy").default_cfg, "size_level": 64}}
 
 
 class LoadAverage:

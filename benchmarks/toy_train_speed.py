@@ -1,8 +1,8 @@
 """How long `python -m step1x_export.toy.train` will take on this machine, before spending an hour on it: each
-phase of the toy's training timed for a few steps at the plan's dims, on `--threads` CPU threads, and the
+phase of the toy's training timed for a few steps at the plan's dims, on the plan's CPU threads, and the
 whole run projected from those rates (the held-out evaluation after it, a minute or two, not included).
 
-    PYTHONPATH=$PWD python benchmarks/toy_train_speed.py [--threads 1] [--ae-steps 45] [--dit-steps 60]
+    PYTHONPATH=$PWD python benchmarks/toy_train_speed.py [--ae-steps 45] [--dit-steps 60]
         [--set FIELD=VALUE ...]
 
 Run it with nothing else on the machine: the rates are what one training run alone gets. It also prints a
@@ -44,15 +44,14 @@ def weights_hash(*modules: torch.nn.Module) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--threads", type=int, default=1, help="CPU threads, as TrainPlan.threads [1]")
     p.add_argument("--ae-steps", type=int, default=45, help="autoencoder steps timed [45]")
     p.add_argument("--dit-steps", type=int, default=60, help="DiT steps timed [60]")
     p.add_argument("--mllm-views", type=int, default=2, help="MLLM views timed [2]")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help="the plan to project, as toy.train's --set [the default plan]")
+                   help="the plan to project, as toy.train's --set, e.g. --set threads=1 [the default plan]")
     args = p.parse_args(argv)
     plan = with_overrides(TrainPlan(), args.overrides)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(plan.threads)
     model, ae, embedder = build_untrained(get_config("toy"), plan.seed)
     gen = torch.Generator().manual_seed(0)
     photos = photo_tensors(TRAIN_PHOTOS, max_short_side=320)
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         "DiT": (dit_s / args.dit_steps, plan.dit_steps, f"s a step ({MID_SHAPE[0]}x{MID_SHAPE[1]})"),
     }
     total = 0.0
-    print(f"{args.threads} thread(s):")
+    print(f"{plan.threads} thread(s):")
     for name, (rate, count, unit) in phases.items():
         total += rate * count
         print(f"  {name}: {rate:.3f} {unit}; x {count:g} = {rate * count:.0f} s")

@@ -119,7 +119,7 @@ def test_shipped_weights_were_made_by_the_default_plan() -> None:
 @pytest.mark.parametrize("threads", [1, 2])
 def test_training_is_deterministic(threads: int) -> None:
     """Two seeded runs of a few steps of every phase give bit-identical weights, which training did change, on
-    one thread (how the shipped weights were made) and on two (each count sums its own way: compared only
+    two threads (how the shipped weights were made) and on one (each count sums its own way: compared only
     with itself)."""
     plan = replace(TrainPlan.quick(0), threads=threads)
     a, b = (train(plan, log=lambda _: None) for _ in range(2))

@@ -12,7 +12,7 @@ CFG branch has it) 15% of the time so true CFG works; mirroring and inverting ar
 other tasks (`TrainPlan.task_weights`). Every DiT step is one shape of the toy's profile (size levels and
 aspect ratios up to 2:1 both ways), its batch sized so each step holds about the same number of tokens.
 Data: augmented crops of the training photos (`data.TRAIN_PHOTOS`) and pictures drawn here (`drawn`); the
-held-out images are used only for the figures printed, never to train. `TrainPlan.threads` CPU threads (one by
+held-out images are used only for the figures printed, never to train. `TrainPlan.threads` CPU threads (two by
 default): on one machine, runs with the same thread count are bit-identical; the evaluation always uses one.
 """
 
