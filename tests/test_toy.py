@@ -174,7 +174,7 @@ def test_plan_overrides_change_fields_and_name_what_is_wrong() -> None:
     assert (plan.dit_steps, plan.task_weights, plan.levels) == (7000, (("swap_red_blue", 1.5),), (64, 96))
     assert with_overrides(plan, []) == plan
     for bad, message in (("dit_step=3", "FIELD one of seed, threads, levels"), ("dit_steps=a", "must be JSON"),
-                         ("dit_steps=1.5", f"dit_steps takes a value like {TrainPlan().dit_steps}"), ("ema", "expected FIELD=VALUE"),
-                         ("threads=0", "threads must be at least 1, got 0")):
+                         ("dit_steps=1.5", f"dit_steps takes a value like {TrainPlan().dit_steps}"),
+                         ("ema", "expected FIELD=VALUE"), ("threads=0", "threads must be at least 1, got 0")):
         with pytest.raises(ValueError, match=message):
             with_overrides(TrainPlan(), [bad])

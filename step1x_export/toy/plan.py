@@ -19,7 +19,7 @@ class TrainPlan:
     # 0.35 s a step, DiT 0.24 -> 0.15); this plan on one thread would take ~91 minutes there, over budget.
     threads: int = 2
     levels: tuple[int, ...] = (64, 80, 96, 112, 128, 144, 160)  # size levels the DiT's shapes come from
-    pool_per_shape: int = 24  # the DiT's training images of each shape (16 edited worse: docs/toy.md)
+    pool_per_shape: int = 24  # the DiT's training images of each shape
     drawn_share: float = 0.35  # of the training images: drawn pictures; the rest are crops of photos
     ae_pool: int = 600  # the autoencoder's training images, ae_pool_side px square
     ae_pool_side: int = 128

@@ -8,9 +8,10 @@ drawn pictures, its latent pulled towards the whitened principal components of 8
 that already reconstructs the held-out images at ~28 dB: the conv layers start from a good latent instead of
 searching for one, which at 8 images a step on one core they did not find in 25 minutes). The DiT learns
 rectified flow on the sampler's own shifted timesteps, with the instruction dropped (replaced by "", as the
-CFG branch has it) 15% of the time so true CFG works; mirroring and inverting are drawn more often than the
-other tasks (`TrainPlan.task_weights`). Every DiT step is one shape of the toy's profile (size levels and
-aspect ratios up to 2:1 both ways), its batch sized so each step holds about the same number of tokens.
+CFG branch has it) 15% of the time so true CFG works; mirroring, inverting and swapping red and blue are
+drawn more often than the other tasks (`TrainPlan.task_weights`). Every DiT step is one shape of the toy's
+profile (size levels and aspect ratios up to 2:1 both ways), its batch sized so each step holds about the same
+number of tokens.
 Data: augmented crops of the training photos (`data.TRAIN_PHOTOS`) and pictures drawn here (`drawn`); the
 held-out images are used only for the figures printed, never to train. `TrainPlan.threads` CPU threads (two by
 default): on one machine, runs with the same thread count are bit-identical; the evaluation always uses one.
