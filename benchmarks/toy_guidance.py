@@ -18,21 +18,15 @@ from pathlib import Path
 import torch
 
 from step1x_export.step1x_ref.configs import get_config
-from step1x_export.step1x_ref.imaging import pil_to_tensor
 from step1x_export.step1x_ref.pipeline import Step1XEditPipeline
 from step1x_export.toy.data import shape_views, size_level_for
 from step1x_export.toy.defaults import DEMO_INSTRUCTION
-from step1x_export.toy.demo import demo_photo, edit_resolution
-from step1x_export.toy.evaluate import TaskScore, scores_on
-from step1x_export.toy.tasks import psnr, task_for
+from step1x_export.toy.demo import demo_photo, edit_resolution, task_psnr
+from step1x_export.toy.evaluate import mean_db, scores_on
 from step1x_export.toy.weights import TOY_SIZE, TOY_STEPS, WEIGHTS_DIR
 
 COLOUR_TRAINING_PHOTOS = ("chelsea", "motorcycle_left", "retina", "immunohistochemistry", "hubble_deep_field",
                           "sklearn:china", "sklearn:flower", "matplotlib:grace_hopper")
-
-
-def mean_model_db(scores: list[TaskScore]) -> float:
-    return sum(s.model_db for s in scores) / len(scores)
 
 
 def shape_means(pipe: Step1XEditPipeline, cfg: float, views: dict[tuple[int, int], torch.Tensor]) -> dict[str, float]:
@@ -42,15 +36,14 @@ def shape_means(pipe: Step1XEditPipeline, cfg: float, views: dict[tuple[int, int
         level = size_level_for(w, h)
         scores = scores_on(lambda im, text, level=level: pipe.edit(im, text, seed=0, steps=TOY_STEPS, cfg=cfg,
                                                                    size_level=level), batch)
-        out[f"{w}x{h}"] = mean_model_db(scores)
+        out[f"{w}x{h}"] = mean_db([s.model_db for s in scores])
     return out
 
 
 def demo_db(pipe: Step1XEditPipeline, cfg: float) -> float:
     image = edit_resolution(demo_photo(trained=True)[1], TOY_SIZE)
     result = pipe.edit(image, DEMO_INSTRUCTION, seed=0, steps=TOY_STEPS, cfg=cfg, size_level=TOY_SIZE)
-    x = pil_to_tensor(image)
-    return psnr(pil_to_tensor(result), task_for(DEMO_INSTRUCTION).target(x)).item()
+    return task_psnr(image, result, DEMO_INSTRUCTION)[0]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -51,17 +51,25 @@ def exact_target(image: Image.Image, instruction: str) -> Image.Image | None:
     return to_pil(task.target(pil_to_tensor(image))[0])  # rounded to 8-bit levels, as scored
 
 
-def task_report(image: Image.Image, result: Image.Image, instruction: str) -> str | None:
-    """PSNR of the edit and of the unchanged input against the instruction's exact target; None for an
+def task_psnr(image: Image.Image, result: Image.Image, instruction: str) -> tuple[float, float] | None:
+    """PSNR (dB) of the edit and of the unchanged input against the instruction's exact target; None for an
     instruction that is not one of the toy tasks' phrasings."""
     task = task_for(instruction)
     if task is None:
         return None
     x = pil_to_tensor(image)
     target = task.target(x)
-    model, identity = psnr(pil_to_tensor(result), target).item(), psnr(x, target).item()
-    return (f"task {task.name}: PSNR vs the exact target {model:.2f} dB; returning the input unchanged: "
-            f"{identity:.2f} dB")
+    return psnr(pil_to_tensor(result), target).item(), psnr(x, target).item()
+
+
+def task_report(image: Image.Image, result: Image.Image, instruction: str) -> str | None:
+    """`task_psnr` in words; None for an instruction that is not one of the toy tasks' phrasings."""
+    scores = task_psnr(image, result, instruction)
+    if scores is None:
+        return None
+    model, identity = scores
+    return (f"task {task_for(instruction).name}: PSNR vs the exact target {model:.2f} dB; returning the input "
+            f"unchanged: {identity:.2f} dB")
 
 
 def demo_conditioning(pipe, size_level: int) -> list[tuple[list[str], Image.Image, tuple]]:
