@@ -28,9 +28,9 @@ from step1x_export.bench.models import (
 )
 from step1x_export.bench.runtimes import Shared, StubEncoder, bench_picture, bench_runtime
 from step1x_export.precision import Precision
+from step1x_export.runtime.engines.torch_engine import TorchEncoder
 from step1x_export.runtime.options import RuntimeOptions
 from step1x_export.runtime.runtime import Step1XEditRuntime
-from step1x_export.runtime.torch_engine import TorchEncoder
 from step1x_export.step1x_ref.configs import ModelConfig
 from step1x_export.step1x_ref.imaging import edit_size
 

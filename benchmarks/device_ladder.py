@@ -48,8 +48,8 @@ from step1x_export.bench.report import (
 from step1x_export.bench.run import BenchConfig
 from step1x_export.bench.runtimes import bench_picture, bench_runtime
 from step1x_export.bench.stages import StageSettings, run_stages
+from step1x_export.runtime.engines.torch_engine import TorchEncoder
 from step1x_export.runtime.options import RuntimeOptions
-from step1x_export.runtime.torch_engine import TorchEncoder
 from step1x_export.step1x_ref.configs import get_config
 
 # The project's speed targets (H200 absolutes; on an H100 the same ratios to the eager reference apply)

@@ -28,11 +28,11 @@ from step1x_export.bench.ladder import psnr, rel_err
 from step1x_export.bench.measure import peak_memory_gb, reset_peak_memory, short_error, synchronize
 from step1x_export.bench.models import DiTInputs, build_dit, dit_inputs
 from step1x_export.files import atomic_path
-from step1x_export.runtime.caching import CachedStep, CacheSpec
+from step1x_export.runtime.engines.torch_engine import TorchEngine
 from step1x_export.runtime.parallel.dit import ParallelDiT
 from step1x_export.runtime.parallel.layout import ParallelDegrees, init_groups, rank_device
-from step1x_export.runtime.step import engine_step_fn
-from step1x_export.runtime.torch_engine import TorchEngine
+from step1x_export.runtime.step.caching import CachedStep, CacheSpec
+from step1x_export.runtime.step.engine_step import engine_step_fn
 from step1x_export.specs import dit_spec
 from step1x_export.step1x_ref.configs import get_config
 from step1x_export.step1x_ref.sampling import denoise, guided_euler

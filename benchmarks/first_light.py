@@ -39,9 +39,9 @@ from step1x_export.calibrate.collect import InputStats
 from step1x_export.calibrate.qlinear import Kernel, QuantLinear
 from step1x_export.calibrate.recipes import RECIPES, layer_scales
 from step1x_export.precision import Precision
-from step1x_export.runtime.caching import CachedStep, CacheSpec
-from step1x_export.runtime.step import engine_step_fn
-from step1x_export.runtime.torch_engine import TorchEngine
+from step1x_export.runtime.engines.torch_engine import TorchEngine
+from step1x_export.runtime.step.caching import CachedStep, CacheSpec
+from step1x_export.runtime.step.engine_step import engine_step_fn
 from step1x_export.specs import dit_spec
 from step1x_export.step1x_ref.configs import get_config
 from step1x_export.step1x_ref.sampling import denoise, guided_euler
@@ -213,9 +213,9 @@ def preset_step(config, device, dtype, args) -> dict[str, Any]:
     from step1x_export.calibrate.recipes import build_artifact, select_layers
     from step1x_export.calibrate.weight_only import quantize_weights_
     from step1x_export.plan.plan import make_plan
-    from step1x_export.runtime.mllm import prepare_mllm
+    from step1x_export.runtime.engines.mllm import prepare_mllm
+    from step1x_export.runtime.engines.torch_engine import TorchEncoder
     from step1x_export.runtime.options import RuntimeOptions
-    from step1x_export.runtime.torch_engine import TorchEncoder
 
     dit = build_dit(config, device, dtype, seed=0)
     x = dit_inputs(config, args.size, 2, device)

@@ -119,7 +119,7 @@ def step_times(models: list[str], batches: list[int], repeats: int = 30) -> None
 
     from step1x_export.runtime import Step1XEditRuntime
     from step1x_export.runtime.batching import EditJob
-    from step1x_export.runtime.step import engine_step_fn
+    from step1x_export.runtime.step.engine_step import engine_step_fn
     from step1x_export.step1x_ref.sampling import Batch, guided_euler
 
     torch.set_num_threads(1)

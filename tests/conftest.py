@@ -56,7 +56,7 @@ def fresh_compiles():
     runtimes share one backend per process, and a block type an earlier test compiled compiles nothing again."""
     import torch
 
-    from step1x_export.runtime import compile as compile_mod
+    from step1x_export.runtime.engines import compile as compile_mod
 
     torch._dynamo.reset()
     compile_mod._BACKENDS.clear()

@@ -210,7 +210,7 @@ def test_lane_by_lane_blocks_trace_as_one_graph_and_give_each_lane_its_alone_num
     """What the runtime's compile and CUDA graphs see of a batched call: the lane-by-lane forwards trace into
     one graph per block with a static count of per-lane GEMMs (3 lanes: 3 x each Linear), and the compiled
     or eager batched block gives each lane what the block gives it alone (eager: bit for bit)."""
-    from step1x_export.runtime.lane_gemms import lane_members, lane_modules
+    from step1x_export.runtime.step.lane_gemms import lane_members, lane_modules
     from step1x_export.step1x_ref.configs import get_config
     from step1x_export.step1x_ref.dit.layers import DoubleStreamBlock
     from step1x_export.step1x_ref.dit.math import rope_table

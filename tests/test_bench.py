@@ -269,7 +269,7 @@ def test_ladder_rows_are_runtime_options():
 def test_compile_row_runs_through_the_runtime_on_cpu(models):
     """The '+ compile' row forced on CPU: compiled by the runtime (one compile per block type), the same
     final latent as the eager row within fp32 rounding, and the DiT handed back eager afterwards."""
-    from step1x_export.runtime.compile import is_compiled
+    from step1x_export.runtime.engines.compile import is_compiled
 
     inputs = [dit_inputs(models.config, 32, 1, models.device)]
     settings = LadderSettings(base=RuntimeOptions(precision="fp32"), steps=1, compile_on_cpu=True,

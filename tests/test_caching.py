@@ -9,8 +9,8 @@ from PIL import Image
 
 from step1x_export.bench.ladder import psnr
 from step1x_export.runtime import RuntimeOptions, Step1XEditRuntime
-from step1x_export.runtime.caching import CacheSpec, FirstBlockRule, TeaCacheRule
-from step1x_export.runtime.split_dit import LocalDiT
+from step1x_export.runtime.step.caching import CacheSpec, FirstBlockRule, TeaCacheRule
+from step1x_export.runtime.step.split_dit import LocalDiT
 
 STEPS = 12
 

@@ -227,7 +227,7 @@ def test_export_with_quant_matches_torch_w8a8(pipe, artifacts, tmp_path):
 
     from step1x_export.export import export_components, load_manifest
     from step1x_export.precision import Precision
-    from step1x_export.runtime.onnxruntime import OrtEngine
+    from step1x_export.runtime.engines.onnxruntime import OrtEngine
 
     other = Step1XEditPipeline.random("tiny", seed=1)
     with pytest.raises(ValueError, match="calibrated on model"):  # refused before anything is written

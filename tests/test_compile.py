@@ -17,9 +17,9 @@ from step1x_export.calibrate.collect import collect_stats
 from step1x_export.calibrate.dataset import describe, split_pairs
 from step1x_export.calibrate.recipes import build_artifact
 from step1x_export.runtime import RuntimeOptions, Step1XEditRuntime
-from step1x_export.runtime.compile import BLOCK_LISTS, is_compiled
-from step1x_export.runtime.cudagraph import CudaGraphed, GraphCounts
-from step1x_export.runtime.progress import StepEvents
+from step1x_export.runtime.engines.compile import BLOCK_LISTS, is_compiled
+from step1x_export.runtime.step.cudagraph import CudaGraphed, GraphCounts
+from step1x_export.runtime.telemetry.progress import StepEvents
 from step1x_export.specs import BUCKET_ASPECTS, shape_bucket
 from step1x_export.step1x_ref.pipeline import Step1XEditPipeline
 

@@ -16,9 +16,9 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from step1x_export.runtime.cudagraph import CudaGraphed
-from step1x_export.runtime.step import engine_step_fn
-from step1x_export.runtime.torch_engine import TorchEngine
+from step1x_export.runtime.engines.torch_engine import TorchEngine
+from step1x_export.runtime.step.cudagraph import CudaGraphed
+from step1x_export.runtime.step.engine_step import engine_step_fn
 from step1x_export.specs import dit_spec
 from step1x_export.step1x_ref.pipeline import sampling_inputs
 from step1x_export.step1x_ref.sampling import denoise, guided_euler, pack

@@ -24,8 +24,8 @@ from step1x_export.export.manifest import META_EXPORT_ID
 from step1x_export.export.qwen import llm_position_ids, vision_inputs
 from step1x_export.hashing import file_sha256
 from step1x_export.runtime import Step1XEditRuntime
-from step1x_export.runtime.engine import Engine
-from step1x_export.runtime.onnxruntime import OrtEngine
+from step1x_export.runtime.engines.engine import Engine
+from step1x_export.runtime.engines.onnxruntime import OrtEngine
 from step1x_export.specs import COMPONENTS
 from step1x_export.step1x_ref import pipeline as pipeline_module
 from step1x_export.step1x_ref.dit.math import rope_table

@@ -19,7 +19,7 @@ from step1x_export.calibrate.qcheckpoint import swap_on_meta
 from step1x_export.calibrate.qlinear import Kernel, QuantLinear
 from step1x_export.calibrate.weight_only import WeightOnlyLinear
 from step1x_export.plan.stages import dit_layout
-from step1x_export.runtime.compile import CompileBackend, compile_blocks
+from step1x_export.runtime.engines.compile import CompileBackend, compile_blocks
 from step1x_export.step1x_ref.configs import get_config
 from step1x_export.step1x_ref.dit.layers import DoubleStreamBlock, SingleStreamBlock
 

@@ -14,8 +14,8 @@ FLAGS = ["--model", "tiny", "--device", "cpu", "--ladder-steps", "1", "--cache-s
 
 
 def test_first_light_dry_run(tmp_path: Path) -> None:
-    env = dict(os.environ, OUT=str(tmp_path), FIRST_LIGHT_TIMEOUT_S="280")
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "first_light.sh"), *FLAGS], cwd=ROOT, env=env,
+    env = dict(os.environ, OUT=str(tmp_path), DEVICE_TIMEOUT_S="280")
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "device.sh"), "first_light", *FLAGS], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     constants: list[str] = []  # NaN / Infinity anywhere in the JSON

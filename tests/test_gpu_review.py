@@ -22,13 +22,13 @@ from step1x_export.calibrate.qlinear import Kernel, QuantLinear, quantize_activa
 from step1x_export.cli import main
 from step1x_export.precision import Precision
 from step1x_export.runtime import RuntimeOptions, Step1XEditRuntime
-from step1x_export.runtime import compile as compile_mod
-from step1x_export.runtime.attention import with_attention
-from step1x_export.runtime.compile import BLOCK_LISTS, CompileBackend
+from step1x_export.runtime.engines import compile as compile_mod
+from step1x_export.runtime.engines.compile import BLOCK_LISTS, CompileBackend
+from step1x_export.runtime.engines.torch_engine import TorchEngine
+from step1x_export.runtime.engines.trt_build import BuildOptions, builder_flags
 from step1x_export.runtime.loaders import pipeline_loaders
 from step1x_export.runtime.parallel.attention import _kernel
-from step1x_export.runtime.torch_engine import TorchEngine
-from step1x_export.runtime.trt_build import BuildOptions, builder_flags
+from step1x_export.runtime.step.attention import with_attention
 from step1x_export.specs import dit_spec
 from step1x_export.step1x_ref.pipeline import Step1XEditPipeline
 

@@ -41,6 +41,19 @@ REFERENCE_LAYERS: tuple[tuple[str, ...], ...] = (
 )
 REFERENCE_LAYER = {part: i for i, parts in enumerate(REFERENCE_LAYERS) for part in parts}
 
+# Inside the runtime, bottom to top, by what each group does (docs/design.md). Modules directly in `runtime/`
+# are the edit API itself (the top group, "<edit>"); every other module lives in the group that says its job.
+RUNTIME = "runtime"
+RUNTIME_LAYERS: tuple[tuple[str, ...], ...] = (
+    ("telemetry",),  # peak memory, counters, step progress: reads the device, imports nothing of the runtime
+    ("engines",),  # the engine protocol and its backends: torch (compiled blocks), ONNX Runtime, TensorRT
+    ("step",),  # the denoising step over an engine: CUDA graphs, attention kernels, step caching, lanes
+    ("parallel",),  # one edit over torchrun's ranks: a parallel DiT engine over the step's pieces
+    ("<edit>",),  # options, stages, loaders, the denoiser, lanes, batching and the runtime API
+)
+RUNTIME_LAYER = {part: i for i, parts in enumerate(RUNTIME_LAYERS) for part in parts}
+MAX_RUNTIME_TOP_MODULES = 8  # past this the top folder stops saying which module does what
+
 
 def module_files() -> dict[str, Path]:
     """Dotted module name -> file, for every module of the package."""
@@ -82,11 +95,28 @@ def reference_part(module: str) -> str | None:
     return parts[2] if len(parts) > 2 and parts[1] == REFERENCE else None
 
 
+def runtime_part(module: str) -> str | None:
+    """The group of the runtime `module` belongs to ("<edit>" for a module directly in `runtime/`), None
+    outside it or for the runtime's own __init__ (the public names, which may point anywhere inside)."""
+    parts = module.split(".")
+    if len(parts) < 3 or parts[1] != RUNTIME:
+        return None
+    return parts[2] if (ROOT / RUNTIME / parts[2]).is_dir() else "<edit>"
+
+
 def test_every_part_has_a_layer():
     unplaced = sorted({part_of(m) for m in module_files()} - set(LAYER) - {"<package>", "__main__"})
     assert not unplaced, f"put these parts of the package in a layer of tests/test_layers.py: {unplaced}"
     unplaced = sorted({reference_part(m) for m in module_files()} - set(REFERENCE_LAYER) - {None})
     assert not unplaced, f"put these parts of step1x_ref in REFERENCE_LAYERS of tests/test_layers.py: {unplaced}"
+    unplaced = sorted({runtime_part(m) for m in module_files()} - set(RUNTIME_LAYER) - {None})
+    assert not unplaced, f"put these parts of runtime in RUNTIME_LAYERS of tests/test_layers.py: {unplaced}"
+
+
+def test_runtime_top_folder_stays_small():
+    """The runtime's own folder holds the edit API; everything else sits in the group that says what it does."""
+    top = sorted(p.stem for p in (ROOT / RUNTIME).glob("*.py") if p.stem != "__init__")
+    assert len(top) <= MAX_RUNTIME_TOP_MODULES, f"{len(top)} modules directly in runtime/: {top}"
 
 
 def test_imports_point_down_the_layers():
@@ -104,6 +134,15 @@ def test_reference_imports_point_down_its_layers():
              if (pa := reference_part(a)) in layer and (pb := reference_part(b)) in layer and pa != pb
              and layer[pa] <= layer[pb]]
     assert not wrong, "imports inside step1x_ref that do not point to a lower layer:\n" + "\n".join(wrong)
+
+
+def test_runtime_imports_point_down_its_layers():
+    layer = RUNTIME_LAYER
+    wrong = [f"{a} -> {b} ({pa} is layer {layer[pa]}, {pb} is layer {layer[pb]})"
+             for a, targets in import_graph().items() for b in sorted(targets)
+             if (pa := runtime_part(a)) in layer and (pb := runtime_part(b)) in layer and pa != pb
+             and layer[pa] <= layer[pb]]
+    assert not wrong, "imports inside runtime that do not point to a lower layer:\n" + "\n".join(wrong)
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:

@@ -21,7 +21,7 @@ from PIL import Image
 
 from step1x_export.runtime import ProfileError, RuntimeOptions, Step1XEditRuntime, check_dims
 from step1x_export.runtime import runtime as runtime_module
-from step1x_export.runtime.buffers import edit_dims, plan_buffers, profile_shapes, select_profile
+from step1x_export.runtime.engines.buffers import edit_dims, plan_buffers, profile_shapes, select_profile
 from step1x_export.runtime.loaders import pipeline_loaders
 from step1x_export.specs import dim_ranges
 from step1x_export.step1x_ref import pipeline as pipeline_module

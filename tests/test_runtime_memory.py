@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from step1x_export.runtime.loaders import _vae_half
-from step1x_export.runtime.memory import DriverMemory, read_peak
+from step1x_export.runtime.telemetry.memory import DriverMemory, read_peak
 from step1x_export.step1x_ref.weights.loading import CheckpointError, ModelFiles
 
 

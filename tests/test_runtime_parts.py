@@ -24,9 +24,9 @@ from step1x_export.runtime import (
     profile_shapes,
     select_profile,
 )
-from step1x_export.runtime.buffers import edit_dims
-from step1x_export.runtime.trt_build import BuildOptions
-from step1x_export.runtime.trt_manifest import EngineManifest, EngineRecord
+from step1x_export.runtime.engines.buffers import edit_dims
+from step1x_export.runtime.engines.trt_build import BuildOptions
+from step1x_export.runtime.engines.trt_manifest import EngineManifest, EngineRecord
 from step1x_export.specs import dim_ranges, dit_spec
 from step1x_export.step1x_ref.configs import get_config
 from step1x_export.step1x_ref.dit.math import rope_table

@@ -12,9 +12,9 @@ if not torch.cuda.is_available():
 
 from step1x_export.precision import Precision  # noqa: E402
 from step1x_export.runtime import BufferPool, CudaGraphed, profile_shapes  # noqa: E402
-from step1x_export.runtime.trt_build import BuildInput, BuildOptions, build_all  # noqa: E402
-from step1x_export.runtime.trt_engine import TensorRTEngine  # noqa: E402
-from step1x_export.runtime.trt_manifest import EngineManifest, current_platform  # noqa: E402
+from step1x_export.runtime.engines.trt_build import BuildInput, BuildOptions, build_all  # noqa: E402
+from step1x_export.runtime.engines.trt_engine import TensorRTEngine  # noqa: E402
+from step1x_export.runtime.engines.trt_manifest import EngineManifest, current_platform  # noqa: E402
 from step1x_export.specs import dim_ranges, vae_decoder_spec  # noqa: E402
 from step1x_export.step1x_ref.configs import get_config  # noqa: E402
 from step1x_export.step1x_ref.vae.autoencoder import AutoEncoder, VAEDecoder  # noqa: E402

@@ -14,7 +14,7 @@ from PIL import Image
 from step1x_export.cli import main
 from step1x_export.export import load_manifest
 from step1x_export.runtime import Step1XEditRuntime
-from step1x_export.runtime.onnxruntime import OrtEngine
+from step1x_export.runtime.engines.onnxruntime import OrtEngine
 from step1x_export.step1x_ref.pipeline import T2I_NEGATIVE_PROMPT, Step1XEditPipeline
 from step1x_export.step1x_ref.sampling import position_ids
 

@@ -32,8 +32,8 @@ from step1x_export.export import ExportError, load_manifest
 from step1x_export.export.manifest import MANIFEST, META_COMPONENT, META_EXPORT_ID, ComponentEntry, Manifest
 from step1x_export.hashing import file_sha256
 from step1x_export.precision import Precision
-from step1x_export.runtime.buffers import profile_shapes
-from step1x_export.runtime.trt_manifest import (
+from step1x_export.runtime.engines.buffers import profile_shapes
+from step1x_export.runtime.engines.trt_manifest import (
     MANIFEST_NAME,
     BuildPlatform,
     EngineFolderError,

@@ -191,7 +191,7 @@ def test_runtime_equals_reference(pipe):
 def test_exported_dit_has_a_dynamic_text_axis(pipe, tmp_path):
     """One dit graph serves every text length (v1.2 trims padding): ORT vs torch at two lengths."""
     from step1x_export.export import export_components
-    from step1x_export.runtime.onnxruntime import OrtEngine
+    from step1x_export.runtime.engines.onnxruntime import OrtEngine
 
     manifest = export_components(pipe, tmp_path, components=["dit"], progress=False)
     assert "txt_len" in manifest.components["dit"].dims

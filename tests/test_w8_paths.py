@@ -17,7 +17,7 @@ from step1x_export.calibrate.qcheckpoint import MODULATION, WEIGHT_ONLY_DEFAULT
 from step1x_export.calibrate.qlinear import Kernel, QuantLinear, UnsupportedKernelError, select_kernel
 from step1x_export.calibrate.recipes import RECIPES, layer_scales, select_layers
 from step1x_export.calibrate.weight_only import WeightOnlyLinear, quantize_weights_
-from step1x_export.runtime.mllm import prepare_mllm
+from step1x_export.runtime.engines.mllm import prepare_mllm
 from step1x_export.specs import dit_spec
 from step1x_export.step1x_ref.pipeline import sampling_inputs
 

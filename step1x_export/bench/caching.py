@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..runtime.caching import CachedStep, CacheSpec
-from ..runtime.step import engine_step_fn
-from ..runtime.torch_engine import TorchEngine
+from ..runtime.engines.torch_engine import TorchEngine
+from ..runtime.step.caching import CachedStep, CacheSpec
+from ..runtime.step.engine_step import engine_step_fn
 from ..specs import dit_spec
 from ..step1x_ref.configs import ModelConfig
 from ..step1x_ref.dit.model import Step1XEdit

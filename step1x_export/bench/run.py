@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..precision import Precision
-from ..runtime.cache_spec import CacheSpec
 from ..runtime.options import DEFAULT_GRAPH_CACHE, RuntimeOptions
+from ..runtime.step.cache_spec import CacheSpec
 from .caching import as_dicts, cache_rows
 from .environment import environment_info
 from .ladder import LADDER, LadderSettings, run_ladder

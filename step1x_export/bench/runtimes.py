@@ -42,8 +42,8 @@ def bench_runtime(models: BenchModels, options: RuntimeOptions, encoder: Any = N
     resolve to compile, captures graphs, times steps); closing it hands the modules back eager. Without
     an MLLM (`encoder` None and none built) a `StubEncoder` gives the conditioning.
     """
+    from ..runtime.engines.torch_engine import TorchEncoder, TorchEngine
     from ..runtime.runtime import Step1XEditRuntime
-    from ..runtime.torch_engine import TorchEncoder, TorchEngine
 
     if models.ae is None:
         raise ValueError("a runtime needs the VAE: build the bench models with with_vae=True")

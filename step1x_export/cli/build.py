@@ -43,7 +43,7 @@ def build(onnx_dir: Path, out_dir: Path, components: str, opt_level: int, timing
     except ImportError as err:
         raise click.ClickException("TensorRT is not installed: pip install 'step1x-export[tensorrt]'") from err
     from ..export.manifest import load_manifest
-    from ..runtime.trt_build import BuildInput, BuildOptions, build_all
+    from ..runtime.engines.trt_build import BuildInput, BuildOptions, build_all
 
     manifest = load_manifest(onnx_dir)
     names = [c.strip() for c in components.split(",") if c.strip()]

@@ -103,7 +103,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             except USER_ERRORS as e:
                 raise click.ClickException(str(e)) from e
             except RuntimeError as e:
-                from ..runtime.trt_manifest import EngineMismatchError  # the command already loaded the runtime
+                from ..runtime.engines.trt_manifest import EngineMismatchError  # the command already loaded the runtime
 
                 if isinstance(e, EngineMismatchError):
                     raise click.ClickException(str(e)) from e

@@ -23,7 +23,7 @@ def is_leader() -> bool:
 def _check_cache(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     if value is None:
         return None
-    from ..runtime.caching import CacheSpec
+    from ..runtime.step.caching import CacheSpec
 
     try:
         return str(CacheSpec.parse(value))

@@ -19,8 +19,8 @@ from ..calibrate.formats import QuantFormat
 from ..calibrate.qcheckpoint import WEIGHT_ONLY_DEFAULT, QuantizedLayout, swap_on_meta
 from ..calibrate.qlinear import Kernel, QuantLinear
 from ..calibrate.recipes import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, get_recipe, select_layers
-from ..runtime.buffers import edit_dims
-from ..runtime.mllm import MLLM_WEIGHT_ONLY, drop_lm_head
+from ..runtime.engines.buffers import edit_dims
+from ..runtime.engines.mllm import MLLM_WEIGHT_ONLY, drop_lm_head
 from ..specs import ComponentSpec, dim_ranges, dit_spec, llm_spec, vae_decoder_spec, vae_encoder_spec, vision_spec
 from ..step1x_ref.configs import ModelConfig
 from ..step1x_ref.dit.model import Step1XEdit

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # importing this module (the server's queue does) loads neith
     from ..step1x_ref.sampling import Lane, ProgressFn, UpdateFn
     from ..timing import StageTimer
     from .options import RuntimeOptions
-    from .progress import StepEvents
+    from .telemetry.progress import StepEvents
 
 BatchKey = tuple[int, int]  # the edit's (width, height) at its size level: edits batch only with their own key
 

@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..step1x_ref.sampling import UpdateFn, guided_euler
-from .attention import with_attention
-from .caching import CachedStep, CacheSpec, CacheStats
-from .compile import compile_blocks
-from .cudagraph import CudaGraphed, GraphCounts
-from .engine import Engine
-from .lane_gemms import lane_exact
-from .stats import RuntimeStats
-from .step import engine_step_fn
+from .engines.compile import compile_blocks
+from .engines.engine import Engine
+from .step.attention import with_attention
+from .step.caching import CachedStep, CacheSpec, CacheStats
+from .step.cudagraph import CudaGraphed, GraphCounts
+from .step.engine_step import engine_step_fn
+from .step.lane_gemms import lane_exact
+from .telemetry.stats import RuntimeStats
 
 if TYPE_CHECKING:
     from ..step1x_ref.versions import EditVersion

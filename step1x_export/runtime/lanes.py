@@ -19,7 +19,7 @@ from ..step1x_ref.sampling import Lane, pack, unpack
 from ..timing import StageTimer
 from ..validate import InputError, check_finite
 from .batching import BatchKey, EditJob, EditOutcome, LaneState
-from .progress import StepEvents
+from .telemetry.progress import StepEvents
 
 if TYPE_CHECKING:
     from ..step1x_ref.configs import ModelConfig

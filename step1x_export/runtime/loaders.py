@@ -29,12 +29,12 @@ from ..step1x_ref.weights.loading import (
     mllm_dirs,
 )
 from ..step1x_ref.weights.lora import LoraSpec, merge_loras
-from .buffers import BufferPool, Shape, select_profile
-from .mllm import prepare_mllm
+from .engines.buffers import BufferPool, Shape, select_profile
+from .engines.mllm import prepare_mllm
+from .engines.torch_engine import TorchEncoder, TorchEngine
 from .options import RuntimeOptions
 from .parallel.dit import parallel_dit
 from .stages import Loader
-from .torch_engine import TorchEncoder, TorchEngine
 
 ENGINE_COMPONENTS = ("vae_encoder", "dit", "vae_decoder")
 
@@ -187,7 +187,7 @@ def _check_components(source: Path, present: Iterable[str]) -> None:
 def _refuse_engine_folder(source: Path) -> None:
     """An export or engine folder handed to the torch backend: say which backend loads it."""
     from ..export.manifest import MANIFEST
-    from .trt_manifest import MANIFEST_NAME
+    from .engines.trt_manifest import MANIFEST_NAME
 
     found = [(name, backend) for name, backend in ((MANIFEST, "onnxruntime"), (MANIFEST_NAME, "tensorrt"))
              if (source / name).is_file()]
@@ -209,7 +209,7 @@ def engine_loaders(source: Path, backend: str, device: torch.device, dtype: torc
     if backend == "tensorrt":
         return _tensorrt_loaders(source, device, dtype, mllm=mllm, seed=seed, mllm_quant=mllm_quant)
     from ..export import load_manifest
-    from .onnxruntime import OrtEngine, ort_embedder
+    from .engines.onnxruntime import OrtEngine, ort_embedder
 
     manifest = load_manifest(source)
     config = get_config(manifest.config)
@@ -236,8 +236,8 @@ def engine_loaders(source: Path, backend: str, device: torch.device, dtype: torc
 
 def _tensorrt_loaders(source: Path, device: torch.device, dtype: torch.dtype, *, mllm, seed: int,
                       mllm_quant: str | None = None):
-    from .trt_engine import TensorRTEngine
-    from .trt_manifest import EngineManifest, current_platform
+    from .engines.trt_engine import TensorRTEngine
+    from .engines.trt_manifest import EngineManifest, current_platform
 
     manifest = EngineManifest.read(source)
     manifest.verify_files(source)  # checksums and platform: both refused before any engine is deserialised

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..choices import ATTENTION, DEFAULT_GRAPH_CACHE, MAX_BATCH
 from ..precision import Precision
-from .cache_spec import CacheSpec
 from .parallel.degrees import ParallelDegrees
+from .step.cache_spec import CacheSpec
 
 if TYPE_CHECKING:  # plain options: the CLI's --help reads them without importing torch
     import torch

@@ -35,19 +35,19 @@ from ..step1x_ref.weights.lora import LoraSpec
 from ..timing import StageTimer
 from ..validate import SEED_RANGE, check_device, check_int
 from .batching import DoneFn, EditJob, EditOutcome, JoinFn, run_batch, run_serially
-from .buffers import Shape, edit_dims
-from .caching import CachedStep, CacheStats
-from .compile import compile_backend
-from .cudagraph import CudaGraphed, GraphCounts
 from .denoiser import DiTUpdates
-from .engine import Engine
+from .engines.buffers import Shape, edit_dims
+from .engines.compile import compile_backend
+from .engines.engine import Engine
 from .lanes import EditLanes
 from .loaders import TINY, engine_loaders, pipeline_loaders, torch_loaders
-from .memory import DriverMemory, PeakMemory, read_peak, release_cached, reset_peak
 from .options import Backend, RuntimeOptions, with_overrides
 from .parallel.dit import parallel_dit
 from .parallel.layout import check_launched, rank_device
 from .stages import Loader, Stages
+from .step.caching import CachedStep, CacheStats
+from .step.cudagraph import CudaGraphed, GraphCounts
+from .telemetry.memory import DriverMemory, PeakMemory, read_peak, release_cached, reset_peak
 
 ShapeCheck = Callable[[str, dict[str, Shape]], None]  # (component, {input: shape}) -> raises if outside
 # `load`'s own keywords: what is loaded and where (every other keyword is a `RuntimeOptions` field).

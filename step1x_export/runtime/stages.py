@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .memory import release_cached
+from .telemetry.memory import release_cached
 
 Loader = Callable[[], Any]  # builds an engine (anything with `close()`)
 STAGE_ORDER = ("encoder", "vae_encoder", "dit", "vae_decoder")

@@ -14,7 +14,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 
 from ...step1x_ref.dit.model import Step1XEdit
-from ..split_dit import Hidden
+from ..step.split_dit import Hidden
 from .attention import sequence_parallel
 from .layout import ParallelDegrees, ParallelGroups, init_groups
 

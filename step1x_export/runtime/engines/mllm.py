@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..calibrate.recipes import select_layers
-from ..calibrate.weight_only import parse_weight_only, quantize_weights_
-from ..step1x_ref.mllm.conditioner import Qwen25VLEmbedder
+from ...calibrate.recipes import select_layers
+from ...calibrate.weight_only import parse_weight_only, quantize_weights_
+from ...step1x_ref.mllm.conditioner import Qwen25VLEmbedder
 
 MLLM_WEIGHT_ONLY = ("model.visual.blocks.*", "model.visual.merger.*", "model.language_model.layers.*")
 

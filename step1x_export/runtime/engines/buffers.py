@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..specs import ComponentSpec, DimRanges
-from ..step1x_ref.configs import ModelConfig
+from ...specs import ComponentSpec, DimRanges
+from ...step1x_ref.configs import ModelConfig
 
 Shape = tuple[int, ...]
 ProfileShapes = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)

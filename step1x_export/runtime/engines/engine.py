@@ -10,7 +10,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from ..specs import ComponentSpec
+from ...specs import ComponentSpec
 
 
 @runtime_checkable

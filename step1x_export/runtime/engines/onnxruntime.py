@@ -18,13 +18,13 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..export.components import pad_batch
-from ..export.export import QWEN_DIR
-from ..export.manifest import ComponentEntry, ExportError, Manifest
-from ..export.qwen import llm_position_ids, vision_inputs
-from ..specs import ComponentSpec
-from ..step1x_ref.configs import EmbedderParams, ModelConfig
-from ..step1x_ref.mllm.conditioner import build_mllm_inputs, select_tokens
+from ...export.components import pad_batch
+from ...export.export import QWEN_DIR
+from ...export.manifest import ComponentEntry, ExportError, Manifest
+from ...export.qwen import llm_position_ids, vision_inputs
+from ...specs import ComponentSpec
+from ...step1x_ref.configs import EmbedderParams, ModelConfig
+from ...step1x_ref.mllm.conditioner import build_mllm_inputs, select_tokens
 
 _ONNX_TYPES = {
     "tensor(float)": (1, torch.float32),
@@ -138,7 +138,7 @@ def ort_embedder(manifest: Manifest, config: ModelConfig, *, providers: list[str
     """The MLLM from an export's vision + llm graphs and its saved Qwen config and processor."""
     from transformers import Qwen2_5_VLConfig
 
-    from ..step1x_ref.mllm.qwen_processor import load_processor
+    from ...step1x_ref.mllm.qwen_processor import load_processor
 
     vision, llm = (OrtEngine.from_manifest(manifest, n, providers=providers) for n in ("vision", "llm"))
     qwen_dir = manifest.directory / QWEN_DIR

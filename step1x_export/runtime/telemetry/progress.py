@@ -14,7 +14,7 @@ from itertools import pairwise
 
 import torch
 
-from ..step1x_ref.sampling import ProgressFn
+from ...step1x_ref.sampling import ProgressFn
 
 
 class StepEvents:

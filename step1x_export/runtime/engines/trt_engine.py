@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..specs import ComponentSpec
+from ...specs import ComponentSpec
 from .buffers import BufferPool, ProfileShapes, Shape, select_profile
 
 

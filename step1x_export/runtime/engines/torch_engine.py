@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from ..specs import ComponentSpec
-from ..step1x_ref.mllm.conditioner import Qwen25VLEmbedder
+from ...specs import ComponentSpec
+from ...step1x_ref.mllm.conditioner import Qwen25VLEmbedder
 from .compile import uncompile_blocks
 
 

@@ -12,11 +12,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..files import write_text_atomic
-from ..folders import FILE_NAME, SHA256, UntrustedFileError, check_schema, member, read_json, verify_files
-from ..precision import Precision
-from ..specs import COMPONENTS, component_specs
-from ..step1x_ref.configs import CONFIGS
+from ...files import write_text_atomic
+from ...folders import FILE_NAME, SHA256, UntrustedFileError, check_schema, member, read_json, verify_files
+from ...precision import Precision
+from ...specs import COMPONENTS, component_specs
+from ...step1x_ref.configs import CONFIGS
 from .buffers import ProfileShapes
 
 MANIFEST_NAME = "engines.json"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .options import DEFAULT_GRAPH_CACHE
+from ...choices import DEFAULT_GRAPH_CACHE
 
 GraphKey = tuple[tuple[tuple[int, ...], torch.dtype, str], ...]
 

@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from ..step1x_ref.dit.model import Step1XEdit
+from ...step1x_ref.dit.model import Step1XEdit
 
 
 @dataclass

@@ -20,7 +20,7 @@ from weakref import WeakKeyDictionary
 import torch
 from torch import Tensor, nn
 
-from ..step1x_ref.sampling import StepFn
+from ...step1x_ref.sampling import StepFn
 
 LANE_ROWS = 2  # one edit's rows in a DiT call: its cond and uncond branch
 LANE_MODULES = (nn.Linear, nn.GELU, nn.SiLU)

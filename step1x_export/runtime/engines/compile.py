@@ -84,7 +84,7 @@ def compile_blocks(model: nn.Module, backend: CompileBackend) -> nn.Module:
 def _settle_kernels(model: nn.Module) -> None:
     """Make quantized layers pick their GEMM now: picked lazily inside a compiled block, the choice would
     change a guarded attribute after the first call and recompile every block once more."""
-    from ..calibrate.qlinear import QuantLinear
+    from ...calibrate.qlinear import QuantLinear
 
     for module in model.modules():
         if isinstance(module, QuantLinear):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..step1x_ref.sampling import StepFn
-from .engine import Engine
+from ...step1x_ref.sampling import StepFn
+from ..engines.engine import Engine
 
 
 def engine_step_fn(dit: Engine) -> StepFn:

@@ -9,10 +9,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..files import write_bytes_atomic
-from ..hashing import file_sha256
-from ..precision import Precision
-from ..specs import ComponentSpec, DimRanges
+from ...files import write_bytes_atomic
+from ...hashing import file_sha256
+from ...precision import Precision
+from ...specs import ComponentSpec, DimRanges
 from .buffers import ProfileShapes, profile_shapes
 from .trt_manifest import EngineManifest, EngineRecord, current_platform
 

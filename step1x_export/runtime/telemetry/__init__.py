@@ -1,0 +1,2 @@
+"""What the runtime reports: peak memory (`memory`), its counters (`stats`) and step progress that follows the
+device (`progress`)."""
