@@ -13,7 +13,7 @@ RECIPES = ("fp8", "int8-sq")  # calibrate.recipes.RECIPES
 DIT_QUANT = ("none", *RECIPES)  # plan.plan: the DiT's W8A8 recipe, if any
 WEIGHT_ONLY = ("none", "fp8", "int8")  # calibrate.weight_only.WEIGHT_ONLY_FORMATS
 PLAN_PRESETS = ("bf16", "fp8", "24gb")  # plan.plan.PRESETS
-ATTENTION = ("auto", "flash", "cudnn", "efficient", "math")  # runtime.attention: the SDPA kernel choices
+ATTENTION = ("auto", "flash", "cudnn", "efficient", "math")  # runtime.step.attention: the SDPA kernel choices
 # runtime.options: captured graphs kept per runtime (one per edit resolution, least recently used evicted
 # first). A graph holds its own memory pool (the step's activations at that size); 4 keeps the working set of
 # a few common sizes warm while bounding memory when a server sees every aspect ratio.

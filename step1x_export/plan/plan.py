@@ -12,7 +12,7 @@ its size, alive between edits and so during every other stage (the MLLM and VAE 
 plan counts `graph_cache` pools of the planned size (a server that has seen that many sizes of this
 area). With sequential loading the runtime drops its graphs with the DiT, so no pool outlives the stage.
 Not counted: cuBLAS / attention workspaces, allocator rounding and compile caches: the runtime's
-driver-level peak (`runtime.memory`) is the figure to check a plan against on a GPU.
+driver-level peak (`runtime.telemetry.memory`) is the figure to check a plan against on a GPU.
 """
 
 from __future__ import annotations
