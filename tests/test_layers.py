@@ -5,7 +5,7 @@ also one inside a function or under TYPE_CHECKING: a deferred import is still a 
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -119,30 +119,35 @@ def test_runtime_top_folder_stays_small():
     assert len(top) <= MAX_RUNTIME_TOP_MODULES, f"{len(top)} modules directly in runtime/: {top}"
 
 
+def upward_imports(part: Callable[[str], str | None], layer: dict[str, int]) -> list[str]:
+    """Imports between two parts (as `part` names them) that do not point to a lower layer."""
+    return [f"{a} -> {b} ({pa} is layer {layer[pa]}, {pb} is layer {layer[pb]})"
+            for a, targets in import_graph().items() for b in sorted(targets)
+            if (pa := part(a)) in layer and (pb := part(b)) in layer and pa != pb and layer[pa] <= layer[pb]]
+
+
 def test_imports_point_down_the_layers():
-    wrong = [f"{a} -> {b} ({part_of(a)} is layer {LAYER[part_of(a)]}, {part_of(b)} is layer {LAYER[part_of(b)]})"
-             for a, targets in import_graph().items() for b in sorted(targets)
-             if part_of(a) in LAYER and part_of(b) in LAYER and part_of(a) != part_of(b)
-             and LAYER[part_of(a)] <= LAYER[part_of(b)]]
+    wrong = upward_imports(part_of, LAYER)
     assert not wrong, "imports that do not point to a lower layer:\n" + "\n".join(wrong)
 
 
 def test_reference_imports_point_down_its_layers():
-    layer = REFERENCE_LAYER
-    wrong = [f"{a} -> {b} ({pa} is layer {layer[pa]}, {pb} is layer {layer[pb]})"
-             for a, targets in import_graph().items() for b in sorted(targets)
-             if (pa := reference_part(a)) in layer and (pb := reference_part(b)) in layer and pa != pb
-             and layer[pa] <= layer[pb]]
+    wrong = upward_imports(reference_part, REFERENCE_LAYER)
     assert not wrong, "imports inside step1x_ref that do not point to a lower layer:\n" + "\n".join(wrong)
 
 
 def test_runtime_imports_point_down_its_layers():
-    layer = RUNTIME_LAYER
-    wrong = [f"{a} -> {b} ({pa} is layer {layer[pa]}, {pb} is layer {layer[pb]})"
-             for a, targets in import_graph().items() for b in sorted(targets)
-             if (pa := runtime_part(a)) in layer and (pb := runtime_part(b)) in layer and pa != pb
-             and layer[pa] <= layer[pb]]
+    wrong = upward_imports(runtime_part, RUNTIME_LAYER)
     assert not wrong, "imports inside runtime that do not point to a lower layer:\n" + "\n".join(wrong)
+
+
+def test_the_runtime_checker_sees_an_engine_importing_the_step():
+    """A planted import from an engine up into the step machinery is reported."""
+    graph_edge = ("step1x_export.runtime.engines.torch_engine", "step1x_export.runtime.step.caching")
+    pa, pb = (runtime_part(m) for m in graph_edge)
+    assert (pa, pb) == ("engines", "step") and RUNTIME_LAYER[pa] <= RUNTIME_LAYER[pb]
+    assert runtime_part("step1x_export.runtime.options") == "<edit>"
+    assert runtime_part("step1x_export.runtime") is None
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
