@@ -32,12 +32,13 @@ class EpilogueForm:
     gemm: str  # "extern _int_mm" (cuBLASLt / CPU) or "template" (Triton, the epilogue in the GEMM)
     int32_mn: bool  # an int32 [M, N] buffer is allocated
     int32_readers: int  # kernels that read it (1: the epilogue alone)
+    int32_returned: bool  # the graph hands it out (it outlives the layer)
     float32_mn: bool  # a float32 [M, N] buffer is allocated (an unfused float epilogue)
 
     @property
     def one_pass(self) -> bool:
         """The epilogue is fused into the GEMM, or one pass reads the int32 result once and nothing else."""
-        return not self.float32_mn and (not self.int32_mn or self.int32_readers == 1)
+        return not self.float32_mn and (not self.int32_mn or self.int32_readers == 1 and not self.int32_returned)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"one_pass": self.one_pass}
@@ -51,9 +52,14 @@ def int8_epilogue_form(code: str, n: int) -> EpilogueForm:
     int32 = buffers("int32")
     calls = [line for line in code.splitlines() if "(" in line and "empty_strided" not in line
              and "reinterpret_tensor" not in line.split("(")[0] and not line.strip().startswith(("#", "del "))]
-    readers = sum(1 for line in calls for b in int32 if re.search(rf"\b{b}\b", line) and f"out={b}" not in line)
+    def reads(line: str, b: str) -> bool:
+        return re.search(rf"\b{b}\b", line) is not None and f"out={b}" not in line
+
+    readers = sum(1 for line in calls for b in int32 if reads(line, b) and not line.strip().startswith("return"))
+    returned = any(reads(line, b) for line in code.splitlines() if line.strip().startswith("return") for b in int32)
     return EpilogueForm(gemm="extern _int_mm" if "extern_kernels._int_mm" in code else "template",
-                        int32_mn=bool(int32), int32_readers=readers, float32_mn=bool(buffers("float32")))
+                        int32_mn=bool(int32), int32_readers=readers, int32_returned=returned,
+                        float32_mn=bool(buffers("float32")))
 
 
 def compiled_int8_form(q: QuantLinear, x: Tensor, mode: str | None = None) -> EpilogueForm:
