@@ -92,3 +92,14 @@ def test_no_module_forward_is_assigned_in_the_package():
 def test_the_server_warms_every_batch_its_dit_will_see(graphs, compiled, expected):
     limit = 4 if expected[-1] == 4 else 3
     assert warm_batches(limit, SimpleNamespace(cuda_graphs=graphs, compile=compiled)) == expected
+
+
+def test_the_cli_asks_for_plain_or_exact_batches():
+    from click.testing import CliRunner
+
+    from step1x_export.cli import main
+    from step1x_export.cli.runtime_options import RuntimeArgs
+
+    assert RuntimeArgs(model_name="tiny", exact_batches=False).load_kwargs()["exact_batches"] is False
+    assert "exact_batches" not in RuntimeArgs(model_name="tiny").load_kwargs()  # the device decides
+    assert "--plain-batches" in CliRunner().invoke(main, ["edit", "--help"]).output
