@@ -1,7 +1,7 @@
 """First light: everything a GPU's first device call can tell us about the GPU path, most important first.
 
     OUT=/some/dir bash benchmarks/device.sh first_light                         # what the device tool runs
-    OUT=/tmp/fl bash benchmarks/device.sh first_light --model tiny --device cpu  # CPU dry run (tests/test_first_light.py)
+    OUT=/tmp/fl bash benchmarks/device.sh first_light --model tiny --device cpu  # CPU dry run (tests)
 
 Steps (each skipped, with the reason, when fewer than its `need_s` seconds of `--budget-s` are left; each is
 stopped after its `limit_s` (`--limit-s NAME=S` overrides); a failure is a row; `$OUT/first_light.json` holds a
@@ -37,7 +37,7 @@ from torch import nn
 from step1x_export.bench.checks import SKIP_CUDA, CheckReport, free, script_device, table
 from step1x_export.bench.environment import environment_info, header_lines
 from step1x_export.bench.kernels import compiled_int8_form, shipped_layer_ms
-from step1x_export.bench.ladder import LADDER, LadderRow, LadderSettings, ModelState, rel_err, run_ladder
+from step1x_export.bench.ladder import LADDER, LadderRow, LadderSettings, ModelState, rel_err, run_cell, run_ladder
 from step1x_export.bench.measure import measure
 from step1x_export.bench.models import BenchModels, build_dit, build_vae, dit_inputs
 from step1x_export.bench.preset import cap_fraction, quantize_24gb
@@ -137,9 +137,11 @@ def ladder_step(config, device, dtype, args, report: CheckReport, deadline: floa
         report.partial(cells=cells)
 
     fp8 = next(r for r in LADDER if r.name == "+ FP8 GEMMs")
-    for rows, inputs in (((LADDER[0], *(r for r in LADDER if r.name in BOTH_SIZES)), list(sizes.values())),
-                         (ATTENTION_ROWS, [sizes[args.size]]), ((fp8,), list(sizes.values()))):
-        run_ladder(models, inputs, settings, rows=rows, on_result=keep, state=state)
+    # The eager row is the reference (fp32 predictions, eager latent and ms per size); the later rows join it.
+    run_ladder(models, list(sizes.values()), settings, rows=(LADDER[0], *(r for r in LADDER if r.name in BOTH_SIZES)),
+               on_result=keep, state=state)
+    for row, x in [(r, sizes[args.size]) for r in ATTENTION_ROWS] + [(fp8, x) for x in sizes.values()]:
+        keep(run_cell(row, models, x, state, settings))
     compiles = {row: sum(c["compiles"] for c in cells if c["row"] == row and c["status"] == "ok")
                 for row in (*BOTH_SIZES, fp8.name)}
     return {"cells": cells, "sizes": list(sizes), "compiles_over_sizes": compiles}

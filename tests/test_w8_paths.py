@@ -111,11 +111,13 @@ def test_a_dtype_change_moves_the_8bit_weight_and_scales_and_casts_only_bias_and
     cast(q)
     for name in ("weight", "weight_scale", "input_scale", "smooth_inv"):
         got, want = getattr(q, name), before[name]
-        assert got.dtype == want.dtype and torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), name
+        bits = got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)
+        assert got.dtype == want.dtype and torch.equal(*bits), name
     assert q.bias.dtype == torch.bfloat16 and q.out_dtype == torch.bfloat16
     # the layer still computes the same Q/DQ maths: only the bias and the output are rounded to bf16
-    ref = qlinear._emulate(x.float(), QuantLinear.from_linear(linear, fmt, input_scale=torch.tensor(0.02),
-                                                      weight_scale=before["weight_scale"], smooth=1 / before["smooth_inv"]))
+    fresh = QuantLinear.from_linear(linear, fmt, input_scale=torch.tensor(0.02), weight_scale=before["weight_scale"],
+                                    smooth=1 / before["smooth_inv"])
+    ref = qlinear._emulate(x.float(), fresh)
     assert rel_err(q(x), ref) < 2**-8  # bf16's unit roundoff, twice (bias, output)
 
 

@@ -32,8 +32,8 @@ from ..precision import Precision
 from ..runtime.options import RuntimeOptions
 from ..runtime.step.attention import attention_context
 from ..step1x_ref.dit.model import Step1XEdit
-from .measure import FAILED, NOT_IMPLEMENTED, OK, SKIPPED, peak_memory_gb, reset_peak_memory, short_error, synchronize
 from .kernels import sdpa_kernels
+from .measure import FAILED, NOT_IMPLEMENTED, OK, SKIPPED, peak_memory_gb, reset_peak_memory, short_error, synchronize
 from .measure import percentile as _percentile
 
 if TYPE_CHECKING:  # models imports the MLLM (transformers); the ladder only needs the types

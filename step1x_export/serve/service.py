@@ -113,10 +113,10 @@ class EditService:
         return 1 if why else DEFAULT_MAX_BATCH
 
     def _warm_up(self, runtime: Step1XEditRuntime, rules: ParamRules) -> None:
-        """One edit at the default size, then batches of them (`warm_batches`), twice: the first pass loads every
-        stage, compiles and captures graphs for that shape and every batch the DiT will see; the second gives the admission
-        forecast (and the adaptive batch limit) step times without those one-off costs, which would otherwise
-        make a batch size look slower than it serves."""
+        """One edit at the default size, then batches of them (`warm_batches`), twice: the first pass loads
+        every stage, compiles and captures graphs for that shape and every batch the DiT will see; the second
+        gives the admission forecast (and the adaptive batch limit) step times without those one-off costs,
+        which would otherwise make a batch size look slower than it serves."""
         from ..runtime.batching import EditJob
 
         image = Image.new("RGB", (rules.default_size_level,) * 2, (128, 128, 128))
