@@ -63,3 +63,10 @@ def test_a_compiled_row_with_another_attention_kernel_traces_the_blocks_afresh(m
         assert run_cell(row, models, x, state, settings).error.startswith("RuntimeError: no runtime in this test")
     assert resets == [1] and state.traced_attention == "cudnn"  # eager rows trace nothing
     assert ladder.trace_afresh(RuntimeOptions(compile=True, attention="auto"), state) and resets == [1, 1]
+
+
+def test_the_shipped_layer_timings_run_the_int8_kernel_on_bf16_rows():
+    from step1x_export.bench.kernels import shipped_layer_ms
+
+    ms = shipped_layer_ms(int8_layer(), torch.randn(40, 64).bfloat16(), runs=1, compiled=False)
+    assert set(ms) == {"bf16_linear_ms", "eager_ms", "quantize_ms", "gemm_ms"} and all(v > 0 for v in ms.values())

@@ -72,21 +72,23 @@ def compiled_int8_form(q: QuantLinear, x: Tensor, mode: str | None = None) -> Ep
     return int8_epilogue_form("\n".join(codes), q.out_features)
 
 
-def shipped_layer_ms(q: QuantLinear, x: Tensor, runs: int = 5) -> dict[str, float]:
-    """`q` on the bf16 rows `x` as the runtime runs it: eager and compiled, the activation quantization and the
-    GEMM apart, and the bf16 GEMM of the same shape (no conversions in any of them)."""
+def shipped_layer_ms(q: QuantLinear, x: Tensor, runs: int = 5, compiled: bool = True) -> dict[str, float]:
+    """`q` on the bf16 rows `x` as the runtime runs it: eager and (when `compiled`: a compile each) compiled, the
+    activation quantization and the GEMM apart, and the bf16 GEMM of the same shape (no conversions in any)."""
     device = x.device
     time = lambda name, fn: measure(name, fn, device=device, runs=runs).median_ms  # noqa: E731
     weight = torch.empty(q.out_features, q.in_features, dtype=x.dtype, device=device).normal_()
-    compiled = torch.compile(q)
-    torch._dynamo.mark_dynamic(x, 0)
     with torch.inference_mode():
         xq = quantize_activation(x, q._act_mul, q.fmt)
-        return {"bf16_linear_ms": time("bf16", lambda: F.linear(x, weight)),
-                "eager_ms": time("eager", lambda: q(x)),
-                "compiled_ms": time("compiled", lambda: compiled(x)),
-                "quantize_ms": time("quantize", lambda: quantize_activation(x, q._act_mul, q.fmt)),
-                "gemm_ms": time("gemm", lambda: _GEMMS[q.kernel](xq, q))}
+        out = {"bf16_linear_ms": time("bf16", lambda: F.linear(x, weight)),
+               "eager_ms": time("eager", lambda: q(x)),
+               "quantize_ms": time("quantize", lambda: quantize_activation(x, q._act_mul, q.fmt)),
+               "gemm_ms": time("gemm", lambda: _GEMMS[q.kernel](xq, q))}
+        if compiled:
+            layer = torch.compile(q)
+            torch._dynamo.mark_dynamic(x, 0)
+            out["compiled_ms"] = time("compiled", lambda: layer(x))
+        return out
 
 
 def sdpa_kernels(fn: Callable[[], object]) -> list[str]:
