@@ -230,10 +230,11 @@ def preset_step(config, device, dtype, args, context_bytes: int) -> dict[str, An
     from step1x_export.runtime.engines.mllm import prepare_mllm
     from step1x_export.runtime.engines.torch_engine import TorchEncoder
 
+    torch._dynamo.reset()  # nothing compiled by earlier steps (or the modules it saw) stays under the cap
+    free(device)
     models = _dit_models(config, device, dtype)
     out: dict[str, Any] = {"quant": quantize_24gb(models, dit_inputs(config, args.size, 2, device))}
     encoder = TorchEncoder(prepare_mllm(build_mllm_with_processor(config, device, dtype), "int8"))
-    torch._dynamo.reset()  # nothing compiled by earlier steps (or the modules it saw) stays under the cap
     free(device)
     if device.type == "cuda":
         torch.cuda.memory._set_allocator_settings("expandable_segments:True")
