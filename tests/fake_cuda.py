@@ -71,8 +71,21 @@ GEMMS = {aten._scaled_mm.default: "scaled_mm", aten._int_mm.default: "int_mm", a
          aten.addmm.default: "addmm", aten.bmm.default: "bmm"}
 
 
+def check_scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+                    bias: torch.Tensor | None = None, scale_result: torch.Tensor | None = None,
+                    out_dtype: torch.dtype | None = None, use_fast_accum: bool = False) -> None:
+    """What CUDA's `_scaled_mm` refuses and its meta function lets through: row-wise scales (either scale more
+    than one value) with any output but bf16, and a bias whose dtype is not the output's."""
+    out = out_dtype or a.dtype
+    if (scale_a.numel() > 1 or scale_b.numel() > 1) and out != torch.bfloat16:
+        raise RuntimeError(f"_scaled_mm: row-wise scaling needs a bf16 output, got {out}")
+    if bias is not None and bias.dtype != out:
+        raise RuntimeError(f"_scaled_mm: the bias must have the output's dtype {out}, got {bias.dtype}")
+
+
 class GemmLog(TorchDispatchMode):
-    """Every GEMM dispatched while active; `_int_mm` must get its weight column-major and M > 16."""
+    """Every GEMM dispatched while active; `_int_mm` must get its weight column-major and M > 16, `_scaled_mm`
+    the output and bias dtypes CUDA accepts (`check_scaled_mm`)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -83,6 +96,8 @@ class GemmLog(TorchDispatchMode):
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
             self.calls.append(GemmCall(GEMMS[func], tuple(tuple(a.shape) for a in tensors),
                                        tuple(a.stride() for a in tensors), tuple(a.dtype for a in tensors)))
+            if func is aten._scaled_mm.default:
+                check_scaled_mm(*args, **(kwargs or {}))
             if func is aten._int_mm.default:
                 a, b = args[0], args[1]
                 if b.stride(0) != 1:

@@ -99,6 +99,39 @@ def test_quant_linear_runs_the_h200_kernel(recipe, k, n, m):
         assert weight_stride == (1, k)  # the [N, K] weight handed over transposed: column-major [K, N]
 
 
+@pytest.mark.parametrize(("out_dtype", "bias_dtype", "refused"), [
+    (torch.float32, None, "row-wise scaling needs a bf16 output"),
+    (BF16, torch.float32, "bias must have the output's dtype"),
+    (BF16, BF16, None)])
+def test_scaled_mm_is_held_to_the_cuda_rules_the_meta_function_misses(out_dtype, bias_dtype, refused):
+    m, k, n = 32, 64, 48
+    with fake_h200():
+        a = torch.empty(m, k, device="cuda", dtype=torch.float8_e4m3fn)
+        b = torch.empty(n, k, device="cuda", dtype=torch.float8_e4m3fn).t()
+        scale_a, scale_b = torch.ones(m, 1, device="cuda"), torch.ones(1, n, device="cuda")
+        bias = None if bias_dtype is None else torch.zeros(n, device="cuda", dtype=bias_dtype)
+        call = lambda: torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype)  # noqa: E731
+        call()  # ATen's meta checks alone let every case through
+        with GemmLog():
+            if refused is None:
+                assert call().dtype == BF16
+            else:
+                with pytest.raises(RuntimeError, match=refused):
+                    call()
+
+
+def test_a_quant_linear_cast_to_bf16_meets_the_scaled_mm_rules():
+    """An FP8 layer built in fp32 and cast to bf16 (as a model's `.to(torch.bfloat16)`): its bias and output go
+    bf16 together, so the row-wise kernel gets a bf16 output and a bf16 bias."""
+    q = QuantLinear(HIDDEN, 9216, QuantFormat.FP8_E4M3, bias=True, per_channel=True, device="meta")
+    with fake_h200():
+        on_cuda(q).to(BF16)
+        assert q.kernel is Kernel.SCALED_MM
+        with GemmLog() as log:
+            q(torch.randn(40, HIDDEN, dtype=BF16, device="cuda"))
+        assert log.ops() == ["scaled_mm"]
+
+
 @pytest.mark.parametrize("fmt", [QuantFormat.INT8, QuantFormat.FP8_E4M3])
 def test_weight_only_layer_runs_a_bf16_gemm(fmt):
     layer = WeightOnlyLinear(HIDDEN, 6 * HIDDEN, fmt, bias=True, dtype=BF16, device="meta")

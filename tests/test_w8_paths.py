@@ -92,8 +92,33 @@ def test_kernel_is_chosen_when_built_or_moved_never_in_forward(layer_and_input, 
     monkeypatch.setattr(qlinear, "select_kernel", lambda *a, **k: calls.append(a) or Kernel.EMULATE)
     q(x)
     assert calls == []
-    q.to("cpu", torch.bfloat16)  # a move re-chooses (once)
+    weight = q.weight.clone()
+    q.to("cpu")  # a move re-chooses (once)
     assert len(calls) == 1
+    assert q.weight.dtype == torch.float8_e4m3fn and torch.equal(q.weight.view(torch.uint8), weight.view(torch.uint8))
+
+
+@pytest.mark.parametrize("fmt", [QuantFormat.FP8_E4M3, QuantFormat.INT8])
+@pytest.mark.parametrize("cast", [lambda q: q.to(torch.bfloat16), lambda q: q.to("cpu", torch.bfloat16),
+                                  lambda q: q.float().bfloat16()])
+def test_a_dtype_change_moves_the_8bit_weight_and_scales_and_casts_only_bias_and_output(fmt, cast):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    q = QuantLinear.from_linear(linear, fmt, input_scale=torch.tensor(0.02), weight_scale=torch.rand(32) * 1e-2 + 1e-3,
+                                smooth=torch.rand(64) + 0.5)
+    x = torch.randn(5, 64).bfloat16()  # the input the bf16 layer takes, fed to the reference too
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    cast(q)
+    for name in ("weight", "weight_scale", "input_scale", "smooth_inv"):
+        got, want = getattr(q, name), before[name]
+        bits = got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)
+        assert got.dtype == want.dtype and torch.equal(*bits), name
+    assert q.bias.dtype == torch.bfloat16 and q.out_dtype == torch.bfloat16
+    # the layer still computes the same Q/DQ maths: only the bias and the output are rounded to bf16
+    fresh = QuantLinear.from_linear(linear, fmt, input_scale=torch.tensor(0.02), weight_scale=before["weight_scale"],
+                                    smooth=1 / before["smooth_inv"])
+    ref = qlinear._emulate(x.float(), fresh)
+    assert rel_err(q(x), ref) < 2**-8  # bf16's unit roundoff, twice (bias, output)
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,9 @@ from torch import Tensor
 
 from ..precision import Precision
 from ..runtime.options import RuntimeOptions
+from ..runtime.step.attention import attention_context
 from ..step1x_ref.dit.model import Step1XEdit
+from .kernels import sdpa_kernels
 from .measure import FAILED, NOT_IMPLEMENTED, OK, SKIPPED, peak_memory_gb, reset_peak_memory, short_error, synchronize
 from .measure import percentile as _percentile
 
@@ -103,6 +105,7 @@ class LadderResult:
     peak_mem_gb: float | None = None
     compiles: int = 0  # the runtime's stats after this cell
     graphs_captured: int = 0
+    sdpa: list[str] = field(default_factory=list)  # the SDPA kernels one DiT call dispatched (aten op names)
     note: str = ""
     error: str | None = None
 
@@ -124,6 +127,7 @@ class ModelState:
     quant_note: str = ""
     calibration: list[DiTInputs] = field(default_factory=list)  # what the FP8 row calibrates on
     references: dict[int, _Reference] = field(default_factory=dict)
+    traced_attention: str | None = None  # the attention choice the process's compiled blocks were traced under
 
 
 # -- fidelity -------------------------------------------------------------------------------------------
@@ -204,11 +208,25 @@ def unsupported(row: LadderRow, device: torch.device, settings: LadderSettings) 
 
 
 def _dit_pred(rt: Step1XEditRuntime, x: DiTInputs) -> Tensor:
-    """One call of the row's DiT engine (compiled / quantized as the runtime made it) on the ladder inputs."""
+    """One call of the row's DiT engine (compiled / quantized as the runtime made it, under its attention choice)
+    on the ladder inputs."""
     assert rt.stages is not None
     engine = rt.stages.load("dit")
-    with torch.inference_mode():
+    with torch.inference_mode(), attention_context(rt.options.attention, rt.device):
         return engine(img=x.img, pe=x.pe, timestep=x.t, llm_embedding=x.llm_embedding, llm_mask=x.llm_mask)["pred"]
+
+
+def trace_afresh(options: RuntimeOptions, state: ModelState) -> bool:
+    """Drop the process's compiled blocks when this row's attention differs from the one they were traced under
+    (compiled blocks keep the SDPA kernel of their first trace: a "+ cuDNN attention" row would otherwise time
+    the previous row's kernel). True when it dropped them."""
+    if not options.compile:
+        return False
+    stale = state.traced_attention not in (None, options.attention)
+    if stale:
+        torch._dynamo.reset()
+    state.traced_attention = options.attention
+    return stale
 
 
 # -- running ---------------------------------------------------------------------------------------------
@@ -243,6 +261,7 @@ def run_cell(row: LadderRow, models: BenchModels, x: DiTInputs, state: ModelStat
             state.quantized = row.quant
         result.note = state.quant_note if row.quant else ""
         options = row_options(row, settings)
+        trace_afresh(options.resolved(device), state)
         rt = bench_runtime(models, options)
         result.options = {k: getattr(rt.options, k) for k in row.options} | {
             "compile": rt.options.compile, "cuda_graphs": rt.options.cuda_graphs}
@@ -259,6 +278,7 @@ def run_cell(row: LadderRow, models: BenchModels, x: DiTInputs, state: ModelStat
         _fill_timing(result, step_ms, settings)
         result.peak_mem_gb = peak_memory_gb(device)
         latent = rt.last_latent
+        result.sdpa = sdpa_kernels(lambda: _dit_pred(rt, x))  # as compiled / eager in this row, not captured
         pred = _dit_pred(rt, x).float()
         stats = rt.stats()
         result.compiles, result.graphs_captured = stats.compiles, stats.graphs_captured

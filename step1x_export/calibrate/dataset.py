@@ -15,7 +15,6 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image
-from skimage import data as skimage_data
 
 DATASET_VERSION = "skimage-gedit-v1"
 TASKS = (
@@ -38,18 +37,20 @@ class CalibrationPair:
         return f"{self.image}|{self.language}|{self.instruction}"
 
 
-# Photographs that scikit-image ships inside its wheel (no download): name -> loader.
-IMAGES = {
-    "astronaut": skimage_data.astronaut,
-    "chelsea": skimage_data.chelsea,  # the cat
-    "coffee": skimage_data.coffee,
-    "rocket": skimage_data.rocket,
-    "camera": skimage_data.camera,  # greyscale cameraman
-    "coins": skimage_data.coins,
-    "text": skimage_data.text,  # greyscale street-sign text
-    "moon": skimage_data.moon,
-    "hubble": skimage_data.hubble_deep_field,
-    "motorcycle": lambda: skimage_data.stereo_motorcycle()[0],
+# Photographs that scikit-image ships inside its wheel (no download): name -> `skimage.data` loader (and what
+# to take of its result). Imported when an image is first read, so the statistics collector that imports this
+# module runs where scikit-image is not installed (a GPU machine without an index).
+IMAGES: dict[str, tuple[str, int | None]] = {
+    "astronaut": ("astronaut", None),
+    "chelsea": ("chelsea", None),  # the cat
+    "coffee": ("coffee", None),
+    "rocket": ("rocket", None),
+    "camera": ("camera", None),  # greyscale cameraman
+    "coins": ("coins", None),
+    "text": ("text", None),  # greyscale street-sign text
+    "moon": ("moon", None),
+    "hubble": ("hubble_deep_field", None),
+    "motorcycle": ("stereo_motorcycle", 0),
 }
 
 # (image, task, English, Chinese): every row yields two pairs.
@@ -121,10 +122,16 @@ def split_pairs(
 @cache
 def _image_array(name: str) -> np.ndarray:
     try:
-        loader = IMAGES[name]
+        loader, part = IMAGES[name]
     except KeyError:
         raise ValueError(f"unknown calibration image {name!r}; known: {', '.join(IMAGES)}") from None
-    return np.asarray(loader())
+    try:
+        from skimage import data as skimage_data
+    except ImportError as err:
+        raise ImportError("the calibration photographs need scikit-image: pip install scikit-image "
+                          "(or carry its wheel)") from err
+    image = getattr(skimage_data, loader)()
+    return np.asarray(image if part is None else image[part])
 
 
 def load_pair_image(pair: CalibrationPair) -> Image.Image:

@@ -130,10 +130,24 @@ class QuantLinear(nn.Module):
         self._out_scale = _refreshed(getattr(self, "_out_scale", None), out_scale)
         return self
 
-    def _apply(self, fn, recurse=True):  # .to(device) / .cuda(): the kernel follows the device, once
-        out = super()._apply(fn, recurse)
+    def _apply(self, fn, recurse=True):
+        """`.to(device)` / `.cuda()` move every buffer; a dtype change (`.to(torch.bfloat16)`, `.float()`) casts
+        only the bias and the output dtype: the 8-bit weight and the float32 scales are the quantization itself
+        (an FP8 weight cast to bf16 would silently un-quantize the layer). The kernel follows, once."""
+        cast_to = None
+        for name, buf in self._buffers.items():
+            if buf is None:
+                continue
+            moved = fn(buf)
+            if name != "bias" and moved.dtype != buf.dtype:
+                cast_to, moved = moved.dtype, buf.to(moved.device)
+            self._buffers[name] = moved
+        if self.bias is not None:
+            self.out_dtype = self.bias.dtype
+        elif cast_to is not None:
+            self.out_dtype = cast_to
         self.choose_kernel()
-        return out
+        return self
 
     def use_kernel(self, kernel: Kernel | None) -> QuantLinear:
         """Force a GEMM on the current device (e.g. the emulation, to check a GPU kernel against it);

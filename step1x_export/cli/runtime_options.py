@@ -48,6 +48,7 @@ class RuntimeArgs:
     mllm_quant: str | None = None
     preset: str | None = None
     attention: str = "auto"
+    exact_batches: bool | None = None
 
     @property
     def mllm_quant_asked(self) -> str | None:
@@ -92,7 +93,8 @@ class RuntimeArgs:
         base = RuntimeOptions(backend=self.backend, precision=precision, cuda_graphs=self.cuda_graphs_asked,  # type: ignore[arg-type]
                               compile=self.compile, compile_mode=self.compile_mode, graph_cache=self.graph_cache,
                               shape_buckets=self.shape_buckets, sequential_load=self.sequential_load,
-                              mllm_quant=self.mllm_quant_asked, attention=self.attention)
+                              mllm_quant=self.mllm_quant_asked, attention=self.attention,
+                              exact_batches=self.exact_batches)
         return replace(base, **overrides)
 
     def load_kwargs(self) -> dict[str, Any]:
@@ -185,6 +187,12 @@ def _execution_options() -> dict[str, Callable[[Callable[..., Any]], Callable[..
             help="The DiT's SDPA kernel (torch backend), fixed around the whole step so it holds inside the "
             "compiled and captured graph: auto = cuDNN first on Hopper and newer GPUs (then flash, "
             "memory-efficient, math), torch's own order elsewhere; the others force one kernel."),
+        "exact_batches": click.option(
+            "--exact-batches/--plain-batches", default=None,
+            help="Batched edits (the server's batches): each edit bit for bit what it is alone (the batch's GEMMs "
+            "and activations run one edit at a time), or one plain batched call per DiT step (each edit within "
+            "rounding of its edit alone) [default: exact on CPU, plain on CUDA, where kernels differ per batch "
+            "size anyway]."),
         "preset": click.option(
             "--preset", type=click.Choice(["24gb"]), default=None,
             help="24gb: every stage resident on a 24 GB card at 1024^2 (`step1x-export plan --preset 24gb`); needs "

@@ -83,7 +83,9 @@ class DiTUpdates:
                                            capacity=self.options.graph_cache, counts=self._graph_counts)
             self._graphs = None
             return with_attention(guided_euler(self._cached_step), self.options.attention, self.device)
-        step = lane_exact(engine_step_fn(dit), getattr(dit, "module", None))  # a batch: each edit's own GEMMs
+        step = engine_step_fn(dit)
+        if self.options.exact_batches:  # a batch: each edit's own GEMMs (CPU, or asked for)
+            step = lane_exact(step, getattr(dit, "module", None))
         update = guided_euler(self.version.step(step))  # v1.2: the DiT once per CFG branch
         update = with_attention(update, self.options.attention, self.device)  # in force when traced and captured
         self._graphs = None

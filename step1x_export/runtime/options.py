@@ -26,6 +26,11 @@ class RuntimeOptions:
     and the runtime keeps the resolved copy, so `runtime.options` says what actually ran.
     `compile=None` (auto) compiles where it helps (the torch backend on CUDA); `True` compiles on any
     device, CPU included (slow to build there, but it is how tests run the compiled path).
+    `exact_batches=None` (auto) promises bit-exact batches where they hold (CPU: the batch's GEMMs and
+    activations run lane by lane); on CUDA a batch is one plain call (8-bit layers and compiled kernels differ
+    per batch size anyway): each edit then differs from its edit alone by the GEMMs' summation order only
+    (fp32 on CPU: under 1e-5 relative after 3 steps, tests/test_lanes.py; on a GPU in bf16 not yet measured);
+    `True` pays for lanes there too.
     """
 
     backend: Backend = "torch"
@@ -44,6 +49,7 @@ class RuntimeOptions:
     ulysses_degree: int = 1  # ranks splitting attention heads (all-to-all)
     ring_degree: int = 1  # ranks splitting the sequence for ring attention
     max_batch: int = 1  # same-size edits sharing each DiT call (`edit_batch`; the server's batches): 1 = alone
+    exact_batches: bool | None = None  # each edit of a batch bit for bit as alone (GEMMs lane by lane); None: on CPU
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -85,7 +91,8 @@ class RuntimeOptions:
         compile_on = self.backend == "torch" and single and (cuda if self.compile is None else self.compile)
         graphs = self.cuda_graphs and graphs_ok
         cache = 1 if graphs and self.backend == "tensorrt" else self.graph_cache
-        return replace(self, cuda_graphs=graphs, compile=compile_on, graph_cache=cache)
+        exact = not cuda if self.exact_batches is None else self.exact_batches
+        return replace(self, cuda_graphs=graphs, compile=compile_on, graph_cache=cache, exact_batches=exact)
 
 
 def option_names() -> tuple[str, ...]:

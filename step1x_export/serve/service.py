@@ -23,7 +23,7 @@ from .request import EditParams, EditRequest, ParamRules, RequestError
 from .spec import RuntimeSpec, ServeLimits
 
 if TYPE_CHECKING:
-    from ..runtime import Step1XEditRuntime
+    from ..runtime import RuntimeOptions, Step1XEditRuntime
 
 log = logging.getLogger("step1x_export.serve")
 NOT_READY_RETRY_S = 5
@@ -113,16 +113,16 @@ class EditService:
         return 1 if why else DEFAULT_MAX_BATCH
 
     def _warm_up(self, runtime: Step1XEditRuntime, rules: ParamRules) -> None:
-        """One edit at the default size, then a full batch of them, twice: the first pass loads every stage,
-        compiles and captures graphs for that shape and the largest batch; the second gives the admission
-        forecast (and the adaptive batch limit) step times without those one-off costs, which would otherwise
-        make a batch size look slower than it serves."""
+        """One edit at the default size, then batches of them (`warm_batches`), twice: the first pass loads
+        every stage, compiles and captures graphs for that shape and every batch the DiT will see; the second
+        gives the admission forecast (and the adaptive batch limit) step times without those one-off costs,
+        which would otherwise make a batch size look slower than it serves."""
         from ..runtime.batching import EditJob
 
         image = Image.new("RGB", (rules.default_size_level,) * 2, (128, 128, 128))
         job = EditJob(image, "warm-up", seed=0, steps=WARMUP_STEPS, size_level=rules.default_size_level)
         for measured in (False, True):
-            for batch in dict.fromkeys((1, self.queue.max_batch)):
+            for batch in warm_batches(self.queue.max_batch, runtime.options):
                 for outcome in runtime.edit_batch([job] * batch, max_batch=batch):
                     if outcome.error is not None:
                         raise outcome.error
@@ -184,3 +184,16 @@ class EditService:
         for stage, seconds in outcome.timings.items():
             self.metrics.stage.labels(stage).inc(seconds)
         return EditResult(buf.getvalue(), outcome.image.width, outcome.image.height, p, timings, request.warnings)
+
+
+def warm_batches(max_batch: int, options: RuntimeOptions) -> list[int]:
+    """The batch sizes a warm-up runs so that no edit compiles or captures mid-service: the largest batch of
+    each CUDA graph bucket (a batch runs padded to its bucket), every size when compiled without graphs (the
+    blocks are specialised per batch), else one edit and the largest batch (the forecast's step times)."""
+    from ..runtime.batching import graph_bucket
+
+    if options.cuda_graphs:
+        return list({graph_bucket(b): b for b in range(1, max_batch + 1)}.values())
+    if options.compile:
+        return list(range(1, max_batch + 1))
+    return list(dict.fromkeys((1, max_batch)))

@@ -5,61 +5,76 @@ its GEMM kernel, so its summation order, by the row count: measured with MKL her
 and the image tokens of a small edit round differently at 2B rows than at 2 (on its AVX2 path up to 48 rows
 per edit). GELU and SiLU round differently on their vectorised and scalar paths, and ATen splits a large
 element-wise op into per-thread chunks whose ends (scalar tails) move with its size. So inside a batched
-call each `nn.Linear`, `nn.GELU` and `nn.SiLU` runs once per edit on its rows (adjacent: `sampling.Batch`),
+call each plain Linear's `F.linear` (its weight an `nn.Parameter`: quantized layers flatten their rows and
+keep their own kernels), each GELU and each SiLU runs once per edit on its rows (adjacent: `sampling.Batch`),
 the very call the edit alone makes, writing into the batch's output; the batch shares everything else
 (attention, norms, RoPE, the exact element-wise ops, the per-op dispatch). The chunk count is static per
-batch size, so a traced or captured step (torch.compile, CUDA graphs) holds B calls per module. A call of
-one edit is left untouched."""
+batch size, so a traced step (torch.compile) holds B calls per Linear. A call of one edit is left untouched.
+
+The routing is a `TorchFunctionMode` entered for the length of the batched call: thread-local, nothing on the
+DiT's modules changes and nothing refers to them afterwards, so two runtimes sharing a DiT do not race and a
+closed runtime frees it. It is what CPU promises (bit for bit); on CUDA a batch differs from the edit alone
+anyway (8-bit layers run batched, compiled kernels are specialised per batch), so there the runtime makes
+plain batched calls unless `RuntimeOptions.exact_batches` asks for lanes.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from weakref import WeakKeyDictionary
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from ...step1x_ref.sampling import StepFn
 
 LANE_ROWS = 2  # one edit's rows in a DiT call: its cond and uncond branch
 LANE_MODULES = (nn.Linear, nn.GELU, nn.SiLU)
-_FORWARDS: WeakKeyDictionary[nn.Module, Callable[[Tensor], Tensor]] = WeakKeyDictionary()
+_ACTIVATIONS = {torch._C._nn.gelu, F.gelu, F.silu}
 
 
-def _into(module: nn.Module, x: Tensor) -> Callable[[Tensor, Tensor], object] | None:
-    """Writes `module`'s output for rows of `x` into a slice of the batch's output, the very kernel its forward
-    calls (no concatenation to copy), or None where its forward takes another path for such an input."""
-    if type(module) is nn.Linear and module.bias is not None and (x.dim() == 2 or x.dim() == 3 and x.is_contiguous()):
-        w, b = module.weight, module.bias  # F.linear's own path here: addmm on the rows, the bias fused
-        return lambda rows, out: torch.addmm(b, rows.reshape(-1, w.shape[1]), w.t(), out=out.view(-1, w.shape[0]))
-    if type(module) is nn.GELU:
-        return lambda rows, out: torch._C._nn.gelu(rows, approximate=module.approximate, out=out)
-    if type(module) is nn.SiLU and not module.inplace:
-        return lambda rows, out: torch._C._nn.silu(rows, out=out)
-    return None
+def _linear_lanes(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """F.linear on each edit's rows: addmm into a slice of the batch's output (F.linear's own path for such
+    an input, the bias fused, nothing concatenated), else F.linear per lane."""
+    starts = range(0, x.shape[0], LANE_ROWS)
+    if bias is None or not (x.dim() == 2 or x.dim() == 3 and x.is_contiguous()):
+        return torch.cat([F.linear(x[i : i + LANE_ROWS], weight, bias) for i in starts])
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    for i in starts:
+        rows = x[i : i + LANE_ROWS]
+        torch.addmm(bias, rows.reshape(-1, weight.shape[1]), weight.t(),
+                     out=out[i : i + LANE_ROWS].view(-1, weight.shape[0]))
+    return out
 
 
-def _lane_forward(module: nn.Module) -> Callable[[Tensor], Tensor]:
-    """`module`'s own forward, one edit's rows at a time (one function per module, so compiled guards hold)."""
-    if module not in _FORWARDS:
-        own = type(module).forward
+def _activation_lanes(func: Callable[..., Tensor], x: Tensor, kwargs: dict[str, Any]) -> Tensor:
+    """GELU / SiLU on each edit's rows, the very kernel the edit alone runs, into the batch's output."""
+    out = torch.empty_like(x)
+    for i in range(0, x.shape[0], LANE_ROWS):
+        rows, into = x[i : i + LANE_ROWS], out[i : i + LANE_ROWS]
+        if func is F.silu:
+            torch._C._nn.silu(rows, out=into)
+        else:
+            torch._C._nn.gelu(rows, approximate=kwargs.get("approximate", "none"), out=into)
+    return out
 
-        def forward(x: Tensor) -> Tensor:
-            if x.shape[0] <= LANE_ROWS:
-                return own(module, x)
-            starts = range(0, x.shape[0], LANE_ROWS)
-            into = _into(module, x)
-            if into is None:
-                return torch.cat([own(module, x[i : i + LANE_ROWS]) for i in starts])
-            width = module.out_features if isinstance(module, nn.Linear) else x.shape[-1]
-            out = x.new_empty(*x.shape[:-1], width)
-            for i in starts:
-                into(x[i : i + LANE_ROWS], out[i : i + LANE_ROWS])
-            return out
 
-        _FORWARDS[module] = forward
-    return _FORWARDS[module]
+class LaneByLane(TorchFunctionMode):
+    """While active (this thread only), plain Linears' GEMMs, GELU and SiLU on more than one edit's rows run
+    one edit's rows at a time."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        x = args[0] if args else kwargs.get("input")
+        if isinstance(x, Tensor) and x.dim() >= 2 and x.shape[0] > LANE_ROWS:
+            if func is torch._C._nn.linear and len(args) >= 2 and type(args[1]) is nn.Parameter:
+                return _linear_lanes(x, args[1], args[2] if len(args) > 2 else kwargs.get("bias"))
+            if func in _ACTIVATIONS and not kwargs.get("inplace", False) and len(args) == 1:
+                return _activation_lanes(func, x, kwargs)
+        return func(*args, **kwargs)
 
 
 def lane_members(module: nn.Module) -> list[nn.Module]:
@@ -69,27 +84,24 @@ def lane_members(module: nn.Module) -> list[nn.Module]:
 
 @contextmanager
 def lane_modules(members: list[nn.Module]) -> Iterator[None]:
-    """While inside, `members` (`lane_members` of a module) run lane by lane."""
-    for m in members:
-        m.forward = _lane_forward(m)  # type: ignore[method-assign]
-    try:
+    """While inside, `members` (`lane_members` of a module) run lane by lane (nothing is routed without any)."""
+    if not members:
         yield
-    finally:
-        for m in members:
-            del m.forward
+        return
+    with LaneByLane():
+        yield
 
 
 def lane_exact(step: StepFn, module: nn.Module | None) -> StepFn:
     """`step` (over the torch DiT `module`) with its GEMMs and activations lane by lane when it runs more than
     one edit."""
-    if module is None:  # an engine without a torch module (ONNX Runtime, TensorRT) runs one edit per call
+    if module is None or not lane_members(module):  # ONNX Runtime, TensorRT: one edit per call
         return step
-    members = lane_members(module)  # found once, not at every step: a loaded DiT's modules do not change
 
     def lanes_step(img: Tensor, t: Tensor, *conditioning: Tensor) -> Tensor:
         if img.shape[0] <= LANE_ROWS:
             return step(img, t, *conditioning)
-        with lane_modules(members):
+        with LaneByLane():
             return step(img, t, *conditioning)
 
     return lanes_step
