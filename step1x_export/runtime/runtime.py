@@ -291,9 +291,7 @@ class Step1XEditRuntime(EditLanes, DiTUpdates):
     def _denoise(self, dit: Engine, lane: Lane) -> None:
         if self._update is None or self._update[0] is not dit:  # an update (and its graphs) per engine instance
             self._update = (dit, self._make_update(dit))
-        if self._cached_step is not None:
-            self._cached_step.begin(lane.steps)
-            self.cache_stats = self._cached_step.stats
+        self.begin_cache(lane)
         self._start_steps(lane)  # after the DiT's load: the first step's time is its own
         denoise_lanes(self._update[1], [lane])
 
