@@ -26,7 +26,7 @@ from ...validate import InputError
 from ..engines.engine import Engine
 from .engine_step import engine_step_fn
 from .region import CAPTURE, FULL, REGION, REUSE, RegionPlan, RegionStats, edited_tokens, gamma_for, region_plan
-from .region_kv import KVRecord, KVWindow
+from .region_kv import KVWindow
 from .region_spec import REGION_STEPS, RegionParams
 
 KV = list[tuple[Tensor, Tensor]]  # per block (double blocks, then single blocks): keys, values [B, H, L, D]
@@ -40,7 +40,7 @@ def _dynamic(*tensors: Tensor) -> None:
 
 class RegionDiT:
     """A DiT step function (one call per CFG batch, or per branch for v1.2) that records every block's keys and
-    values (`record`) or runs the text and the edited tokens against them (`region`)."""
+    values (a full step) or runs the text and the edited tokens against them (a region step)."""
 
     def __init__(self, engine: Engine, names: tuple[str, ...]):
         module = getattr(engine, "module", None)
@@ -62,29 +62,27 @@ class RegionDiT:
         given = dict(img=img, timestep=t, **dict(zip(self.names, conditioning, strict=True)))
         inputs = {s.name: given[s.name].to(engine.device, s.torch_dtype(engine.dtype)) for s in engine.spec.inputs}
         call, self._call = self._call, self._call + 1
+        text = inputs["llm_embedding"].shape[1]
         with torch.inference_mode():
             if self.region:
-                return self._blocks(inputs, self._windows(call, inputs)).float()
-            kv: KV = []
-            self.caches.append(kv)
-            return self._blocks(inputs, self._records(kv)).float()
+                assert self.edited is not None
+                rows = torch.cat([torch.arange(text, device=self.edited.device), self.edited + text])
+                inputs["pe"] = inputs["pe"][:, :, rows]
+                cache = self.caches[call]
+            else:  # every position, into a new cache
+                rows = torch.arange(inputs["pe"].shape[2], device=engine.device)
+                cache = self._new_cache(inputs["img"], text)
+                self.caches.append(cache)
+            return self._blocks(inputs, self._windows(cache, rows)).float()
 
-    def _records(self, kv: KV) -> Callable[[Callable[[], Any]], Any]:
-        def run(block: Callable[[], Any]) -> Any:
-            with KVRecord() as record:
-                out = block()
-            assert record.k is not None and record.v is not None
-            kv.append((record.k, record.v))
-            return out
+    def _new_cache(self, img: Tensor, text: int) -> KV:
+        p, dtype = self.model.params, self.engine.dtype  # the attention's inputs are in the compute dtype
+        shape = (img.shape[0], p.num_heads, text + img.shape[1], p.hidden_size // p.num_heads)
+        count = len(self.model.double_blocks) + len(self.model.single_blocks)
+        return [(img.new_empty(shape, dtype=dtype), img.new_empty(shape, dtype=dtype)) for _ in range(count)]
 
-        return run
-
-    def _windows(self, call: int, inputs: dict[str, Tensor]) -> Callable[[Callable[[], Any]], Any]:
-        assert self.edited is not None
-        text = inputs["llm_embedding"].shape[1]
-        rows = torch.cat([torch.arange(text, device=self.edited.device), self.edited + text])
-        inputs["pe"] = inputs["pe"][:, :, rows]
-        blocks = iter(self.caches[call])
+    def _windows(self, cache: KV, rows: Tensor) -> Callable[[Callable[[], Any]], Any]:
+        blocks = iter(cache)
 
         def run(block: Callable[[], Any]) -> Any:
             k, v = next(blocks)
