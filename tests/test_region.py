@@ -194,3 +194,29 @@ def test_regione_settings():
                      ("regione:cache=x", "cache='x'")]:
         with pytest.raises(ValueError, match=why):
             CacheSpec.parse(bad)
+
+
+@pytest.mark.isa  # compiled vs eager
+@pytest.mark.xdist_group("compile")  # one worker: inductor's C++ builds use both cores
+@pytest.mark.usefixtures("fresh_compiles")
+def test_one_compile_serves_every_edited_token_count():
+    """Five edits whose partitions differ in size: the blocks compile for the full steps, the recording steps
+    and the region steps on the first edit, and never again."""
+    cache = "regione:threshold=0,erode=0"
+    seeds = (0, 1, 2, 4, 5)
+    with Step1XEditRuntime.load("tiny", backend="torch", device="cpu", compile=True, cache=cache) as rt, \
+            Step1XEditRuntime.load("tiny", backend="torch", device="cpu", compile=False, cache=cache) as eager:
+        counts, compiles = [], []
+        for seed in seeds:
+            rt.edit(image(seed=seed), "add a hat", seed=seed, steps=STEPS, size_level=SIZE)
+            counts.append(len(rt.stats().cache["edited"][5]))
+            compiles.append(rt.stats().compiles)
+        print(f"edited tokens {counts}, compiles after each edit {compiles}")
+        assert len(set(counts)) == len(seeds) and min(counts) > 1  # five counts (one token would specialise)
+        assert compiles == [compiles[0]] * len(seeds)
+        assert compiles[0] == 3 * 2  # (full, recording, region) x (double, single) block
+        eager.edit(image(seed=seeds[-1]), "add a hat", seed=seeds[-1], steps=STEPS, size_level=SIZE)
+        assert eager.stats().cache["edited"] == rt.stats().cache["edited"]
+        err = float((rt.last_latent - eager.last_latent).norm() / eager.last_latent.norm())
+        print(f"compiled vs eager RegionE: relative error {err:.2e}")
+        assert err < 1e-5  # inductor reorders fp32 reductions (the bound of test_compile)
