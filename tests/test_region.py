@@ -14,7 +14,7 @@ from step1x_export.runtime import Step1XEditRuntime
 from step1x_export.runtime.batching import EditJob
 from step1x_export.runtime.step.cache_spec import CacheSpec
 from step1x_export.runtime.step.engine_step import engine_step_fn
-from step1x_export.runtime.step.region import (GAMMA_V1P2, GAMMA_V1X, edited_tokens, gamma_for, region_plan)
+from step1x_export.runtime.step.region import GAMMA_V1P2, GAMMA_V1X, edited_tokens, gamma_for, region_plan
 from step1x_export.runtime.step.region_spec import RegionParams
 from step1x_export.runtime.step.region_step import RegionDiT
 from step1x_export.step1x_ref.sampling import get_schedule
@@ -72,7 +72,8 @@ def test_plan_is_the_published_rule(version: str, tokens: int, settings: str):
     plan = region_plan(params, t, gamma_for(version))
     kinds, jumps = published_plan(t.numpy(), GAMMA_V1P2 if version == "v1.2" else GAMMA_V1X, params.warmup,
                                   params.post, list(params.refresh), params.cache)
-    print(version, tokens, settings, "".join({"full": "F", "capture": "C", "region": "R", "reuse": "-"}[k] for k in plan.kinds))
+    letters = {"full": "F", "capture": "C", "region": "R", "reuse": "-"}
+    print(version, tokens, settings, "".join(letters[k] for k in plan.kinds))
     assert list(plan.kinds) == kinds
     assert plan.jumps == jumps
     assert "reuse" in kinds and "region" in kinds  # both decisions exercised

@@ -9,6 +9,7 @@ erosion and dilation of the edited mask on. Written `regione` or `regione:key=va
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from itertools import pairwise
 
 # RegionE's velocity decay constants were fitted for this many steps; it refuses any other count, and so do we.
 REGION_STEPS = 28
@@ -35,7 +36,7 @@ class RegionParams:
                              f"got warmup={self.warmup} post={self.post}")
         if any(not self.warmup + 1 < r <= last for r in refresh):
             raise ValueError(f"regione: refresh steps must lie in ({self.warmup + 1}, {last}], got {refresh}")
-        if any(b - a < 2 for a, b in zip(refresh, refresh[1:])):
+        if any(b - a < 2 for a, b in pairwise(refresh)):
             raise ValueError(f"regione: refresh steps must not be adjacent or repeated, got {refresh}")
         if not self.cache >= 0:
             raise ValueError(f"regione: cache threshold must be >= 0, got {self.cache}")

@@ -45,7 +45,8 @@ class RegionDiT:
     def __init__(self, engine: Engine, names: tuple[str, ...]):
         module = getattr(engine, "module", None)
         if not isinstance(module, Step1XEdit):
-            raise ValueError(f"cache regione needs the torch DiT in one process (Step1XEdit), got {type(module).__name__}")
+            raise ValueError(f"cache regione needs the torch DiT in one process (Step1XEdit), "
+                             f"got {type(module).__name__}")
         self.engine, self.model, self.names = engine, module, names
         self.caches: list[KV] = []  # per call of a step
         self.edited: Tensor | None = None
