@@ -5,6 +5,8 @@ its settings parse and its misuses are refused."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -134,26 +136,32 @@ def tiny_rt():
 
 
 @pytest.mark.isa  # a GEMM over fewer rows may pick another kernel, rounding differently
-def test_region_call_attends_like_the_full_call(tiny_rt: Step1XEditRuntime):
-    lane = tiny_rt.prepare_lane(EditJob(image(), "add a hat", steps=STEPS, size_level=SIZE))
-    engine = tiny_rt.stages.load("dit")
-    n = lane.x.shape[1]
-    x = lane.x + 0.3 * torch.randn_like(lane.x)  # any latent: the two calls see the same one
-    t = torch.tensor([0.7, 0.7])
-    dit = RegionDiT(engine, tiny_rt.version.dit_inputs)
-    dit.start(region=False)
-    full = dit(torch.cat([x, lane.ref], dim=1).repeat(2, 1, 1), t, *lane.conditioning)
-    plain = engine_step_fn(engine)(torch.cat([x, lane.ref], dim=1).repeat(2, 1, 1), t, *lane.conditioning)
-    assert torch.equal(full, plain)  # recording the keys and values changes nothing
-    subset = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: n // 3].sort().values
-    for edited in (subset, torch.arange(n)):
-        dit.edited = edited
-        dit.start(region=True)
-        region = dit(x[:, edited].repeat(2, 1, 1), t, *lane.conditioning)
-        rows = full[:, edited]
-        err = float((region - rows).norm() / rows.norm())
-        print(f"{len(edited)}/{n} tokens: relative error {err:.2e}")
-        assert err < 1e-5  # the same fp32 maths; only the GEMMs' row blocking differs
+@pytest.mark.parametrize("model", ["tiny", "tiny-v1.2"])
+def test_region_call_attends_like_the_full_call(model: str, tiny_rt: Step1XEditRuntime):
+    """v1.1: one call for both CFG branches; v1.2: one per branch, each with its own cache."""
+    with contextlib.ExitStack() as stack:
+        rt = tiny_rt if model == "tiny" else stack.enter_context(
+            Step1XEditRuntime.load(model, backend="torch", device="cpu", compile=False))
+        lane = rt.prepare_lane(EditJob(image(), "add a hat", steps=STEPS, size_level=SIZE))
+        engine = rt.stages.load("dit")
+        n = lane.x.shape[1]
+        x = lane.x + 0.3 * torch.randn_like(lane.x)  # any latent: the two calls see the same one
+        t = torch.tensor([0.7, 0.7])
+        dit = RegionDiT(engine, rt.version.dit_inputs)
+        region_fn, plain_fn = rt.version.step(dit), rt.version.step(engine_step_fn(engine))
+        dit.start(region=False)
+        full = region_fn(torch.cat([x, lane.ref], dim=1).repeat(2, 1, 1), t, *lane.conditioning)
+        plain = plain_fn(torch.cat([x, lane.ref], dim=1).repeat(2, 1, 1), t, *lane.conditioning)
+        assert torch.equal(full, plain)  # recording the keys and values changes nothing
+        subset = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: n // 3].sort().values
+        for edited in (subset, torch.arange(n)):
+            dit.edited = edited
+            dit.start(region=True)
+            region = region_fn(x[:, edited].repeat(2, 1, 1), t, *lane.conditioning)
+            rows = full[:, edited]
+            err = float((region - rows).norm() / rows.norm())
+            print(f"{model}: {len(edited)}/{n} tokens: relative error {err:.2e}")
+            assert err < 1e-5  # the same fp32 maths; only the GEMMs' row blocking differs
 
 
 def test_no_partition_is_the_plain_edit(tiny_rt: Step1XEditRuntime):
