@@ -6,12 +6,18 @@ its settings parse and its misuses are refused."""
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from step1x_export.calibrate.artifact import save_artifact
+from step1x_export.calibrate.collect import collect_stats
+from step1x_export.calibrate.dataset import describe, split_pairs
+from step1x_export.calibrate.qlinear import QuantLinear
+from step1x_export.calibrate.recipes import build_artifact
 from step1x_export.runtime import Step1XEditRuntime
 from step1x_export.runtime.batching import EditJob
 from step1x_export.runtime.step.cache_spec import CacheSpec
@@ -19,6 +25,7 @@ from step1x_export.runtime.step.engine_step import engine_step_fn
 from step1x_export.runtime.step.region import GAMMA_V1P2, GAMMA_V1X, edited_tokens, gamma_for, region_plan
 from step1x_export.runtime.step.region_spec import RegionParams
 from step1x_export.runtime.step.region_step import RegionDiT
+from step1x_export.step1x_ref.pipeline import Step1XEditPipeline
 from step1x_export.step1x_ref.sampling import get_schedule
 from step1x_export.validate import InputError
 
@@ -135,15 +142,25 @@ def tiny_rt():
         yield rt
 
 
+def fp8_artifact(folder: Path) -> Path:
+    pipe = Step1XEditPipeline.random("tiny", seed=0)
+    pairs = split_pairs()[0][:1]
+    stats = collect_stats(pipe, pairs, steps=2, size_level=32, progress=False)
+    return save_artifact(build_artifact(pipe.model, stats, "fp8", calibration=describe(pairs)), folder / "fp8.st")
+
+
 @pytest.mark.isa  # a GEMM over fewer rows may pick another kernel, rounding differently
-@pytest.mark.parametrize("model", ["tiny", "tiny-v1.2"])
-def test_region_call_attends_like_the_full_call(model: str, tiny_rt: Step1XEditRuntime):
-    """v1.1: one call for both CFG branches; v1.2: one per branch, each with its own cache."""
+@pytest.mark.parametrize("model", ["tiny", "tiny-v1.2", "tiny-fp8"])
+def test_region_call_attends_like_the_full_call(model: str, tiny_rt: Step1XEditRuntime, tmp_path: Path):
+    """v1.1: one call for both CFG branches; v1.2: one per branch, each with its own cache; an FP8 artifact's
+    W8A8 blocks (static activation scales: a token's codes do not depend on the others)."""
     with contextlib.ExitStack() as stack:
+        quant = {"quant": fp8_artifact(tmp_path)} if model == "tiny-fp8" else {}
         rt = tiny_rt if model == "tiny" else stack.enter_context(
-            Step1XEditRuntime.load(model, backend="torch", device="cpu", compile=False))
+            Step1XEditRuntime.load(model.removesuffix("-fp8"), backend="torch", device="cpu", compile=False, **quant))
         lane = rt.prepare_lane(EditJob(image(), "add a hat", steps=STEPS, size_level=SIZE))
         engine = rt.stages.load("dit")
+        assert any(isinstance(m, QuantLinear) for m in engine.module.modules()) == bool(quant)
         n = lane.x.shape[1]
         x = lane.x + 0.3 * torch.randn_like(lane.x)  # any latent: the two calls see the same one
         t = torch.tensor([0.7, 0.7])
