@@ -1,7 +1,7 @@
 """RegionE (`cache="regione"`): its step plan and partition equal an independent numpy transcription of the
 published rule; its DiT call on a subset of the image tokens, attending to the cached keys and values of a
-full call at the same input, equals that full call's rows; with no partition it is the plain edit bit for bit;
-its settings parse and its misuses are refused."""
+full call at the same input, equals that full call's rows; up to the partition it is the plain edit bit for bit;
+one compile serves every edited-token count; its settings parse and its misuses are refused."""
 
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from step1x_export.runtime.step.cache_spec import CacheSpec
 from step1x_export.runtime.step.engine_step import engine_step_fn
 from step1x_export.runtime.step.region import GAMMA_V1P2, GAMMA_V1X, edited_tokens, gamma_for, region_plan
 from step1x_export.runtime.step.region_spec import RegionParams
-from step1x_export.runtime.step.region_step import RegionDiT
+from step1x_export.runtime.step.region_step import RegionDiT, RegionUpdate
 from step1x_export.step1x_ref.pipeline import Step1XEditPipeline
-from step1x_export.step1x_ref.sampling import get_schedule
+from step1x_export.step1x_ref.sampling import get_schedule, guided_euler
 from step1x_export.validate import InputError
 
 STEPS = 28
@@ -181,14 +181,20 @@ def test_region_call_attends_like_the_full_call(model: str, tiny_rt: Step1XEditR
             assert err < 1e-5  # the same fp32 maths; only the GEMMs' row blocking differs
 
 
-def test_no_partition_is_the_plain_edit(tiny_rt: Step1XEditRuntime):
-    tiny_rt.edit(image(), "add a hat", seed=1, steps=STEPS, size_level=SIZE)
-    plain = tiny_rt.last_latent.clone()
-    with Step1XEditRuntime.load("tiny", backend="torch", device="cpu", compile=False,
-                                cache="regione:warmup=26,refresh=") as rt:
-        rt.edit(image(), "add a hat", seed=1, steps=STEPS, size_level=SIZE)
-        assert torch.equal(rt.last_latent, plain)
-        assert rt.stats().cache["kinds"] == ["full"] * STEPS
+def test_full_steps_are_the_plain_steps(tiny_rt: Step1XEditRuntime):
+    """Up to the partition RegionE is the plain edit bit for bit: the warm-up steps are its update, and the
+    recording step's own CFG and Euler (every token edited at threshold 2: none jumps) equal it too."""
+    lane = tiny_rt.prepare_lane(EditJob(image(), "add a hat", steps=STEPS, size_level=SIZE))
+    engine = tiny_rt.stages.load("dit")
+    plain = guided_euler(tiny_rt.version.step(engine_step_fn(engine)))
+    region = RegionUpdate(engine, tiny_rt.version, RegionParams(threshold=2.0), plain)
+    region.begin(lane, (4, 4))
+    x_plain = x_region = lane.x
+    for i in range(6):
+        step = (lane.ref, lane.guidance, lane.t[i : i + 1], lane.dt[i : i + 1], lane.rescale[i : i + 1])
+        x_plain, x_region = plain(x_plain, *step, *lane.conditioning), region(x_region, *step, *lane.conditioning)
+        assert torch.equal(x_region, x_plain)
+    assert region.stats.kinds == ["full"] * 5 + ["capture"] and len(region.stats.edited[5]) == lane.x.shape[1]
 
 
 def test_regione_edit_reports_its_plan():

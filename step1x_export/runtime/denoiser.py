@@ -91,13 +91,10 @@ class DiTUpdates:
 
     def _make_update(self, dit: Engine) -> UpdateFn:
         self._cached_step = None
-        if isinstance(self.options.cache, CacheSpec) and self.options.cache.region is not None:
-            # token counts per edit and data-dependent steps: not graphed (compiled blocks serve every count)
-            self._cached_step, self._graphs = RegionUpdate(dit, self.version, self.options.cache.region), None
-            return with_attention(self._cached_step, self.options.attention, self.device)
-        if self.options.cache is not None:  # a data-dependent step: its pieces are graphed, not the whole step
-            assert isinstance(self.options.cache, CacheSpec)
-            self._cached_step = CachedStep(dit, self.options.cache, cuda_graphs=self.options.cuda_graphs,
+        cache = self.options.cache
+        if isinstance(cache, CacheSpec) and cache.region is None:  # a data-dependent step: its pieces are graphed,
+            # not the whole step
+            self._cached_step = CachedStep(dit, cache, cuda_graphs=self.options.cuda_graphs,
                                            capacity=self.options.graph_cache, counts=self._graph_counts)
             self._graphs = None
             return with_attention(guided_euler(self._cached_step), self.options.attention, self.device)
@@ -108,4 +105,8 @@ class DiTUpdates:
         if self.options.cuda_graphs:  # the whole step (DiT + CFG + Euler), captured once per shape
             update = self._graphs = CudaGraphed(update, enabled=True, capacity=self.options.graph_cache,
                                                 counts=self._graph_counts)
+        if isinstance(cache, CacheSpec) and cache.region is not None:  # RegionE: this update runs its full steps;
+            # its other steps' token counts vary per edit: eager or compiled, not graphed
+            self._cached_step = RegionUpdate(dit, self.version, cache.region, update)
+            return with_attention(self._cached_step, self.options.attention, self.device)
         return update

@@ -1,13 +1,14 @@
-"""RegionE as the denoising loop's whole-step update: full steps, full steps that cache keys and values (and make
-the partition), region steps on the edited tokens only, and reused steps (`region` decides which).
+"""RegionE as the denoising loop's whole-step update: full steps (the plain edit's update), full steps that cache
+keys and values (and make the partition), region steps on the edited tokens only, and reused steps (`region`
+decides which).
 
 The loop (`sampling.denoise_lanes`) is unchanged: every step it hands the whole latent in and takes the whole
 latent back. The unedited tokens sit in it at the time they jumped to until the next full step needs them,
-so a step of the region phase reads and writes the edited rows only. The CFG combination and the Euler step
-are `guided_euler`'s, on the velocity kept for the partition, the jumps and the reuse.
+so a step of the region phase reads and writes the edited rows only. Its other steps combine CFG and take the
+Euler step as `guided_euler` does, keeping the velocity for the partition, the jumps and the reuse.
 
 The DiT runs over the reference model's modules block by block (the connector and embedders, each block
-inside a `KVRecord` or `KVWindow`, the final layer): a region call's tokens are the text and the edited noisy
+inside a `KVWindow`, the final layer): a region call's tokens are the text and the edited noisy
 tokens; the reference tokens are never queried again, only attended to through the cache. v1.2 runs its
 two CFG branches as two calls (the version's `step`), each with its own cache, as RegionE's v1.2 pipeline does.
 """
@@ -21,10 +22,9 @@ import torch
 from torch import Tensor
 
 from ...step1x_ref.dit.model import Step1XEdit
-from ...step1x_ref.sampling import Lane, StepFn, cfg_combine
+from ...step1x_ref.sampling import Lane, StepFn, UpdateFn, cfg_combine
 from ...validate import InputError
 from ..engines.engine import Engine
-from .engine_step import engine_step_fn
 from .region import CAPTURE, FULL, REGION, REUSE, RegionPlan, RegionStats, edited_tokens, gamma_for, region_plan
 from .region_kv import KVWindow
 from .region_spec import REGION_STEPS, RegionParams
@@ -114,10 +114,10 @@ class RegionUpdate:
     `begin(lane, grid)` starts an edit; `stats` is the last edit's `RegionStats`.
     """
 
-    def __init__(self, engine: Engine, version: Any, params: RegionParams):
+    def __init__(self, engine: Engine, version: Any, params: RegionParams, full: UpdateFn):
         self.params = params
         self.dit = RegionDiT(engine, version.dit_inputs)
-        self.full: StepFn = version.step(engine_step_fn(engine))
+        self.full = full  # the plain edit's update (graphed per shape where graphs are on)
         self.region: StepFn = version.step(self.dit)
         self.gamma = gamma_for(version.config.version)
         self.stats = RegionStats()
@@ -146,8 +146,7 @@ class RegionUpdate:
         i, kind = self.step, self.plan.kinds[self.step]
         cfg = (guidance, t, rescale, conditioning)
         if kind == FULL:
-            out = x + dt.view(1, 1, 1) * self._velocity(self.full, torch.cat([x, ref], dim=1), x.shape[1], *cfg)
-            tokens = 2 * x.shape[1]
+            out, tokens = self.full(x, ref, guidance, t, dt, rescale, *conditioning), 2 * x.shape[1]
         elif kind == CAPTURE:
             out, tokens = self._capture(i, x, ref, dt, cfg), 2 * x.shape[1]
         else:
