@@ -34,10 +34,14 @@ def _check_cache(_ctx: click.Context, _param: click.Parameter, value: str | None
 def speedup_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--cache and the parallel degrees, as one block of options."""
     options = [
-        click.option("--cache", callback=_check_cache, metavar="teacache[:T]|fbcache[:T]",
+        click.option("--cache", callback=_check_cache, metavar="teacache[:T]|fbcache[:T]|regione[:K=V,...]",
                      help="Step caching (torch backend): reuse the DiT blocks' residual on steps whose input barely "
                           "moved. teacache = upstream's TeaCache rule (default T 0.2; 0.4 / 0.6 skip more), fbcache = "
-                          "First-Block Cache (default T 0.08). Prints the DiT calls computed and reused."),
+                          "First-Block Cache (default T 0.08). regione = RegionE: after 6 full steps only the tokens "
+                          "the edit changes are denoised (attending to cached keys and values of the rest), some "
+                          "of their steps reusing the velocity; 28 steps, one edit at a time; settings threshold "
+                          "(0.88), cache (0.02), warmup (6), post (2), refresh (16; steps joined by +), erode (1). "
+                          "Prints the DiT calls computed and reused."),
         click.option("--compare-uncached/--no-compare-uncached", default=None,
                      help="With --cache, also run the edit without it and print the latent's and the image's PSNR "
                           "against that [default: on for --model tiny, off otherwise: it doubles the denoising]."),

@@ -4,6 +4,7 @@ in CUDA graphs per shape, or step caching deciding per DiT call; and the counts 
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -16,9 +17,11 @@ from .step.caching import CachedStep, CacheSpec, CacheStats
 from .step.cudagraph import CudaGraphed, GraphCounts
 from .step.engine_step import engine_step_fn
 from .step.lane_gemms import lane_exact
+from .step.region_step import RegionUpdate
 from .telemetry.stats import RuntimeStats
 
 if TYPE_CHECKING:
+    from ..step1x_ref.sampling import Lane
     from ..step1x_ref.versions import EditVersion
     from .options import RuntimeOptions
     from .stages import Loader, Stages
@@ -37,7 +40,7 @@ class DiTUpdates:
     _update: tuple[Engine, UpdateFn] | None
     _graphs: CudaGraphed | None
     _graph_counts: GraphCounts
-    _cached_step: CachedStep | None
+    _cached_step: CachedStep | RegionUpdate | None
     _compiles_before: int
     _edits: int
 
@@ -63,6 +66,16 @@ class DiTUpdates:
 
         return load
 
+    def begin_cache(self, lane: Lane) -> None:
+        """Start the step cache's edit (its counters, RegionE's plan over the lane's schedule and token grid)."""
+        step = self._cached_step
+        if isinstance(step, RegionUpdate):
+            img = lane.tag.img  # type: ignore[union-attr]
+            step.begin(lane, (img.height // 16, img.width // 16))
+        elif step is not None:
+            step.begin(lane.steps)
+        self.cache_stats = step.stats if step is not None else None
+
     def stats(self) -> RuntimeStats:
         """Edits, compiles and CUDA graphs since load (graphs: captured, held now, evicted)."""
         return RuntimeStats(
@@ -73,13 +86,15 @@ class DiTUpdates:
             graphs_evicted=self._graph_counts.evicted,
             graph_cache=self.options.graph_cache,
             step_ms=[1000 * s for s in self.step_seconds],
+            cache=asdict(self.cache_stats) if self.cache_stats is not None else None,
         )
 
     def _make_update(self, dit: Engine) -> UpdateFn:
         self._cached_step = None
-        if self.options.cache is not None:  # a data-dependent step: its pieces are graphed, not the whole step
-            assert isinstance(self.options.cache, CacheSpec)
-            self._cached_step = CachedStep(dit, self.options.cache, cuda_graphs=self.options.cuda_graphs,
+        cache = self.options.cache
+        if isinstance(cache, CacheSpec) and cache.region is None:  # a data-dependent step: its pieces are graphed,
+            # not the whole step
+            self._cached_step = CachedStep(dit, cache, cuda_graphs=self.options.cuda_graphs,
                                            capacity=self.options.graph_cache, counts=self._graph_counts)
             self._graphs = None
             return with_attention(guided_euler(self._cached_step), self.options.attention, self.device)
@@ -92,4 +107,8 @@ class DiTUpdates:
         if self.options.cuda_graphs:  # the whole step (DiT + CFG + Euler), captured once per shape
             update = self._graphs = CudaGraphed(update, enabled=True, capacity=self.options.graph_cache,
                                                 counts=self._graph_counts)
+        if isinstance(cache, CacheSpec) and cache.region is not None:  # RegionE: this update runs its full steps;
+            # its other steps' token counts vary per edit: eager or compiled, not graphed
+            self._cached_step = RegionUpdate(dit, self.version, cache.region, update)
+            return with_attention(self._cached_step, self.options.attention, self.device)
         return update

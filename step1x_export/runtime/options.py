@@ -44,7 +44,7 @@ class RuntimeOptions:
     attention_fp8: bool = False  # FP8 attention: not implemented
     sequential_load: bool = False  # load one stage at a time (encoder freed before the DiT): cards <= 24 GB
     mllm_quant: str | None = None  # "fp8" / "int8": the MLLM's Linears weight-only 8-bit (None: as loaded)
-    cache: CacheSpec | str | None = None  # step caching: "teacache[:T]" / "fbcache[:T]" (torch backend)
+    cache: CacheSpec | str | None = None  # step caching: "teacache[:T]" / "fbcache[:T]" / "regione[:k=v,...]" (torch)
     cfg_degree: int = 1  # ranks splitting cond / uncond (torchrun); weights are replicated
     ulysses_degree: int = 1  # ranks splitting attention heads (all-to-all)
     ring_degree: int = 1  # ranks splitting the sequence for ring attention

@@ -45,7 +45,7 @@ from .options import Backend, RuntimeOptions, with_overrides
 from .parallel.dit import parallel_dit
 from .parallel.layout import check_launched, rank_device
 from .stages import Loader, Stages
-from .step.caching import CachedStep, CacheStats
+from .step.caching import CachedStep, CacheSpec, CacheStats
 from .step.cudagraph import CudaGraphed, GraphCounts
 from .telemetry.memory import DriverMemory, PeakMemory, read_peak, release_cached, reset_peak
 
@@ -82,7 +82,9 @@ class Step1XEditRuntime(EditLanes, DiTUpdates):
         self.options = options.resolved(self.device)
         if self.options.max_batch > 1:
             self.check_batching()
-        if self.version.per_branch_dit and (self.options.cache is not None or self.options.parallel.world > 1):
+        cache = self.options.cache
+        batch2_cache = isinstance(cache, CacheSpec) and cache.region is None  # RegionE runs per branch
+        if self.version.per_branch_dit and (batch2_cache or self.options.parallel.world > 1):
             # both work on the batch-2 DiT call
             raise ValueError(f"{config.name}: step caching and parallel degrees are not supported here yet: "
                              f"{self.version.per_branch_dit}")
@@ -291,9 +293,7 @@ class Step1XEditRuntime(EditLanes, DiTUpdates):
     def _denoise(self, dit: Engine, lane: Lane) -> None:
         if self._update is None or self._update[0] is not dit:  # an update (and its graphs) per engine instance
             self._update = (dit, self._make_update(dit))
-        if self._cached_step is not None:
-            self._cached_step.begin(lane.steps)
-            self.cache_stats = self._cached_step.stats
+        self.begin_cache(lane)
         self._start_steps(lane)  # after the DiT's load: the first step's time is its own
         denoise_lanes(self._update[1], [lane])
 

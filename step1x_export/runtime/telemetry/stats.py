@@ -15,6 +15,7 @@ class RuntimeStats:
     graphs_evicted: int  # graphs dropped, least recently used first, to stay within graph_cache
     graph_cache: int  # the cache's capacity (RuntimeOptions.graph_cache)
     step_ms: list[float] = field(default_factory=list)  # the last edit's denoising steps (device time on CUDA)
+    cache: dict[str, Any] | None = None  # the last edit's step cache: computed / reused steps (RegionE: its plan)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
