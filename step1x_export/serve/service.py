@@ -177,10 +177,10 @@ class EditService:
             job.progress, job.latents = hooks.progress, hooks.latents
         deadline_s = self.limits.timeout_s if deadline_s is None else deadline_s
         try:
-            ticket = self.queue.admit(job, key, counter.total, cancel, deadline_s)
-        except QueueFull as e:
-            raise RequestError(503, e.code, str(e), retry_after=e.retry_after_s) from None
-        try:
+            try:
+                ticket = self.queue.admit(job, key, counter.total, cancel, deadline_s)
+            except QueueFull as e:
+                raise RequestError(503, e.code, str(e), retry_after=e.retry_after_s) from None
             outcome = await self.queue.outcome(ticket)
         finally:
             if live is not None:
@@ -201,8 +201,9 @@ class EditService:
             if size is None:
                 raise RequestError(400, "bad_request", "text-to-image needs a size (width x height)")
             return self._solo(lambda rt: rt.edit(None, p.instruction, seed=p.seed, steps=p.steps, cfg=p.cfg,
-                                              negative_prompt=p.negative_prompt, width=size[0], height=size[1],
-                                              **hooks.kwargs()))
+                                                 negative_prompt=p.negative_prompt or None,  # None: text-to-image's
+                                                 width=size[0], height=size[1],
+                                                 **hooks.kwargs()))
         try:
             key = self.runtime.batch_key(request.image, p.size_level)
         except ValueError as e:
