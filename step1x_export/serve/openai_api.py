@@ -5,7 +5,7 @@
     GET  /v1/models              the one model served
 
 Step1X's own parameters ride as extra fields (the SDK's `extra_body`): seed, steps, cfg, negative_prompt,
-size_level, timeout_s, and on a v1.2 model think and reflect (the rewritten instruction comes back as
+size_level, timeout_s, and on a v1.2 model think, reflect and judge_retries (the rewritten instruction comes back as
 `revised_prompt`, every round and the judge's texts under `step1x.reasoning`). Images come back as
 `b64_json` PNGs (there is no file hosting for `url`); an edit keeps its input's size. `stream` answers with
 OpenAI's events (`image_edit.partial_image` / `image_generation.partial_image`, then `.completed`): up to
@@ -39,7 +39,7 @@ from .streaming import STREAM_HEADERS, stream_edit
 MAX_N = 10  # images per request, as OpenAI's
 MAX_PARTIAL_IMAGES = 8
 STEP1X_FIELDS = ("seed", "steps", "cfg", "negative_prompt", "size_level", "timeout_s")
-REASONING_FIELDS = ("think", "reflect")
+REASONING_FIELDS = ("think", "reflect", "judge_retries")
 OPENAI_FIELDS = ("prompt", "n", "size", "response_format", "model", "stream", "partial_images", "output_format")
 # OpenAI's fields that ask for nothing this model does differently: accepted and left alone.
 IGNORED = ("user", "quality", "background", "moderation", "style", "input_fidelity", "output_compression",

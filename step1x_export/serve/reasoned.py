@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..step1x_ref.mllm.reasoning import JUDGE_RETRIES
 from .request import EditParams, bad_request
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ class Reasoning:
 
     think: bool = False
     reflect: int = 0
+    judge_retries: int = JUDGE_RETRIES  # attempts per judging step whose answer does not parse
 
     @property
     def edits(self) -> int:
@@ -48,18 +50,22 @@ def flag_field(form: Mapping[str, object], name: str) -> bool:
 
 
 def parse_reasoning(form: Mapping[str, object]) -> Reasoning | None:
-    """The think / reflect fields; None when neither asks for anything (a plain edit)."""
+    """The think / reflect / judge_retries fields; None when neither asks for anything (a plain edit)."""
     raw = str(form.get("reflect") or "0").strip()
     if not raw.isdigit() or int(raw) > MAX_REFLECT:
         raise bad_request(f"reflect must be an integer in [0, {MAX_REFLECT}] (rounds), got {raw!r}")
-    reasoning = Reasoning(flag_field(form, "think"), int(raw))
+    retries = str(form.get("judge_retries") or JUDGE_RETRIES).strip()
+    if not retries.isdigit() or not 1 <= int(retries) <= JUDGE_RETRIES:
+        raise bad_request(f"judge_retries must be an integer in [1, {JUDGE_RETRIES}], got {retries!r}")
+    reasoning = Reasoning(flag_field(form, "think"), int(raw), int(retries))
     return reasoning if reasoning.think or reasoning.reflect else None
 
 
 def run_reasoned(runtime: Step1XEditRuntime, image: Image.Image, p: EditParams, reasoning: Reasoning,
                  progress: ProgressFn, latents: LatentFn | None) -> ReasonedEdit:
     """The reasoned edit; a runtime that cannot reason (not v1.2) raises ValueError (the client's 400)."""
-    return runtime.edit_reasoned(image, p.instruction, think=reasoning.think, reflect=reasoning.reflect, seed=p.seed,
+    return runtime.edit_reasoned(image, p.instruction, think=reasoning.think, reflect=reasoning.reflect,
+                                 judge_retries=reasoning.judge_retries, seed=p.seed,
                                  steps=p.steps, cfg=p.cfg, size_level=p.size_level,
                                  negative_prompt=p.negative_prompt, progress=progress, latents=latents)
 
