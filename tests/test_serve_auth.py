@@ -70,8 +70,9 @@ def test_a_keys_concurrent_requests_over_its_limit_are_429_with_retry_after():
 
     async def call(path: str, key: str) -> tuple[int, dict[str, str]]:
         sent: list[dict] = []
-        scope = {"type": "http", "method": "GET", "path": path, "headers": [(b"authorization", f"Bearer {key}".encode())],
-                 "query_string": b"", "root_path": "", "scheme": "http", "server": ("t", 80), "client": ("c", 1)}
+        scope = {"type": "http", "method": "GET", "path": path, "query_string": b"", "root_path": "",
+                 "headers": [(b"authorization", f"Bearer {key}".encode())], "scheme": "http", "server": ("t", 80),
+                 "client": ("c", 1)}
 
         async def receive():
             return {"type": "http.request", "body": b"", "more_body": False}

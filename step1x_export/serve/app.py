@@ -28,7 +28,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from .auth import KeyGate, KeyPolicy
@@ -40,7 +40,7 @@ from .queue import Cancel
 from .reasoned import flag_field, parse_reasoning
 from .request import FIELDS, EditRequest, ParamRules, RequestError, decode_image, parse_params
 from .service import EditResult, EditService, FeedFactory
-from .streaming import STREAM_HEADERS, EditEvents, stream_edit
+from .streaming import EditEvents, stream_edit
 
 log = logging.getLogger("step1x_export.serve")
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -150,8 +150,7 @@ def create_app(service: EditService, *, load_on_startup: bool = True, keys: KeyP
                     return service.edit(edit_request, cancel, left, feed=feed, reasoning=reasoning)
 
                 wire = EditEvents(lambda result: edit_body(result, service.model))
-                response = StreamingResponse(stream_edit(run, feeds.factory(None), wire, cancel, left),
-                                             media_type="text/event-stream", headers=STREAM_HEADERS)
+                response = await stream_edit(run, feeds.factory(None), wire, cancel, left, error_response)
                 service.metrics.requests.labels(str(response.status_code)).inc()
                 return response
             result = await guarded(service.edit(edit_request, cancel, left, reasoning=reasoning), request, cancel,

@@ -25,7 +25,7 @@ from typing import Any
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from .auth import openai_error
 from .guard import guarded
@@ -34,7 +34,7 @@ from .queue import Cancel
 from .reasoned import Reasoning, flag_field, parse_reasoning
 from .request import EditParams, EditRequest, ParamRules, RequestError, decode_image, parse_params
 from .service import EditResult, EditService, FeedFactory
-from .streaming import STREAM_HEADERS, stream_edit
+from .streaming import stream_edit
 
 MAX_N = 10  # images per request, as OpenAI's
 MAX_PARTIAL_IMAGES = 8
@@ -252,8 +252,7 @@ class OpenAIImages:
                 return self.service.edit(base, cancel, deadline, feed=feed, reasoning=reasoning, size=size)
 
             wire = OpenAIEvents(kind, lambda: size_text)
-            return StreamingResponse(stream_edit(run, self.make_feed(partial), wire, cancel, deadline),
-                                     media_type="text/event-stream", headers=STREAM_HEADERS)
+            return await stream_edit(run, self.make_feed(partial), wire, cancel, deadline, error_response)
 
         async def all_images() -> list[EditResult]:
             return await asyncio.gather(*(self.service.edit(r, cancel, deadline, reasoning=reasoning, size=size)

@@ -83,6 +83,11 @@ class ProgressFeed:
         self._tapped = 0  # latents seen, over every edit of the request
         self._sent = 0
         self._queue: asyncio.Queue[Report | None] = asyncio.Queue()
+        self.admitted: asyncio.Future[None] = self.loop.create_future()  # set once the edit is in the line
+
+    def mark_admitted(self) -> None:
+        if not self.admitted.done():
+            self.admitted.set_result(None)
 
     @property
     def wants_latents(self) -> bool:

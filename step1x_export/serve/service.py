@@ -181,6 +181,8 @@ class EditService:
                 ticket = self.queue.admit(job, key, counter.total, cancel, deadline_s)
             except QueueFull as e:
                 raise RequestError(503, e.code, str(e), retry_after=e.retry_after_s) from None
+            if live is not None:
+                live.mark_admitted()
             outcome = await self.queue.outcome(ticket)
         finally:
             if live is not None:

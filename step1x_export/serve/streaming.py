@@ -13,6 +13,8 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
+from starlette.responses import Response, StreamingResponse
+
 from .progress import ProgressFeed, Report, report_dict, sse
 from .queue import Cancel
 from .request import RequestError
@@ -46,27 +48,50 @@ class EditEvents:
 
 
 async def stream_edit(run: Callable[[FeedFactory], Awaitable[EditResult]], make_feed: FeedFactory, wire: StreamWire,
-                      cancel: Cancel, timeout_s: float) -> AsyncIterator[bytes]:
-    """Run `run(feed_factory)` and yield its reports, then its result, as `wire` writes them."""
-    ready: asyncio.Future[ProgressFeed] = asyncio.get_running_loop().create_future()
+                      cancel: Cancel, timeout_s: float, refuse: Callable[[RequestError], Response]) -> Response:
+    """Run `run(feed_factory)`; once the edit is admitted, answer a stream of its reports and then its result,
+    as `wire` writes them. Refused or failed before that: `refuse(error)`, a plain answer with its status
+    (and Retry-After), as without streaming."""
+    made: asyncio.Future[ProgressFeed] = asyncio.get_running_loop().create_future()
 
     def feed(total: int, size: tuple[int, int]) -> ProgressFeed:
-        made = make_feed(total, size)
-        ready.set_result(made)
-        return made
+        live = make_feed(total, size)
+        made.set_result(live)
+        return live
 
     task = asyncio.ensure_future(asyncio.wait_for(run(feed), timeout_s))
+
+    async def admitted() -> None:
+        await (await made).admitted
+
+    waiting = asyncio.ensure_future(admitted())
+    await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    if not waiting.done():  # the edit ended before it was admitted: refused (or the server failed)
+        waiting.cancel()
+        try:
+            task.result()
+        except RequestError as e:
+            return refuse(e)
+        except TimeoutError:
+            return refuse(RequestError(504, "timeout", "the edit did not finish within the request's time limit"))
+        except Exception:
+            log.exception("streamed edit failed")
+            return refuse(RequestError(500, "internal", "the edit failed inside the server; see its log"))
+    return StreamingResponse(events(task, made.result(), wire, cancel), media_type="text/event-stream",
+                             headers=STREAM_HEADERS)
+
+
+async def events(task: asyncio.Future[EditResult], live: ProgressFeed, wire: StreamWire,
+                 cancel: Cancel) -> AsyncIterator[bytes]:
+    """The admitted edit's reports as they come, then its result or its error."""
     try:
-        await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
-        if ready.done():
-            async for report in ready.result().reports():
-                if (chunk := wire.report(report)) is not None:
-                    yield chunk
+        async for report in live.reports():
+            if (chunk := wire.report(report)) is not None:
+                yield chunk
         yield wire.result(await task)
     except RequestError as e:
         yield wire.error(e)
     except TimeoutError:
-        cancel.set("deadline passed")
         yield wire.error(RequestError(504, "timeout", "the edit did not finish within the request's time limit"))
     except Exception:  # a server fault: logged here, one line for the client
         log.exception("streamed edit failed")
@@ -77,4 +102,3 @@ async def stream_edit(run: Callable[[FeedFactory], Awaitable[EditResult]], make_
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        ready.cancel()
