@@ -43,7 +43,8 @@ def test_admission_counts_every_edit_of_a_reflection(v12):
     r = httpx.post(f"{url}/v1/edits", files=files, data={**fields, "reflect": "10"}, timeout=60)
     assert r.status_code == 503 and r.json()["error"] == "past_deadline", r.text
     assert "about 20.0 s" in r.json()["message"]
-    streamed = httpx.post(f"{url}/v1/edits", files=files, data={**fields, "reflect": "10", "stream": "true"}, timeout=60)
+    streamed = httpx.post(f"{url}/v1/edits", files=files, data={**fields, "reflect": "10", "stream": "true"},
+                          timeout=60)
     assert streamed.status_code == 503 and streamed.json()["error"] == "past_deadline"  # refused before streaming
     assert int(streamed.headers["retry-after"]) >= 1
     assert httpx.post(f"{url}/v1/edits", files=files, data=fields, timeout=60).status_code == 200

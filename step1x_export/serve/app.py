@@ -5,8 +5,13 @@
                         or JSON with the PNG in base64 when the client sends `Accept: application/json`
     GET  /healthz    alive;  GET /readyz: loaded and warm;  GET /metrics: Prometheus text
     GET  /v1/model   the model's identity and the server's limits;  GET /: the web page
+    POST /v1/edits with stream=true: server-sent events (progress, previews, then the result)
+    POST /v1/images/edits, /v1/images/generations, GET /v1/models: OpenAI's images API (openai_api.py)
 
-Every error is `{"error": code, "message": text}` with a fitting status; never a traceback.
+With API keys (auth.py) every /v1 route needs `Authorization: Bearer <key>`.
+
+Every error is `{"error": code, "message": text}` (OpenAI's shape on its routes and for keys) with a fitting
+status; never a traceback.
 """
 
 from __future__ import annotations
