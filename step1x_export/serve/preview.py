@@ -2,8 +2,9 @@
 
 Decoding a half-denoised latent with the VAE would cost as much as the edit's final decode at every step;
 a 16 -> 3 linear map per latent pixel costs nothing and shows where the picture is going (at 1/8 of its size).
-The map of the toy model's VAE is data (`preview_toy.json`), fitted once by `fit_projection`: least squares
-from the final latents of edits to their decoded pixels, averaged over each latent pixel's 8x8 block. Models
+The map of the toy model's VAE is data (`preview_toy.json`), fitted once by `fit_projection`
+(`benchmarks/fit_preview.py`): least squares from the final latents of edits to their decoded pixels,
+averaged over each latent pixel's 8x8 block. Models
 without a fitted map send no previews (their progress events still carry the step and the ETA).
 """
 
@@ -100,23 +101,3 @@ def fit_projection(runtime: Step1XEditRuntime, photos: list[np.ndarray], instruc
            f"{len(instructions)} instructions, {size}^2) of {runtime.config.name}; RMS error {residual:.4f} "
            "of full scale")
     return Projection(solution[:-1].astype(np.float32), solution[-1].astype(np.float32), fit)
-
-
-def main() -> None:
-    """Refit the toy's map and write it beside this module: `python -m step1x_export.serve.preview`."""
-    from pathlib import Path
-
-    from skimage import data
-
-    from ..runtime import Step1XEditRuntime
-    from ..toy.tasks import TASKS
-
-    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.immunohistochemistry()]
-    with Step1XEditRuntime.load("toy") as runtime:
-        projection = fit_projection(runtime, photos, [t.english[0] for t in TASKS])
-    (Path(__file__).parent / FITTED["toy"]).write_text(projection.to_json(), encoding="utf-8")
-    print(projection.fit)
-
-
-if __name__ == "__main__":
-    main()
