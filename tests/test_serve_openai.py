@@ -15,7 +15,7 @@ import numpy as np
 import openai
 import pytest
 from PIL import Image
-from serving import in_process_server, input_png, pixels, wait_for
+from serving import in_process_server, input_png, metric, pixels, wait_for
 
 from step1x_export.serve import RuntimeSpec, ServeLimits
 from step1x_export.serve.auth import KeyPolicy
@@ -56,12 +56,14 @@ def test_models_lists_the_served_model(toy):
 
 def test_edit_through_the_openai_client_is_the_runtimes_edit(toy):
     url, service = toy
+    answered = metric(url, "step1x_requests_total", 'status="200"')
     r = client(url).images.edit(image=("in.png", PNG, "image/png"), prompt=PROMPT, n=2, size="64x48",
                                 response_format="b64_json", extra_body={"seed": 3, **FAST})
     assert len(r.data) == 2 and r.size == "64x48"
     assert [e["seed"] for e in r.model_dump()["step1x"]] == [3, 4]  # n images: seed, seed + 1
     for item, seed in zip(r.data, (3, 4), strict=True):
         assert np.array_equal(decoded(item.b64_json), serial(service, seed, size_level=64))
+    assert metric(url, "step1x_requests_total", 'status="200"') == answered + 1  # /metrics counts this API too
 
 
 def test_generate_is_text_to_image_at_the_asked_size(toy):
@@ -109,7 +111,7 @@ def test_a_keys_second_concurrent_request_is_429_with_retry_after(toy):
     url, _ = toy
     result = {}
     long = threading.Thread(target=lambda: result.update(r=client(url).images.edit(
-        image=("in.png", PNG, "image/png"), prompt=PROMPT, extra_body={"steps": 100, "seed": 1})))
+        image=("in.png", PNG, "image/png"), prompt=PROMPT, extra_body={"steps": 60, "seed": 1})))
     long.start()
     try:
         wait_for(lambda: httpx.get(f"{url}/metrics").text.count("step1x_running_edits 1.0") == 1, 60, "edit running")

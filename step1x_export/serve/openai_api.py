@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -187,6 +187,20 @@ class OpenAIImages:
         return JSONResponse({"object": "list", "data": [entry]})
 
     async def edits(self, request: Request) -> Response:
+        return await self._counted(self._edits(request))
+
+    async def generations(self, request: Request) -> Response:
+        return await self._counted(self._generations(request))
+
+    async def _counted(self, answer: Awaitable[Response]) -> Response:
+        """The answer, counted in /metrics as /v1/edits' are (a stream: when it starts)."""
+        t0 = time.perf_counter()
+        response = await answer
+        self.service.metrics.requests.labels(str(response.status_code)).inc()
+        self.service.metrics.latency.observe(time.perf_counter() - t0)
+        return response
+
+    async def _edits(self, request: Request) -> Response:
         try:
             rules = self.service.check_ready()
             if not request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -212,7 +226,7 @@ class OpenAIImages:
         except RequestError as e:
             return self._refused(e)
 
-    async def generations(self, request: Request) -> Response:
+    async def _generations(self, request: Request) -> Response:
         try:
             rules = self.service.check_ready()
             try:
