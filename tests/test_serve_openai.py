@@ -29,7 +29,8 @@ FAST = {"steps": 4}
 
 @pytest.fixture(scope="module")
 def toy():
-    limits = ServeLimits(default_size_level=64, timeout_s=60, warmup=False, max_steps=1000)
+    # refuse_late off: before anything is measured the forecast takes 1 s a step, and a long edit must run
+    limits = ServeLimits(default_size_level=64, timeout_s=60, warmup=False, max_steps=1000, refuse_late=False)
     with in_process_server(RuntimeSpec("toy"), limits, KeyPolicy(KEYS, max_concurrent=1)) as (url, service):
         yield url, service
 
@@ -190,3 +191,15 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return torch.equal(a, b)
+
+
+def test_a_client_leaving_a_stream_stops_its_edit(toy):
+    url, _ = toy
+    fields = {"instruction": PROMPT, "steps": "1000", "stream": "true"}  # minutes of steps: far past this test
+    stopped = metric(url, "step1x_dit_steps_total")
+    with httpx.stream("POST", f"{url}/v1/edits", headers={"Authorization": f"Bearer {KEYS[0]}"},
+                      files={"image": ("in.png", PNG, "image/png")}, data=fields, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("event: ")) == "event: progress"
+    wait_for(lambda: metric(url, "step1x_running_edits") == 0, 60, "the edit stopping")
+    assert metric(url, "step1x_dit_steps_total") - stopped < 900  # it stopped long before its 1000 steps
