@@ -72,6 +72,7 @@ def test_generate_is_text_to_image_at_the_asked_size(toy):
     r = client(url).images.generate(prompt=PROMPT, size="64x32", extra_body={"seed": 5, **FAST})
     got = decoded(r.data[0].b64_json)
     assert got.shape == (32, 64, 3)
+    assert {"mllm", "denoise", "vae_decode", "total"} <= r.model_dump()["step1x"][0]["timings"].keys()
     assert np.array_equal(got, serial(service, 5, None, width=64, height=32))
 
 

@@ -228,6 +228,7 @@ class EditBatcher:
         outcome = EditOutcome(job)  # type: ignore[arg-type]
         try:
             outcome.image = job.run(self.runtime)  # type: ignore[arg-type]
+            outcome.timings = dict(self.runtime.timings)  # type: ignore[union-attr]  # its (last) edit's stages
         except Exception as e:  # its own failure: the client's answer
             outcome.error = e
         with self._lock:
