@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import httpx
 import numpy as np
@@ -80,3 +81,17 @@ def test_think_on_v1_edits_answers_the_rewritten_instruction(v12):
     assert len(body["reasoning"]["rounds"]) == 1
     png = httpx.post(f"{url}/v1/edits", files={"image": ("in.png", PNG, "image/png")}, data=fields, timeout=120)
     assert png.headers["content-type"] == "image/png" and "x-instruction" in png.headers
+
+
+def test_a_streamed_reflection_counts_the_steps_of_every_round(v12):
+    url, _ = v12
+    fields = {"instruction": "make it blue", "reflect": "2", "stream": "true", "steps": "2", "seed": "0",
+              "size_level": "32", **{k: str(v) for k, v in JUDGE.items()}}
+    r = httpx.post(f"{url}/v1/edits", files={"image": ("in.png", PNG, "image/png")}, data=fields, timeout=120)
+    events = [block.split("\n") for block in r.text.strip().split("\n\n")]
+    progress = [json.loads(lines[1][6:]) for lines in events if lines[0] == "event: progress"]
+    kind, result = events[-1][0], json.loads(events[-1][1][6:])
+    rounds = len(result["reasoning"]["rounds"])
+    assert kind == "event: result" and rounds in (1, 2)
+    assert [p["step"] for p in progress] == list(range(1, 2 * rounds + 1))  # round 2 goes on from round 1's steps
+    assert all(p["total"] == 4 for p in progress)  # 2 rounds of 2 steps at most
