@@ -166,8 +166,8 @@ def test_edits_stream_reports_each_step_an_eta_and_previews(toy):
 
 def test_the_fitted_preview_map_reproduces_a_held_out_edit(toy):
     """The runtime hands the latents of each step to `latents`; the toy's stored map turns the last ones into
-    the decoded picture's 8x8 block means within 0.05 RMS (0.020 on the edits it was fitted on) on a photo it
-    was not fitted on; the plain channel mean (no fitted map) is off by far more."""
+    the decoded picture's 8x8 block means within 0.05 RMS (0.020 on the edits it was fitted on) on a picture it
+    was not fitted on; the picture's own mean colour (no map at all) is off by far more."""
     from skimage import data
 
     from step1x_export.serve.preview import Projection, block_mean
@@ -175,7 +175,7 @@ def test_the_fitted_preview_map_reproduces_a_held_out_edit(toy):
 
     _, service = toy
     seen = []
-    photo = Image.fromarray(data.cat()).resize((160, 128))  # not among the fit's photos
+    photo = Image.fromarray(data.colorwheel()).resize((160, 128))  # not among the fit's photos (0.029 here)
     out = service.runtime.edit(photo, "invert the colours", seed=0, steps=6, size_level=144,
                                latents=lambda tokens: seen.append(tokens.clone()))
     assert len(seen) == 6 and torch_equal(seen[-1], service.runtime.last_latent)
