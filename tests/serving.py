@@ -130,3 +130,34 @@ def assert_same_edit(got: np.ndarray, expected: np.ndarray, seed: int) -> None:
     seed's edit differs by tens of levels."""
     diff = np.abs(got.astype(int) - expected.astype(int))
     assert diff.max() == 0, f"seed {seed} got another edit (largest difference {diff.max()} levels)"
+
+
+@contextmanager
+def in_process_server(spec, limits, keys=None) -> Iterator[tuple[str, object]]:
+    """A real server on a loopback port, run by uvicorn in a thread of this process: the tests can reach its
+    runtime (serial references on the very weights served) and patch what it imports. One torch thread, as
+    the server processes (env_with_worktree)."""
+    import threading
+
+    import torch
+    import uvicorn
+
+    from step1x_export.serve import EditService, create_app
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    service = EditService(spec, limits)
+    port = free_port()
+    config = uvicorn.Config(create_app(service, keys=keys), host="127.0.0.1", port=port, log_level="warning",
+                            lifespan="on")
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, name="test-server", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, 300)
+        yield url, service
+    finally:
+        uv.should_exit = True
+        thread.join(60)
+        torch.set_num_threads(threads)

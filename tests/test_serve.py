@@ -242,7 +242,9 @@ def test_cli_serves_the_tiny_model_by_default_and_refuses_missing_paths(monkeypa
     monkeypatch.setattr(server_module, "run_server", lambda spec, limits, **kw: seen.update(spec=spec, kw=kw))
     result = CliRunner().invoke(main, ["serve", "--port", "8123", "--max-queue", "3"])
     assert result.exit_code == 0, result.output
+    keys = seen["kw"].pop("keys")
     assert seen["spec"].source == "tiny" and seen["kw"] == {"host": "127.0.0.1", "port": 8123, "log_level": "info"}
+    assert not keys.enabled  # no keys given: open
     result = CliRunner().invoke(main, ["serve", "--model-dir", "/no/such/folder"])
     assert result.exit_code == 1 and "--model-dir /no/such/folder does not exist" in result.output
     assert "Traceback" not in result.output

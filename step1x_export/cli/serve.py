@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import click
 
@@ -59,6 +60,18 @@ from .runtime_options import RuntimeArgs, runtime_options
                    "group) [default: 1 if this machine has CUDA and --device is not cpu, else 0].")
 @click.option("--cpus-per-replica", type=click.FloatRange(0.1, 256), default=1.0, show_default=True,
               help="CPUs each replica holds (also its torch thread count on CPU).")
+@click.option("--api-key", "api_keys", multiple=True, metavar="KEY",
+              help="Require `Authorization: Bearer KEY` on every /v1 route (repeat for several keys). A key on the "
+                   "command line shows in the process list: prefer --api-keys-file or STEP1X_API_KEYS "
+                   "(comma-separated), which are read too. Wrong or missing: 401.")
+@click.option("--api-keys-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A file of API keys, one a line (# comments).")
+@click.option("--max-concurrent-per-key", type=click.IntRange(0, 10_000), default=0, show_default=True,
+              help="Requests one key may have running on /v1 at once; one more is 429 + Retry-After (about one "
+                   "edit's seconds). 0: no limit.")
+@click.option("--protect-health/--open-health", default=False, show_default=True,
+              help="With keys set, also require one on /, /healthz, /readyz and /metrics (load balancers and "
+                   "Prometheus then need a key); by default they stay open.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 @user_errors
@@ -68,10 +81,12 @@ def serve(
     size_level: int | None,
     max_size_level: int | None, warmup: bool, use_ray: bool, ray_address: str | None, replicas: int,
     min_replicas: int | None, max_replicas: int | None, gpus_per_replica: float | None, cpus_per_replica: float,
+    api_keys: tuple[str, ...], api_keys_file: Path | None, max_concurrent_per_key: int, protect_health: bool,
     log_level: str,
 ) -> None:
-    """Serve edits over HTTP: POST /v1/edits (multipart image + instruction -> PNG), a web page at /,
-    /healthz, /readyz and /metrics (Prometheus).
+    """Serve edits over HTTP: POST /v1/edits (multipart image + instruction -> PNG, or a stream of progress
+    events), OpenAI's images API (POST /v1/images/edits, /v1/images/generations, GET /v1/models), a web page
+    at /, /healthz, /readyz and /metrics (Prometheus).
 
     One process runs one runtime; same-size edits share its DiT calls (--max-batch), joining at step
     boundaries, and a request is admitted while it is predicted to finish by its deadline; --ray runs
@@ -79,10 +94,15 @@ def serve(
     accepted edits finish. The model flags are edit's; without any, the tiny random-weight model is served.
     With --ray, leave --device unset: each replica sees only the GPUs Ray gave it.
     """
+    from ..serve.auth import KeyPolicy, read_keys
     from ..serve.spec import RuntimeSpec, ServeLimits
 
     if ray_address and not use_ray:
         raise click.UsageError("--ray-address needs --ray")
+    keys = KeyPolicy(tuple(read_keys(api_keys, api_keys_file)), max_concurrent_per_key, protect_health)
+    if use_ray and keys.enabled:
+        raise click.UsageError("API keys are checked by the single-process server; with --ray, put them in front "
+                               "of Ray Serve's proxy (or run without --ray)")
     for flag, path in (("--model-dir", runtime.model_dir), ("--engine-dir", runtime.engine_dir),
                        ("--quant", runtime.quant)):
         if path is not None and not path.exists():  # now, not later in the background load
@@ -98,9 +118,10 @@ def serve(
     if not use_ray:
         from ..serve.server import run_server
 
+        guarded = f"; {len(keys.keys)} API key(s) required on /v1" if keys.enabled else ""
         click.echo(f"serving {spec.identity()} on http://{host}:{port}/ (the model loads in the background; "
-                   "GET /readyz says when it is ready)")
-        run_server(spec, limits, host=host, port=port, log_level=log_level)
+                   f"GET /readyz says when it is ready{guarded})")
+        run_server(spec, limits, host=host, port=port, log_level=log_level, keys=keys)
         return
     from ..serve.ray_app import ReplicaPlan, run_ray
 

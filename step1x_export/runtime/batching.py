@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # importing this module (the server's queue does) loads neith
     from .options import RuntimeOptions
     from .telemetry.progress import StepEvents
 
+LatentFn = Callable[["Tensor"], None]  # an edit's noisy tokens after a step: read them, never keep or change them
 BatchKey = tuple[int, int]  # the edit's (width, height) at its size level: edits batch only with their own key
 
 
@@ -40,6 +41,7 @@ class EditJob:
     size_level: int | None = None
     negative_prompt: str | None = None
     progress: ProgressFn | None = None  # called after each of this edit's steps; raising stops this edit only
+    latents: LatentFn | None = None  # called with its tokens [1, N, 64] after each step (live previews)
     tag: object = None
 
 
@@ -197,7 +199,7 @@ def run_serially(runtime: BatchRunner, jobs: Sequence[EditJob], *, join: JoinFn 
             key = runtime.batch_key(job.image, job.size_level)
             outcome.image = runtime.edit(job.image, job.instruction, seed=job.seed, steps=job.steps, cfg=job.cfg,
                                          size_level=job.size_level, negative_prompt=job.negative_prompt,
-                                         progress=job.progress)
+                                         progress=job.progress, latents=job.latents)
             outcome.timings, outcome.step_seconds = dict(runtime.timings), list(runtime.step_seconds)
             outcome.batch_sizes = [1] * len(outcome.step_seconds)
         except Exception as e:

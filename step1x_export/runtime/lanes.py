@@ -19,7 +19,7 @@ from ..step1x_ref.sampling import Lane, pack, unpack
 from ..timing import StageTimer
 from ..validate import InputError, check_finite
 from .batching import BatchKey, EditJob, EditOutcome, LaneState
-from .telemetry.progress import StepEvents
+from .telemetry.progress import LatentTap, StepEvents
 
 if TYPE_CHECKING:
     from ..step1x_ref.configs import ModelConfig
@@ -126,7 +126,7 @@ class EditLanes:
         """The lane's step events start now (the bar follows finished steps, not queued ones)."""
         state: LaneState = lane.tag  # type: ignore[assignment]
         state.events = StepEvents(self.device, state.job.progress)
-        lane.progress = state.events
+        lane.progress = state.events if state.job.latents is None else LatentTap(state.events, lane, state.job.latents)
 
 
 

@@ -34,7 +34,7 @@ from ..step1x_ref.sampling import Lane, ProgressFn, UpdateFn, denoise_lanes
 from ..step1x_ref.weights.lora import LoraSpec
 from ..timing import StageTimer
 from ..validate import SEED_RANGE, check_device, check_int
-from .batching import DoneFn, EditJob, EditOutcome, JoinFn, run_batch, run_serially
+from .batching import DoneFn, EditJob, EditOutcome, JoinFn, LatentFn, run_batch, run_serially
 from .denoiser import DiTUpdates
 from .engines.buffers import Shape, edit_dims
 from .engines.compile import compile_backend
@@ -194,6 +194,7 @@ class Step1XEditRuntime(EditLanes, DiTUpdates):
         size_level: int | None = None,
         negative_prompt: str | None = None,
         progress: ProgressFn | None = None,
+        latents: LatentFn | None = None,
         width: int | None = None,
         height: int | None = None,
     ) -> Image.Image:
@@ -206,7 +207,7 @@ class Step1XEditRuntime(EditLanes, DiTUpdates):
         NonFiniteError naming it: no picture is made of it.
         """
         job = EditJob(image, instruction, seed=seed, steps=steps, cfg=cfg, size_level=size_level,
-                      negative_prompt=negative_prompt, progress=progress)
+                      negative_prompt=negative_prompt, progress=progress, latents=latents)
         with self._lock:
             timer = self.timer = StageTimer(self.device)
             reset_peak(self.device)

@@ -2,6 +2,7 @@
 
     from step1x_export.serve import RuntimeSpec, ServeLimits, run_server
     run_server(RuntimeSpec("tiny"), ServeLimits(max_queue=8, timeout_s=120), port=8000)
+    run_server(RuntimeSpec("toy"), ServeLimits(), keys=KeyPolicy(("a-secret-key",), max_concurrent=4))
 
 Needs the `serve` extra (and `ray` for replicas): `pip install -e ".[serve,ray]"`.
 """
@@ -11,6 +12,7 @@ from .._lazy import lazy_exports
 _EXPORTS = {
     "EditBatcher": ".queue",
     "EditService": ".service",
+    "KeyPolicy": ".auth",
     "ReplicaPlan": ".ray_app",
     "RequestError": ".request",
     "RuntimeSpec": ".spec",

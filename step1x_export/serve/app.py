@@ -5,8 +5,13 @@
                         or JSON with the PNG in base64 when the client sends `Accept: application/json`
     GET  /healthz    alive;  GET /readyz: loaded and warm;  GET /metrics: Prometheus text
     GET  /v1/model   the model's identity and the server's limits;  GET /: the web page
+    POST /v1/edits with stream=true: server-sent events (progress, previews, then the result)
+    POST /v1/images/edits, /v1/images/generations, GET /v1/models: OpenAI's images API (openai_api.py)
 
-Every error is `{"error": code, "message": text}` with a fitting status; never a traceback.
+With API keys (auth.py) every /v1 route needs `Authorization: Bearer <key>`.
+
+Every error is `{"error": code, "message": text}` (OpenAI's shape on its routes and for keys) with a fitting
+status; never a traceback.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ import base64
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from importlib.resources import files
 from typing import Any
 
@@ -29,9 +36,16 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from .auth import KeyGate, KeyPolicy
+from .guard import guarded
+from .openai_api import OpenAIImages
+from .preview import Projection
+from .progress import ProgressFeed
 from .queue import Cancel
+from .reasoned import flag_field, parse_reasoning
 from .request import FIELDS, EditRequest, ParamRules, RequestError, decode_image, parse_params
-from .service import EditResult, EditService
+from .service import EditResult, EditService, FeedFactory
+from .streaming import EditEvents, stream_edit
 
 log = logging.getLogger("step1x_export.serve")
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -71,8 +85,9 @@ def error_response(e: RequestError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
-async def read_edit_request(request: Request, rules: ParamRules) -> EditRequest:
-    """Parse and check the multipart form; every mistake is a RequestError naming the field."""
+async def read_edit_request(request: Request, rules: ParamRules) -> tuple[EditRequest, dict[str, Any]]:
+    """Parse and check the multipart form (and return its text fields); every mistake is a RequestError
+    naming the field."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise RequestError(400, "bad_request", "send multipart/form-data with an image file and an instruction")
     try:
@@ -86,44 +101,22 @@ async def read_edit_request(request: Request, rules: ParamRules) -> EditRequest:
     params = parse_params(fields, rules)
     image, notes = decode_image(await upload.read(), rules.max_pixels, upload.filename or "image")
     await form.close()
-    return EditRequest(image, params, notes)
+    return EditRequest(image, params, notes), fields
 
 
-async def wait_disconnect(receive: Receive) -> None:
-    """Returns when the client goes away (after the body has been read, receive only reports that)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def guarded(work: Awaitable[EditResult], request: Request, cancel: Cancel, timeout_s: float) -> EditResult:
-    """Run `work` until it ends, the deadline passes (504) or the client disconnects (its slot is freed)."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(wait_disconnect(request.receive))
-    try:
-        done, _ = await asyncio.wait({task, gone}, timeout=max(timeout_s, 0), return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        cancel.set("client disconnected" if gone in done else "deadline passed")
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, RequestError):
-            await task
-        if gone in done:
-            raise RequestError(499, "client_gone", "the client disconnected; the edit was stopped")
-        raise RequestError(504, "timeout", "the edit did not finish within the request's time limit")
-    except asyncio.CancelledError:  # the server (e.g. Ray Serve on a disconnect) cancelled this request
-        cancel.set("request cancelled")
-        task.cancel()
-        raise
-    finally:
-        gone.cancel()
+def edit_body(result: EditResult, model: dict[str, str | None]) -> dict[str, Any]:
+    """The JSON answer of /v1/edits (also the `result` event of its stream)."""
+    timings = {k: round(v, 4) for k, v in result.timings.items()}
+    body = {"seed": result.params.seed, "params": result.params.as_dict(), "width": result.width,
+            "height": result.height, "model": model, "timings": timings, "warnings": result.warnings,
+            "image_png_base64": base64.b64encode(result.png).decode()}
+    return body | ({"reasoning": result.reasoning} if result.reasoning is not None else {})
 
 
 def edit_response(result: EditResult, model: dict[str, str | None], as_json: bool) -> Response:
-    timings = {k: round(v, 4) for k, v in result.timings.items()}
-    meta = {"seed": result.params.seed, "params": result.params.as_dict(), "width": result.width,
-            "height": result.height, "model": model, "timings": timings, "warnings": result.warnings}
     if as_json:
-        return JSONResponse({**meta, "image_png_base64": base64.b64encode(result.png).decode()})
+        return JSONResponse(edit_body(result, model))
+    timings = {k: round(v, 4) for k, v in result.timings.items()}
     headers = {
         "X-Seed": str(result.params.seed),
         "X-Model": json.dumps(model, separators=(",", ":")),
@@ -132,21 +125,41 @@ def edit_response(result: EditResult, model: dict[str, str | None], as_json: boo
     }
     if result.warnings:
         headers["X-Warnings"] = "; ".join(result.warnings)[:1000]
+    if result.reasoning is not None:  # the instruction the edits started from; the rest needs the JSON answer
+        headers["X-Instruction"] = json.dumps(result.reasoning["instruction"])
     return Response(result.png, media_type="image/png", headers=headers)
 
 
-def create_app(service: EditService, *, load_on_startup: bool = True) -> Any:
-    """The ASGI app over `service`; `load_on_startup` loads the model in the background at startup."""
+def wants_stream(request: Request, fields: dict[str, Any]) -> bool:
+    return flag_field(fields, "stream") or "text/event-stream" in request.headers.get("accept", "")
+
+
+def create_app(service: EditService, *, load_on_startup: bool = True, keys: KeyPolicy | None = None) -> Any:
+    """The ASGI app over `service`; `load_on_startup` loads the model in the background at startup; `keys`
+    (when it holds any) guards the /v1 routes."""
+    feeds = ProgressFeeds(service)
+    images = OpenAIImages(service, feeds.factory)
+    keys = replace(keys or KeyPolicy(), retry_after_s=lambda: one_edit_s(service))
 
     async def post_edit(request: Request) -> Response:
         t0 = time.perf_counter()
         try:
             rules = service.check_ready()
-            edit_request = await asyncio.wait_for(read_edit_request(request, rules), service.limits.timeout_s)
+            edit_request, fields = await asyncio.wait_for(read_edit_request(request, rules), service.limits.timeout_s)
+            reasoning = parse_reasoning(fields)
             deadline = edit_request.params.timeout_s or service.limits.timeout_s
             cancel = Cancel()
             left = deadline - (time.perf_counter() - t0)
-            result = await guarded(service.edit(edit_request, cancel, left), request, cancel, left)
+            if wants_stream(request, fields):
+                def run(feed: FeedFactory) -> Any:
+                    return service.edit(edit_request, cancel, left, feed=feed, reasoning=reasoning)
+
+                wire = EditEvents(lambda result: edit_body(result, service.model))
+                response = await stream_edit(run, feeds.factory(None), wire, cancel, left, error_response)
+                service.metrics.requests.labels(str(response.status_code)).inc()
+                return response
+            result = await guarded(service.edit(edit_request, cancel, left, reasoning=reasoning), request, cancel,
+                                   left)
             response = edit_response(result, service.model, "application/json" in request.headers.get("accept", ""))
         except RequestError as e:
             service.metrics.errors.labels(e.code).inc()
@@ -195,6 +208,31 @@ def create_app(service: EditService, *, load_on_startup: bool = True) -> Any:
     routes = [
         Route("/", page), Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics),
         Route("/v1/model", model), Route("/v1/edits", post_edit, methods=["POST"]),
+        Route("/v1/models", images.models), Route("/v1/images/edits", images.edits, methods=["POST"]),
+        Route("/v1/images/generations", images.generations, methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
-    return BodyLimit(app, service.limits.max_upload_bytes)
+    return KeyGate(BodyLimit(app, service.limits.max_upload_bytes), keys)
+
+
+def one_edit_s(service: EditService) -> int:
+    """About one edit's seconds at the default steps (a 429's Retry-After: a key's slot frees that soon)."""
+    steps = service.rules.default_steps if service.rules is not None else 1
+    return math.ceil(service.eta_s(steps))
+
+
+class ProgressFeeds:
+    """Makes each streamed request's progress feed, with the served model's preview map (if it has one)."""
+
+    def __init__(self, service: EditService):
+        self.service = service
+        self._projection: tuple[Projection | None] | None = None
+
+    def projection(self) -> Projection | None:
+        if self._projection is None:  # once the model is known (it loads in the background)
+            self._projection = (Projection.for_model(str(self.service.model.get("config"))),)
+        return self._projection[0]
+
+    def factory(self, previews: int | None) -> FeedFactory:
+        """Feeds with `previews` previews (None: one per step)."""
+        return lambda total, size: ProgressFeed(total, size=size, projection=self.projection(), previews=previews)

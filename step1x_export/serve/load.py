@@ -25,6 +25,7 @@ class Reply:
     body: bytes
     headers: dict[str, str]
     attempts: int = 1  # > 1 when a server fault (5xx other than 503/504) was retried
+    first_step_s: float | None = None  # streamed: when the first denoising step was reported
 
 
 @dataclass
@@ -38,9 +39,10 @@ class LoadReport:
     def ok(self) -> list[Reply]:
         return [r for r in self.replies if r.status == 200]
 
-    def percentile(self, q: float) -> float:
-        """Latency percentile (seconds) over the successful replies, nearest-rank."""
-        times = sorted(r.seconds for r in self.ok)
+    def percentile(self, q: float, of: str = "seconds") -> float:
+        """Latency percentile (seconds) over the successful replies, nearest-rank; `of="first_step_s"`: the
+        time to the first denoising step (streamed replies)."""
+        times = sorted(t for r in self.ok if (t := getattr(r, of)) is not None)
         if not times:
             return float("nan")
         return times[max(0, math.ceil(q / 100 * len(times)) - 1)]
@@ -52,6 +54,9 @@ class LoadReport:
             "p50_s": round(self.percentile(50), 4), "p99_s": round(self.percentile(99), 4),
             "mean_s": round(statistics.fmean(r.seconds for r in ok), 4) if ok else float("nan"),
             "throughput_rps": round(len(ok) / self.wall_s, 3) if self.wall_s else 0.0, "wall_s": round(self.wall_s, 3),
+            **({"first_step_p50_s": round(self.percentile(50, "first_step_s"), 4),
+                "first_step_p99_s": round(self.percentile(99, "first_step_s"), 4)}
+               if any(r.first_step_s is not None for r in ok) else {}),
         }
 
 
@@ -89,13 +94,14 @@ def wait_ready(url: str, timeout_s: float = 600) -> list[int]:
 
 def run_load(url: str, image_png: bytes, seeds: list[int], *, clients: int, fields: dict[str, str],
              timeout_s: float = 120.0, allow_remote: bool = False, retries: int = 0,
-             on_reply: Callable[[Reply], None] | None = None) -> LoadReport:
+             on_reply: Callable[[Reply], None] | None = None, stream: bool = False) -> LoadReport:
     """POST one edit per seed to `url` + /v1/edits from `clients` threads; every request has its own
     `timeout_s`, so the whole run is bounded by about len(seeds) / clients * timeout_s * (1 + retries).
 
     `retries`: a server fault (a 5xx other than 503 and 504, or a dropped connection: e.g. the replica died
     mid-edit) is sent again up to this many times; an edit is a pure function of its request (the seed
-    included), so a retry cannot give another answer. `on_reply` sees each answer as it arrives."""
+    included), so a retry cannot give another answer. `on_reply` sees each answer as it arrives. `stream`:
+    ask for server-sent events and time the first step's report too (`Reply.first_step_s`)."""
     import httpx
 
     if not allow_remote:
@@ -103,19 +109,32 @@ def run_load(url: str, image_png: bytes, seeds: list[int], *, clients: int, fiel
     endpoint = url.rstrip("/") + "/v1/edits"
     errors: list[str] = []
 
+    def post(client: httpx.Client, data: dict[str, str], t0: float) -> tuple[int, bytes, dict[str, str], float | None]:
+        """One request: (status, body, headers, time to the first step's report or None)."""
+        files = {"image": ("input.png", image_png, "image/png")}
+        if not stream:
+            r = client.post(endpoint, files=files, data=data)
+            return r.status_code, r.content, dict(r.headers), None
+        first, lines = None, []
+        with client.stream("POST", endpoint, files=files, data={**data, "stream": "true"}) as r:
+            for line in r.iter_lines():
+                if first is None and line == "event: progress":
+                    first = time.perf_counter() - t0
+                lines.append(line)
+        return r.status_code, "\n".join(lines).encode(), dict(r.headers), first
+
     def one(client: httpx.Client, seed: int) -> Reply | None:
         t0 = time.perf_counter()
         for attempt in range(1, retries + 2):
             try:
-                r = client.post(endpoint, files={"image": ("input.png", image_png, "image/png")},
-                                data={**fields, "seed": str(seed)})
+                status, body, headers, first = post(client, {**fields, "seed": str(seed)}, t0)
             except httpx.HTTPError as e:
                 if attempt <= retries:
                     continue
                 errors.append(f"seed {seed}: {type(e).__name__}: {e}")
                 return None
-            if r.status_code < 500 or r.status_code in (503, 504) or attempt > retries:
-                return Reply(seed, r.status_code, time.perf_counter() - t0, r.content, dict(r.headers), attempt)
+            if status < 500 or status in (503, 504) or attempt > retries:
+                return Reply(seed, status, time.perf_counter() - t0, body, headers, attempt, first)
         raise AssertionError("unreachable")
 
     def worker(chunk: list[int]) -> list[Reply]:

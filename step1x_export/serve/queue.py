@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,8 @@ from ..runtime.batching import EditOutcome
 from .forecast import Forecast
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from ..runtime import Step1XEditRuntime
     from ..runtime.batching import BatchKey, EditJob
 
@@ -31,6 +34,19 @@ log = logging.getLogger("step1x_export.serve")
 # and its throughput gains nothing more at 8 (docs/serving.md); on a GPU a 1024^2 edit at batch 2 (CFG)
 # already fills much of the device.
 DEFAULT_MAX_BATCH = 4
+
+
+@dataclass(eq=False)
+class SoloJob:
+    """Work that runs alone on the runtime, in its turn in the line (a reasoned edit, a text-to-image one):
+    `run(runtime)` returns its image or raises; `result` keeps whatever else it made for the response."""
+
+    run: Callable[[Step1XEditRuntime], Image.Image]
+    tag: object = None
+    result: object = None
+
+    def key(self) -> BatchKey:
+        return (0, id(self))  # no edit size is 0 wide: nothing batches with it
 
 
 class QueueFull(Exception):
@@ -69,7 +85,7 @@ class Cancel:
 class Ticket:
     """One admitted edit, from arrival to its outcome."""
 
-    job: EditJob
+    job: EditJob | SoloJob
     key: BatchKey
     cancel: Cancel
     future: asyncio.Future[EditOutcome]
@@ -113,7 +129,7 @@ class EditBatcher:
         self._worker.start()
 
     # -- the event loop's side ------------------------------------------------------------------------------
-    def admit(self, job: EditJob, key: BatchKey, steps: int, cancel: Cancel, deadline_s: float) -> Ticket:
+    def admit(self, job: EditJob | SoloJob, key: BatchKey, steps: int, cancel: Cancel, deadline_s: float) -> Ticket:
         """Queue the edit if it is predicted to finish within `deadline_s`; else QueueFull (503)."""
         with self._lock:
             if self.waiting >= self.max_queue + max(0, self.max_batch - self.running):  # free places: no wait
@@ -173,8 +189,12 @@ class EditBatcher:
             first = self._take(limit, None)
             if not first:
                 continue
+            if isinstance(first[0].job, SoloJob):
+                self._run_solo(first[0])
+                continue
             try:
-                self.runtime.edit_batch([t.job for t in first], join=self._join, done=self._done, max_batch=limit)
+                self.runtime.edit_batch([t.job for t in first], join=self._join, done=self._done,  # type: ignore[misc]
+                                         max_batch=limit)
             except Exception as e:  # a fault outside any one edit: fail the batch's edits, keep serving
                 log.exception("a batch of edits failed")
                 with self._lock:
@@ -201,7 +221,19 @@ class EditBatcher:
         return taken
 
     def _join(self, room: int, key: BatchKey) -> list[EditJob]:
-        return [t.job for t in self._take(room, key)]
+        return [t.job for t in self._take(room, key)]  # type: ignore[misc]  # solo keys match no batch
+
+    def _run_solo(self, ticket: Ticket) -> None:
+        job: SoloJob = ticket.job  # type: ignore[assignment]
+        outcome = EditOutcome(job)  # type: ignore[arg-type]
+        try:
+            outcome.image = job.run(self.runtime)  # type: ignore[arg-type]
+            outcome.timings = dict(self.runtime.timings)  # type: ignore[union-attr]  # its (last) edit's stages
+        except Exception as e:  # its own failure: the client's answer
+            outcome.error = e
+        with self._lock:
+            self._running.discard(ticket)
+        ticket.resolve(outcome)
 
     def _done(self, outcome: EditOutcome) -> None:
         ticket: Ticket = outcome.job.tag  # type: ignore[assignment]

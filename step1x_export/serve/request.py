@@ -16,7 +16,8 @@ from ..validate import CFG_RANGE, SEED_RANGE, STEPS_RANGE, InputError, check_flo
 
 MAX_TEXT = 4000  # characters of instruction / negative prompt: the MLLM reads far fewer tokens anyway
 N = TypeVar("N", int, float)
-FIELDS = ("image", "instruction", "seed", "steps", "cfg", "size_level", "negative_prompt", "timeout_s")
+FIELDS = ("image", "instruction", "seed", "steps", "cfg", "size_level", "negative_prompt", "timeout_s",
+          "think", "reflect", "judge_retries", "stream")  # the last four: reasoned.parse_reasoning, app.wants_stream
 
 
 class RequestError(Exception):

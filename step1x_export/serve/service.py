@@ -11,22 +11,29 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from ..runtime.batching import EditJob
 from ..validate import NonFiniteError
 from .metrics import ServeMetrics
-from .queue import DEFAULT_MAX_BATCH, Cancel, EditBatcher, EditCancelled, QueueFull, Ticket
+from .progress import ProgressFeed, StepCounter
+from .queue import DEFAULT_MAX_BATCH, Cancel, EditBatcher, EditCancelled, QueueFull, SoloJob, Ticket
+from .reasoned import Reasoning, reasoning_dict, run_reasoned
 from .request import EditParams, EditRequest, ParamRules, RequestError
 from .spec import RuntimeSpec, ServeLimits
 
 if TYPE_CHECKING:
     from ..runtime import RuntimeOptions, Step1XEditRuntime
+    from ..runtime.batching import BatchKey, EditOutcome, LatentFn
+    from ..step1x_ref.sampling import ProgressFn
 
 log = logging.getLogger("step1x_export.serve")
 NOT_READY_RETRY_S = 5
+FeedFactory = Callable[[int, tuple[int, int]], ProgressFeed]  # (steps in all, edit size) -> the request's feed
 WARMUP_STEPS = 2
 
 
@@ -38,6 +45,7 @@ class EditResult:
     params: EditParams
     timings: dict[str, float]  # runtime stages, then queue and total, in seconds
     warnings: list[str] = field(default_factory=list)
+    reasoning: dict[str, Any] | None = None  # v1.2's thinking and reflection (reasoned.reasoning_dict)
 
 
 class EditService:
@@ -136,34 +144,96 @@ class EditService:
             raise RequestError(503, "not_ready", why, retry_after=NOT_READY_RETRY_S)
         return self.rules
 
-    async def edit(self, request: EditRequest, cancel: Cancel, deadline_s: float | None = None) -> EditResult:
-        """Admit (by deadline), batch and run one edit: a refusal is 503 + Retry-After, a runtime refusal 400."""
-        from ..runtime.batching import EditJob
+    async def edit(self, request: EditRequest, cancel: Cancel, deadline_s: float | None = None, *,
+                   feed: FeedFactory | None = None, reasoning: Reasoning | None = None,
+                   size: tuple[int, int] | None = None) -> EditResult:
+        """Admit (by deadline), batch and run one edit: a refusal is 503 + Retry-After, a runtime refusal 400.
 
+        `reasoning` (v1.2) and text-to-image (`request.image` None, `size` = (width, height)) run alone, counted
+        as every edit they may run. `feed(total_steps, (width, height))` gives the request's live progress."""
         self.check_ready()
         assert self.runtime is not None
         t0 = time.perf_counter()
         p = request.params
+        counter = StepCounter(p.steps, reasoning.edits if reasoning is not None else 1)
         ticket: Ticket | None = None
+        live: ProgressFeed | None = None
 
         def progress(done: int, total: int) -> None:
             self.metrics.dit_steps.inc()
+            left = counter.advance(done, total)
             if ticket is not None:
-                ticket.steps_left = total - done
+                ticket.steps_left = left
+            if live is not None:
+                live.on_step(counter.step, self.eta_s(left))
             cancel.check()
 
-        job = EditJob(request.image, p.instruction, seed=p.seed, steps=p.steps, cfg=p.cfg, size_level=p.size_level,
-                      negative_prompt=p.negative_prompt, progress=progress)
+        hooks = JobHooks(progress)
+        job, key = self._job(request, reasoning, size, hooks)
+        if feed is not None:
+            live = feed(counter.total, size or key)
+            hooks.latents = live.on_latents if live.wants_latents else None
+        if isinstance(job, EditJob):
+            job.progress, job.latents = hooks.progress, hooks.latents
+        deadline_s = self.limits.timeout_s if deadline_s is None else deadline_s
+        try:
+            try:
+                ticket = self.queue.admit(job, key, counter.total, cancel, deadline_s)
+            except QueueFull as e:
+                raise RequestError(503, e.code, str(e), retry_after=e.retry_after_s) from None
+            if live is not None:
+                live.mark_admitted()
+            outcome = await self.queue.outcome(ticket)
+        finally:
+            if live is not None:
+                live.close()
+        return self._result(outcome, ticket, request, t0)
+
+    def eta_s(self, steps_left: int) -> float:
+        """Seconds until an edit with `steps_left` steps to go is answered, at the running batch's step time."""
+        forecast = self.queue.forecast
+        return steps_left * forecast.step_time(max(1, self.queue.running)) + forecast.overhead_s
+
+    def _job(self, request: EditRequest, reasoning: Reasoning | None, size: tuple[int, int] | None,
+             hooks: JobHooks) -> tuple[EditJob | SoloJob, BatchKey]:
+        """The queue's job for the request and its batch key (a solo job's own)."""
+        assert self.runtime is not None
+        p = request.params
+        if request.image is None:
+            if size is None:
+                raise RequestError(400, "bad_request", "text-to-image needs a size (width x height)")
+            return self._solo(lambda rt: rt.edit(None, p.instruction, seed=p.seed, steps=p.steps, cfg=p.cfg,
+                                                 negative_prompt=p.negative_prompt or None,  # None: text-to-image's
+                                                 width=size[0], height=size[1],
+                                                 **hooks.kwargs()))
         try:
             key = self.runtime.batch_key(request.image, p.size_level)
         except ValueError as e:
             raise RequestError(400, "bad_request", str(e)) from None
-        deadline_s = self.limits.timeout_s if deadline_s is None else deadline_s
-        try:
-            ticket = self.queue.admit(job, key, p.steps, cancel, deadline_s)
-        except QueueFull as e:
-            raise RequestError(503, e.code, str(e), retry_after=e.retry_after_s) from None
-        outcome = await self.queue.outcome(ticket)
+        if reasoning is None:
+            return EditJob(request.image, p.instruction, seed=p.seed, steps=p.steps, cfg=p.cfg,
+                           size_level=p.size_level, negative_prompt=p.negative_prompt), key
+        if not self.runtime.version.reasoning:
+            raise RequestError(400, "bad_request", f"think and reflect are v1.2 features; this server runs "
+                               f"{self.runtime.config.name} (serve --model tiny-v1.2 or a v1.2 model)")
+
+        image = request.image
+
+        def run(rt: Step1XEditRuntime) -> Image.Image:
+            reasoned = run_reasoned(rt, image, p, reasoning, **hooks.kwargs())
+            solo.result = reasoning_dict(reasoned)
+            return reasoned.image
+
+        solo = SoloJob(run)
+        return solo, solo.key()
+
+    @staticmethod
+    def _solo(run: Callable[[Step1XEditRuntime], Image.Image]) -> tuple[SoloJob, BatchKey]:
+        solo = SoloJob(run)
+        return solo, solo.key()
+
+    def _result(self, outcome: EditOutcome, ticket: Ticket, request: EditRequest, t0: float) -> EditResult:
+        p = request.params
         error = outcome.error
         if isinstance(error, EditCancelled):
             raise RequestError(499, "cancelled", f"the edit was cancelled ({error})") from None
@@ -183,7 +253,21 @@ class EditService:
             self.metrics.batch.observe(sum(outcome.batch_sizes) / len(outcome.batch_sizes))
         for stage, seconds in outcome.timings.items():
             self.metrics.stage.labels(stage).inc(seconds)
-        return EditResult(buf.getvalue(), outcome.image.width, outcome.image.height, p, timings, request.warnings)
+        reasoning = ticket.job.result if isinstance(ticket.job, SoloJob) else None
+        return EditResult(buf.getvalue(), outcome.image.width, outcome.image.height, p, timings, request.warnings,
+                          reasoning if isinstance(reasoning, dict) else None)
+
+
+@dataclass
+class JobHooks:
+    """A queued job's per-step callbacks (the runtime's `progress` and `latents` arguments)."""
+
+    progress: ProgressFn
+    latents: LatentFn | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"progress": self.progress, "latents": self.latents}
+
 
 
 def warm_batches(max_batch: int, options: RuntimeOptions) -> list[int]:

@@ -10,11 +10,16 @@ steps run synchronously and the host clock is the truth.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from itertools import pairwise
+from typing import TYPE_CHECKING
 
 import torch
 
 from ...step1x_ref.sampling import ProgressFn
+
+if TYPE_CHECKING:
+    from ...step1x_ref.sampling import Lane
 
 
 class StepEvents:
@@ -64,3 +69,15 @@ class StepEvents:
         if self.cuda:
             return [a.elapsed_time(b) / 1000 for a, b in pairwise(marks)]  # type: ignore[union-attr]
         return [b - a for a, b in pairwise(marks)]  # type: ignore[operator]
+
+
+class LatentTap:
+    """A lane's progress callback that also hands its tokens to `latents` after each step (live previews):
+    scoped to the one edit that asked, so other edits of the batch pay nothing."""
+
+    def __init__(self, events: StepEvents, lane: Lane, latents: Callable[[torch.Tensor], None]):
+        self.events, self.lane, self.latents = events, lane, latents
+
+    def __call__(self, queued: int, total: int) -> None:
+        self.events(queued, total)
+        self.latents(self.lane.x)
