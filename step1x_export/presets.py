@@ -28,6 +28,9 @@ from dataclasses import dataclass
 
 GiB = 2**30
 MiB = 2**20
+# The CUDA context with lazily loaded kernels and torch's handles: not measured here (no GPU); 0.3-0.5 GiB is
+# what a CUDA 12 context usually takes. `benchmarks/first_light.sh` measures it; replace this by that figure.
+CUDA_CONTEXT = GiB // 2
 
 PLACEMENTS = ("resident", "swap", "stream")
 
@@ -70,6 +73,9 @@ class Preset:
     prefetch: int = 0  # streamed DiT: blocks copied ahead of the one computing
     max_batch: int = 1  # edits per DiT call (each is CFG batch 2)
     cuda_graphs: bool = False  # a captured step keeps a pool of the DiT's activations between edits
+    # The plan's totals at 1024^2 (GiB): v1.0 / v1.1, and v1.2 with thinking and 2 reflection rounds; what the
+    # runtime compares with the device's free memory at load (tests/test_plan.py keeps them the plan's).
+    planned_gib: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self) -> None:
         for part in ("dit", "mllm"):
@@ -117,15 +123,20 @@ class Preset:
 # run the same preset from an int8-sq checkpoint (the same bytes plus a K-vector per layer).
 PRESETS: dict[str, Preset] = {
     "24gb": Preset("24gb", 24564, "RTX 4090, RTX A5000", dit_format="fp8", dit_placement="resident",
-                   mllm_format="int8", mllm_placement="swap"),
+                   mllm_format="int8", mllm_placement="swap",
+                   planned_gib=(20.82, 21.64)),
     "22gb": Preset("22gb", 23030, "L4, A10 (about 22.5 GiB usable)", dit_format="fp8", dit_placement="swap",
-                   mllm_format="int8", mllm_placement="swap"),
+                   mllm_format="int8", mllm_placement="swap",
+                   planned_gib=(15.61, 16.11)),
     "16gb": Preset("16gb", 16376, "RTX 4080, RTX 4060 Ti 16 GB", dit_format="fp8", dit_placement="stream",
-                   mllm_format="int8", mllm_placement="swap", resident_blocks=40, prefetch=2),
+                   mllm_format="int8", mllm_placement="swap", resident_blocks=40, prefetch=2,
+                   planned_gib=(13.80, 14.30)),
     "12gb": Preset("12gb", 12282, "RTX 4070, RTX 3060 12 GB", dit_format="fp8", dit_placement="stream",
-                   mllm_format="int8", mllm_placement="swap", resident_blocks=14, prefetch=2),
+                   mllm_format="int8", mllm_placement="swap", resident_blocks=14, prefetch=2,
+                   planned_gib=(10.05, 10.56)),
     "8gb": Preset("8gb", 8188, "RTX 4060, RTX 3070", dit_format="int4-g128", dit_placement="stream",
-                  mllm_format="int4-g128", mllm_placement="swap", resident_blocks=8, prefetch=2),
+                  mllm_format="int4-g128", mllm_placement="swap", resident_blocks=8, prefetch=2,
+                   planned_gib=(6.55, 7.06)),
 }
 
 
@@ -133,3 +144,31 @@ def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+def planned_bytes(preset: Preset, reason_edit: bool) -> int:
+    """The preset's planned peak at 1024^2: v1.2 (`reason_edit`) with thinking and 2 reflection rounds."""
+    return int(preset.planned_gib[reason_edit] * GiB)
+
+
+def check_fits(name: str, free_bytes: int, reason_edit: bool, device: str) -> None:
+    """Raise, naming the presets that fit, when preset `name`'s plan exceeds `free_bytes` + the CUDA context
+    (read after the context exists, so the context is already taken out of the free memory)."""
+    chosen = get_preset(name)
+    room = free_bytes + CUDA_CONTEXT
+    if planned_bytes(chosen, reason_edit) <= room:
+        return
+    fitting = [p.name for p in PRESETS.values() if planned_bytes(p, reason_edit) <= room]
+    mode = "v1.2 with thinking and 2 reflection rounds" if reason_edit else "v1.1"
+    advice = f"--preset {fitting[0]} fits" if fitting else "no preset fits (free memory held by other processes?)"
+    raise ValueError(f"preset {name} plans {planned_bytes(chosen, reason_edit) / GiB:.2f} GiB at 1024^2 ({mode}); "
+                     f"{device} has {free_bytes / GiB:.2f} GiB free after its CUDA context: {advice}")
+
+
+def refuse_gaps(name: str) -> None:
+    """Raise when preset `name` needs runtime pieces that do not exist yet, naming them."""
+    gaps = get_preset(name).runtime_gaps()
+    if gaps:
+        ready = ", ".join(p.name for p in PRESETS.values() if not p.runtime_gaps())
+        raise ValueError(f"preset {name} needs {' and '.join(gaps)}, which the runtime does not have yet; "
+                                  f"presets that run today: {ready} (`step1x-export plan --preset {name}` plans it)")

@@ -45,8 +45,8 @@ from .common import user_errors
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (bytes per stage) instead of a table.")
 @user_errors
 def plan(model: str, size_level: int, width: int | None, height: int | None, preset: str | None, think: bool,
-         reflect: int, quant: str, weight_only: str, mllm_quant: str, sequential_load: bool, cuda_graphs: bool, graph_cache: int,
-         budget_gib: float | None, as_json: bool) -> None:
+         reflect: int, quant: str, weight_only: str, mllm_quant: str, sequential_load: bool, cuda_graphs: bool,
+         graph_cache: int, budget_gib: float | None, as_json: bool) -> None:
     """Print the device memory of one edit, stage by stage: the weights each stage holds, its activation
     peak (a forward traced on meta tensors from the real configs: no weights, no GPU, seconds), the CUDA
     graphs' pools, the CUDA context (a stated constant) and the total while it runs. A card-size --preset

@@ -23,6 +23,7 @@ import torch
 
 from ..calibrate.weight_only import WEIGHT_ONLY_FORMATS
 from ..choices import DEFAULT_GRAPH_CACHE, DIT_QUANT
+from ..presets import CUDA_CONTEXT
 from ..step1x_ref.configs import get_config
 from ..step1x_ref.imaging import edit_size
 from .stages import STAGES, StageModel, build_stage
@@ -32,10 +33,6 @@ GiB = 2**30
 WEIGHT_ONLY = WEIGHT_ONLY_FORMATS
 # Usable memory of a 24 GB card (24 GiB minus the CUDA context and driver reserve).
 CARD_24GB_USABLE = 23.6 * GiB
-# The CUDA context with lazily loaded kernels, plus torch's and cuBLAS's handles: not measured here (no GPU);
-# 0.3-0.5 GiB is what a CUDA 12 context usually takes. `benchmarks/first_light.sh` measures it (the driver's
-# used memory after the first kernel); replace this figure by that measurement.
-CUDA_CONTEXT = GiB // 2
 
 
 @dataclass(frozen=True)
