@@ -25,7 +25,7 @@ from step1x_export.plan.preset_plan import (
     make_preset_plan,
     traced_activations,
 )
-from step1x_export.plan.roofline import CARDS, project
+from step1x_export.plan.roofline import CARDS, dit_flops, project
 from step1x_export.plan.weights import bytes_as, dit_bytes, format_bytes, mllm_bytes
 from step1x_export.presets import CUDA_CONTEXT, FORMATS, PRESETS, GiB, planned_bytes
 
@@ -97,7 +97,10 @@ def test_weight_formats_count_exactly():
 
 
 def test_roofline_streaming_costs_only_what_compute_cannot_hide(plans):
-    """A projection, not a measurement: resident <= planned; the H100's DiT hides 8-bit streaming at 1024^2."""
+    """A projection, not a measurement: resident <= planned; the H100's DiT hides 8-bit streaming at 1024^2.
+    The DiT's FLOPs are PERF.md's count (each token through one stream of a double block, no modulation)."""
+    gemm, attention = dit_flops("v1.1", 1024, 1024, 2)
+    assert gemm == pytest.approx(2.28e14, rel=0.005) and attention == pytest.approx(1.09e14, rel=0.005)
     for plan in plans.values():
         for card in CARDS.values():
             x = project(plan, card)
