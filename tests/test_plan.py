@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
 
-from step1x_export.cli import main
 from step1x_export.plan.measure import measure_cpu, planned_activations
 from step1x_export.plan.plan import CUDA_CONTEXT, GiB, PlanConfig, make_plan
 from step1x_export.plan.tracer import trace_peak

@@ -61,7 +61,7 @@ def test_a_preset_applies_to_the_api_as_to_the_cli():
 
 
 def test_load_checks_free_memory_and_names_a_preset_that_fits(monkeypatch):
-    from step1x_export.presets import CUDA_CONTEXT, GiB, PRESETS
+    from step1x_export.presets import CUDA_CONTEXT, PRESETS, GiB
     from step1x_export.runtime.telemetry.memory import check_preset_memory
 
     free = {"bytes": 30 * GiB}
@@ -86,10 +86,10 @@ def test_load_checks_free_memory_and_names_a_preset_that_fits(monkeypatch):
 def test_serve_with_the_24gb_preset_runs_batches_of_one(monkeypatch, tmp_path):
     """`serve --preset 24gb` warms up and serves one edit per DiT call (the default is 4 where the runtime can
     batch): the batch its plan holds, at 1024^2 on meta (DiT activations at 2 rows = one edit's CFG pair)."""
-    import step1x_export.calibrate.qcheckpoint as qcheckpoint
-    import step1x_export.serve.server as server
     from click.testing import CliRunner
 
+    import step1x_export.calibrate.qcheckpoint as qcheckpoint
+    import step1x_export.serve.server as server
     from step1x_export.cli import main
     from step1x_export.plan.preset_plan import make_preset_plan, traced_activations
     from step1x_export.presets import PRESETS
