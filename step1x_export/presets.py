@@ -124,7 +124,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "24gb": Preset("24gb", 24564, "RTX 4090, RTX A5000", dit_format="fp8", dit_placement="resident",
                    mllm_format="int8", mllm_placement="swap",
-                   planned_gib=(20.82, 21.64)),
+                   planned_gib=(20.82, 21.81)),
     "22gb": Preset("22gb", 23030, "L4, A10 (about 22.5 GiB usable)", dit_format="fp8", dit_placement="swap",
                    mllm_format="int8", mllm_placement="swap",
                    planned_gib=(15.61, 16.11)),

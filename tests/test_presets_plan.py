@@ -15,13 +15,12 @@ from step1x_export.calibrate.formats import QuantFormat
 from step1x_export.calibrate.weight_only import WeightOnlyLinear
 from step1x_export.choices import MEMORY_PRESETS
 from step1x_export.cli import main
+from step1x_export.plan.generation import Mode, generation_activations, kv_cache_bytes
 from step1x_export.plan.preset_plan import (
     CUBLAS_WORKSPACE,
     CUBLASLT_WORKSPACE,
     CUDNN_WORKSPACE,
     FRAGMENTATION_MIN,
-    Mode,
-    kv_cache_bytes,
     make_preset_plan,
     traced_activations,
 )
@@ -69,7 +68,7 @@ def test_each_term_is_counted(plans):
     assert by["dit"].weights - vae == dit.total - sum(streamed)
     assert by["mllm_generate"].weights - vae == mllm_bytes("v1.2", "int4-g128", True)
     # generation: the KV cache of the longest judging prompt and 128 new tokens is in the activations
-    assert by["mllm_generate"].activations > kv_cache_bytes("v1.2", 2 * 1024 + 1024 + 128)
+    assert by["mllm_generate"].activations > kv_cache_bytes("v1.2", 2 * 1024 + 2048 + 128)
     assert plans["24gb", "v1.1"].stages[-2].activations == traced_activations("v1.1", "dit", 1024, 1024, "fp8", 2)
 
 
@@ -121,5 +120,10 @@ def test_plan_cli_v12_think_reflect_24gb_fits(plans):
         "RTX 4090", "L4", "H100 SXM"}
     run = CliRunner().invoke(main, ["plan", "--version", "v1.1", "--think", "--preset", "24gb"])
     assert run.exit_code == 1 and "v1.2 features" in run.output
-    run = CliRunner().invoke(main, ["plan", "--version", "v1.2", "--think"])
-    assert run.exit_code == 2 and "take a card-size --preset" in run.output
+    # without a card-size preset, a configuration's plan counts the generation too (the LM head kept)
+    run = CliRunner().invoke(main, ["plan", "--version", "v1.2", "--think", "--mllm-quant", "int8", "--json"])
+    assert run.exit_code == 0, run.output
+    stages = {s["name"]: s for s in json.loads(run.output)["stages"]}
+    assert list(stages)[0] == "mllm_generate" and stages["mllm_generate"]["weights"] == stages["mllm"]["weights"]
+    assert stages["mllm"]["weights"] == mllm_bytes("v1.2", "int8", True)
+    assert stages["mllm_generate"]["activations"] == generation_activations("v1.2")

@@ -74,7 +74,7 @@ def test_load_checks_free_memory_and_names_a_preset_that_fits(monkeypatch):
     with pytest.raises(ValueError, match=r"preset 24gb plans 20.82 GiB at 1024\^2 \(v1.1\); cuda has 16.00 GiB free "
                                          r"after its CUDA context: --preset 22gb fits"):
         check_preset_memory("24gb", True, False, cuda)
-    with pytest.raises(ValueError, match=r"plans 21.64 GiB at 1024\^2 \(v1.2 with thinking"):
+    with pytest.raises(ValueError, match=r"plans 21.81 GiB at 1024\^2 \(v1.2 with thinking"):
         check_preset_memory("24gb", True, True, cuda)
     free["bytes"] = 2 * GiB
     with pytest.raises(ValueError, match="no preset fits"):

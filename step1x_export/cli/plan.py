@@ -24,10 +24,11 @@ from .common import user_errors
                    "placement, formats, streaming, workspaces, margin, host RAM, PCIe bytes and projected seconds "
                    "per edit), or a configuration: bf16, fp8 (W8A8 DiT). Overrides the quantization, load and "
                    "graph options.")
-@click.option("--think", is_flag=True, help="v1.2 with a card-size --preset: count the MLLM rewriting the "
-              "instruction (its LM head, the KV cache at the published 128 new tokens).")
+@click.option("--think", is_flag=True, help="v1.2: count the MLLM rewriting the instruction (its LM head, the "
+              "KV cache at the published 128 new tokens).")
 @click.option("--reflect", type=click.IntRange(0, 10), default=0, show_default=True,
-              help="v1.2 with a card-size --preset: reflection rounds (an edit and a judgement of two images each).")
+              help="v1.2: reflection rounds (an edit and a judgement of two images each; the candidates wait on the "
+                   "host).")
 @click.option("--quant", type=click.Choice(DIT_QUANT), default="none", show_default=True,
               help="The DiT's W8A8 recipe with its default layer selection.")
 @click.option("--weight-only", type=click.Choice(WEIGHT_ONLY), default="none", show_default=True,
@@ -62,11 +63,10 @@ def plan(model: str, size_level: int, width: int | None, height: int | None, pre
             raise click.UsageError(f"--preset {preset} plans a square edit at --size-level; drop --width/--height")
         result = _preset_plan(preset, model, size_level, think, reflect, as_json)
     else:
-        if think or reflect:
-            raise click.UsageError(f"--think and --reflect take a card-size --preset ({', '.join(MEMORY_PRESETS)})")
         config = PlanConfig(quant=quant, weight_only=weight_only, mllm_quant=mllm_quant,
                             sequential_load=sequential_load, cuda_graphs=cuda_graphs, graph_cache=graph_cache)
-        result = make_plan(model, size_level, config=config, preset=preset, width=width, height=height)
+        result = make_plan(model, size_level, config=config, preset=preset, width=width, height=height, think=think,
+                           reflect=reflect)
         click.echo(json.dumps(result.as_json(), indent=2) if as_json else result.table())
     if budget_gib is not None and result.total > budget_gib * GiB:
         click.echo(f"plan peak {result.total / GiB:.2f} GiB exceeds --budget-gib {budget_gib}", err=True)

@@ -124,8 +124,12 @@ def stage_activations(stage: StageModel) -> int:
 
 def make_plan(model: str = "v1.1", size_level: int = 1024, *, config: PlanConfig | None = None,
               preset: str | None = None, width: int | None = None, height: int | None = None,
-              dtype: torch.dtype = torch.bfloat16) -> MemoryPlan:
-    """The plan for an edit of a square image at `size_level` (or `width` x `height` input pixels)."""
+              dtype: torch.dtype = torch.bfloat16, think: bool = False, reflect: int = 0) -> MemoryPlan:
+    """The plan for an edit of a square image at `size_level` (or `width` x `height` input pixels); v1.2's
+    `think` / `reflect` add the MLLM's text generation (`mllm_generate`: its LM head held by the MLLM)."""
+    from .generation import Mode, generation_activations, lm_head_bytes
+
+    mode = Mode(model, think, reflect)
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -138,14 +142,19 @@ def make_plan(model: str = "v1.1", size_level: int = 1024, *, config: PlanConfig
               for name in STAGES]
     weights = {s.name: resident_bytes(s.module) for s in stages}
     activations = {s.name: stage_activations(s) for s in stages}
+    names = list(STAGES)
+    if mode.generates:
+        weights["mllm"] += lm_head_bytes(model, WEIGHT_ONLY[config.mllm_quant], dtype)
+        weights["mllm_generate"], activations["mllm_generate"] = weights["mllm"], generation_activations(model)
+        names.insert(0, "mllm_generate")
     pools = graph_pools(config, activations["dit"])
     out = []
-    for s in stages:
-        act = activations[s.name]
-        resident = weights[s.name] if config.sequential_load else sum(weights.values())
-        held = max(pools, act) if s.name == "dit" else pools + act  # the DiT's activations are in a pool
-        out.append(StagePlan(s.name, weights[s.name], act, resident, pools, CUDA_CONTEXT,
-                             resident + CUDA_CONTEXT + held))
+    for name in names:
+        act = activations[name]
+        own = weights[name]
+        resident = own if config.sequential_load else sum(w for k, w in weights.items() if k != "mllm_generate")
+        held = max(pools, act) if name == "dit" else pools + act  # the DiT's activations are in a pool
+        out.append(StagePlan(name, own, act, resident, pools, CUDA_CONTEXT, resident + CUDA_CONTEXT + held))
     return MemoryPlan(model, w, h, config, preset, out)
 
 

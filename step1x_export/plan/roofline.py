@@ -28,8 +28,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..calibrate.recipes import select_layers
 from ..choices import MODULATION
 from ..runtime.engines.buffers import edit_dims
+from ..specs import dim_ranges
 from ..step1x_ref.configs import get_config
-from .preset_plan import JUDGE_IMAGE_TOKENS, JUDGE_TEXT_TOKENS, MAX_NEW_TOKENS, PresetPlan
+from .generation import JUDGE_IMAGE_TOKENS, JUDGE_TEXT_TOKENS, MAX_NEW_TOKENS
+from .preset_plan import PresetPlan
 from .stages import build_stage
 
 
@@ -105,7 +107,7 @@ def project(plan: PresetPlan, card: Card, mllm_params: float = 8.3e9) -> Project
     streamed = plan.weights["dit_streamed"] / card.pcie
     dit_resident, dit_planned = calls * compute, calls * max(compute, streamed)
     vae = mode.dit_runs * vae_flops(mode.model, plan.width, plan.height) / (card.bf16 / 2)
-    encode_tokens = 2 * (JUDGE_IMAGE_TOKENS + get_config(mode.model).embedder.max_length)  # cond + uncond
+    encode_tokens = 2 * dim_ranges(get_config(mode.model))["llm_seq"][2]  # cond + uncond, the longest prompts
     prefill = mode.dit_runs * 2 * mllm_params * encode_tokens / card.bf16
     judge_prompt = 2 * JUDGE_IMAGE_TOKENS + JUDGE_TEXT_TOKENS
     generate = mode.generate_calls * (2 * mllm_params * judge_prompt / card.bf16

@@ -83,5 +83,5 @@ def mllm_bytes(model: str, fmt_name: str, lm_head: bool) -> int:
     total = bytes_as(stage.module, fmt)
     if lm_head:  # dropped by the plan's stage (the embedder never runs it); generation needs it
         text = stage.module.config.get_text_config()
-        total += format_bytes(FORMATS["int8"] if fmt.bits == 8 else fmt, text.vocab_size, text.hidden_size)
+        total += format_bytes(fmt, text.vocab_size, text.hidden_size)
     return total
