@@ -79,14 +79,10 @@ class StagePlan:
     total: int  # resident + context + pools + activations (the DiT: + the larger of its activations and the pools)
 
 
-@dataclass(frozen=True)
-class MemoryPlan:
-    model: str
-    width: int
-    height: int
-    config: PlanConfig
-    preset: str | None
-    stages: list[StagePlan] = field(default_factory=list)
+class StagePeak:
+    """An edit's peak over its stages (`stages`, each with a `total`): the largest total and its stage."""
+
+    stages: list
 
     @property
     def total(self) -> int:
@@ -95,6 +91,16 @@ class MemoryPlan:
     @property
     def peak_stage(self) -> str:
         return max(self.stages, key=lambda s: s.total).name
+
+
+@dataclass(frozen=True)
+class MemoryPlan(StagePeak):
+    model: str
+    width: int
+    height: int
+    config: PlanConfig
+    preset: str | None
+    stages: list[StagePlan] = field(default_factory=list)
 
     def as_json(self) -> dict:
         return {"model": self.model, "width": self.width, "height": self.height, "preset": self.preset,

@@ -38,7 +38,7 @@ from ..presets import GiB, MiB, Preset, get_preset
 from ..step1x_ref.configs import get_config
 from ..step1x_ref.imaging import edit_size
 from .generation import Mode, generation_activations
-from .plan import CUDA_CONTEXT, stage_activations
+from .plan import CUDA_CONTEXT, StagePeak, stage_activations
 from .stages import build_stage
 from .tracer import resident_bytes
 from .weights import dit_bytes, mllm_bytes
@@ -68,7 +68,7 @@ class StageBytes:
 
 
 @dataclass(frozen=True)
-class PresetPlan:
+class PresetPlan(StagePeak):
     preset: Preset
     mode: Mode
     width: int
@@ -77,14 +77,6 @@ class PresetPlan:
     host_bytes: int = 0
     pcie_bytes: int = 0  # per edit
     weights: dict[str, int] = field(default_factory=dict)  # the whole MLLM, DiT, VAE in the preset's formats
-
-    @property
-    def total(self) -> int:
-        return max(s.total for s in self.stages)
-
-    @property
-    def peak_stage(self) -> str:
-        return max(self.stages, key=lambda s: s.total).name
 
     def fits(self) -> bool:
         return self.total <= self.preset.budget_bytes
