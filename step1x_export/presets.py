@@ -1,8 +1,8 @@
 """The memory presets as plain data: what each keeps on the device, in which format, and what runs today.
 
 A preset names a card size and says, per part of the model, where its weights live while another part
-runs and in which storage format; the memory plan (`plan/presets_plan.py`) counts every byte of it at
-1024^2 and holds each total under 95 % of the card (tests/test_plan.py), and `RuntimeOptions.preset`
+runs and in which storage format; the memory plan (`plan/preset_plan.py`) counts every byte of it at
+1024^2 and holds each total under 95 % of the card (tests/test_presets_plan.py), and `RuntimeOptions.preset`
 applies it to a runtime. Placements:
 
 - ``resident``: on the device for the whole process;
@@ -19,7 +19,7 @@ Where the MLLM lives while the DiT runs: in pinned host memory, in every preset 
 What the runtime has today: resident 8-bit layers, sequential loading, the batch and the graph setting.
 A `swap` placement runs as sequential loading until stage swapping lands (the same or less device memory;
 each stage is re-read from disk per edit, which swapping will avoid); a `stream` placement or a 4-bit format
-is refused at load, naming what is missing (`runtime_gaps`).
+is refused by `RuntimeOptions`, naming what is missing (`runtime_gaps`).
 """
 
 from __future__ import annotations
@@ -99,8 +99,8 @@ class Preset:
 
     @property
     def mllm_quant(self) -> str:
-        """The runtime's `mllm_quant` (8-bit weight-only) this preset asks for."""
-        return "int8" if self.mllm_format == "int8" else self.mllm_format
+        """The runtime's `mllm_quant` this preset asks for (its 8-bit weight-only format; 4-bit is refused first)."""
+        return self.mllm_format
 
     def runtime_gaps(self) -> list[str]:
         """What this preset needs that the runtime does not have yet (empty: it runs today)."""
