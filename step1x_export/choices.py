@@ -12,7 +12,8 @@ DTYPES = ("fp32", "bf16", "fp16")  # the float dtypes a model runs in (cli.commo
 RECIPES = ("fp8", "int8-sq")  # calibrate.recipes.RECIPES
 DIT_QUANT = ("none", *RECIPES)  # plan.plan: the DiT's W8A8 recipe, if any
 WEIGHT_ONLY = ("none", "fp8", "int8")  # calibrate.weight_only.WEIGHT_ONLY_FORMATS
-PLAN_PRESETS = ("bf16", "fp8", "24gb")  # plan.plan.PRESETS
+PLAN_PRESETS = ("bf16", "fp8", "24gb")  # plan.plan.PRESETS (configurations; "24gb": all resident, first light's)
+MEMORY_PRESETS = ("24gb", "22gb", "16gb", "12gb", "8gb")  # presets.PRESETS: one per card size, every term counted
 ATTENTION = ("auto", "flash", "cudnn", "efficient", "math")  # runtime.step.attention: the SDPA kernel choices
 # runtime.options: captured graphs kept per runtime (one per edit resolution, least recently used evicted
 # first). A graph holds its own memory pool (the step's activations at that size); 4 keeps the working set of

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..choices import ATTENTION, DTYPES
+from ..choices import ATTENTION, DTYPES, MEMORY_PRESETS
 from ..runtime.options import BACKENDS, DEFAULT_GRAPH_CACHE, RuntimeOptions, changed_fields
 from .common import DEVICE, SMALL_MODELS, lora_option, torch_dtype, version_option
 
@@ -50,16 +50,6 @@ class RuntimeArgs:
     attention: str = "auto"
     exact_batches: bool | None = None
 
-    @property
-    def mllm_quant_asked(self) -> str | None:
-        """--mllm-quant, or the preset's (24gb: int8) when not given."""
-        return self.mllm_quant or ("int8" if self.preset == "24gb" else None)
-
-    @property
-    def cuda_graphs_asked(self) -> bool:
-        """--cuda-graphs, off with --preset 24gb: a captured step's pool does not fit beside the VAE decoder."""
-        return self.cuda_graphs and self.preset != "24gb"
-
     def check_source(self) -> None:
         """One-line usage errors for a combination of flags that names no model or mixes backends."""
         if self.model_dir is not None and self.model_name is not None:
@@ -77,23 +67,23 @@ class RuntimeArgs:
                                    "(merge the LoRA with `step1x-export export --lora FILE`)")
         if self.compile and self.backend != "torch":
             raise click.UsageError(f"--compile applies to --backend torch; {self.backend} runs its own graphs")
-        if self.preset == "24gb":
+        if self.preset is not None and self.backend == "torch":
             from ..calibrate.qcheckpoint import read_qcheckpoint_info
 
             if self.quant is None or read_qcheckpoint_info(self.quant) is None:
-                raise click.UsageError("--preset 24gb needs --quant FILE, a quantized checkpoint (`step1x-export "
-                                       "quantize --artifact FP8_ARTIFACT --weight-only int8`): the bf16 DiT does "
-                                       "not fit")
+                raise click.UsageError(f"--preset {self.preset} needs --quant FILE, a quantized checkpoint "
+                                       "(`step1x-export quantize --artifact FP8_ARTIFACT --weight-only int8`): the "
+                                       "bf16 DiT does not fit")
 
     def options(self, **overrides: Any) -> RuntimeOptions:
         """The `RuntimeOptions` these flags ask for (precision from --dtype; bf16 when unset)."""
         from ..runtime.runtime import precision_of
 
         precision = precision_of(torch_dtype(self.dtype)) if self.dtype else RuntimeOptions().precision
-        base = RuntimeOptions(backend=self.backend, precision=precision, cuda_graphs=self.cuda_graphs_asked,  # type: ignore[arg-type]
+        base = RuntimeOptions(backend=self.backend, precision=precision, cuda_graphs=self.cuda_graphs,  # type: ignore[arg-type]
                               compile=self.compile, compile_mode=self.compile_mode, graph_cache=self.graph_cache,
                               shape_buckets=self.shape_buckets, sequential_load=self.sequential_load,
-                              mllm_quant=self.mllm_quant_asked, attention=self.attention,
+                              mllm_quant=self.mllm_quant, attention=self.attention, preset=self.preset,
                               exact_batches=self.exact_batches)
         return replace(base, **overrides)
 
@@ -180,7 +170,7 @@ def _execution_options() -> dict[str, Callable[[Callable[..., Any]], Callable[..
         "mllm_quant": click.option(
             "--mllm-quant", type=click.Choice(["none", "fp8", "int8"]), default=None,
             help="Qwen2.5-VL's Linears as 8-bit weight-only layers, quantized on the host before they reach the "
-            "device [default: none; int8 with --preset 24gb]."),
+            "device [default: none; the --preset's]."),
         "attention": click.option(
             "--attention", type=click.Choice(ATTENTION), default="auto",
             show_default=True,
@@ -194,10 +184,12 @@ def _execution_options() -> dict[str, Callable[[Callable[..., Any]], Callable[..
             "rounding of its edit alone) [default: exact on CPU, plain on CUDA, where kernels differ per batch "
             "size anyway]."),
         "preset": click.option(
-            "--preset", type=click.Choice(["24gb"]), default=None,
-            help="24gb: every stage resident on a 24 GB card at 1024^2 (`step1x-export plan --preset 24gb`); needs "
-            "--quant QUANTIZED_CHECKPOINT (FP8 W8A8 + int8 weight-only), sets --mllm-quant int8 and turns CUDA "
-            "graphs off (their memory pool does not fit beside the VAE decoder)."),
+            "--preset", type=click.Choice(MEMORY_PRESETS), default=None,
+            help="A card-size preset (`step1x-export plan --preset P` counts its memory at 1024^2): 24gb (4090, "
+            "A5000), 22gb (L4, A10), 16gb, 12gb, 8gb. Sets its MLLM format, loading, batch (1) and CUDA graphs "
+            "(off); needs --quant QUANTIZED_CHECKPOINT (8-bit DiT). The MLLM stays off the device while the DiT "
+            "runs (sequential loading until stage swapping lands); 16gb, 12gb and 8gb need DiT block streaming "
+            "and 4-bit weights, and say so. On CUDA, load checks the device's free memory against the plan."),
     }
 
 

@@ -19,7 +19,8 @@ from .runtime_options import RuntimeArgs, runtime_options
 @click.option("--max-batch", type=click.IntRange(1, 64), default=None,
               help="Same-size edits sharing each DiT call (per replica): a request joins the running batch at the "
                    "next denoising step and leaves when its own steps end; 1 runs edits one at a time [default: 4 "
-                   "where the runtime can batch (the torch backend, v1.0/v1.1, no --sequential-load), else 1].")
+                   "where the runtime can batch (the torch backend, v1.0/v1.1, no --sequential-load), else 1; "
+                   "with --preset, its batch (1)].")
 @click.option("--max-queue", type=click.IntRange(0, 10_000), default=64, show_default=True,
               help="Most edits waiting to join the batch (per replica; it bounds the memory their images hold). "
                    "Below it a request is admitted while its predicted completion fits its deadline (--timeout "
@@ -109,6 +110,13 @@ def serve(
             raise FileNotFoundError(f"{flag} {path} does not exist")
     if runtime.backend == "torch" and runtime.model_dir is None and runtime.model_name is None:
         runtime = replace(runtime, model_name="tiny")  # the embedded default: try the service anywhere
+    if runtime.preset is not None:  # the batch the preset's memory plan holds, and no more
+        from ..presets import get_preset
+
+        batch = get_preset(runtime.preset).max_batch
+        if (max_batch or batch) > batch:
+            raise click.UsageError(f"--max-batch {max_batch} exceeds --preset {runtime.preset}'s batch {batch}")
+        max_batch = batch if max_batch is None else max_batch
     spec = RuntimeSpec.from_load_kwargs({**runtime.load_kwargs(), "max_batch": max_batch})
     limits = ServeLimits(
         max_queue=max_queue, timeout_s=timeout_s, max_upload_bytes=round(max_upload_mb * 1e6),

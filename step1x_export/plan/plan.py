@@ -23,6 +23,7 @@ import torch
 
 from ..calibrate.weight_only import WEIGHT_ONLY_FORMATS
 from ..choices import DEFAULT_GRAPH_CACHE, DIT_QUANT
+from ..presets import CUDA_CONTEXT
 from ..step1x_ref.configs import get_config
 from ..step1x_ref.imaging import edit_size
 from .stages import STAGES, StageModel, build_stage
@@ -32,10 +33,6 @@ GiB = 2**30
 WEIGHT_ONLY = WEIGHT_ONLY_FORMATS
 # Usable memory of a 24 GB card (24 GiB minus the CUDA context and driver reserve).
 CARD_24GB_USABLE = 23.6 * GiB
-# The CUDA context with lazily loaded kernels, plus torch's and cuBLAS's handles: not measured here (no GPU);
-# 0.3-0.5 GiB is what a CUDA 12 context usually takes. `benchmarks/first_light.sh` measures it (the driver's
-# used memory after the first kernel); replace this figure by that measurement.
-CUDA_CONTEXT = GiB // 2
 
 
 @dataclass(frozen=True)
@@ -82,14 +79,10 @@ class StagePlan:
     total: int  # resident + context + pools + activations (the DiT: + the larger of its activations and the pools)
 
 
-@dataclass(frozen=True)
-class MemoryPlan:
-    model: str
-    width: int
-    height: int
-    config: PlanConfig
-    preset: str | None
-    stages: list[StagePlan] = field(default_factory=list)
+class StagePeak:
+    """An edit's peak over its stages (`stages`, each with a `total`): the largest total and its stage."""
+
+    stages: list
 
     @property
     def total(self) -> int:
@@ -98,6 +91,16 @@ class MemoryPlan:
     @property
     def peak_stage(self) -> str:
         return max(self.stages, key=lambda s: s.total).name
+
+
+@dataclass(frozen=True)
+class MemoryPlan(StagePeak):
+    model: str
+    width: int
+    height: int
+    config: PlanConfig
+    preset: str | None
+    stages: list[StagePlan] = field(default_factory=list)
 
     def as_json(self) -> dict:
         return {"model": self.model, "width": self.width, "height": self.height, "preset": self.preset,
@@ -127,8 +130,12 @@ def stage_activations(stage: StageModel) -> int:
 
 def make_plan(model: str = "v1.1", size_level: int = 1024, *, config: PlanConfig | None = None,
               preset: str | None = None, width: int | None = None, height: int | None = None,
-              dtype: torch.dtype = torch.bfloat16) -> MemoryPlan:
-    """The plan for an edit of a square image at `size_level` (or `width` x `height` input pixels)."""
+              dtype: torch.dtype = torch.bfloat16, think: bool = False, reflect: int = 0) -> MemoryPlan:
+    """The plan for an edit of a square image at `size_level` (or `width` x `height` input pixels); v1.2's
+    `think` / `reflect` add the MLLM's text generation (`mllm_generate`: its LM head held by the MLLM)."""
+    from .generation import Mode, generation_activations, lm_head_bytes
+
+    mode = Mode(model, think, reflect)
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -141,14 +148,19 @@ def make_plan(model: str = "v1.1", size_level: int = 1024, *, config: PlanConfig
               for name in STAGES]
     weights = {s.name: resident_bytes(s.module) for s in stages}
     activations = {s.name: stage_activations(s) for s in stages}
+    names = list(STAGES)
+    if mode.generates:
+        weights["mllm"] += lm_head_bytes(model, WEIGHT_ONLY[config.mllm_quant], dtype)
+        weights["mllm_generate"], activations["mllm_generate"] = weights["mllm"], generation_activations(model)
+        names.insert(0, "mllm_generate")
     pools = graph_pools(config, activations["dit"])
     out = []
-    for s in stages:
-        act = activations[s.name]
-        resident = weights[s.name] if config.sequential_load else sum(weights.values())
-        held = max(pools, act) if s.name == "dit" else pools + act  # the DiT's activations are in a pool
-        out.append(StagePlan(s.name, weights[s.name], act, resident, pools, CUDA_CONTEXT,
-                             resident + CUDA_CONTEXT + held))
+    for name in names:
+        act = activations[name]
+        own = weights[name]
+        resident = own if config.sequential_load else sum(w for k, w in weights.items() if k != "mllm_generate")
+        held = max(pools, act) if name == "dit" else pools + act  # the DiT's activations are in a pool
+        out.append(StagePlan(name, own, act, resident, pools, CUDA_CONTEXT, resident + CUDA_CONTEXT + held))
     return MemoryPlan(model, w, h, config, preset, out)
 
 

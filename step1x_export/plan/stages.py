@@ -106,25 +106,40 @@ def qwen_config(config: ModelConfig):
     return Qwen2_5_VLConfig(**QWEN25_VL_7B)
 
 
+_QWEN_MODELS: dict[tuple, nn.Module] = {}
+
+
+def qwen_model(config: ModelConfig, dtype: torch.dtype, quant: QuantFormat | None) -> nn.Module:
+    """Qwen2.5-VL on meta as the runtime keeps it (LM head dropped), built once per process: every real
+    version shares Qwen2.5-VL-7B, whose meta build takes seconds. Never changed after it is built."""
+    key = (None if config.tiny_qwen is None else config.name, dtype, quant)
+    if key not in _QWEN_MODELS:
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        qcfg = qwen_config(config)
+        qcfg._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            model = Qwen2_5_VLForConditionalGeneration(qcfg).to(dtype)
+        drop_lm_head(model)
+        if quant is not None:
+            linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+            # Empty 8-bit modules, as the DiT's: quantizing meta weights would only run the maths on shapes.
+            swap_on_meta(model, QuantizedLayout({}, None, tuple(select_layers(linears, MLLM_WEIGHT_ONLY, ())), quant),
+                         dtype)
+        _QWEN_MODELS[key] = model
+    return _QWEN_MODELS[key]
+
+
 def mllm_stage(config: ModelConfig, dtype: torch.dtype, quant: QuantFormat | None) -> StageModel:
     """Qwen2.5-VL as the runtime keeps it (LM head dropped; Linears weight-only 8-bit with `quant`).
 
     One vision pass, then one LLM pass per prompt (cond, uncond), each at the longest sequence the
     specs allow (an instruction filling max_length).
     """
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    from ..calibrate.weight_only import quantize_weights_
     from ..export.qwen import LLMExport, VisionExport
 
-    qcfg = qwen_config(config)
-    qcfg._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        model = Qwen2_5_VLForConditionalGeneration(qcfg).to(dtype)
-    drop_lm_head(model)
-    if quant is not None:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        quantize_weights_(model, select_layers(linears, MLLM_WEIGHT_ONLY, ()), quant)
+    model = qwen_model(config, dtype, quant)
+    qcfg = model.config
     ranges = dim_ranges(config)
     dims = {k: v[2] for k, v in ranges.items()} | {"batch": 1}
     vision, llm = VisionExport(model.model.visual), LLMExport(model.model.language_model, qcfg.image_token_id)
@@ -136,9 +151,9 @@ STAGES = ("mllm", "vae_encoder", "dit", "vae_decoder")  # run order
 
 
 def build_stage(name: str, config: ModelConfig, width: int, height: int, *, dtype: torch.dtype, quant: str | None,
-                weight_only: QuantFormat | None, mllm_quant: QuantFormat | None) -> StageModel:
-    """One stage on meta: mllm, vae_encoder, dit (batch 2: true CFG) or vae_decoder."""
-    dims = edit_dims(config, width, height, batch=2)
+                weight_only: QuantFormat | None, mllm_quant: QuantFormat | None, batch: int = 2) -> StageModel:
+    """One stage on meta: mllm, vae_encoder, dit (`batch` rows: 2 per edit, true CFG) or vae_decoder."""
+    dims = edit_dims(config, width, height, batch=batch)
     if name == "mllm":
         return mllm_stage(config, dtype, mllm_quant)
     if name == "dit":

@@ -50,6 +50,7 @@ class RuntimeOptions:
     ring_degree: int = 1  # ranks splitting the sequence for ring attention
     max_batch: int = 1  # same-size edits sharing each DiT call (`edit_batch`; the server's batches): 1 = alone
     exact_batches: bool | None = None  # each edit of a batch bit for bit as alone (GEMMs lane by lane); None: on CPU
+    preset: str | None = None  # a card-size preset (`presets.PRESETS`): its graphs, loading, MLLM format, batch
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -71,6 +72,23 @@ class RuntimeOptions:
                              f"got {self.backend}")
         if self.attention_fp8:
             raise NotImplementedError("RuntimeOptions.attention_fp8: FP8 attention is not implemented yet")
+        if self.preset is not None:
+            self._apply_preset()
+
+    def _apply_preset(self) -> None:
+        """The preset's graph setting, loading and MLLM format over these fields; its batch as the most edits a
+        DiT call may hold (its plan holds that many). Idempotent: `replace` runs it again on the result."""
+        from ..presets import get_preset, refuse_gaps
+
+        preset = get_preset(self.preset)  # type: ignore[arg-type]
+        refuse_gaps(preset.name)
+        if self.max_batch > preset.max_batch:
+            raise ValueError(f"max_batch {self.max_batch} exceeds preset {preset.name}'s batch {preset.max_batch} "
+                             f"(its memory plan holds {preset.max_batch} edit(s) per DiT call)")
+        object.__setattr__(self, "cuda_graphs", self.cuda_graphs and preset.cuda_graphs)
+        object.__setattr__(self, "sequential_load", self.sequential_load or preset.sequential_load)
+        if self.mllm_quant is None:
+            object.__setattr__(self, "mllm_quant", preset.mllm_quant)
 
     @property
     def parallel(self) -> ParallelDegrees:

@@ -47,7 +47,7 @@ from .parallel.layout import check_launched, rank_device
 from .stages import Loader, Stages
 from .step.caching import CachedStep, CacheSpec, CacheStats
 from .step.cudagraph import CudaGraphed, GraphCounts
-from .telemetry.memory import DriverMemory, PeakMemory, read_peak, release_cached, reset_peak
+from .telemetry.memory import DriverMemory, PeakMemory, check_preset_memory, read_peak, release_cached, reset_peak
 
 ShapeCheck = Callable[[str, dict[str, Shape]], None]  # (component, {input: shape}) -> raises if outside
 # `load`'s own keywords: what is loaded and where (every other keyword is a `RuntimeOptions` field).
@@ -80,6 +80,7 @@ class Step1XEditRuntime(EditLanes, DiTUpdates):
         self.flow = EditFlow(config)  # the order of an edit and the version's rules, as the reference runs them
         self.version = self.flow.version
         self.options = options.resolved(self.device)
+        check_preset_memory(self.options.preset, config.tiny_qwen is None, config.reason_edit is not None, self.device)
         if self.options.max_batch > 1:
             self.check_batching()
         cache = self.options.cache

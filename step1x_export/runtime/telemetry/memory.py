@@ -61,3 +61,14 @@ def release_cached(device: torch.device) -> None:
     """Hand the allocator's cached blocks back to the driver (after freeing a stage)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def check_preset_memory(preset: str | None, real_model: bool, reason_edit: bool, device: torch.device) -> None:
+    """At load on CUDA, the preset's planned peak against the device's free memory: raises naming a preset
+    that fits when the chosen one does not (the plan is the real model's: tiny and toy models are not checked)."""
+    if preset is None or device.type != "cuda" or not real_model:
+        return
+    from ...presets import check_fits
+
+    free, _ = torch.cuda.mem_get_info(device)
+    check_fits(preset, free, reason_edit, str(device))
