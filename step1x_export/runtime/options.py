@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..choices import ATTENTION, DEFAULT_GRAPH_CACHE, MAX_BATCH
+from ..choices import ATTENTION, DEFAULT_GRAPH_CACHE, MAX_BATCH, TEXT_BUCKET
 from ..precision import Precision
 from .parallel.degrees import ParallelDegrees
 from .step.cache_spec import CacheSpec
@@ -44,6 +44,10 @@ class RuntimeOptions:
     ulysses_degree: int = 1  # ranks splitting attention heads (all-to-all)
     ring_degree: int = 1  # ranks splitting the sequence for ring attention
     max_batch: int = 1  # same-size edits sharing each DiT call (`edit_batch`; the server's batches): 1 = alone
+    # v1.2: both CFG branches in one DiT call, texts padded to a multiple of this many tokens and the padding
+    # masked (within fp32 rounding of the per-branch calls); 0: one call per branch at its own length, as the
+    # published pipeline (bit-exact); None: TEXT_BUCKET on CUDA and for batches (max_batch > 1), else 0
+    text_bucket: int | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -56,6 +60,13 @@ class RuntimeOptions:
         batch = self.max_batch
         if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"max_batch must be an integer in [1, {MAX_BATCH}] (edits per DiT call), got {batch!r}")
+        bucket = self.text_bucket
+        if bucket is not None and (isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 0):
+            raise ValueError(f"text_bucket must be an integer >= 0 (tokens; 0: a DiT call per CFG branch), "
+                             f"got {bucket!r}")
+        if bucket and self.backend != "torch":
+            raise ValueError(f"text_bucket {bucket}: v1.2's one masked CFG call runs on backend torch (the mask is "
+                             f"the torch runtime's), got {self.backend}; use text_bucket=0")
         if self.mllm_quant not in (None, "none", "fp8", "int8"):
             raise ValueError(f"unknown mllm_quant {self.mllm_quant!r}; choose none, fp8 or int8")
         if isinstance(self.cache, str):
@@ -73,6 +84,9 @@ class RuntimeOptions:
     def resolved(self, device: torch.device) -> RuntimeOptions:
         """The toggles that take effect on `device`: graphs need CUDA; compile applies to a torch DiT.
 
+        v1.2's text bucket (both CFG branches in one call) is on where that call pays, on CUDA (one launch
+        per kernel instead of two, GEMMs twice as tall) and for batches (edits stack only as one call each); on
+        CPU alone the two calls cost about what one does, and they are the exact path.
         ONNX Runtime runs on its own CUDA stream after a host sync, which a torch CUDA graph cannot capture
         (the sync fails during capture, and ORT's kernels would not be in the graph): no graphs there.
         A parallel DiT runs eager: its collectives have not been captured or compiled here.
@@ -85,7 +99,10 @@ class RuntimeOptions:
         compile_on = self.backend == "torch" and single and (cuda if self.compile is None else self.compile)
         graphs = self.cuda_graphs and graphs_ok
         cache = 1 if graphs and self.backend == "tensorrt" else self.graph_cache
-        return replace(self, cuda_graphs=graphs, compile=compile_on, graph_cache=cache)
+        bucket = self.text_bucket
+        if bucket is None:  # where one batch-2 call pays: a GPU's launches and GEMM shapes, or a batch's one call
+            bucket = TEXT_BUCKET if (cuda or self.max_batch > 1) and self.backend == "torch" else 0
+        return replace(self, cuda_graphs=graphs, compile=compile_on, graph_cache=cache, text_bucket=bucket)
 
 
 def option_names() -> tuple[str, ...]:

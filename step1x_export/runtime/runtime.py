@@ -31,6 +31,7 @@ from ..step1x_ref.mllm.generation import TextGenerator
 from ..step1x_ref.mllm.reasoning import JUDGE_RETRIES, ReasonedEdit, reasoned_edit
 from ..step1x_ref.pipeline import Step1XEditPipeline
 from ..step1x_ref.sampling import Lane, ProgressFn, UpdateFn, denoise_lanes
+from ..step1x_ref.versions import edit_version
 from ..step1x_ref.weights.lora import LoraSpec
 from ..timing import StageTimer
 from ..validate import SEED_RANGE, check_device, check_int
@@ -77,15 +78,13 @@ class Step1XEditRuntime(EditLanes, DiTUpdates):
         notes: tuple[str, ...] = (),
     ):
         self.config, self.device = config, torch.device(device)
-        self.flow = EditFlow(config)  # the order of an edit and the version's rules, as the reference runs them
-        self.version = self.flow.version
         self.options = options.resolved(self.device)
+        # the order of an edit and the version's rules, as the reference runs them (v1.2: its CFG branches in one
+        # DiT call where the options' text bucket says so)
+        self.flow = EditFlow(config, edit_version(config).joint(self.options.text_bucket or 0))
+        self.version = self.flow.version
         if self.options.max_batch > 1:
             self.check_batching()
-        if self.version.per_branch_dit and (self.options.cache is not None or self.options.parallel.world > 1):
-            # both work on the batch-2 DiT call
-            raise ValueError(f"{config.name}: step caching and parallel degrees are not supported here yet: "
-                             f"{self.version.per_branch_dit}")
         self.notes = notes  # how the stages were built (e.g. "MLLM runs in torch"), for logs
         self._shape_check = shape_check
         self._lock = threading.RLock()  # re-entered by edit_reasoned's edits
@@ -253,8 +252,8 @@ class Step1XEditRuntime(EditLanes, DiTUpdates):
 
     def why_not_batched(self) -> str:
         """Why this runtime runs one edit per DiT call ("" when it can batch)."""
-        return (self.version.per_branch_dit
-                or f"batches run on the torch backend (the {self.options.backend} engines' profiles hold one "
+        return (f"{self.version.per_branch_dit} (text_bucket 0)" if self.version.per_branch_dit
+                else f"batches run on the torch backend (the {self.options.backend} engines' profiles hold one "
                      "edit)" if self.options.backend != "torch"
                 else "step caching decides per DiT call" if self.options.cache is not None
                 else "parallel degrees split one edit" if self.options.parallel.world > 1
