@@ -85,6 +85,8 @@ class Step1XEditRuntime(EditLanes, DiTUpdates):
         self.version = self.flow.version
         if self.options.max_batch > 1:
             self.check_batching()
+        if self.version.trimmed_text and self.options.parallel.world > 1:
+            self._check_v1p2_parallel()
         self.notes = notes  # how the stages were built (e.g. "MLLM runs in torch"), for logs
         self._shape_check = shape_check
         self._lock = threading.RLock()  # re-entered by edit_reasoned's edits
@@ -249,6 +251,19 @@ class Step1XEditRuntime(EditLanes, DiTUpdates):
         why = self.why_not_batched()
         if why:
             raise ValueError(f"batched edits (max_batch > 1) are not supported here: {why}")
+
+    def _check_v1p2_parallel(self) -> None:
+        """v1.2 splits one CFG branch per rank, each at its own text length (its call alone); what cannot run."""
+        degrees, why = self.options.parallel, ""
+        if degrees.sequence > 1:
+            why = ("Ulysses and ring attention split the sequence evenly and take no key mask, and v1.2's text length "
+                   "varies per edit")
+        elif not self.options.text_bucket:
+            why = "cfg_degree 2 hands each rank its branch of the one CFG call: set text_bucket > 0"
+        elif self.options.cache is not None:
+            why = "step caching's rule reads the cond branch, which one rank holds"
+        if why:
+            raise ValueError(f"{self.config.name}: parallel degrees ({degrees}) cannot run here: {why}")
 
     def why_not_batched(self) -> str:
         """Why this runtime runs one edit per DiT call ("" when it can batch)."""

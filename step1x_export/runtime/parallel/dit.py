@@ -29,14 +29,21 @@ class ParallelDiT(nn.Module):
         self.model, self.groups = model, groups
         self.degrees = groups.degrees
 
-    def forward(self, img: Tensor, pe: Tensor, timestep: Tensor, llm_embedding: Tensor, llm_mask: Tensor) -> Tensor:
-        h = self.prepare(img, pe, timestep, llm_embedding, llm_mask)
+    def forward(self, img: Tensor, pe: Tensor, timestep: Tensor, llm_embedding: Tensor, llm_mask: Tensor,
+                *text: Tensor) -> Tensor:
+        h = self.prepare(img, pe, timestep, llm_embedding, llm_mask, *text)
         return self.finish(self.rest(h, 0), h.vec)
 
     # -- the pieces step caching composes (split_dit.SplitDiT) ------------------------------------------------
-    def prepare(self, img: Tensor, pe: Tensor, timestep: Tensor, llm_embedding: Tensor, llm_mask: Tensor) -> Hidden:
-        img, timestep, llm_embedding, llm_mask = (self._branch(x) for x in (img, timestep, llm_embedding, llm_mask))
-        txt, y = self.model.connector(llm_embedding, timestep, llm_mask)
+    def prepare(self, img: Tensor, pe: Tensor, timestep: Tensor, llm_embedding: Tensor, llm_mask: Tensor,
+                *text: Tensor) -> Hidden:
+        img, timestep, llm_embedding, llm_mask, *text = (
+            self._branch(x) for x in (img, timestep, llm_embedding, llm_mask, *text))
+        if pe.shape[0] > 1:  # v1.2's one call: a RoPE table per branch
+            pe = self._branch(pe)
+        if text:  # v1.2: this rank's branch at its own text length, the very call it makes alone
+            pe, llm_embedding, llm_mask, text = trim_text(pe, llm_embedding, llm_mask, text)
+        txt, y = self.model.condition(llm_embedding, timestep, llm_mask, *text)
         img, txt, vec = self.model.embed(img, txt, y, timestep)
         n_txt = txt.shape[1]
         self.degrees.check_tokens(n_txt, img.shape[1])
@@ -73,6 +80,19 @@ class ParallelDiT(nn.Module):
 
     def _chunk(self, x: Tensor, dim: int) -> Tensor:
         return x.chunk(self.degrees.sequence, dim=dim)[self.groups.sequence_rank]
+
+
+def trim_text(pe: Tensor, llm_embedding: Tensor, llm_mask: Tensor,
+              text: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """One v1.2 branch [1, ...] without the padding its one CFG call added: its real text tokens come first."""
+    if llm_embedding.shape[0] != 1:
+        raise ValueError("v1.2 splits across ranks one CFG branch per rank (cfg_degree 2): its branches' texts "
+                         "differ in length")
+    padded, length = llm_mask.shape[1], int(llm_mask.sum())
+    if length == padded:
+        return pe, llm_embedding, llm_mask, text
+    pe = torch.cat([pe[:, :, :length], pe[:, :, padded:]], dim=2)
+    return pe, llm_embedding[:, :length], llm_mask[:, :length], [t[:, :length] for t in text]
 
 
 def parallel_dit(model: Step1XEdit | nn.Module, degrees: ParallelDegrees) -> nn.Module:
