@@ -101,7 +101,8 @@ class RuntimeOptions:
         cache = 1 if graphs and self.backend == "tensorrt" else self.graph_cache
         bucket = self.text_bucket
         if bucket is None:  # where one batch-2 call pays: a GPU's launches and GEMM shapes, or a batch's one call
-            one_call = cuda or self.max_batch > 1 or self.parallel.cfg > 1  # v1.2 splits its one call by branch
+            # cfg parallel hands each rank its branch of the one call; a sequence split alone runs the branches apart
+            one_call = self.parallel.cfg > 1 or self.parallel.world == 1 and (cuda or self.max_batch > 1)
             bucket = TEXT_BUCKET if one_call and self.backend == "torch" else 0
         return replace(self, cuda_graphs=graphs, compile=compile_on, graph_cache=cache, text_bucket=bucket)
 

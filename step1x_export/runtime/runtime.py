@@ -253,15 +253,17 @@ class Step1XEditRuntime(EditLanes, DiTUpdates):
             raise ValueError(f"batched edits (max_batch > 1) are not supported here: {why}")
 
     def _check_v1p2_parallel(self) -> None:
-        """v1.2 splits one CFG branch per rank, each at its own text length (its call alone); what cannot run."""
-        degrees, why = self.options.parallel, ""
-        if degrees.sequence > 1:
-            why = ("Ulysses and ring attention split the sequence evenly and take no key mask, and v1.2's text length "
-                   "varies per edit")
-        elif not self.options.text_bucket:
+        """v1.2 splits one CFG branch per rank (its one call's rows) or each branch's call by Ulysses heads, every
+        branch at its own text length; what cannot run."""
+        degrees, bucket, why = self.options.parallel, self.options.text_bucket, ""
+        if degrees.ring > 1:
+            why = "ring attention rotates equal chunks and v1.2's text length varies per edit (use ulysses_degree)"
+        elif degrees.cfg > 1 and not bucket:
             why = "cfg_degree 2 hands each rank its branch of the one CFG call: set text_bucket > 0"
-        elif self.options.cache is not None:
-            why = "step caching's rule reads the cond branch, which one rank holds"
+        elif degrees.cfg == 1 and bucket:
+            why = "Ulysses splits each CFG branch's own call: set text_bucket 0"
+        elif degrees.cfg > 1 and self.options.cache is not None:
+            why = "step caching's rule reads the cond branch, which one rank holds (use ulysses_degree)"
         if why:
             raise ValueError(f"{self.config.name}: parallel degrees ({degrees}) cannot run here: {why}")
 

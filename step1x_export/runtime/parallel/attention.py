@@ -41,20 +41,42 @@ def _ring_loop():
     return cp
 
 
-def heads_to_sequence(x: Tensor, group: dist.ProcessGroup, degree: int) -> Tensor:
-    """[B, H, L/U, D] (all heads, my chunk) -> [B, H/U, L, D] (my heads, every chunk in rank order)."""
+def heads_to_sequence(x: Tensor, group: dist.ProcessGroup, degree: int, counts: list[int] | None = None) -> Tensor:
+    """[B, H, L/U, D] (all heads, my chunk) -> [B, H/U, L, D] (my heads, every chunk in rank order); `counts`:
+    every rank's chunk length where they differ (v1.2's text length need not divide by the degree)."""
+    if counts is not None and len(set(counts)) > 1:
+        return _uneven_heads_to_sequence(x, group, degree, counts)
     b, h, n, d = x.shape
     send = x.reshape(b, degree, h // degree, n, d).transpose(0, 1).contiguous()
     recv = funcol.all_to_all_single(send, None, None, group)
     return recv.permute(1, 2, 0, 3, 4).reshape(b, h // degree, degree * n, d)
 
 
-def sequence_to_heads(x: Tensor, group: dist.ProcessGroup, degree: int) -> Tensor:
+def sequence_to_heads(x: Tensor, group: dist.ProcessGroup, degree: int, counts: list[int] | None = None) -> Tensor:
     """Inverse of `heads_to_sequence`: [B, H/U, L, D] -> [B, H, L/U, D]."""
+    if counts is not None and len(set(counts)) > 1:
+        return _uneven_sequence_to_heads(x, group, degree, counts)
     b, hu, n, d = x.shape
     send = x.reshape(b, hu, degree, n // degree, d).permute(2, 0, 1, 3, 4).contiguous()
     recv = funcol.all_to_all_single(send, None, None, group)
     return recv.transpose(0, 1).reshape(b, degree * hu, n // degree, d)
+
+
+def _uneven_heads_to_sequence(x: Tensor, group: dist.ProcessGroup, degree: int, counts: list[int]) -> Tensor:
+    b, h, n, d = x.shape
+    hu = h // degree
+    send = x.reshape(b, degree, hu, n, d).transpose(0, 1).reshape(-1)  # head group j's rows go to rank j
+    recv = funcol.all_to_all_single(send, [b * hu * c * d for c in counts], [b * hu * n * d] * degree, group)
+    pieces = recv.split([b * hu * c * d for c in counts])
+    return torch.cat([p.view(b, hu, c, d) for p, c in zip(pieces, counts, strict=True)], dim=2)
+
+
+def _uneven_sequence_to_heads(x: Tensor, group: dist.ProcessGroup, degree: int, counts: list[int]) -> Tensor:
+    b, hu, _, d = x.shape
+    mine = counts[dist.get_rank(group)]
+    send = torch.cat([p.reshape(-1) for p in x.split(counts, dim=2)])  # rank j's tokens of my heads go to rank j
+    recv = funcol.all_to_all_single(send, [b * hu * mine * d] * degree, [b * hu * c * d for c in counts], group)
+    return recv.view(degree, b, hu, mine, d).transpose(0, 1).reshape(b, degree * hu, mine, d)
 
 
 def _kernel(q: Tensor) -> tuple[Any, dict[str, Any]]:
@@ -88,11 +110,12 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup) ->
 
 
 class SequenceParallelAttention(TorchFunctionMode):
-    """Routes `F.scaled_dot_product_attention(q, k, v)` on this rank's chunk to Ulysses, then ring."""
+    """Routes `F.scaled_dot_product_attention(q, k, v)` on this rank's chunk to Ulysses, then ring; `counts`:
+    each Ulysses rank's chunk length, where they differ."""
 
-    def __init__(self, groups: ParallelGroups):
+    def __init__(self, groups: ParallelGroups, counts: list[int] | None = None):
         super().__init__()
-        self.groups = groups
+        self.groups, self.counts = groups, counts
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -106,21 +129,21 @@ class SequenceParallelAttention(TorchFunctionMode):
         u, r = self.groups.degrees.ulysses, self.groups.degrees.ring
         if u > 1:
             group = self.groups.group("ulysses")
-            q, k, v = (heads_to_sequence(t, group, u) for t in (q, k, v))
+            q, k, v = (heads_to_sequence(t, group, u, self.counts) for t in (q, k, v))
         if r > 1:
             out = ring_attention(q, k, v, self.groups.group("ring"))
         else:
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
         if u > 1:
-            out = sequence_to_heads(out, self.groups.group("ulysses"), u)
+            out = sequence_to_heads(out, self.groups.group("ulysses"), u, self.counts)
         return out
 
 
 @contextmanager
-def sequence_parallel(groups: ParallelGroups):
+def sequence_parallel(groups: ParallelGroups, counts: list[int] | None = None):
     """Attention inside the block is sequence-parallel (a no-op layout when the sequence is not split)."""
     if groups.degrees.sequence == 1:
         yield
         return
-    with SequenceParallelAttention(groups):
+    with SequenceParallelAttention(groups, counts):
         yield

@@ -47,16 +47,16 @@ class ParallelDiT(nn.Module):
         img, txt, vec = self.model.embed(img, txt, y, timestep)
         n_txt = txt.shape[1]
         self.degrees.check_tokens(n_txt, img.shape[1])
-        pe = torch.cat([self._chunk(pe[:, :, :n_txt], 2), self._chunk(pe[:, :, n_txt:], 2)], dim=2)
-        return Hidden(self._chunk(img, 1), self._chunk(txt, 1), vec, pe)
+        pe = torch.cat([self._text_chunk(pe[:, :, :n_txt], 2), self._chunk(pe[:, :, n_txt:], 2)], dim=2)
+        return Hidden(self._chunk(img, 1), self._text_chunk(txt, 1), vec, pe)
 
     def first_block(self, h: Hidden) -> Hidden:
-        with sequence_parallel(self.groups):
+        with sequence_parallel(self.groups, self._counts(h)):
             img, txt = self.model.double_blocks[0](img=h.img, txt=h.txt, vec=h.vec, pe=h.pe)
         return Hidden(img, txt, h.vec, h.pe)
 
     def rest(self, h: Hidden, start: int) -> Tensor:
-        with sequence_parallel(self.groups):
+        with sequence_parallel(self.groups, self._counts(h)):
             return self.model.blocks(h.img, h.txt, h.vec, h.pe, start=start)
 
     def finish(self, img: Tensor, vec: Tensor) -> Tensor:
@@ -80,6 +80,20 @@ class ParallelDiT(nn.Module):
 
     def _chunk(self, x: Tensor, dim: int) -> Tensor:
         return x.chunk(self.degrees.sequence, dim=dim)[self.groups.sequence_rank]
+
+    def _text_chunk(self, x: Tensor, dim: int) -> Tensor:
+        """My chunk of the text tokens: equal chunks, or (Ulysses alone, where the length does not divide: v1.2's
+        per-edit text) chunks one token apart, which the all-to-all takes by their lengths."""
+        if self.degrees.ring > 1 or x.shape[dim] % self.degrees.sequence == 0:
+            return self._chunk(x, dim)
+        return x.tensor_split(self.degrees.sequence, dim=dim)[self.groups.sequence_rank]
+
+    def _counts(self, h: Hidden) -> list[int] | None:
+        """Every Ulysses rank's token count where the text does not divide evenly (None: equal chunks)."""
+        if self.degrees.ulysses == 1 or self.degrees.ring > 1:
+            return None
+        mine = torch.tensor([h.txt.shape[1] + h.img.shape[1]], device=h.img.device)
+        return [int(n) for n in _all_gather(mine, 0, self.groups.group("ulysses")).tolist()]
 
 
 def trim_text(pe: Tensor, llm_embedding: Tensor, llm_mask: Tensor,
