@@ -48,6 +48,7 @@ class RuntimeArgs:
     mllm_quant: str | None = None
     preset: str | None = None
     attention: str = "auto"
+    text_bucket: int | None = None
 
     @property
     def mllm_quant_asked(self) -> str | None:
@@ -92,7 +93,8 @@ class RuntimeArgs:
         base = RuntimeOptions(backend=self.backend, precision=precision, cuda_graphs=self.cuda_graphs_asked,  # type: ignore[arg-type]
                               compile=self.compile, compile_mode=self.compile_mode, graph_cache=self.graph_cache,
                               shape_buckets=self.shape_buckets, sequential_load=self.sequential_load,
-                              mllm_quant=self.mllm_quant_asked, attention=self.attention)
+                              mllm_quant=self.mllm_quant_asked, attention=self.attention,
+                              text_bucket=self.text_bucket)
         return replace(base, **overrides)
 
     def load_kwargs(self) -> dict[str, Any]:
@@ -185,6 +187,12 @@ def _execution_options() -> dict[str, Callable[[Callable[..., Any]], Callable[..
             help="The DiT's SDPA kernel (torch backend), fixed around the whole step so it holds inside the "
             "compiled and captured graph: auto = cuDNN first on Hopper and newer GPUs (then flash, "
             "memory-efficient, math), torch's own order elsewhere; the others force one kernel."),
+        "text_bucket": click.option(
+            "--text-bucket", type=click.IntRange(0, 4096), default=None,
+            help="v1.2: both CFG branches in one DiT call, their texts padded to a multiple of this many tokens and "
+            "the padding masked (equal to the per-branch calls up to fp32 rounding; one CUDA graph per bucket); 0: "
+            "one call per branch at its own length, as the published pipeline (bit-exact) [default: 64 on CUDA, "
+            "for batches and for --cfg-degree 2; 0 elsewhere]. v1.0/v1.1 always run one call."),
         "preset": click.option(
             "--preset", type=click.Choice(["24gb"]), default=None,
             help="24gb: every stage resident on a 24 GB card at 1024^2 (`step1x-export plan --preset 24gb`); needs "
