@@ -166,3 +166,16 @@ def test_calibration_runs_v12s_own_prompt_path_and_quantizes_its_dit(pipe):
         qmodel = quantize_model(copy.deepcopy(pipe.model), build_artifact(pipe.model, stats, recipe))
         (report,) = evaluate(pipe, qmodel, held[:1], steps=3, size_level=SIZE, progress=False)
         assert len(report.step_sqnr) == 3 and min(report.step_sqnr) > floor, (recipe, summarize([report]))
+
+
+@pytest.mark.parametrize(("degrees", "message"), [
+    (dict(ring_degree=2), "ring attention rotates equal chunks"),
+    (dict(cfg_degree=2, text_bucket=0), "set text_bucket > 0"),
+    (dict(ulysses_degree=2, text_bucket=64), "set text_bucket 0"),
+    (dict(cfg_degree=2, cache="teacache"), "caching.s rule reads the cond branch"),
+])
+def test_v12_parallel_refuses_only_what_cannot_run(pipe, degrees, message):
+    with pytest.raises(ValueError, match=message):
+        Step1XEditRuntime(pipe.config, {}, RuntimeOptions(**degrees), "cpu")
+    with pytest.raises(ValueError, match="no loader for stage"):  # past every check: only the absent stages stop it
+        Step1XEditRuntime(pipe.config, {}, RuntimeOptions(cfg_degree=2, ulysses_degree=2), "cpu")
