@@ -13,6 +13,9 @@ Two policies, each one decision for the whole CFG batch (cond and uncond are com
   residual moved by less than the threshold (relative mean absolute change) since the last computed step,
   the other blocks are skipped and their cached residual is added to the first block's output.
 
+v1.2's branches hold different texts: its signal is the rule's, computed on the conditional branch's rows
+only; on a skipped step each DiT call (one per branch, or the one masked call of both) reuses its own residual.
+
 The decision is made on the device (the accumulator is a float64 device scalar) and read once per step
 (`.item()` of one bool); in a parallel run the statistics are summed over the ranks and rank 0's
 decision is broadcast. Each piece (prepare + probe, the remaining blocks, the final layer) is its own
