@@ -3,7 +3,8 @@
     torchrun --nproc-per-node 2 tests/parallel_parity.py OUT.json cfg=2 ulysses=2 ring=2 [teacache:0.4@cfg=2]
 
 Each layout argument is `name=degree[,name=degree]` (cfg, ulysses, ring), optionally prefixed by a step
-cache and `@`, and by a model and `/` (`tiny-v1.2/cfg=2`: its per-branch calls alone the reference). Rank 0 writes {layout: {rel_err, max_abs_err, computed, reused}} as JSON.
+cache and `@`, and by a model and `/` (`tiny-v1.2/cfg=2`: its per-branch calls alone the reference).
+Rank 0 writes {layout: {rel_err, max_abs_err, computed, reused}} as JSON.
 """
 
 from __future__ import annotations

@@ -217,7 +217,8 @@ def denoise_lanes(update: UpdateFn, lanes: list[Lane], *, join: JoinFn | None = 
     left and `join` offers none.
 
     `pad_to(b)` rounds the batch up (repeating the last lane) so that a CUDA graph per size bucket serves
-    nearby batch sizes; `stack` joins the lanes' conditioning (the version's rule). An exception from `update` propagates: the caller owns the lanes still running.
+    nearby batch sizes; `stack` joins the lanes' conditioning (the version's rule). An exception from `update`
+    propagates: the caller owns the lanes still running.
     """
     active = list(lanes)
     batch: Batch | None = None
