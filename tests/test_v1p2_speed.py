@@ -88,6 +88,9 @@ def test_runtime_one_call_default_off_on_cpu_on_for_batches():
     assert RuntimeOptions(backend="onnxruntime").resolved(cuda).text_bucket == 0  # the mask is the torch runtime's
     with pytest.raises(ValueError, match="text_bucket 64: v1.2's one masked CFG call runs on backend torch"):
         RuntimeOptions(backend="onnxruntime", text_bucket=64)
+    assert RuntimeOptions(attention="flash").resolved(cuda).text_bucket == 0  # flash takes no key mask
+    with pytest.raises(ValueError, match="which FlashAttention does not take"):
+        RuntimeOptions(attention="flash", text_bucket=64)
     with pytest.raises(ValueError, match="text_bucket must be an integer >= 0"):
         RuntimeOptions(text_bucket=-1)
 

@@ -67,6 +67,9 @@ class RuntimeOptions:
         if bucket and self.backend != "torch":
             raise ValueError(f"text_bucket {bucket}: v1.2's one masked CFG call runs on backend torch (the mask is "
                              f"the torch runtime's), got {self.backend}; use text_bucket=0")
+        if bucket and self.attention == "flash":
+            raise ValueError(f"text_bucket {bucket}: v1.2's one CFG call masks its padded keys, which FlashAttention "
+                             "does not take; choose another attention or text_bucket=0")
         if self.mllm_quant not in (None, "none", "fp8", "int8"):
             raise ValueError(f"unknown mllm_quant {self.mllm_quant!r}; choose none, fp8 or int8")
         if isinstance(self.cache, str):
@@ -103,7 +106,8 @@ class RuntimeOptions:
         if bucket is None:  # where one batch-2 call pays: a GPU's launches and GEMM shapes, or a batch's one call
             # cfg parallel hands each rank its branch of the one call; a sequence split alone runs the branches apart
             one_call = self.parallel.cfg > 1 or self.parallel.world == 1 and (cuda or self.max_batch > 1)
-            bucket = TEXT_BUCKET if one_call and self.backend == "torch" else 0
+            maskable = self.backend == "torch" and self.attention != "flash"  # the key mask's kernels
+            bucket = TEXT_BUCKET if one_call and maskable else 0
         return replace(self, cuda_graphs=graphs, compile=compile_on, graph_cache=cache, text_bucket=bucket)
 
 
