@@ -182,3 +182,22 @@ def test_v12_parallel_refuses_only_what_cannot_run(pipe, degrees, message):
         Step1XEditRuntime(pipe.config, {}, RuntimeOptions(**degrees), "cpu")
     with pytest.raises(ValueError, match="no loader for stage"):  # past every check: only the absent stages stop it
         Step1XEditRuntime(pipe.config, {}, RuntimeOptions(cfg_degree=2, ulysses_degree=2), "cpu")
+
+
+def test_a_batch_pads_its_edits_to_the_longest_bucket_and_each_equals_its_edit_alone_there(pipe):
+    """Two edits whose texts fall in different buckets share a batch: the shorter one's texts are padded to the
+    longer bucket, and its result is its edit alone at that bucket bit for bit (the batch stacks, pads and masks
+    the very tensors it has alone)."""
+    from step1x_export.runtime.batching import EditJob
+
+    short, long = "make it red", "make it red " + "and blue " * 12
+    lengths = [encoded(pipe, text)[1][0].embedding.shape[1] for text in (short, long)]
+    assert bucket_length(lengths[0], 64) < bucket_length(lengths[1], 64) == bucket_length(lengths[1], 384) == 384
+    kw = dict(seed=0, steps=2, size_level=SIZE)
+    batched = Step1XEditRuntime.from_pipeline(pipe, RuntimeOptions(precision="fp32", max_batch=2))
+    outcomes = {o.job.instruction: o for o in batched.edit_batch([EditJob(photo(), t, **kw) for t in (short, long)])}
+    assert all(o.batch_sizes == [2, 2] for o in outcomes.values())
+    for text, bucket in ((short, 384), (long, 64)):
+        alone = Step1XEditRuntime.from_pipeline(pipe, RuntimeOptions(precision="fp32", text_bucket=bucket))
+        alone.edit(photo(), text, **kw)
+        assert torch.equal(outcomes[text].latent, alone.last_latent), text
