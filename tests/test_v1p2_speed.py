@@ -126,7 +126,7 @@ def test_step_caching_that_computes_every_step_is_plain_v12(pipe, bucket):
     every step, and the latent is plain v1.2's of that layout bit for bit; TeaCache 0.4 reuses some steps."""
     def latent(cache: str | None) -> tuple[torch.Tensor, Step1XEditRuntime]:
         rt = Step1XEditRuntime.from_pipeline(pipe, RuntimeOptions(precision="fp32", text_bucket=bucket, cache=cache))
-        rt.edit(photo(), 'Write "OK"', steps=6, size_level=SIZE)
+        rt.edit(photo(), 'Write "OK"', steps=4, size_level=SIZE)
         return rt.last_latent, rt
 
     plain, _ = latent(None)
