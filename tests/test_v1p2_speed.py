@@ -4,6 +4,8 @@ are checked with the other versions' in test_batching.py."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -201,3 +203,18 @@ def test_a_batch_pads_its_edits_to_the_longest_bucket_and_each_equals_its_edit_a
         alone = Step1XEditRuntime.from_pipeline(pipe, RuntimeOptions(precision="fp32", text_bucket=bucket))
         alone.edit(photo(), text, **kw)
         assert torch.equal(outcomes[text].latent, alone.last_latent), text
+
+
+def test_bench_times_v12_with_its_own_inputs():
+    """`bench --model tiny-v1.2`: v1.2's DiT inputs (its one masked CFG call, text-token inputs), the eager
+    ladder row's fidelity against fp32 on them, and a step cache that computes every step = the uncached loop."""
+    from step1x_export.bench.run import BenchConfig, run_benchmark
+
+    cfg = BenchConfig(model="tiny-v1.2", precision="fp32", sizes=(32,), steps=3, runs=1, warmup=1,
+                      stages=("dit_step",), with_mllm=False, ladder=True, ladder_steps=1, cache=("teacache:1e-9",))
+    report = run_benchmark(cfg, log=lambda msg: None)
+    assert [s.status for s in report.stages] == ["ok"] and report.activations[0]["ok"]
+    eager = report.ladder[0]
+    assert eager.status == "ok" and eager.rel_err_fp32 == 0.0  # fp32 against fp32: the same masked call
+    none, cached = report.cache
+    assert cached["computed"] == 3 and cached["latent_psnr_db"] == math.inf
