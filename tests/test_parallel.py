@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # v1.2: one CFG branch per rank, or each branch's call split by heads (its text need not divide), each branch at
 # its own text length, against its per-branch calls in one process
 LAYOUTS = ["cfg=2", "ulysses=2", "ring=2", "teacache:0.4@cfg=2", "fbcache:0.08@ulysses=2", "tiny-v1.2/cfg=2",
-           "tiny-v1.2/ulysses=2", "tiny-v1.2/teacache:0.4@ulysses=2"]
+           "tiny-v1.2/ulysses=2", "tiny-v1.2/teacache:0.4@ulysses=2", "tiny-v1.2/ring=2"]
 
 
 def free_port() -> int:

@@ -174,7 +174,7 @@ def test_calibration_runs_v12s_own_prompt_path_and_quantizes_its_dit(pipe):
 
 
 @pytest.mark.parametrize(("degrees", "message"), [
-    (dict(ring_degree=2), "ring attention rotates equal chunks"),
+    (dict(ring_degree=2, ulysses_degree=2), "the Ulysses exchange before it does not"),
     (dict(cfg_degree=2, text_bucket=0), "set text_bucket > 0"),
     (dict(ulysses_degree=2, text_bucket=64), "set text_bucket 0"),
     (dict(cfg_degree=2, cache="teacache"), "caching.s rule reads the cond branch"),

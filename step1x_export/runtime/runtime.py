@@ -256,12 +256,13 @@ class Step1XEditRuntime(EditLanes, DiTUpdates):
         """v1.2 splits one CFG branch per rank (its one call's rows) or each branch's call by Ulysses heads, every
         branch at its own text length; what cannot run."""
         degrees, bucket, why = self.options.parallel, self.options.text_bucket, ""
-        if degrees.ring > 1:
-            why = "ring attention rotates equal chunks and v1.2's text length varies per edit (use ulysses_degree)"
+        if degrees.ring > 1 and degrees.ulysses > 1:
+            why = ("the ring carries v1.2's padded-text bias with K, the Ulysses exchange before it does not: use "
+                   "one of them")
         elif degrees.cfg > 1 and not bucket:
             why = "cfg_degree 2 hands each rank its branch of the one CFG call: set text_bucket > 0"
         elif degrees.cfg == 1 and bucket:
-            why = "Ulysses splits each CFG branch's own call: set text_bucket 0"
+            why = "sequence parallel (Ulysses, ring) splits each CFG branch's own call: set text_bucket 0"
         elif degrees.cfg > 1 and self.options.cache is not None:
             why = "step caching's rule reads the cond branch, which one rank holds (use ulysses_degree)"
         if why:

@@ -95,27 +95,50 @@ def _efficient_attention(q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) -> tupl
     return (out, lse.narrow(-1, 0, q.shape[-2]), *rest)
 
 
-def ring_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup) -> Tensor:
+KEY_BIAS_DIMS = 8  # the extra head dims that carry a key's bias: FlashAttention takes head dims in 8s
+
+
+def with_key_bias(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v with `key_bias` [L] (0: a key, -inf: padding) folded in as an extra head dimension: q gains 1,
+    k the bias, v 0, so every score gains the key's bias and the output's extra dims are 0. The ring rotates it
+    with K, which a mask argument would not follow. Call the kernel with the original dims' scale."""
+    b, h, n, _ = q.shape
+    extra = q.new_zeros(b, h, n, KEY_BIAS_DIMS)
+    q_extra, k_extra = extra.clone(), k.new_zeros(b, h, k.shape[2], KEY_BIAS_DIMS)
+    q_extra[..., 0] = 1
+    k_extra[..., 0] = key_bias.to(k.dtype)
+    v_extra = v.new_zeros(b, h, v.shape[2], KEY_BIAS_DIMS)
+    return torch.cat([q, q_extra], -1), torch.cat([k, k_extra], -1), torch.cat([v, v_extra], -1)
+
+
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup,
+                   key_bias: Tensor | None = None) -> Tensor:
     """Full attention of my q chunk over every rank's K/V chunk: torch's ring loop, no load balancing
-    (that is for causal masks; it would also reorder the sequence)."""
+    (that is for causal masks; it would also reorder the sequence). `key_bias` [L_local]: my keys' bias
+    (-inf: padded text, v1.2), carried through the ring in an extra head dimension."""
     cp = _ring_loop()
     op, kwargs = _kernel(q)
+    dims = q.shape[-1]
+    if key_bias is not None:
+        q, k, v = with_key_bias(q, k, v, key_bias)
+        kwargs = {**kwargs, "scale": dims**-0.5}
     balance = cp._cp_options.enable_load_balance
     cp._cp_options.enable_load_balance = False
     try:
         out, *_ = cp._templated_ring_attention(group, 2, op, q, k, v, is_causal=False, **kwargs)
     finally:
         cp._cp_options.enable_load_balance = balance
-    return out
+    return out[..., :dims]
 
 
 class SequenceParallelAttention(TorchFunctionMode):
     """Routes `F.scaled_dot_product_attention(q, k, v)` on this rank's chunk to Ulysses, then ring; `counts`:
-    each Ulysses rank's chunk length, where they differ."""
+    each Ulysses rank's chunk length, where they differ; `key_bias`: my keys' bias for the ring (v1.2's padded
+    text)."""
 
-    def __init__(self, groups: ParallelGroups, counts: list[int] | None = None):
+    def __init__(self, groups: ParallelGroups, counts: list[int] | None = None, key_bias: Tensor | None = None):
         super().__init__()
-        self.groups, self.counts = groups, counts
+        self.groups, self.counts, self.key_bias = groups, counts, key_bias
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -131,7 +154,7 @@ class SequenceParallelAttention(TorchFunctionMode):
             group = self.groups.group("ulysses")
             q, k, v = (heads_to_sequence(t, group, u, self.counts) for t in (q, k, v))
         if r > 1:
-            out = ring_attention(q, k, v, self.groups.group("ring"))
+            out = ring_attention(q, k, v, self.groups.group("ring"), self.key_bias)
         else:
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
         if u > 1:
@@ -140,10 +163,10 @@ class SequenceParallelAttention(TorchFunctionMode):
 
 
 @contextmanager
-def sequence_parallel(groups: ParallelGroups, counts: list[int] | None = None):
+def sequence_parallel(groups: ParallelGroups, counts: list[int] | None = None, key_bias: Tensor | None = None):
     """Attention inside the block is sequence-parallel (a no-op layout when the sequence is not split)."""
     if groups.degrees.sequence == 1:
         yield
         return
-    with SequenceParallelAttention(groups, counts):
+    with SequenceParallelAttention(groups, counts, key_bias):
         yield

@@ -14,6 +14,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 
 from ...step1x_ref.dit.model import Step1XEdit
+from ...step1x_ref.versions.v1p2_joint import bucket_length, pad_text
 from ..step.split_dit import Hidden
 from .attention import sequence_parallel
 from .layout import ParallelDegrees, ParallelGroups, init_groups
@@ -43,6 +44,9 @@ class ParallelDiT(nn.Module):
             pe = self._branch(pe)
         if text:  # v1.2: this rank's branch at its own text length, the very call it makes alone
             pe, llm_embedding, llm_mask, text = trim_text(pe, llm_embedding, llm_mask, text)
+            if self.degrees.ring > 1:  # the ring takes equal chunks: pad the text, its keys biased out
+                length = bucket_length(llm_embedding.shape[1], self.degrees.sequence)
+                pe, llm_embedding, llm_mask, *text = pad_text((pe, llm_embedding, llm_mask, *text), length)
         txt, y = self.model.condition(llm_embedding, timestep, llm_mask, *text)
         img, txt, vec = self.model.embed(img, txt, y, timestep)
         n_txt = txt.shape[1]
@@ -51,12 +55,12 @@ class ParallelDiT(nn.Module):
         return Hidden(self._chunk(img, 1), self._text_chunk(txt, 1), vec, pe)
 
     def first_block(self, h: Hidden) -> Hidden:
-        with sequence_parallel(self.groups, self._counts(h)):
+        with sequence_parallel(self.groups, self._counts(h), self._key_bias(h)):
             img, txt = self.model.double_blocks[0](img=h.img, txt=h.txt, vec=h.vec, pe=h.pe)
         return Hidden(img, txt, h.vec, h.pe)
 
     def rest(self, h: Hidden, start: int) -> Tensor:
-        with sequence_parallel(self.groups, self._counts(h)):
+        with sequence_parallel(self.groups, self._counts(h), self._key_bias(h)):
             return self.model.blocks(h.img, h.txt, h.vec, h.pe, start=start)
 
     def finish(self, img: Tensor, vec: Tensor) -> Tensor:
@@ -87,6 +91,18 @@ class ParallelDiT(nn.Module):
         if self.degrees.ring > 1 or x.shape[dim] % self.degrees.sequence == 0:
             return self._chunk(x, dim)
         return x.tensor_split(self.degrees.sequence, dim=dim)[self.groups.sequence_rank]
+
+    def _key_bias(self, h: Hidden) -> Tensor | None:
+        """My tokens' key bias for the ring (0, or -inf for padded text: its RoPE rows are zero, a rotation's
+        never are), or None where no rank holds padding (every rank of the ring must agree: the K chunks they
+        pass on have one shape)."""
+        if self.degrees.ring == 1:
+            return None
+        padded = h.pe[0, 0].flatten(1).abs().amax(1) == 0
+        anywhere = funcol.all_reduce(padded.any().float()[None], "max", self.groups.group("ring"))
+        if not bool(anywhere.item()):
+            return None
+        return torch.zeros(padded.shape, device=padded.device).masked_fill(padded, float("-inf"))
 
     def _counts(self, h: Hidden) -> list[int] | None:
         """Every Ulysses rank's token count where the text does not divide evenly (None: equal chunks)."""
