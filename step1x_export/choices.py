@@ -19,6 +19,10 @@ ATTENTION = ("auto", "flash", "cudnn", "efficient", "math")  # runtime.step.atte
 # first). A graph holds its own memory pool (the step's activations at that size); 4 keeps the working set of
 # a few common sizes warm while bounding memory when a server sees every aspect ratio.
 DEFAULT_GRAPH_CACHE = 4
+# runtime.options: v1.2's text bucket where both CFG branches share one DiT call (the text rounded up to a
+# multiple of this many tokens): a CUDA graph per bucket, and at most this many padded tokens per branch.
+# v1.2's texts (its image's 256-400 vision tokens and the instruction) fall in a few such buckets.
+TEXT_BUCKET = 64
 # runtime.batching: edits per batch; far past where a step's cost stops amortising on any device
 MAX_BATCH = 64
 # The modulation Linears: 3.2 B of the DiT's 12.4 B parameters, acting on one vector per sample.

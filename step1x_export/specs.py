@@ -160,8 +160,9 @@ def text_length_range(config: ModelConfig) -> tuple[int, int]:
 def text_dim(config: ModelConfig) -> Dim:
     """The DiT's text axis: dynamic ("txt_len") where the length varies per edit (v1.2), else static.
 
-    Dynamic, not bucketed: the DiT's joint attention has no mask, so padding to a bucket would change
-    every output; one graph with a dynamic axis stays exact (TensorRT: one profile min..max)."""
+    Dynamic, not bucketed: the exported DiT's joint attention has no mask, so padding to a bucket would change
+    every output; one graph with a dynamic axis stays exact (TensorRT: one profile min..max). The torch
+    runtime's one CFG call (`RuntimeOptions.text_bucket`) pads and masks the keys around the call."""
     return "txt_len" if edit_version(config).trimmed_text else config.embedder.max_length
 
 

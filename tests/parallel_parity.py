@@ -3,7 +3,8 @@
     torchrun --nproc-per-node 2 tests/parallel_parity.py OUT.json cfg=2 ulysses=2 ring=2 [teacache:0.4@cfg=2]
 
 Each layout argument is `name=degree[,name=degree]` (cfg, ulysses, ring), optionally prefixed by a step
-cache and `@`. Rank 0 writes {layout: {rel_err, max_abs_err, computed, reused}} as JSON.
+cache and `@`, and by a model and `/` (`tiny-v1.2/cfg=2`: its per-branch calls alone the reference).
+Rank 0 writes {layout: {rel_err, max_abs_err, computed, reused}} as JSON.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from step1x_export.step1x_ref.pipeline import Step1XEditPipeline
 STEPS, SIZE = 8, 64
 
 
-def parse(layout: str) -> tuple[str | None, dict[str, int]]:
+def parse(layout: str) -> tuple[str, str | None, dict[str, int]]:
+    model, _, layout = layout.rpartition("/")
     cache, _, degrees = layout.rpartition("@")
     pairs = (item.split("=") for item in degrees.split(","))
-    return cache or None, {f"{name}_degree": int(value) for name, value in pairs}
+    return model or "tiny", cache or None, {f"{name}_degree": int(value) for name, value in pairs}
 
 
 def edit_latent(pipe: Step1XEditPipeline, options: RuntimeOptions, image: Image.Image) -> tuple[torch.Tensor, object]:
@@ -36,11 +38,14 @@ def edit_latent(pipe: Step1XEditPipeline, options: RuntimeOptions, image: Image.
 
 def main(out: str, layouts: list[str]) -> None:
     torch.manual_seed(0)
-    pipe = Step1XEditPipeline.random("tiny", seed=0, dtype=torch.float32)
+    pipes = {}
     image = Image.fromarray((np.random.default_rng(0).random((72, 88, 3)) * 255).astype("uint8"))
     results = {}
     for layout in layouts:
-        cache, degrees = parse(layout)
+        model, cache, degrees = parse(layout)
+        if model not in pipes:
+            pipes[model] = Step1XEditPipeline.random(model, seed=0, dtype=torch.float32)
+        pipe = pipes[model]
         ref, ref_stats = edit_latent(pipe, RuntimeOptions(precision="fp32", cache=cache), image)
         got, stats = edit_latent(pipe, RuntimeOptions(precision="fp32", cache=cache, **degrees), image)
         err = (got.double() - ref.double())

@@ -40,7 +40,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.fixture(scope="module", params=["tiny", "toy"])
+@pytest.fixture(scope="module", params=["tiny", "toy", "tiny-v1.2"])
 def runtime(request):
     with Step1XEditRuntime.load(request.param, max_batch=4) as rt:
         yield rt

@@ -13,7 +13,10 @@ import torch
 from step1x_export.runtime.parallel.layout import ParallelDegrees, init_groups
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYOUTS = ["cfg=2", "ulysses=2", "ring=2", "teacache:0.4@cfg=2", "fbcache:0.08@ulysses=2"]
+# v1.2: one CFG branch per rank, or each branch's call split by heads (its text need not divide), each branch at
+# its own text length, against its per-branch calls in one process
+LAYOUTS = ["cfg=2", "ulysses=2", "ring=2", "teacache:0.4@cfg=2", "fbcache:0.08@ulysses=2", "tiny-v1.2/cfg=2",
+           "tiny-v1.2/ulysses=2", "tiny-v1.2/teacache:0.4@ulysses=2", "tiny-v1.2/ring=2"]
 
 
 def free_port() -> int:

@@ -35,7 +35,7 @@ class CacheRow:
 
 def _denoise(step: StepFn, x: DiTInputs, truncate: float) -> torch.Tensor:
     return denoise(guided_euler(step), x.noise, x.ref, x.timesteps, guidance=6.0, truncate=truncate,
-                   conditioning=(x.pe, x.llm_embedding, x.llm_mask))
+                   conditioning=x.conditioning)
 
 
 def cache_rows(model: Step1XEdit, config: ModelConfig, inputs: DiTInputs, specs: list[CacheSpec], dtype: torch.dtype,
@@ -47,14 +47,15 @@ def cache_rows(model: Step1XEdit, config: ModelConfig, inputs: DiTInputs, specs:
     rows: list[CacheRow] = []
     reference: torch.Tensor | None = None
     for spec in [None, *specs]:
-        cached = CachedStep(engine, spec) if spec is not None else None
+        v1p2 = bool(inputs.text)  # its one masked CFG call; the rule reads the cond branch
+        cached = CachedStep(engine, spec, masked=v1p2, cond_signal=v1p2) if spec is not None else None
         seconds = []
         for _ in range(runs):
             if cached is not None:
                 cached.begin(steps)
             synchronize(device)
             t0 = time.perf_counter()
-            latent = _denoise(cached or engine_step_fn(engine), inputs, config.cfg_truncate)
+            latent = _denoise(cached or inputs.step_over(engine_step_fn(engine)), inputs, config.cfg_truncate)
             synchronize(device)
             seconds.append(time.perf_counter() - t0)
         reference = latent if reference is None else reference

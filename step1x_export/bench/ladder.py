@@ -31,6 +31,7 @@ from torch import Tensor
 from ..precision import Precision
 from ..runtime.options import RuntimeOptions
 from ..runtime.step.attention import attention_context
+from ..runtime.step.engine_step import engine_step_fn
 from ..step1x_ref.dit.model import Step1XEdit
 from .kernels import sdpa_kernels
 from .measure import FAILED, NOT_IMPLEMENTED, OK, SKIPPED, peak_memory_gb, reset_peak_memory, short_error, synchronize
@@ -155,10 +156,11 @@ def psnr(x: Tensor, ref: Tensor) -> float:
 def fp32_reference_pred(model: Step1XEdit, inputs: DiTInputs, dtype: torch.dtype) -> Tensor:
     """One step in fp32 with the same weights: the model is upcast in place and cast back (bf16 -> fp32 -> bf16
     is exact), so no second copy of the weights is held."""
+    from .models import dit_step_fn
+
     model.float()
     try:
-        pred = model(inputs.img.float(), inputs.pe, inputs.t.float(), inputs.llm_embedding.float(), inputs.llm_mask)
-        return pred.float()
+        return dit_step_fn(model, inputs, torch.float32)(inputs.img, inputs.t)
     finally:
         model.to(dtype)
 
@@ -177,12 +179,13 @@ def quantize(models: BenchModels, recipe: str, calibration: list[DiTInputs]) -> 
     from ..calibrate.apply import quantize_model
     from ..calibrate.collect import StatsCollector
     from ..calibrate.recipes import build_artifact
+    from .models import dit_step_fn
 
     model, dtype = models.dit, models.dtype
     collector = StatsCollector(model)
     with collector.active(), torch.inference_mode():
         for x in calibration:  # the measured inputs themselves: optimistic for fidelity, exact for speed
-            model(x.img.to(dtype), x.pe, x.t.to(dtype), x.llm_embedding.to(dtype), x.llm_mask)
+            dit_step_fn(model, x, dtype)(x.img, x.t)
     artifact = build_artifact(model, collector.stats, recipe, model_hash="bench-random-weights",
                               calibration={"source": "bench ladder inputs, one step each"})
     quantize_model(model, artifact, check_hash=False)  # no hash: hashing 24 GB of random weights proves nothing
@@ -213,7 +216,7 @@ def _dit_pred(rt: Step1XEditRuntime, x: DiTInputs) -> Tensor:
     assert rt.stages is not None
     engine = rt.stages.load("dit")
     with torch.inference_mode(), attention_context(rt.options.attention, rt.device):
-        return engine(img=x.img, pe=x.pe, timestep=x.t, llm_embedding=x.llm_embedding, llm_mask=x.llm_mask)["pred"]
+        return x.step_over(engine_step_fn(engine))(x.img, x.t, *x.conditioning)
 
 
 def trace_afresh(options: RuntimeOptions, state: ModelState) -> bool:

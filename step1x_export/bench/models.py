@@ -15,12 +15,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..choices import TEXT_BUCKET
 from ..step1x_ref.configs import ModelConfig, get_config
 from ..step1x_ref.dit.model import Step1XEdit
 from ..step1x_ref.mllm.conditioner import MLLMInputs, Qwen25VLEmbedder, select_tokens
+from ..step1x_ref.mllm.conditioner_v1p2 import V12Text
 from ..step1x_ref.pipeline import sampling_inputs
 from ..step1x_ref.sampling import StepFn, pack
 from ..step1x_ref.vae.autoencoder import AutoEncoder
+from ..step1x_ref.versions import edit_version
+from ..step1x_ref.versions.v1p2 import branch_conditioning
+from ..step1x_ref.versions.v1p2_joint import masked_step
 from ..step1x_ref.weights.random_weights import randomize_
 
 # Qwen2.5-VL-7B-Instruct's published config.json, set explicitly (transformers' defaults drift between versions).
@@ -217,8 +222,18 @@ class DiTInputs:
     ref: Tensor  # [1, N, 64] float32
     llm_embedding: Tensor  # [2, L, C]
     llm_mask: Tensor  # [2, L] int64
-    pe: Tensor  # [1, 1, L + 2N, D/2, 2, 2] float32
+    pe: Tensor  # [1, 1, L + 2N, D/2, 2, 2] float32 (v1.2: [2, ...], a table per branch)
     timesteps: list[float]
+    text: tuple[Tensor, ...] = ()  # v1.2: text_embeds [2, L, C], text_mask [2, L]: its one masked CFG call
+
+    @property
+    def conditioning(self) -> tuple[Tensor, ...]:
+        """The DiT's inputs besides img and timestep, in the dit spec's order."""
+        return (self.pe, self.llm_embedding, self.llm_mask, *self.text)
+
+    def step_over(self, step: StepFn) -> StepFn:
+        """`step` (over img, t and `conditioning`) as this edit runs it: v1.2's padded text keys masked."""
+        return masked_step(step) if self.text else step
 
     @property
     def img(self) -> Tensor:
@@ -233,12 +248,35 @@ class DiTInputs:
         return self.llm_embedding.shape[1] + 2 * self.noise.shape[1]
 
 
+def synthetic_texts(config: ModelConfig, size: int, gen: torch.Generator) -> list[V12Text]:
+    """v1.2's MLLM output for a cond / uncond pair as the benchmark feeds it: 120 and 100 text tokens (no image
+    tokens among them: their cost is the count), no quoted characters."""
+    channels = config.embedder.hidden_size
+
+    def text(length: int) -> V12Text:
+        return V12Text(embedding=torch.randn(1, length, channels, generator=gen),
+                       text_embeds=torch.randn(1, length, channels, generator=gen),
+                       text_mask=torch.zeros(1, length, dtype=torch.long),
+                       rope_positions=torch.arange(length)[:, None].expand(length, 3).contiguous(),
+                       vision_mask=torch.zeros(length, dtype=torch.bool), vision_grid=(1, 1), image_size=(size, size))
+
+    return [text(120), text(100)]
+
+
 def dit_inputs(config: ModelConfig, size: int, steps: int, device: torch.device, seed: int = 0) -> DiTInputs:
     """Square `size`^2 edit inputs: seeded noise, an O(1) reference latent, an MLLM-like embedding with a
-    realistic mask (cond: 120 kept tokens, uncond: 100), RoPE table and the shifted schedule."""
+    realistic mask (cond: 120 kept tokens, uncond: 100), RoPE table and the shifted schedule. v1.2: the same
+    lengths as its one masked CFG call pads them (`choices.TEXT_BUCKET`), with its text-token inputs."""
     if size % 16:
         raise ValueError(f"benchmark size {size} is not a multiple of 16")
     gen = torch.Generator().manual_seed(seed + 7)
+    if edit_version(config).trimmed_text:
+        noise, _, timesteps = sampling_inputs(config, 1, size, size, seed=seed, steps=steps)
+        pe, emb, mask, *text = branch_conditioning(config, synthetic_texts(config, size, gen), size, size, TEXT_BUCKET)
+        return DiTInputs(size=size, noise=noise.to(device),
+                         ref=pack(torch.randn(1, 16, size // 8, size // 8, generator=gen)).to(device),
+                         llm_embedding=emb.to(device), llm_mask=mask.to(device), pe=pe.to(device),
+                         timesteps=timesteps, text=tuple(t.to(device) for t in text))
     length, channels = config.embedder.max_length, config.embedder.hidden_size
     emb = torch.randn(2, length, channels, generator=gen)
     mask = torch.zeros(2, length, dtype=torch.long)
@@ -314,8 +352,7 @@ def activation_check(model: Step1XEdit, inputs: DiTInputs, dtype: torch.dtype) -
     blocks = [*model.double_blocks, *model.single_blocks]
     handles = [b.register_forward_hook(hook) for b in blocks]
     try:
-        pred = model(inputs.img.to(dtype), inputs.pe, inputs.t.to(dtype), inputs.llm_embedding.to(dtype),
-                     inputs.llm_mask).float()
+        pred = dit_step_fn(model, inputs, dtype)(inputs.img, inputs.t)
     finally:
         for h in handles:
             h.remove()
@@ -329,10 +366,11 @@ def activation_check(model: Step1XEdit, inputs: DiTInputs, dtype: torch.dtype) -
 
 def dit_step_fn(model: Step1XEdit, inputs: DiTInputs, dtype: torch.dtype) -> StepFn:
     """The eager DiT call on `inputs`' conditioning, in `dtype`, returning float32 (what `guided_euler` takes)."""
-    emb, mask, pe = inputs.llm_embedding.to(dtype), inputs.llm_mask, inputs.pe
+    pe, *rest = (c.to(dtype) if c.is_floating_point() and c is not inputs.pe else c for c in inputs.conditioning)
+    call = inputs.step_over(lambda img, t, *conditioning: model(img, conditioning[0], t, *conditioning[1:]))
 
     @torch.inference_mode()
     def step(img: Tensor, t: Tensor) -> Tensor:
-        return model(img.to(dtype), pe, t.to(dtype), emb, mask).float()
+        return call(img.to(dtype), t.to(dtype), pe, *rest).float()
 
     return step

@@ -3,15 +3,16 @@ the product itself (its compile, graphs, quantized DiT and step timings), not a 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
 
 from ..specs import dit_spec, vae_decoder_spec, vae_encoder_spec
 from ..step1x_ref.configs import ModelConfig
 from ..step1x_ref.vae.autoencoder import VAEDecoder, VAEEncoder
-from .models import BenchModels, dit_inputs
+from ..step1x_ref.versions import edit_version
+from .models import BenchModels, dit_inputs, synthetic_texts
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -26,10 +27,14 @@ class StubEncoder:
 
     def __init__(self, config: ModelConfig, device: torch.device):
         x = dit_inputs(config, 32, 1, device)
-        self.emb, self.mask = x.llm_embedding, x.llm_mask
+        self.encoded: Any = (x.llm_embedding, x.llm_mask)
+        if edit_version(config).trimmed_text:  # v1.2: one text per branch, its own length
+            texts = synthetic_texts(config, 32, torch.Generator().manual_seed(7))
+            self.encoded = [replace(t, **{f: getattr(t, f).to(device) for f in ("embedding", "text_embeds",
+                                                                                  "text_mask")}) for t in texts]
 
-    def __call__(self, instructions: list[str], image: Image.Image) -> tuple[Tensor, Tensor]:
-        return self.emb, self.mask
+    def __call__(self, instructions: list[str], image: Image.Image) -> Any:
+        return self.encoded
 
     def close(self) -> None:
         pass  # shared by every runtime of the run

@@ -113,12 +113,6 @@ def bench(runtime: RuntimeArgs, model_name: str, device: str | None, precision: 
         compile_on_cpu=compile_cpu, fp32_reference=not no_fp32_reference, budget_s=budget_s, seed=seed,
         cache=tuple(c.strip() for c in cache.split(",") if c.strip()),
     )
-    from ..step1x_ref.versions import edit_version
-
-    if edit_version(CONFIGS[model_name]).per_branch_dit:  # the harness times the batch-2 DiT step
-        raise click.UsageError(f"--model {model_name}: the benchmark harness times v1.0/v1.1's batched DiT step; "
-                               "v1.2 runs the DiT once per CFG branch with a per-edit text length and is not "
-                               "benchmarked yet (`edit --version v1.2` prints its per-stage times)")
     out_dir.mkdir(parents=True, exist_ok=True)  # the report's folder, made and checked before the long run
     check_output_path(out_dir / "bench.json")
     if CONFIGS[model_name].tiny_qwen is None and cfg.device == "cpu":

@@ -49,6 +49,7 @@ class RuntimeArgs:
     preset: str | None = None
     attention: str = "auto"
     exact_batches: bool | None = None
+    text_bucket: int | None = None
 
     def check_source(self) -> None:
         """One-line usage errors for a combination of flags that names no model or mixes backends."""
@@ -84,7 +85,8 @@ class RuntimeArgs:
                               compile=self.compile, compile_mode=self.compile_mode, graph_cache=self.graph_cache,
                               shape_buckets=self.shape_buckets, sequential_load=self.sequential_load,
                               mllm_quant=self.mllm_quant, attention=self.attention, preset=self.preset,
-                              exact_batches=self.exact_batches)
+                              exact_batches=self.exact_batches,
+                              text_bucket=self.text_bucket)
         return replace(base, **overrides)
 
     def load_kwargs(self) -> dict[str, Any]:
@@ -183,6 +185,12 @@ def _execution_options() -> dict[str, Callable[[Callable[..., Any]], Callable[..
             "and activations run one edit at a time), or one plain batched call per DiT step (each edit within "
             "rounding of its edit alone) [default: exact on CPU, plain on CUDA, where kernels differ per batch "
             "size anyway]."),
+        "text_bucket": click.option(
+            "--text-bucket", type=click.IntRange(0, 4096), default=None,
+            help="v1.2: both CFG branches in one DiT call, their texts padded to a multiple of this many tokens and "
+            "the padding masked (equal to the per-branch calls up to fp32 rounding; one CUDA graph per bucket); 0: "
+            "one call per branch at its own length, as the published pipeline (bit-exact) [default: 64 on CUDA, "
+            "for batches and for --cfg-degree 2; 0 elsewhere]. v1.0/v1.1 always run one call."),
         "preset": click.option(
             "--preset", type=click.Choice(MEMORY_PRESETS), default=None,
             help="A card-size preset (`step1x-export plan --preset P` counts its memory at 1024^2): 24gb (4090, "

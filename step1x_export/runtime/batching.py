@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # importing this module (the server's queue does) loads neith
 
     from ..step1x_ref.pipeline import EditImage
     from ..step1x_ref.sampling import Lane, ProgressFn, UpdateFn
+    from ..step1x_ref.versions import EditVersion
     from ..timing import StageTimer
     from .options import RuntimeOptions
     from .telemetry.progress import StepEvents
@@ -117,6 +118,7 @@ class BatchRunner(Protocol):
     does not import the runtime that calls it."""
 
     options: RuntimeOptions
+    version: EditVersion
     device: torch.device
     timings: dict[str, float]
     step_seconds: list[float]
@@ -175,7 +177,8 @@ def run_batch(runtime: BatchRunner, jobs: Sequence[EditJob], *, join: JoinFn | N
         return outcomes
     pad = graph_bucket if runtime.options.cuda_graphs else (lambda b: b)
     try:
-        denoise_lanes(clock, first, join=joiners, leave=leave, max_batch=max_batch, pad_to=pad)
+        denoise_lanes(clock, first, join=joiners, leave=leave, max_batch=max_batch, pad_to=pad,
+                      stack=runtime.version.stack)
     except Exception as e:  # the DiT itself failed: every edit still in the batch gets the error
         for lane in list(running.values()):
             running.pop(id(lane))

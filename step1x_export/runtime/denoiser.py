@@ -92,10 +92,14 @@ class DiTUpdates:
     def _make_update(self, dit: Engine) -> UpdateFn:
         self._cached_step = None
         cache = self.options.cache
-        if isinstance(cache, CacheSpec) and cache.region is None:  # a data-dependent step: its pieces are graphed,
-            # not the whole step
+        if isinstance(cache, CacheSpec) and cache.region is None:  # a data-dependent step: its pieces are
+            # graphed, not the whole step
+            version = self.version  # v1.2: a call per CFG branch or one masked call; its rule reads the cond branch
             self._cached_step = CachedStep(dit, cache, cuda_graphs=self.options.cuda_graphs,
-                                           capacity=self.options.graph_cache, counts=self._graph_counts)
+                                           capacity=self.options.graph_cache, counts=self._graph_counts,
+                                           branches=2 if version.per_branch_dit else 1,
+                                           masked=version.trimmed_text and not version.per_branch_dit,
+                                           cond_signal=version.trimmed_text)
             self._graphs = None
             return with_attention(guided_euler(self._cached_step), self.options.attention, self.device)
         step = engine_step_fn(dit)

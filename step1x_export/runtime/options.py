@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..choices import ATTENTION, DEFAULT_GRAPH_CACHE, MAX_BATCH
+from ..choices import ATTENTION, DEFAULT_GRAPH_CACHE, MAX_BATCH, TEXT_BUCKET
 from ..precision import Precision
 from .parallel.degrees import ParallelDegrees
 from .step.cache_spec import CacheSpec
@@ -51,6 +51,10 @@ class RuntimeOptions:
     max_batch: int = 1  # same-size edits sharing each DiT call (`edit_batch`; the server's batches): 1 = alone
     exact_batches: bool | None = None  # each edit of a batch bit for bit as alone (GEMMs lane by lane); None: on CPU
     preset: str | None = None  # a card-size preset (`presets.PRESETS`): its graphs, loading, MLLM format, batch
+    # v1.2: both CFG branches in one DiT call, texts padded to a multiple of this many tokens and the padding
+    # masked (within fp32 rounding of the per-branch calls); 0: one call per branch at its own length, as the
+    # published pipeline (bit-exact); None: TEXT_BUCKET on CUDA and for batches (max_batch > 1), else 0
+    text_bucket: int | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -63,6 +67,16 @@ class RuntimeOptions:
         batch = self.max_batch
         if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"max_batch must be an integer in [1, {MAX_BATCH}] (edits per DiT call), got {batch!r}")
+        bucket = self.text_bucket
+        if bucket is not None and (isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 0):
+            raise ValueError(f"text_bucket must be an integer >= 0 (tokens; 0: a DiT call per CFG branch), "
+                             f"got {bucket!r}")
+        if bucket and self.backend != "torch":
+            raise ValueError(f"text_bucket {bucket}: v1.2's one masked CFG call runs on backend torch (the mask is "
+                             f"the torch runtime's), got {self.backend}; use text_bucket=0")
+        if bucket and self.attention == "flash":
+            raise ValueError(f"text_bucket {bucket}: v1.2's one CFG call masks its padded keys, which FlashAttention "
+                             "does not take; choose another attention or text_bucket=0")
         if self.mllm_quant not in (None, "none", "fp8", "int8"):
             raise ValueError(f"unknown mllm_quant {self.mllm_quant!r}; choose none, fp8 or int8")
         if isinstance(self.cache, str):
@@ -70,10 +84,18 @@ class RuntimeOptions:
         if (self.cache is not None or self.parallel.world > 1) and self.backend != "torch":
             raise ValueError(f"step caching and parallel degrees need backend torch (the DiT in pieces), "
                              f"got {self.backend}")
+        if bucket and self.region_cache:
+            raise ValueError(f"text_bucket {bucket}: RegionE keeps one key/value cache per DiT call, so it runs each "
+                             "CFG branch as its own call; use text_bucket=0")
         if self.attention_fp8:
             raise NotImplementedError("RuntimeOptions.attention_fp8: FP8 attention is not implemented yet")
         if self.preset is not None:
             self._apply_preset()
+
+    @property
+    def region_cache(self) -> bool:
+        """RegionE is the step cache (it runs each CFG branch as its own call)."""
+        return isinstance(self.cache, CacheSpec) and self.cache.region is not None
 
     def _apply_preset(self) -> None:
         """The preset's graph setting, loading and MLLM format over these fields; its batch as the most edits a
@@ -97,6 +119,9 @@ class RuntimeOptions:
     def resolved(self, device: torch.device) -> RuntimeOptions:
         """The toggles that take effect on `device`: graphs need CUDA; compile applies to a torch DiT.
 
+        v1.2's text bucket (both CFG branches in one call) is on where that call pays, on CUDA (one launch
+        per kernel instead of two, GEMMs twice as tall) and for batches (edits stack only as one call each); on
+        CPU alone the two calls cost about what one does, and they are the exact path.
         ONNX Runtime runs on its own CUDA stream after a host sync, which a torch CUDA graph cannot capture
         (the sync fails during capture, and ORT's kernels would not be in the graph): no graphs there.
         A parallel DiT runs eager: its collectives have not been captured or compiled here.
@@ -110,7 +135,14 @@ class RuntimeOptions:
         graphs = self.cuda_graphs and graphs_ok
         cache = 1 if graphs and self.backend == "tensorrt" else self.graph_cache
         exact = not cuda if self.exact_batches is None else self.exact_batches
-        return replace(self, cuda_graphs=graphs, compile=compile_on, graph_cache=cache, exact_batches=exact)
+        bucket = self.text_bucket
+        if bucket is None:  # where one batch-2 call pays: a GPU's launches and GEMM shapes, or a batch's one call
+            # cfg parallel hands each rank its branch of the one call; a sequence split alone runs the branches apart
+            one_call = self.parallel.cfg > 1 or self.parallel.world == 1 and (cuda or self.max_batch > 1)
+            maskable = self.backend == "torch" and self.attention != "flash"  # the key mask's kernels
+            bucket = TEXT_BUCKET if one_call and maskable and not self.region_cache else 0
+        return replace(self, cuda_graphs=graphs, compile=compile_on, graph_cache=cache, exact_batches=exact,
+                       text_bucket=bucket)
 
 
 def option_names() -> tuple[str, ...]:

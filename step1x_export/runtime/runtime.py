@@ -31,6 +31,7 @@ from ..step1x_ref.mllm.generation import TextGenerator
 from ..step1x_ref.mllm.reasoning import JUDGE_RETRIES, ReasonedEdit, reasoned_edit
 from ..step1x_ref.pipeline import Step1XEditPipeline
 from ..step1x_ref.sampling import Lane, ProgressFn, UpdateFn, denoise_lanes
+from ..step1x_ref.versions import edit_version
 from ..step1x_ref.weights.lora import LoraSpec
 from ..timing import StageTimer
 from ..validate import SEED_RANGE, check_device, check_int
@@ -45,7 +46,7 @@ from .options import Backend, RuntimeOptions, with_overrides
 from .parallel.dit import parallel_dit
 from .parallel.layout import check_launched, rank_device
 from .stages import Loader, Stages
-from .step.caching import CachedStep, CacheSpec, CacheStats
+from .step.caching import CachedStep, CacheStats
 from .step.cudagraph import CudaGraphed, GraphCounts
 from .telemetry.memory import DriverMemory, PeakMemory, check_preset_memory, read_peak, release_cached, reset_peak
 
@@ -77,18 +78,16 @@ class Step1XEditRuntime(EditLanes, DiTUpdates):
         notes: tuple[str, ...] = (),
     ):
         self.config, self.device = config, torch.device(device)
-        self.flow = EditFlow(config)  # the order of an edit and the version's rules, as the reference runs them
-        self.version = self.flow.version
         self.options = options.resolved(self.device)
         check_preset_memory(self.options.preset, config.tiny_qwen is None, config.reason_edit is not None, self.device)
+        # the order of an edit and the version's rules, as the reference runs them (v1.2: its CFG branches in one
+        # DiT call where the options' text bucket says so)
+        self.flow = EditFlow(config, edit_version(config).joint(self.options.text_bucket or 0))
+        self.version = self.flow.version
         if self.options.max_batch > 1:
             self.check_batching()
-        cache = self.options.cache
-        batch2_cache = isinstance(cache, CacheSpec) and cache.region is None  # RegionE runs per branch
-        if self.version.per_branch_dit and (batch2_cache or self.options.parallel.world > 1):
-            # both work on the batch-2 DiT call
-            raise ValueError(f"{config.name}: step caching and parallel degrees are not supported here yet: "
-                             f"{self.version.per_branch_dit}")
+        if self.version.trimmed_text and self.options.parallel.world > 1:
+            self._check_v1p2_parallel()
         self.notes = notes  # how the stages were built (e.g. "MLLM runs in torch"), for logs
         self._shape_check = shape_check
         self._lock = threading.RLock()  # re-entered by edit_reasoned's edits
@@ -255,10 +254,26 @@ class Step1XEditRuntime(EditLanes, DiTUpdates):
         if why:
             raise ValueError(f"batched edits (max_batch > 1) are not supported here: {why}")
 
+    def _check_v1p2_parallel(self) -> None:
+        """v1.2 splits one CFG branch per rank (its one call's rows) or each branch's call by Ulysses heads, every
+        branch at its own text length; what cannot run."""
+        degrees, bucket, why = self.options.parallel, self.options.text_bucket, ""
+        if degrees.ring > 1 and degrees.ulysses > 1:
+            why = ("the ring carries v1.2's padded-text bias with K, the Ulysses exchange before it does not: use "
+                   "one of them")
+        elif degrees.cfg > 1 and not bucket:
+            why = "cfg_degree 2 hands each rank its branch of the one CFG call: set text_bucket > 0"
+        elif degrees.cfg == 1 and bucket:
+            why = "sequence parallel (Ulysses, ring) splits each CFG branch's own call: set text_bucket 0"
+        elif degrees.cfg > 1 and self.options.cache is not None:
+            why = "step caching's rule reads the cond branch, which one rank holds (use ulysses_degree)"
+        if why:
+            raise ValueError(f"{self.config.name}: parallel degrees ({degrees}) cannot run here: {why}")
+
     def why_not_batched(self) -> str:
         """Why this runtime runs one edit per DiT call ("" when it can batch)."""
-        return (self.version.per_branch_dit
-                or f"batches run on the torch backend (the {self.options.backend} engines' profiles hold one "
+        return (f"{self.version.per_branch_dit} (text_bucket 0)" if self.version.per_branch_dit
+                else f"batches run on the torch backend (the {self.options.backend} engines' profiles hold one "
                      "edit)" if self.options.backend != "torch"
                 else "step caching decides per DiT call" if self.options.cache is not None
                 else "parallel degrees split one edit" if self.options.parallel.world > 1

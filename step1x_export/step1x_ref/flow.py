@@ -53,9 +53,9 @@ class EditStages(PrepareStages, DecodeStage, Protocol):
 class EditFlow:
     """The order of an edit and the model's defaults, for `config`'s version."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, version: EditVersion | None = None):
         self.config = config
-        self.version: EditVersion = edit_version(config)
+        self.version: EditVersion = version or edit_version(config)
 
     @property
     def default_size_level(self) -> int:

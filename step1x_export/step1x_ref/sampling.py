@@ -169,22 +169,30 @@ class Lane:
                 self.error = e
 
 
-class Batch:
-    """The lanes running together: their per-branch conditioning stacked once per change of membership."""
+def stack_rows(rows: list[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+    """Lanes' conditioning as one batch: per-branch tensors (leading 2) concatenated, each lane's (cond, uncond)
+    rows together (lane i at rows 2i, 2i + 1); a tensor with leading 1 is shared by the batch (the RoPE table)."""
+    def stack(parts: list[Tensor]) -> Tensor:
+        if len(parts) == 1 or parts[0].shape[0] == 1:  # one lane, or shared by the batch
+            return parts[0]
+        return torch.cat(parts)
 
-    def __init__(self, lanes: list[Lane], padded: int):
+    return tuple(stack([r[i] for r in rows]) for i in range(len(rows[0])))
+
+
+StackFn = Callable[[list[tuple[Tensor, ...]]], tuple[Tensor, ...]]
+
+
+class Batch:
+    """The lanes running together: their per-branch conditioning stacked once per change of membership
+    (`stack`: the version's rule, e.g. v1.2's texts padded to the longest)."""
+
+    def __init__(self, lanes: list[Lane], padded: int, stack: StackFn = stack_rows):
         self.lanes, self.padded = lanes, padded
         rows = lanes + [lanes[-1]] * (padded - len(lanes))  # padding repeats a real lane: finite, discarded
         self.rows = rows
         self.ref = rows[0].ref if len(rows) == 1 else torch.cat([r.ref for r in rows])
-        count = len(rows[0].conditioning)
-        self.conditioning = tuple(self._stack([r.conditioning[i] for r in rows]) for i in range(count))
-
-    @staticmethod
-    def _stack(parts: list[Tensor]) -> Tensor:
-        if len(parts) == 1 or parts[0].shape[0] == 1:  # one lane, or shared by the batch
-            return parts[0]
-        return torch.cat(parts)  # each lane's (cond, uncond) rows together: lane i at rows 2i, 2i + 1
+        self.conditioning = rows[0].conditioning if len(rows) == 1 else stack([r.conditioning for r in rows])
 
     def step_inputs(self) -> tuple[Tensor, ...]:
         """x, ref, guidance, t, dt, rescale of this step, each lane at its own step."""
@@ -202,14 +210,15 @@ LeaveFn = Callable[[list[Lane]], None]  # lanes whose schedules ended at this st
 
 
 def denoise_lanes(update: UpdateFn, lanes: list[Lane], *, join: JoinFn | None = None, leave: LeaveFn | None = None,
-                  max_batch: int = 1, pad_to: Callable[[int], int] = lambda b: b) -> None:
+                  max_batch: int = 1, pad_to: Callable[[int], int] = lambda b: b, stack: StackFn = stack_rows) -> None:
     """The denoising loop: every active lane takes one step per `update` call, each at its own timestep and
     guidance. At each step boundary `join` may add lanes (up to `max_batch` running); lanes leave, through
     `leave` (together when they end at the same step), once their own schedules end. Returns when no lane is
     left and `join` offers none.
 
     `pad_to(b)` rounds the batch up (repeating the last lane) so that a CUDA graph per size bucket serves
-    nearby batch sizes. An exception from `update` propagates: the caller owns the lanes still running.
+    nearby batch sizes; `stack` joins the lanes' conditioning (the version's rule). An exception from `update`
+    propagates: the caller owns the lanes still running.
     """
     active = list(lanes)
     batch: Batch | None = None
@@ -221,7 +230,7 @@ def denoise_lanes(update: UpdateFn, lanes: list[Lane], *, join: JoinFn | None = 
         if not active:
             return
         if batch is None:
-            batch = Batch(active, max(pad_to(len(active)), len(active)))
+            batch = Batch(active, max(pad_to(len(active)), len(active)), stack)
         out = update(*batch.step_inputs(), *batch.conditioning)
         for i, lane in enumerate(active):
             lane.advance(out[i : i + 1], len(active))

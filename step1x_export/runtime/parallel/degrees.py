@@ -41,7 +41,8 @@ class ParallelDegrees:
                              f"use one of {ok}")
 
     def check_tokens(self, txt_len: int, img_tokens: int) -> None:
+        """Image tokens split evenly; text tokens too under ring attention (Ulysses alone takes uneven chunks)."""
         for what, n in (("text tokens", txt_len), ("image tokens (noisy + reference)", img_tokens)):
-            if n % self.sequence:
+            if n % self.sequence and (what != "text tokens" or self.ring > 1):
                 raise ValueError(f"ulysses_degree x ring_degree = {self.sequence} must divide the {n} {what}; "
                                  "choose another size_level or degree")

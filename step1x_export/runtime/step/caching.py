@@ -13,6 +13,9 @@ Two policies, each one decision for the whole CFG batch (cond and uncond are com
   residual moved by less than the threshold (relative mean absolute change) since the last computed step,
   the other blocks are skipped and their cached residual is added to the first block's output.
 
+v1.2's branches hold different texts: its signal is the rule's, computed on the conditional branch's rows
+only; on a skipped step each DiT call (one per branch, or the one masked call of both) reuses its own residual.
+
 The decision is made on the device (the accumulator is a float64 device scalar) and read once per step
 (`.item()` of one bool); in a parallel run the statistics are summed over the ranks and rank 0's
 decision is broadcast. Each piece (prepare + probe, the remaining blocks, the final layer) is its own
@@ -21,11 +24,13 @@ CUDA graph when graphs are on, so a skipped step replays the small graphs only.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from ...step1x_ref.versions.v1p2_joint import KeyPaddingMask, key_mask
 from .cache_spec import CacheSpec
 from .cudagraph import DEFAULT_GRAPH_CACHE, CudaGraphed, GraphCounts
 from .split_dit import Hidden, SplitDiT, split_dit
@@ -126,17 +131,24 @@ RULES = {"teacache": TeaCacheRule, "fbcache": FirstBlockRule}
 class CachedStep:
     """A denoising step function (for `guided_euler`) over a torch DiT engine, with step caching.
 
-    `begin(num_steps)` starts an edit (resets the rule and the counters); each call is one step.
+    `begin(num_steps)` starts an edit (resets the rule and the counters); each call is one step. The step's
+    conditioning is the version's: `branches` = 2 for v1.2's one DiT call per CFG branch (the cond inputs, then
+    the uncond), each call with its own cached residual; `masked` for v1.2's one padded call (the padded text
+    keys masked in every attention); `cond_signal` decides on the conditional branch's rows only (v1.2, whose
+    branches hold different texts), as upstream's rule computes it on the whole batch for v1.0 / v1.1.
     """
 
     def __init__(self, engine, spec: CacheSpec, *, cuda_graphs: bool = False, capacity: int = DEFAULT_GRAPH_CACHE,
-                 counts: GraphCounts | None = None):
+                 counts: GraphCounts | None = None, branches: int = 1, masked: bool = False,
+                 cond_signal: bool = False):
         self.engine, self.spec = engine, spec
+        self.branches, self.masked, self.cond_signal = branches, masked, cond_signal
+        self.conditioning = [n for n in engine.spec.input_names if n not in ("img", "timestep")]
         self.dit = split_dit(engine.module)
         self.rule = RULES[spec.policy](spec.threshold)
         self.stats = CacheStats()
         self.step, self.num_steps = 0, 0
-        self.residual: Tensor | None = None
+        self.residuals: list[Tensor] | None = None
         graphs = dict(enabled=cuda_graphs, capacity=capacity, counts=counts)
         self._head = CudaGraphed(self._head_fn, **graphs)
         self._rest = CudaGraphed(self._rest_fn, **graphs)
@@ -144,28 +156,48 @@ class CachedStep:
 
     def begin(self, num_steps: int) -> None:
         self.rule = RULES[self.spec.policy](self.spec.threshold)
-        self.stats, self.step, self.num_steps, self.residual = CacheStats(), 0, num_steps, None
+        self.stats, self.step, self.num_steps, self.residuals = CacheStats(), 0, num_steps, None
+
+    def _keys(self, keys: tuple[Tensor, ...]) -> AbstractContextManager[object]:
+        return KeyPaddingMask(keys[0]) if keys else nullcontext()
 
     def _head_fn(self, *inputs: Tensor) -> tuple[Tensor, ...]:
-        base, signal = self.rule.probe(self.dit, self.dit.prepare(*inputs))
-        return (*base.as_tuple(), signal)
+        # The key mask is computed here, from the static llm_mask, so a captured graph reads each edit's own.
+        keys = (key_mask(inputs[4], inputs[0].shape[1]),) if self.masked else ()
+        with self._keys(keys):
+            base, signal = self.rule.probe(self.dit, self.dit.prepare(*inputs))
+        return (*base.as_tuple(), signal, *keys)
 
-    def _rest_fn(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
-        return self.dit.rest(Hidden(img, txt, vec, pe), self.rule.start)
+    def _rest_fn(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor, *keys: Tensor) -> Tensor:
+        with self._keys(keys):
+            return self.dit.rest(Hidden(img, txt, vec, pe), self.rule.start)
 
-    def __call__(self, img: Tensor, t: Tensor, pe: Tensor, llm_embedding: Tensor, llm_mask: Tensor) -> Tensor:
-        inputs = dict(img=img, pe=pe, timestep=t, llm_embedding=llm_embedding, llm_mask=llm_mask)
-        engine = self.engine  # cast as the torch engine casts its inputs (the spec's dtypes)
-        args = [inputs[s.name].to(engine.device, s.torch_dtype(engine.dtype)) for s in engine.spec.inputs]
+    def _calls(self, img: Tensor, t: Tensor, conditioning: tuple[Tensor, ...]) -> list[list[Tensor]]:
+        """Each DiT call's inputs in the dit spec's order, cast as the torch engine casts them."""
+        engine, rows = self.engine, img.shape[0] // self.branches
+        per = len(conditioning) // self.branches
+        calls = []
+        for b in range(self.branches):
+            inputs = dict(zip(self.conditioning, conditioning[b * per : (b + 1) * per], strict=True),
+                          img=img[b * rows : (b + 1) * rows], timestep=t[b * rows : (b + 1) * rows])
+            calls.append([inputs[s.name].to(engine.device, s.torch_dtype(engine.dtype)) for s in engine.spec.inputs])
+        return calls
+
+    def __call__(self, img: Tensor, t: Tensor, *conditioning: Tensor) -> Tensor:
         with torch.inference_mode():
-            *base, signal = self._head(*args)
-            compute = self.rule.decide(self.dit, self.step, self.num_steps, signal) or self.residual is None
+            heads = [self._head(*call) for call in self._calls(img, t, conditioning)]
+            signal = heads[0][4][:1] if self.cond_signal else heads[0][4]
+            compute = self.rule.decide(self.dit, self.step, self.num_steps, signal) or self.residuals is None
+            residuals, preds = [], []
+            for i, (img_h, txt, vec, pe, _, *keys) in enumerate(heads):
+                if compute:
+                    out = self._rest(img_h, txt, vec, pe, *keys)
+                    residuals.append(out - img_h)
+                else:
+                    out = img_h + self.residuals[i]
+                preds.append(self._finish(out, vec))
             if compute:
-                out = self._rest(*base)
-                self.residual = out - base[0]
-            else:
-                out = base[0] + self.residual
-            pred = self._finish(out, base[2])
+                self.residuals = residuals
         self.stats.record(compute)
         self.step += 1
-        return pred.float()
+        return (preds[0] if len(preds) == 1 else torch.cat(preds)).float()

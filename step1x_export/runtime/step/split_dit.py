@@ -32,8 +32,10 @@ class Hidden:
 class SplitDiT(Protocol):
     model: Step1XEdit
 
-    def prepare(self, img: Tensor, pe: Tensor, timestep: Tensor, llm_embedding: Tensor, llm_mask: Tensor) -> Hidden:
-        """Connector and embeddings (this rank's shard, when parallel)."""
+    def prepare(self, img: Tensor, pe: Tensor, timestep: Tensor, llm_embedding: Tensor, llm_mask: Tensor,
+                *text: Tensor) -> Hidden:
+        """Connector (v1.2: and its text-token mapping over `text` = text_embeds, text_mask) and embeddings
+        (this rank's shard, when parallel)."""
         ...
 
     def first_block(self, h: Hidden) -> Hidden:
@@ -62,8 +64,9 @@ class LocalDiT:
     def __init__(self, model: Step1XEdit):
         self.model = model
 
-    def prepare(self, img: Tensor, pe: Tensor, timestep: Tensor, llm_embedding: Tensor, llm_mask: Tensor) -> Hidden:
-        txt, y = self.model.connector(llm_embedding, timestep, llm_mask)
+    def prepare(self, img: Tensor, pe: Tensor, timestep: Tensor, llm_embedding: Tensor, llm_mask: Tensor,
+                *text: Tensor) -> Hidden:
+        txt, y = self.model.condition(llm_embedding, timestep, llm_mask, *text)
         img, txt, vec = self.model.embed(img, txt, y, timestep)
         return Hidden(img, txt, vec, pe)
 

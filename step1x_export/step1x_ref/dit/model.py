@@ -49,12 +49,18 @@ class Step1XEdit(nn.Module):
         """img [B, N_img, 64] (noisy | reference tokens), pe [1, 1, L_txt + N_img, D/2, 2, 2],
         timestep [B] in [0, 1], llm_embedding [B, L_txt, C_llm], llm_mask [B, L_txt] -> [B, N_img, 64].
         v1.2 also takes text_embeds [B, L_txt, C_llm] (the MLLM's input embeddings) and text_mask [B, L_txt]."""
+        txt, y = self.condition(llm_embedding, timestep, llm_mask, text_embeds, text_mask)
+        return self.transformer(img, txt, y, timestep, pe)
+
+    def condition(self, llm_embedding: Tensor, timestep: Tensor, llm_mask: Tensor, text_embeds: Tensor | None = None,
+                  text_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The connector (and v1.2's text-token mapping): (txt [B, L_txt, C], y [B, vec_in_dim])."""
         txt, y = self.connector(llm_embedding, timestep, llm_mask)
         if self.text_token_mapping is not None:
             if text_embeds is None or text_mask is None:
                 raise ValueError("this DiT has a text-token mapping (v1.2): pass text_embeds and text_mask")
             txt = txt + self.text_token_mapping(text_embeds) * text_mask[..., None].to(txt.dtype)
-        return self.transformer(img, txt, y, timestep, pe)
+        return txt, y
 
     def transformer(self, img: Tensor, txt: Tensor, y: Tensor, timestep: Tensor, pe: Tensor) -> Tensor:
         """The DiT after the connector (what diffusers' FluxTransformer2DModel computes)."""

@@ -28,9 +28,17 @@ class EditVersion(Protocol):
     dit_inputs: tuple[str, ...]  # the names of `conditioning`'s tensors: the dit spec's inputs it feeds
     mllm_graphs: bool  # its MLLM may run from the exported vision and llm graphs
     reasoning: bool  # the MLLM may think before the edit and judge it after (v1.2's reasoning edit)
-    # Why the two CFG branches cannot share one DiT call ("" where they do): step caching, parallel degrees and
-    # batched edits all work on that batch-2 call.
+    # Why the two CFG branches cannot share one DiT call ("" where they do): batched edits stack that call.
     per_branch_dit: str
+
+    def joint(self, text_bucket: int) -> EditVersion:
+        """This version with both CFG branches in one DiT call, texts padded to a multiple of `text_bucket`
+        tokens (itself where the branches always share one call)."""
+        ...
+
+    def stack(self, rows: list[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+        """Several edits' `conditioning` as one batch (lane i at rows 2i, 2i + 1 of each per-branch tensor)."""
+        ...
 
     def embedder(self, embedder: Qwen25VLEmbedder) -> Qwen25VLEmbedder:
         """The conditioner this version reads, over `embedder`'s Qwen model."""

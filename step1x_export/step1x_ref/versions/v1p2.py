@@ -1,15 +1,16 @@
-"""v1.2's edit around the shared denoising loop: its image preparation, its per-branch conditioning, the
-step function that runs the DiT once per CFG branch, its output, and no text-to-image.
+"""v1.2's edit around the shared denoising loop: its image preparation, its conditioning, the step function
+over it, its output, and no text-to-image.
 
 The two CFG branches have different text lengths (padding is trimmed) and the DiT's joint attention is
-unmasked, so they cannot share a padded batch without changing the result: the step runs the DiT with
-batch 1 per branch, as the published pipeline does, and concatenates. The loop (`sampling.denoise`) is
-unchanged; only its step function differs.
+unmasked. As the published pipeline does, the step runs the DiT with batch 1 per branch and concatenates
+(`text_bucket=0`: the exact-parity path). With a text bucket, both branches share one batch-2 call, their
+texts padded to the bucket and the padding masked (`v1p2_joint`): the same function, rounded differently.
+The loop (`sampling.denoise`) is unchanged; only its step function and conditioning differ.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from ..imaging import check_size, edit_size, to_rgb
 from ..mllm.conditioner import Qwen25VLEmbedder
 from ..mllm.conditioner_v1p2 import Qwen25VLEmbedderV12, V12Text
 from ..sampling import StepFn
+from .v1p2_joint import joint_conditioning, masked_step, stack_joint
 from .v1p2_positions import branch_inputs
 
 # The DiT's inputs per branch besides img and timestep, in the dit spec's order.
@@ -56,10 +58,15 @@ def with_rules(embedder: Qwen25VLEmbedder, config: ModelConfig) -> Qwen25VLEmbed
                                bang_is_padding=rules.bang_is_padding, bf16_embeddings=rules.bf16_embeddings)
 
 
-def branch_conditioning(config: ModelConfig, texts: list[V12Text], width: int, height: int) -> tuple[Tensor, ...]:
-    """The loop's explicit conditioning: the cond branch's DiT inputs, then the uncond branch's."""
-    branches = [branch_inputs(config, text, height // 16, width // 16) for text in texts]
-    return tuple(b[name] for b in branches for name in BRANCH_INPUTS)
+def branch_conditioning(config: ModelConfig, texts: list[V12Text], width: int, height: int,
+                        text_bucket: int = 0) -> tuple[Tensor, ...]:
+    """The loop's explicit conditioning: the cond branch's DiT inputs, then the uncond branch's; with a
+    `text_bucket`, both in one batch-2 set, texts padded to the bucket."""
+    branches = [[branch_inputs(config, text, height // 16, width // 16)[name] for name in BRANCH_INPUTS]
+                for text in texts]
+    if text_bucket:
+        return joint_conditioning(branches, text_bucket)
+    return tuple(t for b in branches for t in b)
 
 
 def per_branch(step_fn: StepFn, n_inputs: int = len(BRANCH_INPUTS)) -> StepFn:
@@ -77,7 +84,8 @@ def per_branch(step_fn: StepFn, n_inputs: int = len(BRANCH_INPUTS)) -> StepFn:
 @dataclass(frozen=True)
 class V1p2:
     """v1.2: reasoning edits. The CFG branches keep their own (trimmed) text lengths, so the DiT runs once per
-    branch; the image is resized for the VAE and the MLLM separately; there is no text-to-image."""
+    branch, or (`text_bucket` > 0) once for both, texts padded to a multiple of `text_bucket` tokens and masked;
+    the image is resized for the VAE and the MLLM separately; there is no text-to-image."""
 
     config: ModelConfig = field(repr=False)
     text_to_image: bool = False
@@ -87,7 +95,19 @@ class V1p2:
     reasoning: bool = True  # the MLLM thinks before the edit and judges it after (`mllm.reasoning`)
     dit_inputs: tuple[str, ...] = BRANCH_INPUTS  # per branch; `conditioning` holds the cond then the uncond
     mllm_graphs: bool = False
-    per_branch_dit: str = "v1.2 runs one DiT call per CFG branch"
+    text_bucket: int = 0  # 0: the DiT once per CFG branch (the published pipeline's calls); else one padded call
+
+    @property
+    def per_branch_dit(self) -> str:
+        return "" if self.text_bucket else "v1.2 runs one DiT call per CFG branch at its own text length"
+
+    def joint(self, text_bucket: int) -> V1p2:
+        return replace(self, text_bucket=text_bucket)
+
+    def stack(self, rows: list[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+        if not self.text_bucket:
+            raise ValueError("v1.2 edits share a DiT call only with both CFG branches in one call (a text bucket)")
+        return stack_joint(rows)
 
     def embedder(self, embedder: Qwen25VLEmbedder) -> Qwen25VLEmbedder:
         return with_rules(embedder, self.config)
@@ -103,10 +123,10 @@ class V1p2:
             check_finite("the MLLM encoder (text embedding)", text.embedding)
 
     def conditioning(self, encoded: list[V12Text], img: EditImage) -> tuple[Tensor, ...]:
-        return branch_conditioning(self.config, encoded, img.width, img.height)
+        return branch_conditioning(self.config, encoded, img.width, img.height, self.text_bucket)
 
     def step(self, step_fn: StepFn) -> StepFn:
-        return per_branch(step_fn)
+        return masked_step(step_fn) if self.text_bucket else per_branch(step_fn)
 
     def postprocess(self, pixels: Tensor, orig_size: tuple[int, int]) -> Image.Image:
         return postprocess_v1p2(pixels, orig_size)

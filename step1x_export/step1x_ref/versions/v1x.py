@@ -13,7 +13,7 @@ from ..configs import ModelConfig, Resample
 from ..edit_inputs import EditImage, t2i_canvas, text_positions
 from ..imaging import RESAMPLE, check_size, edit_size, pil_to_tensor, tensor_to_pil, to_rgb
 from ..mllm.conditioner import Qwen25VLEmbedder
-from ..sampling import StepFn
+from ..sampling import StepFn, stack_rows
 
 
 def prepare_image(image: Image.Image, size_level: int, size: tuple[int, int] | None = None,
@@ -59,6 +59,12 @@ class V1x:
     dit_inputs: tuple[str, ...] = ("pe", "llm_embedding", "llm_mask")  # one batch-2 call for both branches
     mllm_graphs: bool = True
     per_branch_dit: str = ""
+
+    def joint(self, text_bucket: int) -> V1x:
+        return self
+
+    def stack(self, rows: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+        return stack_rows(rows)
 
     def embedder(self, embedder: Qwen25VLEmbedder) -> Qwen25VLEmbedder:
         return embedder
