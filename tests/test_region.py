@@ -18,7 +18,7 @@ from step1x_export.calibrate.collect import collect_stats
 from step1x_export.calibrate.dataset import describe, split_pairs
 from step1x_export.calibrate.qlinear import QuantLinear
 from step1x_export.calibrate.recipes import build_artifact
-from step1x_export.runtime import Step1XEditRuntime
+from step1x_export.runtime import RuntimeOptions, Step1XEditRuntime
 from step1x_export.runtime.batching import EditJob
 from step1x_export.runtime.step.cache_spec import CacheSpec
 from step1x_export.runtime.step.engine_step import engine_step_fn
@@ -252,3 +252,13 @@ def test_one_compile_serves_every_edited_token_count():
         err = float((rt.last_latent - eager.last_latent).norm() / eager.last_latent.norm())
         print(f"compiled vs eager RegionE: relative error {err:.2e}")
         assert err < 1e-5  # inductor reorders fp32 reductions (the bound of test_compile)
+
+
+def test_regione_runs_each_v12_branch_as_its_own_call():
+    """RegionE's key/value cache is per DiT call: v1.2's one masked CFG call is off with it, even on CUDA where it is
+    the default, and asking for both is refused by name."""
+    cuda = torch.device("cuda")
+    assert RuntimeOptions(cache="teacache").resolved(cuda).text_bucket > 0
+    assert RuntimeOptions(cache="regione").resolved(cuda).text_bucket == 0
+    with pytest.raises(ValueError, match="text_bucket 64: RegionE"):
+        RuntimeOptions(cache="regione", text_bucket=64)
