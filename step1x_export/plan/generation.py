@@ -17,6 +17,7 @@ import torch
 from ..calibrate.weight_only import WEIGHT_ONLY_FORMATS
 from ..step1x_ref.configs import get_config
 from ..step1x_ref.mllm.generation import JUDGE_MAX_PIXELS, MAX_NEW_TOKENS
+from ..step1x_ref.versions import EditVersion, edit_version
 from .stages import build_stage, meta_inputs, qwen_config
 from .tracer import trace_peak
 
@@ -37,7 +38,7 @@ class Mode:
     reflect: int = 0
 
     def __post_init__(self) -> None:
-        if (self.think or self.reflect) and get_config(self.model).reason_edit is None:
+        if (self.think or self.reflect) and not self.version.reasoning:
             raise ValueError(f"--think and --reflect are v1.2 features; {self.model} has no thinking or reflection")
         if self.reflect < 0:
             raise ValueError(f"--reflect must be >= 0 rounds, got {self.reflect}")
@@ -61,8 +62,13 @@ class Mode:
 
     @property
     def calls_per_step(self) -> int:
-        """DiT calls per denoising step: v1.1 runs both CFG branches in one call, v1.2 one call per branch."""
-        return 2 if get_config(self.model).reason_edit is not None else 1
+        """DiT calls per denoising step: v1.1 runs both CFG branches in one call, v1.2 one call per branch (the
+        published pipeline's; its one masked call is a runtime option)."""
+        return 2 if self.version.per_branch_dit else 1
+
+    @property
+    def version(self) -> EditVersion:
+        return edit_version(get_config(self.model))
 
     @property
     def steps(self) -> int:

@@ -79,7 +79,8 @@ class Step1XEditRuntime(EditLanes, DiTUpdates):
     ):
         self.config, self.device = config, torch.device(device)
         self.options = options.resolved(self.device)
-        check_preset_memory(self.options.preset, config.tiny_qwen is None, config.reason_edit is not None, self.device)
+        check_preset_memory(self.options.preset, config.tiny_qwen is None, edit_version(config).reasoning,
+                            self.device)
         # the order of an edit and the version's rules, as the reference runs them (v1.2: its CFG branches in one
         # DiT call where the options' text bucket says so)
         self.flow = EditFlow(config, edit_version(config).joint(self.options.text_bucket or 0))
