@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..choices import ATTENTION, DTYPES
+from ..instructions import KnownTasks
 from ..runtime.options import BACKENDS, DEFAULT_GRAPH_CACHE, RuntimeOptions, changed_fields
 from .common import DEVICE, SMALL_MODELS, lora_option, torch_dtype, version_option
 
@@ -48,6 +49,7 @@ class RuntimeArgs:
     mllm_quant: str | None = None
     preset: str | None = None
     attention: str = "auto"
+    threads: int | None = None
 
     @property
     def mllm_quant_asked(self) -> str | None:
@@ -58,6 +60,12 @@ class RuntimeArgs:
     def cuda_graphs_asked(self) -> bool:
         """--cuda-graphs, off with --preset 24gb: a captured step's pool does not fit beside the VAE decoder."""
         return self.cuda_graphs and self.preset != "24gb"
+
+    def known_tasks(self) -> KnownTasks | None:
+        """The only instructions the model learned, where it learned only a few (the toy's); None: any."""
+        from ..sources import known_tasks
+
+        return next(filter(None, map(known_tasks, (self.model_dir, self.model_name, self.engine_dir))), None)
 
     def check_source(self) -> None:
         """One-line usage errors for a combination of flags that names no model or mixes backends."""
@@ -92,7 +100,7 @@ class RuntimeArgs:
         base = RuntimeOptions(backend=self.backend, precision=precision, cuda_graphs=self.cuda_graphs_asked,  # type: ignore[arg-type]
                               compile=self.compile, compile_mode=self.compile_mode, graph_cache=self.graph_cache,
                               shape_buckets=self.shape_buckets, sequential_load=self.sequential_load,
-                              mllm_quant=self.mllm_quant_asked, attention=self.attention)
+                              mllm_quant=self.mllm_quant_asked, attention=self.attention, threads=self.threads)
         return replace(base, **overrides)
 
     def load_kwargs(self) -> dict[str, Any]:
@@ -185,6 +193,10 @@ def _execution_options() -> dict[str, Callable[[Callable[..., Any]], Callable[..
             help="The DiT's SDPA kernel (torch backend), fixed around the whole step so it holds inside the "
             "compiled and captured graph: auto = cuDNN first on Hopper and newer GPUs (then flash, "
             "memory-efficient, math), torch's own order elsewhere; the others force one kernel."),
+        "threads": click.option(
+            "--threads", type=click.IntRange(1, 1024), default=None,
+            help="CPU threads torch's operators use during an edit [default: 1 for the small models on CPU (their "
+            "operators are too small to share, and spinning threads stall on a busy machine), else one per core]."),
         "preset": click.option(
             "--preset", type=click.Choice(["24gb"]), default=None,
             help="24gb: every stage resident on a 24 GB card at 1024^2 (`step1x-export plan --preset 24gb`); needs "

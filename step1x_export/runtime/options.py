@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..choices import ATTENTION, DEFAULT_GRAPH_CACHE, MAX_BATCH
 from ..precision import Precision
+from ..threads import check_threads
 from .parallel.degrees import ParallelDegrees
 from .step.cache_spec import CacheSpec
 
@@ -44,6 +45,7 @@ class RuntimeOptions:
     ulysses_degree: int = 1  # ranks splitting attention heads (all-to-all)
     ring_degree: int = 1  # ranks splitting the sequence for ring attention
     max_batch: int = 1  # same-size edits sharing each DiT call (`edit_batch`; the server's batches): 1 = alone
+    threads: int | None = None  # torch's CPU threads during an edit (None: 1 for a small model on CPU, else torch's)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -56,6 +58,7 @@ class RuntimeOptions:
         batch = self.max_batch
         if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"max_batch must be an integer in [1, {MAX_BATCH}] (edits per DiT call), got {batch!r}")
+        check_threads(self.threads)
         if self.mllm_quant not in (None, "none", "fp8", "int8"):
             raise ValueError(f"unknown mllm_quant {self.mllm_quant!r}; choose none, fp8 or int8")
         if isinstance(self.cache, str):

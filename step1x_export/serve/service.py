@@ -154,6 +154,7 @@ class EditService:
 
         job = EditJob(request.image, p.instruction, seed=p.seed, steps=p.steps, cfg=p.cfg, size_level=p.size_level,
                       negative_prompt=p.negative_prompt, progress=progress)
+        request.warnings.extend(self.runtime.instruction_warnings(p.instruction))  # one the model did not learn
         try:
             key = self.runtime.batch_key(request.image, p.size_level)
         except ValueError as e:
