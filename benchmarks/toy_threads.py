@@ -16,8 +16,8 @@ import argparse
 import statistics
 import subprocess
 import sys
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 from step1x_export.runtime import Step1XEditRuntime
 from step1x_export.toy.defaults import DEMO_INSTRUCTION

@@ -11,8 +11,8 @@ import click
 from ..instructions import KnownTasks, UnknownInstructionWarning
 from ..step1x_ref.configs import get_config
 from ..threads import default_threads, torch_threads
-from ..validate import MAX_PIXELS
 from ..toy.defaults import DEMO_INSTRUCTION
+from ..validate import MAX_PIXELS
 from .common import CFG, IMAGE_SUFFIXES, SEED, SMALL_MODELS, check_output_path, save_image, step_progress, user_errors
 from .runtime_options import RuntimeArgs, runtime_options
 from .speedups import cache_fidelity, is_leader, speedup_options
