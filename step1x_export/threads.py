@@ -3,8 +3,8 @@
 torch's default is one OpenMP thread per core. That suits one large model alone on a machine; it does not
 suit a small model's tiny operators, nor a machine other work shares: OpenMP threads spin-wait for each other
 at every operator, and a thread whose core is taken holds all the others up. On this project's shared 2-core
-EPYC, with two other busy processes, the toy's 28 denoising steps took several times longer with two threads
-than with one (docs/design.md, "CPU threads", has the figures and the command).
+EPYC, with two busy processes beside it, the toy's 28 denoising steps took 139 s with two threads and 4.1 s with
+one (medians of 5; docs/design.md, "CPU threads", has the table, the load and the command).
 """
 
 from __future__ import annotations
