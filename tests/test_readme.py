@@ -64,8 +64,12 @@ def test_readme_install_and_test_commands_are_what_ci_runs():
     """`.ci/run` installs and tests exactly as the README says (same packages, same extras, same test command)."""
     ci = [shlex.split(line, comments=True) for line in CI_RUN.read_text().replace("\\\n", " ").splitlines()]
     ci_text = "\n".join(shlex.join(c) for c in ci if c)
-    (pip,) = by_program("pip")
-    assert f"python3 -m pip install -q {shlex.join(pip[2:])}" in ci_text
+    user, dev = by_program("pip")  # a user's lighter install, then the developer's (what CI runs)
+    assert f"python3 -m pip install -q {shlex.join(dev[2:])}" in ci_text
+    section = (ROOT / "pyproject.toml").read_text().split("[project.optional-dependencies]")[1].split("\n[")[0]
+    extras = re.findall(r"^(\w+) = \[", section, flags=re.M)
+    (target,) = [a for a in user[2:] if a.startswith(".[")]
+    assert set(target[2:-1].split(",")) <= set(extras) and "dev" not in target, target
     (apt,) = by_program("apt-get")
     assert apt[-1] == "chromium" and "apt-get install -y -q chromium" in CI_RUN.read_text()
     for command in by_program("python"):  # the plain run, and the narrow-ISA run with its settings
