@@ -119,12 +119,13 @@ def test_server_answers_it_in_json_and_a_header_and_holds_the_size_rule(toy_rt, 
     form = {"steps": "1", "size_level": "64", "seed": "0"}
     image = {"image": ("in.png", _png(), "image/png")}
     with TestClient(create_app(service, load_on_startup=False)) as client:
-        r = client.post("/v1/edits", data={**form, "instruction": "把天空变成紫色"}, files=image,
+        r = client.post("/v1/edits", data={**form, "instruction": UNKNOWN}, files=image,
                         headers={"accept": "application/json"})
         assert r.status_code == 200, r.text
-        assert any("is not one the toy model learned" in w for w in r.json()["warnings"])
-        r = client.post("/v1/edits", data={**form, "instruction": UNKNOWN}, files=image)
+        assert any("'add a hat' is not one the toy model learned" in w for w in r.json()["warnings"])
+        r = client.post("/v1/edits", data={**form, "instruction": "把天空变成紫色"}, files=image)  # a Latin-1 header
         assert r.status_code == 200 and "not one the toy model learned" in r.headers["x-warnings"]
+        assert "\\u628a" in r.headers["x-warnings"]  # the instruction, escaped
         r = client.post("/v1/edits", data={**form, "instruction": "左右镜像"}, files=image,
                         headers={"accept": "application/json"})
         assert r.status_code == 200 and r.json()["warnings"] == []
