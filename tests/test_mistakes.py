@@ -243,6 +243,14 @@ def test_a_forgotten_image_is_refused_not_turned_into_text_to_image(tmp_path, no
     assert_refused(result, "--text-to-image", code=2)
 
 
+def test_text_to_image_asked_for_runs(tmp_path, built_once):
+    out = tmp_path / "t2i.png"
+    result = run(["edit", "--model", "tiny", "--steps", "1", "--quiet", "--text-to-image", "--width", "32",
+                  "--prompt", "a red bicycle", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (32, 32)
+
+
 def test_a_picture_over_the_servers_pixel_limit_is_refused_everywhere(tmp_path, no_model_work, tiny_pipe):
     """6000x4000 (24 MP): the server's default limit is 16 MP, and the command line and the API hold the same."""
     from step1x_export.serve.request import ParamRules, RequestError, decode_image
