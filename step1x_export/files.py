@@ -3,7 +3,8 @@
 Every artifact this package writes (images, manifests, quantization artifacts, engines, benchmark
 reports) goes through `atomic_path`: the data lands in a temporary file beside the target, which is
 renamed over it only once the write succeeded (an error or Ctrl-C removes the temporary file). The file
-gets the mode any ordinary write would (0666 less the user's umask), not the temporary file's private 0600.
+gets the mode any ordinary write would (0666 less the user's umask), not the temporary file's private 0600,
+whatever the writer did to the temporary file.
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output folder {path.parent} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())
-    finally:
-        os.close(fd)
+    os.close(fd)
     try:
         yield Path(tmp)
+        # After the block: a writer may have replaced the file (safetensors' save_file makes its own, 0600).
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .instructions import KnownTasks, read_known_tasks
 from .step1x_ref.configs import CONFIGS, get_config
 
 if TYPE_CHECKING:
@@ -43,3 +44,12 @@ def weights_note(name: str, seed: int) -> str:
     if name in PACKAGED:
         return f"{name}: trained weights shipped in the package"
     return f"{name}: random weights (seed {seed})"
+
+
+def known_tasks(source: str | Path | None) -> KnownTasks | None:
+    """The tasks a model knows where it knows only a few (a packaged model by name, or what a model folder
+    carries); None for a model that follows open instructions or, with random weights, none at all."""
+    if source is None or str(source) in TINY and str(source) not in PACKAGED:
+        return None
+    folder = PACKAGED.get(str(source), Path(source))
+    return read_known_tasks(folder) if folder.is_dir() else None

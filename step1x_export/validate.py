@@ -23,6 +23,9 @@ STEPS_RANGE = (1, 1000)
 CFG_RANGE = (0.0, 100.0)
 SIZE_LEVEL_RANGE = (16, 4096)
 SEED_RANGE = (0, 2**63 - 1)
+# Input pictures: an edit runs at about size_level^2 pixels and is resized back to the input's size, so a
+# bigger picture only costs memory and comes back upscaled; the server refuses more by default too.
+MAX_PIXELS = 16_000_000
 
 
 class InputError(ValueError):

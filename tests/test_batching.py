@@ -48,12 +48,12 @@ def runtime(request):
 
 def job(i: int, **kw) -> EditJob:
     seed, steps, cfg = EDITS[i]
-    return EditJob(image(seed), f"edit number {i}", seed=seed, steps=steps, cfg=cfg, size_level=32, **kw)
+    return EditJob(image(seed), f"edit number {i}", seed=seed, steps=steps, cfg=cfg, size_level=64, **kw)
 
 
 def alone(rt: Step1XEditRuntime, i: int) -> tuple[torch.Tensor, np.ndarray]:
     seed, steps, cfg = EDITS[i]
-    out = rt.edit(image(seed), f"edit number {i}", seed=seed, steps=steps, cfg=cfg, size_level=32)
+    out = rt.edit(image(seed), f"edit number {i}", seed=seed, steps=steps, cfg=cfg, size_level=64)
     return rt.last_latent.clone(), np.asarray(out)
 
 
@@ -115,12 +115,12 @@ def test_a_cancelled_edit_leaves_its_batch_and_the_others_are_undisturbed(runtim
 
 
 def test_a_bad_request_fails_alone_and_other_sizes_cannot_join(runtime):
-    bad = EditJob(image(), "x", seed=0, steps=0, size_level=32)  # 0 steps: an InputError for this edit only
-    other_size = EditJob(image(), "x", seed=0, steps=2, size_level=48)
+    bad = EditJob(image(), "x", seed=0, steps=0, size_level=64)  # 0 steps: an InputError for this edit only
+    other_size = EditJob(image(), "x", seed=0, steps=2, size_level=80)
     outcomes = runtime.edit_batch([job(0), bad], join=lambda room, key: [other_size] if room == 3 else [])
     errors = {id(o.job): o.error for o in outcomes}
     assert "steps must be in" in str(errors[id(bad)])
-    assert f"cannot join a batch of size {runtime.batch_key(image(), 32)}" in str(errors[id(other_size)])
+    assert f"cannot join a batch of size {runtime.batch_key(image(), 64)}" in str(errors[id(other_size)])
     assert [o.error for o in outcomes if o.job.seed == 0 and o.job.steps == 2 and o.job is not other_size] == [None]
 
 

@@ -12,13 +12,14 @@ from PIL import Image
 
 from step1x_export.calibrate.artifact import load_artifact
 from step1x_export.cli import main
+from step1x_export.files import current_umask
 
 
 def run(args: list[str]):
     return CliRunner().invoke(main, args)
 
 
-@pytest.mark.parametrize("command", ["demo", "edit", "export", "calibrate", "build", "bench"])
+@pytest.mark.parametrize("command", ["demo", "models", "edit", "export", "calibrate", "build", "bench"])
 def test_every_command_has_complete_help(command: str) -> None:
     result = run([command, "--help"])
     assert result.exit_code == 0 and "Usage:" in result.output and "--help" in result.output
@@ -29,6 +30,7 @@ def test_calibrate_then_edit_with_the_artifact(tmp_path: Path) -> None:
     result = run(["calibrate", "--model", "tiny", "--recipe", "int8-sq", "--samples", "2", "--steps", "2",
                   "--size-level", "32", "--out", str(art), "--quiet"])
     assert result.exit_code == 0, result.output
+    assert art.stat().st_mode & 0o777 == 0o666 & ~current_umask(), oct(art.stat().st_mode)  # as every output
     artifact = load_artifact(art)
     assert artifact.recipe == "int8-sq" and len(artifact.layers) > 0
     assert artifact.calibration["steps"] == 2 and artifact.calibration["size_level"] == 32
@@ -50,3 +52,11 @@ def test_build_without_tensorrt_says_how_to_get_it(tmp_path: Path) -> None:
     result = run(["build", "--onnx-dir", str(tmp_path), "--out", str(tmp_path / "engines")])
     assert result.exit_code != 0
     assert "TensorRT is not installed: pip install 'step1x-export[tensorrt]'" in result.output
+
+
+def test_help_names_the_toy_and_shows_an_edit():
+    top = run(["--help"]).output
+    assert "random-weight" not in top and "the toy model" in top and "step1x-export models" in top
+    edit_help = run(["edit", "--help"]).output
+    assert "Example" in edit_help and "step1x-export edit --model toy --image in.png" in edit_help
+    assert "--threads" in edit_help and "--strict" in edit_help and "--text-to-image" in edit_help

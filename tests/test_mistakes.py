@@ -233,3 +233,50 @@ def test_a_nan_stage_is_an_error_not_a_picture(tmp_path, image, monkeypatch, tin
     result = run(["edit", *FAST, "--image", str(image), "--prompt", "x", "--out", str(tmp_path / "o.png")])
     assert_refused(result, "denoising (final latent) produced", "no image is written", code=1)
     assert files_in(tmp_path) == {"in.png"}
+
+
+def test_a_forgotten_image_is_refused_not_turned_into_text_to_image(tmp_path, no_model_work):
+    result = run(["edit", *FAST, "--prompt", "make it black and white", "--out", str(tmp_path / "o.png")])
+    assert_refused(result, "give --image FILE to edit a picture, or --text-to-image", code=2)
+    result = run(["edit", *FAST, "--text-to-image", "--image", str(tmp_path / "in.png"), "--prompt", "x",
+                  "--out", str(tmp_path / "o.png")])
+    assert_refused(result, "--text-to-image", code=2)
+
+
+def test_text_to_image_asked_for_runs(tmp_path, built_once):
+    out = tmp_path / "t2i.png"
+    result = run(["edit", "--model", "tiny", "--steps", "1", "--quiet", "--text-to-image", "--width", "32",
+                  "--prompt", "a red bicycle", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (32, 32)
+
+
+def test_a_picture_over_the_servers_pixel_limit_is_refused_everywhere(tmp_path, no_model_work, tiny_pipe):
+    """6000x4000 (24 MP): the server's default limit is 16 MP, and the command line and the API hold the same."""
+    from step1x_export.serve.request import ParamRules, RequestError, decode_image
+
+    photo = tmp_path / "photo.png"
+    Image.new("1", (6000, 4000)).save(photo)
+    result = run(["edit", *FAST, "--image", str(photo), "--prompt", "x", "--out", str(tmp_path / "o.png")])
+    assert_refused(result, "is 6000x4000 (24.0 MP); the limit is 16.0 MP", code=1)
+    with pytest.raises(ValueError, match=r"is 6000x4000 \(24.0 MP\); the limit is 16.0 MP"):
+        Step1XEditRuntime.from_pipeline(tiny_pipe).edit(Image.new("L", (6000, 4000)), "x", steps=1, size_level=32)
+    with pytest.raises(RequestError, match="the limit is 16.0 MP") as refused:
+        decode_image(photo.read_bytes(), ParamRules(max_steps=1, min_size_level=16, max_size_level=64,
+                                                    default_size_level=32).max_pixels)
+    assert refused.value.status == 413
+    assert files_in(tmp_path) == {"photo.png"}
+
+
+def test_a_size_level_the_toy_did_not_learn_is_refused_by_cli_and_api(tmp_path, image):
+    """The toy learned 64..160: 1024 once ran minutes and gave a flat picture; now one line, before the MLLM."""
+    result = run(["edit", "--model", "toy", "--steps", "1", "--size-level", "1024", "--image", str(image),
+                  "--prompt", "make it darker", "--out", str(tmp_path / "o.png"), "--quiet"])
+    assert_refused(result, "size_level 1024 is outside what the toy model learned (64..160)", code=1)
+    assert_refused(run(["demo", "--size-level", "48", "--out", str(tmp_path / "d.png")]),
+                   "size_level 48 is outside what the toy model learned", code=1)
+    with Step1XEditRuntime.load("toy", device="cpu") as rt:
+        with pytest.raises(InputError, match=r"^size_level 161 is outside what the toy model learned"):
+            rt.edit(Image.new("RGB", (64, 64)), "make it darker", steps=1, size_level=161)
+        assert "mllm" not in rt.timer.resolve()  # refused before the first stage
+    assert files_in(tmp_path) == {"in.png"}

@@ -64,11 +64,17 @@ def test_readme_install_and_test_commands_are_what_ci_runs():
     """`.ci/run` installs and tests exactly as the README says (same packages, same extras, same test command)."""
     ci = [shlex.split(line, comments=True) for line in CI_RUN.read_text().replace("\\\n", " ").splitlines()]
     ci_text = "\n".join(shlex.join(c) for c in ci if c)
-    (pip,) = by_program("pip")
-    assert f"python3 -m pip install -q {shlex.join(pip[2:])}" in ci_text
+    user, dev = by_program("pip")  # a user's lighter install, then the developer's (what CI runs)
+    assert f"python3 -m pip install -q {shlex.join(dev[2:])}" in ci_text
+    section = (ROOT / "pyproject.toml").read_text().split("[project.optional-dependencies]")[1].split("\n[")[0]
+    extras = re.findall(r"^(\w+) = \[", section, flags=re.M)
+    (target,) = [a for a in user[2:] if a.startswith(".[")]
+    assert set(target[2:-1].split(",")) <= set(extras) and "dev" not in target, target
     (apt,) = by_program("apt-get")
     assert apt[-1] == "chromium" and "apt-get install -y -q chromium" in CI_RUN.read_text()
     for command in by_program("python"):  # the plain run, and the narrow-ISA run with its settings
+        if command[1] == "-c":  # a snippet of the flow (it makes its in.png), run by the flow's test
+            continue
         assert shlex.join(["python3" if a == "python" else a for a in command]) in ci_text
 
 
@@ -98,8 +104,8 @@ def wait_ready(url: str, server: subprocess.Popen, seconds: float = 120) -> None
 
 
 def test_readme_commands_run_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Demo, the whole flow and serve + curl, in the README's order, each exiting 0 with its output written."""
-    Image.new("RGB", (96, 64), (200, 40, 30)).save(tmp_path / "in.png")  # the `in.png` the README's commands edit
+    """Demo, the whole flow (from the `in.png` it makes) and serve + curl, in the README's order, each exiting 0
+    with its output written."""
     monkeypatch.chdir(tmp_path)
     port = str(free_port())
     server = None
@@ -111,6 +117,10 @@ def test_readme_commands_run_as_written(tmp_path: Path, monkeypatch: pytest.Monk
                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                           env={**os.environ, "PYTHONPATH": str(ROOT)})
                 wait_ready(f"http://127.0.0.1:{port}/readyz", server)
+            elif argv[:2] == ["python", "-c"]:
+                done = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, capture_output=True, text=True,
+                                      timeout=300)
+                assert done.returncode == 0, f"{shlex.join(argv)} failed: {done.stderr}"
             elif argv[0] == "step1x-export":
                 done = cli(argv[1:])
                 assert done.exit_code == 0, f"{shlex.join(argv)} exited {done.exit_code}:\n{done.output[-3000:]}"
@@ -124,11 +134,11 @@ def test_readme_commands_run_as_written(tmp_path: Path, monkeypatch: pytest.Monk
         if server is not None:
             server.terminate()
             server.wait(timeout=60)
-    for written in ("demo_edit_side_by_side.png", "out.png", "out_fp8.png", "fp8.safetensors",
+    for written in ("in.png", "demo_edit_side_by_side.png", "out.png", "out_fp8.png", "fp8.safetensors",
                     "exports/tiny/manifest.json"):
         assert (tmp_path / written).is_file(), f"the README's commands did not write {written}"
     with Image.open(tmp_path / "out.png") as out:
-        assert out.size == (96, 64)  # an edit keeps the input's size
+        assert out.size == Image.open(tmp_path / "in.png").size == (600, 400)  # an edit keeps the input's size
 
 
 def test_readme_api_example_runs_as_written(tmp_path: Path, capsys) -> None:

@@ -10,6 +10,7 @@ from .calibrate import calibrate
 from .common import Step1XGroup
 from .edit import demo, edit
 from .export import export
+from .models import models
 from .plan import plan
 from .quantize import quantize
 from .serve import serve
@@ -20,9 +21,10 @@ from .serve import serve
 def main() -> None:
     """Step1X-Edit, fast: reference model, ONNX export, INT8/FP8 calibration, runtime and benchmarks.
 
-    Start with `step1x-export demo` (a tiny random-weight model on CPU, seconds).
+    Start with `step1x-export demo`: the toy model, a small Step1X-Edit trained here and shipped in the
+    package, edits a photo on the CPU in seconds; `step1x-export models` lists what it can be asked.
     """
 
 
-for command in (demo, edit, export, calibrate, build, bench, serve, plan, quantize):
+for command in (demo, models, edit, export, calibrate, build, bench, serve, plan, quantize):
     main.add_command(command)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
+from ..instructions import KnownTasks, UnknownInstructionWarning
 from ..step1x_ref.configs import get_config
+from ..threads import default_threads, torch_threads
 from ..toy.defaults import DEMO_INSTRUCTION
+from ..validate import MAX_PIXELS
 from .common import CFG, IMAGE_SUFFIXES, SEED, SMALL_MODELS, check_output_path, save_image, step_progress, user_errors
 from .runtime_options import RuntimeArgs, runtime_options
 from .speedups import cache_fidelity, is_leader, speedup_options
@@ -22,8 +26,12 @@ RANDOM_DEMO_INSTRUCTION = "Make the sky behind the astronaut a deep purple"
 @click.command()
 @runtime_options()
 @click.option("--image", "image_path", type=click.Path(path_type=Path),
-              help="Image to edit. Without it: text-to-image (upstream's t2i mode) at --width x --height.")
-@click.option("--prompt", required=True, help='Edit instruction; may be "" (allowed upstream).')
+              help=f"Image to edit (at most {MAX_PIXELS / 1e6:.1f} MP, as the server). Without it: --text-to-image.")
+@click.option("--text-to-image", "text_to_image", is_flag=True,
+              help="No --image: generate from --prompt alone (upstream's t2i mode) at --width x --height.")
+@click.option("--prompt", required=True, help='Edit instruction; may be "" (allowed upstream). A model that learned '
+              "only a few (toy: `step1x-export models` lists them) warns about any other before the edit.")
+@click.option("--strict", is_flag=True, help="Refuse an instruction the model did not learn instead of warning.")
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
               help=f"Output image ({', '.join(IMAGE_SUFFIXES)}); its folder must exist; written atomically.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Noise seed.")
@@ -40,33 +48,40 @@ RANDOM_DEMO_INSTRUCTION = "Make the sky behind the astronaut a deep purple"
               help="v1.2 --reflect: attempts per judging step when the MLLM's answer does not parse (upstream's 20).")
 @click.option("--size-level", type=click.IntRange(16, 4096), default=None,
               help="Edit resolution: area ~ size_level^2, aspect kept; the output is resized back to the input's size "
-                   "[default: 1024 for the real model (upstream's), 160 for toy (it trained at 64 to 160), 256 "
-                   "for the tiny ones (their largest profile)].")
+                   "[default: 1024 for the real model (upstream's), 160 for toy (it trained at 64 to 160: other "
+                   "levels are refused), 256 for the tiny ones (their largest profile)].")
 @click.option("--negative-prompt", default=None,
               help='Instruction of the unconditional branch [default: "" for an edit; upstream\'s negative prompt '
                    "(worst quality, ...) for text-to-image].")
 @click.option("--width", type=click.IntRange(16, 4096), default=None,
               help="Text-to-image width, a multiple of 16 [default: 1024 for the real model (upstream's), 256 for "
-                   "the tiny ones]. Only without --image.")
+                   "the tiny ones]. Only without --image (implies --text-to-image).")
 @click.option("--height", type=click.IntRange(16, 4096), default=None,
-              help="Text-to-image height, a multiple of 16 [default: as --width]. Only without --image.")
+              help="Text-to-image height, a multiple of 16 [default: as --width]. Only without --image (implies "
+                   "--text-to-image).")
 @click.option("--quiet", is_flag=True, help="No progress bar or timing table.")
 @speedup_options
 @user_errors
 def edit(
-    runtime: RuntimeArgs, image_path: Path | None, prompt: str, out_path: Path, seed: int, steps: int | None,
+    runtime: RuntimeArgs, image_path: Path | None, text_to_image: bool, prompt: str, strict: bool, out_path: Path,
+    seed: int, steps: int | None,
     cfg: float | None, think: bool, reflect: int, judge_retries: int, size_level: int | None,
     negative_prompt: str | None, width: int | None, height: int | None, quiet: bool, cache: str | None,
     compare_uncached: bool | None, cfg_degree: int, ulysses_degree: int, ring_degree: int,
 ) -> None:
     """Edit one image with the runtime (torch, ONNX Runtime or TensorRT engines); prints the per-stage times.
 
-    Without --image, generate an image from --prompt (text-to-image) through the same runtime and engines.
+    With --text-to-image instead of --image, generate an image from --prompt through the same runtime.
+
+    \b
+    Example (the toy model, trained here, on scikit-image's coffee photo):
+      python -c "from skimage import data; from PIL import Image; Image.fromarray(data.coffee()).save('in.png')"
+      step1x-export edit --model toy --image in.png --prompt "make it black and white" --out out.png
     """
     runtime.check_source()
     check_output_path(out_path, suffixes=IMAGE_SUFFIXES)
-    if image_path is not None and (width or height):
-        raise click.UsageError("--width/--height set a text-to-image size; an edit keeps its --image's size")
+    check_image_choice(image_path, text_to_image or bool(width or height))
+    check_instruction(runtime.known_tasks(), prompt, strict=strict)
     import torch
 
     from ..step1x_ref.imaging import load_image
@@ -120,6 +135,26 @@ def edit(
                f"{'; ' + str(layout) if layout.world > 1 else ''})")
 
 
+def check_image_choice(image_path: Path | None, text_to_image: bool) -> None:
+    """An edit names its --image; text-to-image is asked for (a forgotten --image is no silent generation)."""
+    if image_path is None and not text_to_image:
+        raise click.UsageError("give --image FILE to edit a picture, or --text-to-image to make one from --prompt")
+    if image_path is not None and text_to_image:
+        raise click.UsageError("--width/--height set a text-to-image size (--text-to-image: a picture from --prompt "
+                               "alone); an edit keeps its --image's size")
+
+
+def check_instruction(known: KnownTasks | None, prompt: str, *, strict: bool) -> None:
+    """Before any model work: an instruction the model did not learn is a warning (with --strict, an error)."""
+    message = known.warning(prompt) if known is not None else None
+    if message is None:
+        return
+    if strict:
+        raise click.UsageError(f"--strict: {message}")
+    click.echo(f"warning: {message}", err=True)
+    warnings.simplefilter("ignore", UnknownInstructionWarning)  # said once; the runtime would say it again
+
+
 def echo_reasoning(reasoned) -> None:
     """Every text the MLLM generated, in order, then the rounds' ranks and the chosen one."""
     for role, text in reasoned.texts:
@@ -144,8 +179,8 @@ def echo_reasoning(reasoned) -> None:
               help=f"True-CFG guidance scale [default: {get_config('toy').default_cfg} for toy (measured best for it), "
               "6.0 for tiny].")
 @click.option("--size-level", type=click.IntRange(16, 1024), default=None,
-              help="Edit resolution [default: the model's: 160 for toy (it trained at 64 to 160, up to 2:1), "
-                   "256 for tiny].")
+              help="Edit resolution [default: the model's: 160 for toy (it trained at 64 to 160, up to 2:1: "
+                   "other levels are refused), 256 for tiny].")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Noise seed (and weight seed of tiny).")
 @user_errors
 def demo(out_path: Path, prompt: str | None, model_name: str, steps: int, cfg: float | None, size_level: int | None,
@@ -157,9 +192,7 @@ def demo(out_path: Path, prompt: str | None, model_name: str, steps: int, cfg: f
     (it shows the pipeline runs end to end and where the time goes).
     """
     check_output_path(out_path, suffixes=IMAGE_SUFFIXES)
-    import torch
-
-    from ..sources import PACKAGED, small_pipeline
+    from ..sources import PACKAGED, known_tasks, small_pipeline
     from ..specs import profile_for
     from ..toy.demo import demo_photo, edit_resolution, exact_target, side_by_side, task_report
 
@@ -174,16 +207,11 @@ def demo(out_path: Path, prompt: str | None, model_name: str, steps: int, cfg: f
     weights = "trained weights" if trained else "RANDOM weights"
     click.echo(f"demo: '{model_name}' model with {weights} on CPU; input: scikit-image {photo_name} at "
                f"{image.width}x{image.height} (size level {size_level}); instruction: {prompt!r}; cfg {cfg}")
+    check_instruction(known_tasks(model_name), prompt, strict=False)
     # The small models' ops are tiny: one thread does the toy's 28 steps in 0.46 s of CPU, where two OpenMP
     # threads spin against any other work on the cores (9.5 s of CPU on a busy 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with step_progress() as progress:
-            result = pipe.edit(image, prompt, seed=seed, steps=steps, cfg=cfg, size_level=size_level,
-                               progress=progress)
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(default_threads(small_model=True, device_type="cpu")), step_progress() as progress:
+        result = pipe.edit(image, prompt, seed=seed, steps=steps, cfg=cfg, size_level=size_level, progress=progress)
     save_image(result, out_path)
     pair_path = out_path.with_name(f"{out_path.stem}_side_by_side{out_path.suffix}")
     target = exact_target(image, prompt) if trained else None

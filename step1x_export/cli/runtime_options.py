@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..choices import ATTENTION, DTYPES, MEMORY_PRESETS
+from ..instructions import KnownTasks
 from ..runtime.options import BACKENDS, DEFAULT_GRAPH_CACHE, RuntimeOptions, changed_fields
 from .common import DEVICE, SMALL_MODELS, lora_option, torch_dtype, version_option
 
@@ -50,6 +51,13 @@ class RuntimeArgs:
     attention: str = "auto"
     exact_batches: bool | None = None
     text_bucket: int | None = None
+    threads: int | None = None
+
+    def known_tasks(self) -> KnownTasks | None:
+        """The only instructions the model learned, where it learned only a few (the toy's); None: any."""
+        from ..sources import known_tasks
+
+        return next(filter(None, map(known_tasks, (self.model_dir, self.model_name, self.engine_dir))), None)
 
     def check_source(self) -> None:
         """One-line usage errors for a combination of flags that names no model or mixes backends."""
@@ -86,7 +94,7 @@ class RuntimeArgs:
                               shape_buckets=self.shape_buckets, sequential_load=self.sequential_load,
                               mllm_quant=self.mllm_quant, attention=self.attention, preset=self.preset,
                               exact_batches=self.exact_batches,
-                              text_bucket=self.text_bucket)
+                              text_bucket=self.text_bucket, threads=self.threads)
         return replace(base, **overrides)
 
     def load_kwargs(self) -> dict[str, Any]:
@@ -191,6 +199,10 @@ def _execution_options() -> dict[str, Callable[[Callable[..., Any]], Callable[..
             "the padding masked (equal to the per-branch calls up to fp32 rounding; one CUDA graph per bucket); 0: "
             "one call per branch at its own length, as the published pipeline (bit-exact) [default: 64 on CUDA, "
             "for batches and for --cfg-degree 2; 0 elsewhere]. v1.0/v1.1 always run one call."),
+        "threads": click.option(
+            "--threads", type=click.IntRange(1, 1024), default=None,
+            help="CPU threads torch's operators use during an edit [default: 1 for the small models on CPU (their "
+            "operators are too small to share, and spinning threads stall on a busy machine), else one per core]."),
         "preset": click.option(
             "--preset", type=click.Choice(MEMORY_PRESETS), default=None,
             help="A card-size preset (`step1x-export plan --preset P` counts its memory at 1024^2): 24gb (4090, "

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..validate import MAX_PIXELS
 from .common import user_errors
 from .runtime_options import RuntimeArgs, runtime_options
 
@@ -37,8 +38,8 @@ from .runtime_options import RuntimeArgs, runtime_options
               help="Seconds per request, queue wait included; past it the edit is stopped and the answer is 504.")
 @click.option("--max-upload-mb", type=click.FloatRange(0.01, 1024), default=20.0, show_default=True,
               help="Largest request body (MB); larger is 413.")
-@click.option("--max-megapixels", type=click.FloatRange(0.001, 64), default=16.0, show_default=True,
-              help="Largest input image (decoded); larger is 413.")
+@click.option("--max-megapixels", type=click.FloatRange(0.001, MAX_PIXELS / 1e6), default=MAX_PIXELS / 1e6,
+              show_default=True, help="Largest input image (decoded); larger is 413 (`edit` refuses more too).")
 @click.option("--max-steps", type=click.IntRange(1, 1000), default=100, show_default=True,
               help="Most denoising steps a request may ask for.")
 @click.option("--size-level", type=click.IntRange(16, 4096), default=None,

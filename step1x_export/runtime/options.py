@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..choices import ATTENTION, DEFAULT_GRAPH_CACHE, MAX_BATCH, TEXT_BUCKET
 from ..precision import Precision
+from ..threads import check_threads
 from .parallel.degrees import ParallelDegrees
 from .step.cache_spec import CacheSpec
 
@@ -55,6 +56,7 @@ class RuntimeOptions:
     # masked (within fp32 rounding of the per-branch calls); 0: one call per branch at its own length, as the
     # published pipeline (bit-exact); None: TEXT_BUCKET on CUDA and for batches (max_batch > 1), else 0
     text_bucket: int | None = None
+    threads: int | None = None  # torch's CPU threads during an edit (None: 1 for a small model on CPU, else torch's)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -77,6 +79,7 @@ class RuntimeOptions:
         if bucket and self.attention == "flash":
             raise ValueError(f"text_bucket {bucket}: v1.2's one CFG call masks its padded keys, which FlashAttention "
                              "does not take; choose another attention or text_bucket=0")
+        check_threads(self.threads)
         if self.mllm_quant not in (None, "none", "fp8", "int8"):
             raise ValueError(f"unknown mllm_quant {self.mllm_quant!r}; choose none, fp8 or int8")
         if isinstance(self.cache, str):

@@ -14,8 +14,10 @@ Threads: `edit` takes a per-runtime lock, so concurrent calls on one runtime run
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,9 @@ import torch
 from PIL import Image
 
 from ..choices import MAX_BATCH
+from ..instructions import KnownTasks, UnknownInstructionWarning
 from ..precision import Precision
+from ..sources import known_tasks
 from ..specs import ComponentSpec, dit_spec, vae_decoder_spec, vae_encoder_spec
 from ..step1x_ref.configs import ModelConfig
 from ..step1x_ref.flow import EditFlow
@@ -33,6 +37,7 @@ from ..step1x_ref.pipeline import Step1XEditPipeline
 from ..step1x_ref.sampling import Lane, ProgressFn, UpdateFn, denoise_lanes
 from ..step1x_ref.versions import edit_version
 from ..step1x_ref.weights.lora import LoraSpec
+from ..threads import default_threads, torch_threads
 from ..timing import StageTimer
 from ..validate import SEED_RANGE, check_device, check_int
 from .batching import DoneFn, EditJob, EditOutcome, JoinFn, LatentFn, run_batch, run_serially
@@ -76,9 +81,13 @@ class Step1XEditRuntime(EditLanes, DiTUpdates):
         *,
         shape_check: ShapeCheck | None = None,
         notes: tuple[str, ...] = (),
+        known_tasks: KnownTasks | None = None,
     ):
         self.config, self.device = config, torch.device(device)
-        self.options = options.resolved(self.device)
+        options = options.resolved(self.device)
+        small = config.tiny_qwen is not None
+        threads = options.threads or default_threads(small_model=small, device_type=self.device.type)
+        self.options = replace(options, threads=threads)  # what runs: the default resolved
         check_preset_memory(self.options.preset, config.tiny_qwen is None, edit_version(config).reasoning,
                             self.device)
         # the order of an edit and the version's rules, as the reference runs them (v1.2: its CFG branches in one
@@ -90,6 +99,8 @@ class Step1XEditRuntime(EditLanes, DiTUpdates):
         if self.version.trimmed_text and self.options.parallel.world > 1:
             self._check_v1p2_parallel()
         self.notes = notes  # how the stages were built (e.g. "MLLM runs in torch"), for logs
+        self.known_tasks = known_tasks  # the only instructions the model learned (the toy's), None: any
+        self.last_warnings: list[str] = []  # the last edit's: an instruction the model did not learn
         self._shape_check = shape_check
         self._lock = threading.RLock()  # re-entered by edit_reasoned's edits
         self._update: tuple[Engine, UpdateFn] | None = None
@@ -162,7 +173,7 @@ class Step1XEditRuntime(EditLanes, DiTUpdates):
         if backend == "torch":
             config, loaders, notes = torch_loaders(source, options.resolved(device), device, version=version,
                                                    quant=quant, seed=seed, loras=loras)
-            return cls(config, loaders, options, device, notes=notes)
+            return cls(config, loaders, options, device, notes=notes, known_tasks=known_tasks(source))
         if loras:
             raise ValueError(f"--lora applies to the torch backend; a {backend} export holds the weights it was made "
                              "from: merge the LoRA with `step1x-export export --lora FILE` (see README, LoRA)")
@@ -172,7 +183,8 @@ class Step1XEditRuntime(EditLanes, DiTUpdates):
         config, loaders, check, notes = engine_loaders(Path(source), backend, device,
                                                        options.precision.compute_dtype, mllm=mllm, seed=seed,
                                                        mllm_quant=options.mllm_quant)
-        return cls(config, loaders, options, device, shape_check=check, notes=notes)
+        return cls(config, loaders, options, device, shape_check=check, notes=notes,
+                   known_tasks=known_tasks(source) or known_tasks(mllm))
 
     @classmethod
     def from_pipeline(cls, pipe: Step1XEditPipeline, options: RuntimeOptions | None = None) -> Step1XEditRuntime:
@@ -205,11 +217,16 @@ class Step1XEditRuntime(EditLanes, DiTUpdates):
         `steps` and `cfg` default to the model's (`ModelConfig.default_steps`, `default_cfg`); `size_level` to
         the model's: 1024 for the real model (upstream's), the largest its profile covers for a tiny one. Numbers
         are checked first (InputError naming the argument), and a stage that yields NaN or infinity raises
-        NonFiniteError naming it: no picture is made of it.
+        NonFiniteError naming it: no picture is made of it. An instruction that is none of the few a model
+        learned (`known_tasks`: the toy's) is warned about before any model work (UnknownInstructionWarning)
+        and listed in `last_warnings`.
         """
         job = EditJob(image, instruction, seed=seed, steps=steps, cfg=cfg, size_level=size_level,
                       negative_prompt=negative_prompt, progress=progress, latents=latents)
-        with self._lock:
+        with self._lock, torch_threads(self.options.threads):
+            self.last_warnings = self.instruction_warnings(instruction)
+            for message in self.last_warnings:
+                warnings.warn(message, UnknownInstructionWarning, stacklevel=2)
             timer = self.timer = StageTimer(self.device)
             reset_peak(self.device)
             self._driver = DriverMemory(self.device)
@@ -244,10 +261,18 @@ class Step1XEditRuntime(EditLanes, DiTUpdates):
         check_int("max_batch", max_batch, 1, MAX_BATCH)
         if max_batch > 1:
             self.check_batching()
-        with self._lock:
+        with self._lock, torch_threads(self.options.threads):
             if self.why_not_batched():  # one edit at a time, through `edit` (its stages freed in turn)
                 return run_serially(self, jobs, join=join, done=done)
             return run_batch(self, jobs, join=join, done=done, max_batch=max_batch)
+
+    def instruction_warnings(self, instruction: str) -> list[str]:
+        """Why `instruction` will make no real edit on this model: it is none of the few the model learned
+        (empty for any instruction to a model that follows open ones)."""
+        if self.known_tasks is None or not isinstance(instruction, str):  # a non-str is refused by the edit
+            return []
+        message = self.known_tasks.warning(instruction)
+        return [message] if message is not None else []
 
     def check_batching(self) -> None:
         """Raise ValueError unless this runtime can run several edits per DiT call."""
@@ -291,7 +316,7 @@ class Step1XEditRuntime(EditLanes, DiTUpdates):
         each round starts from new noise, as upstream's one generator gives it."""
         if not self.version.reasoning:
             raise ValueError(f"thinking and reflection are v1.2 features; this runtime runs {self.config.name}")
-        with self._lock:
+        with self._lock, torch_threads(self.options.threads):
             if self.stages is None:
                 raise RuntimeError("Step1XEditRuntime is closed")
             embedder = getattr(self.stages.load("encoder"), "embedder", None)

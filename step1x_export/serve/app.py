@@ -124,7 +124,8 @@ def edit_response(result: EditResult, model: dict[str, str | None], as_json: boo
         "Server-Timing": ", ".join(f"{k.replace(' ', '_')};dur={v * 1000:.1f}" for k, v in result.timings.items()),
     }
     if result.warnings:
-        headers["X-Warnings"] = "; ".join(result.warnings)[:1000]
+        # A header is Latin-1: an instruction in Chinese is sent escaped (the JSON answer has it as written).
+        headers["X-Warnings"] = "; ".join(result.warnings).encode("ascii", "backslashreplace").decode()[:1000]
     if result.reasoning is not None:  # the instruction the edits started from; the rest needs the JSON answer
         headers["X-Instruction"] = json.dumps(result.reasoning["instruction"])
     return Response(result.png, media_type="image/png", headers=headers)

@@ -11,8 +11,8 @@ from typing import TypeVar
 
 from PIL import Image, UnidentifiedImageError
 
-from ..step1x_ref.imaging import MIN_SIDE, to_rgb
-from ..validate import CFG_RANGE, SEED_RANGE, STEPS_RANGE, InputError, check_float, check_int
+from ..step1x_ref.imaging import ImageInputError, ImageTooLargeError, check_size, to_rgb
+from ..validate import CFG_RANGE, MAX_PIXELS, SEED_RANGE, STEPS_RANGE, InputError, check_float, check_int
 
 MAX_TEXT = 4000  # characters of instruction / negative prompt: the MLLM reads far fewer tokens anyway
 N = TypeVar("N", int, float)
@@ -71,7 +71,7 @@ class ParamRules:
     default_cfg: float = 6.0
     min_cfg: float = CFG_RANGE[0]
     max_cfg: float = CFG_RANGE[1]
-    max_pixels: int = 16 * 1024 * 1024
+    max_pixels: int = MAX_PIXELS
     timeout_s: float = 300.0
 
 
@@ -129,12 +129,12 @@ def decode_image(data: bytes, max_pixels: int, name: str = "image") -> tuple[Ima
     """Uploaded bytes -> RGB image; 400 if unreadable or too small, 413 if over `max_pixels`."""
     try:
         with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size  # from the header: refuse a huge image before decoding it
-            if w * h > max_pixels:
-                raise RequestError(413, "image_too_large",
-                                   f"{name} is {w}x{h} ({w * h / 1e6:.1f} MP); the limit is {max_pixels / 1e6:.1f} MP")
-            if min(w, h) < MIN_SIDE:
-                raise bad_request(f"{name} is {w}x{h}: both sides must be at least {MIN_SIDE} px")
+            try:
+                check_size(im, name, max_pixels)  # from the header: refuse a huge image before decoding it
+            except ImageTooLargeError as e:
+                raise RequestError(413, "image_too_large", str(e)) from None
+            except ImageInputError as e:
+                raise bad_request(str(e)) from None
             im.load()
             image = im.copy()
     except UnidentifiedImageError:

@@ -199,6 +199,7 @@ class EditService:
         """The queue's job for the request and its batch key (a solo job's own)."""
         assert self.runtime is not None
         p = request.params
+        request.warnings.extend(self.runtime.instruction_warnings(p.instruction))  # one the model did not learn
         if request.image is None:
             if size is None:
                 raise RequestError(400, "bad_request", "text-to-image needs a size (width x height)")

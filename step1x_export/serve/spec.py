@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..runtime.options import BACKENDS
+from ..validate import MAX_PIXELS
 
 if TYPE_CHECKING:
     from ..runtime import Step1XEditRuntime
@@ -54,7 +55,7 @@ class ServeLimits:
     max_queue: int = 64  # edits waiting to join the batch; one more gets 503 + Retry-After (bounds their memory)
     timeout_s: float = 300.0  # per request, queue wait included; past it: 504 and the edit is stopped
     max_upload_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 16 * 1024 * 1024  # decoded input image; more is 413
+    max_pixels: int = MAX_PIXELS  # decoded input image; more is 413 (the command line's and the API's limit)
     max_steps: int = 100
     max_size_level: int | None = None  # None: the model's largest profile level
     default_size_level: int | None = None  # None: the model's largest profile level (as `edit`)

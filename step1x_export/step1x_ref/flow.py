@@ -18,7 +18,7 @@ from ..timing import StageTimer
 from ..validate import check_edit_numbers, check_finite
 from .configs import ModelConfig
 from .edit_inputs import EditImage, EditInputs, negative_prompt_for, no_reference, noise_and_schedule
-from .profiles import profile_for
+from .profiles import check_size_level, profile_for
 from .sampling import ProgressFn
 from .versions import EditVersion, edit_version
 
@@ -69,6 +69,7 @@ class EditFlow:
         cfg = self.config.default_cfg if cfg is None else cfg
         size_level = self.default_size_level if size_level is None else size_level
         check_edit_numbers(steps=steps, cfg=cfg, size_level=size_level, seed=seed)
+        check_size_level(self.config, size_level)
         return steps, cfg, size_level
 
     def prepare_inputs(

@@ -10,10 +10,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..validate import MAX_PIXELS
+
 # The input resize filters a config may name (ModelConfig.input_resample)
 RESAMPLE = {"lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BICUBIC}
 MIN_SIDE = 16
-MAX_PIXELS = 64 * 1024 * 1024  # 64 MP: far above any edit; beyond it is almost surely a mistake
 
 
 class ImageInputError(ValueError):
@@ -38,12 +39,19 @@ def to_rgb(image: Image.Image, source: str = "image") -> Image.Image:
     return image.convert("RGB")
 
 
-def check_size(image: Image.Image, source: str = "image") -> None:
+class ImageTooLargeError(ImageInputError):
+    """The input image has more pixels than the limit (the server answers 413)."""
+
+
+def check_size(image: Image.Image, source: str = "image", max_pixels: int = MAX_PIXELS) -> None:
+    """The one rule on an input picture's size, for the command line, the API and the server."""
     w, h = image.size
     if min(w, h) < MIN_SIDE:
         raise ImageInputError(f"{source} is {w}x{h}: both sides must be at least {MIN_SIDE} px")
-    if w * h > MAX_PIXELS:
-        raise ImageInputError(f"{source} is {w}x{h} ({w * h / 1e6:.0f} MP): the limit is {MAX_PIXELS / 1e6:.0f} MP")
+    if w * h > max_pixels:
+        raise ImageTooLargeError(f"{source} is {w}x{h} ({w * h / 1e6:.1f} MP); the limit is {max_pixels / 1e6:.1f} "
+                                 "MP: scale it down first (the edit runs at about size_level^2 pixels and is "
+                                 "resized back to the input's size)")
 
 
 def load_image(path: str | Path) -> Image.Image:

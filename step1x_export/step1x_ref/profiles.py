@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..validate import InputError
 from .configs import ModelConfig
 from .imaging import edit_size
 
@@ -18,6 +19,7 @@ class Profile:
     opt_level: int
     max_level: int
     max_aspect: float  # long side / short side
+    learned: bool = False  # the only levels the model learned: outside them it makes no edit, so they are refused
 
     def edit_sizes(self, level: int, samples: int = 257) -> list[tuple[int, int]]:
         """Every (width, height) the size_level rule gives at `level` for aspect ratios within max_aspect.
@@ -39,10 +41,20 @@ TINY_PROFILE = Profile(min_level=32, opt_level=64, max_level=256, max_aspect=2.0
 # The trained toy model edits at the size levels and aspect ratios it trained at: 64 to 160, up to 2:1 both
 # ways; by default at its top, where its held-out edits score best (at 128 a 3:2 photo is 144x96, a grid where
 # its "swap red and blue" fails on the coffee photo: 8.2 dB, against 18.1 at 192x128).
-TOY_PROFILE = Profile(min_level=64, opt_level=128, max_level=160, max_aspect=2.0)
+# Outside them it makes no real edit, so other levels are refused (`check_size_level`).
+TOY_PROFILE = Profile(min_level=64, opt_level=128, max_level=160, max_aspect=2.0, learned=True)
 
 
 def profile_for(config: ModelConfig) -> Profile:
     if config.name == "toy":
         return TOY_PROFILE
     return TINY_PROFILE if config.tiny_qwen is not None else FULL_PROFILE
+
+
+def check_size_level(config: ModelConfig, size_level: int) -> None:
+    """Refuse (InputError) a size level a model that learned only some cannot edit at; any other level runs."""
+    profile = profile_for(config)
+    if profile.learned and not profile.min_level <= size_level <= profile.max_level:
+        raise InputError(f"size_level {size_level} is outside what the {config.name} model learned "
+                         f"({profile.min_level}..{profile.max_level}), where it makes no real edit; leave it out "
+                         f"for the model's default, {profile.max_level}")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..instructions import known_tasks_json
+
 # ITU-R BT.601 luma: what PIL's convert("L") uses, so "black and white" means what image tools mean.
 LUMA = (0.299, 0.587, 0.114)
 # Brighter / darker: a 35% blend towards white / black (exact, no clipping, inverse-free).
@@ -84,6 +86,11 @@ TASKS: tuple[Task, ...] = (
          ("保持原样", "不要做任何修改", "图片保持不变")),
 )
 TASK_BY_NAME = {t.name: t for t in TASKS}
+
+
+def known_tasks_text() -> str:
+    """The toy model folder's `tasks.json`: its tasks and their phrasings, as the runtime reads them."""
+    return known_tasks_json("toy", {t.name: t.instructions for t in TASKS})
 
 
 def task_for(instruction: str) -> Task | None:

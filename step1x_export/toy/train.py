@@ -31,6 +31,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from ..files import write_text_atomic
+from ..instructions import KNOWN_TASKS_FILE
 from ..step1x_ref.configs import ModelConfig, get_config
 from ..step1x_ref.dit.math import rope_table
 from ..step1x_ref.dit.model import Step1XEdit
@@ -43,7 +45,7 @@ from .autoencoder_phase import lr_at, reconstruction_db, reconstruction_report, 
 from .data import EVAL_SHAPES, TRAIN_PHOTOS, image_batch, photo_tensors, size_level_for
 from .demo import ship_demo_conditioning
 from .plan import Shape, TrainPlan, plan_from_json, training_shapes, with_overrides
-from .tasks import TASKS
+from .tasks import TASKS, known_tasks_text
 from .weights import FIGURES_FILE, TOY_CFG, TOY_SIZE, TOY_STEPS, WEIGHTS_DIR
 
 
@@ -265,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
                      ae_checkpoint=args.ae_checkpoint)
         train_s = time.perf_counter() - start
         pipe.save_pretrained(args.out)
+        write_text_atomic(args.out / KNOWN_TASKS_FILE, known_tasks_text())  # what it learned, for the runtime
         ship_demo_conditioning(args.out, TOY_SIZE)
     evaluating = time.perf_counter()
     print(evaluate_weights(args.out, plan, train_s))
