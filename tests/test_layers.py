@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 # Bottom to top. A part may import from parts in lower layers only (and from itself).
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("files", "precision", "timing", "validate", "choices", "_lazy", "presets", "threads", "instructions"),  # no package imports
+    # no package imports at all
+    ("files", "precision", "timing", "validate", "choices", "_lazy", "presets", "threads", "instructions"),
     ("hashing", "safetensors_io", "onnx_files"),  # file formats over `files`
     ("folders",),  # untrusted model folders: hashing and file checks
     ("step1x_ref",),  # the model's maths and its weights, exactly as published
