@@ -38,7 +38,7 @@ class RuntimeOptions:
     attention: str = "auto"  # SDPA kernel: auto (cuDNN first on Hopper+) | flash | cudnn | efficient | math
     attention_fp8: bool = False  # FP8 attention: not implemented
     sequential_load: bool = False  # load one stage at a time (encoder freed before the DiT): cards <= 24 GB
-    mllm_quant: str | None = None  # "fp8" / "int8": the MLLM's Linears weight-only 8-bit (None: as loaded)
+    mllm_quant: str | None = None  # "fp8" / "int8" / "int4": the MLLM's Linears weight-only (None: as loaded)
     cache: CacheSpec | str | None = None  # step caching: "teacache[:T]" / "fbcache[:T]" (torch backend)
     cfg_degree: int = 1  # ranks splitting cond / uncond (torchrun); weights are replicated
     ulysses_degree: int = 1  # ranks splitting attention heads (all-to-all)
@@ -60,8 +60,8 @@ class RuntimeOptions:
         batch = self.max_batch
         if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"max_batch must be an integer in [1, {MAX_BATCH}] (edits per DiT call), got {batch!r}")
-        if self.mllm_quant not in (None, "none", "fp8", "int8"):
-            raise ValueError(f"unknown mllm_quant {self.mllm_quant!r}; choose none, fp8 or int8")
+        if self.mllm_quant not in (None, "none", "fp8", "int8", "int4"):
+            raise ValueError(f"unknown mllm_quant {self.mllm_quant!r}; choose none, fp8, int8 or int4")
         if isinstance(self.cache, str):
             object.__setattr__(self, "cache", CacheSpec.parse(self.cache))
         if (self.cache is not None or self.parallel.world > 1) and self.backend != "torch":
