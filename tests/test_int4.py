@@ -71,7 +71,7 @@ def test_clip_search_lowers_the_weight_error_of_the_toy_blocks():
             for clip in total:
                 deq = dequantize_int4(*quantize_int4(m.weight, g, clip_search=clip), torch.float32)
                 total[clip] += float((deq - m.weight).square().sum())
-    assert total[True] < 0.97 * total[False]  # measured: 0.88 of the plain min-max grid's squared error
+    assert total[True] < 0.97 * total[False]  # measured: 0.93 of the plain min-max grid's squared error
 
 
 @pytest.mark.isa
