@@ -74,6 +74,24 @@ class StatsCollector:
             raise ValueError(f"calibration: the input of {bad[:5]} ({len(bad)} layers) has inf/NaN values")
 
 
+def run_pairs(pipe: Step1XEditPipeline, pairs: list[CalibrationPair], *, steps: int, size_level: int, cfg: float,
+              seed: int, progress: bool) -> None:
+    """The reference edit's sampling loop over `pairs` (true CFG, all steps), for hooks to watch; pair i uses
+    noise seed `seed + i`."""
+    if not pairs:
+        raise ValueError("calibration needs at least one (image, instruction) pair")
+    bar = tqdm(total=len(pairs) * steps, desc="calibrating", unit="step", disable=not progress)
+    with torch.inference_mode():
+        for i, pair in enumerate(pairs):
+            bar.set_postfix_str(f"{pair.image}/{pair.task}/{pair.language}")
+            inputs = pipe.prepare(load_pair_image(pair), pair.instruction, seed=seed + i, steps=steps,
+                                  size_level=size_level)
+            step = torch_step_fn(pipe.model, inputs, pipe.dtype)
+            denoise(guided_euler(step), inputs.noise, inputs.ref, inputs.timesteps, guidance=cfg,
+                    truncate=pipe.config.cfg_truncate, progress=lambda done, total: bar.update(1))
+    bar.close()
+
+
 def collect_stats(
     pipe: Step1XEditPipeline,
     pairs: list[CalibrationPair],
@@ -87,19 +105,9 @@ def collect_stats(
 ) -> dict[str, InputStats]:
     """Run `prepare` + `denoise` (true CFG, all steps) over `pairs`, recording the inputs of `names`
     (default: every nn.Linear of the DiT + connector). Pair i uses noise seed `seed + i`."""
-    if not pairs:
-        raise ValueError("calibration needs at least one (image, instruction) pair")
     collector = StatsCollector(pipe.model, names)
-    bar = tqdm(total=len(pairs) * steps, desc="calibrating", unit="step", disable=not progress)
-    with collector.active(), torch.inference_mode():
-        for i, pair in enumerate(pairs):
-            bar.set_postfix_str(f"{pair.image}/{pair.task}/{pair.language}")
-            inputs = pipe.prepare(load_pair_image(pair), pair.instruction, seed=seed + i, steps=steps,
-                                  size_level=size_level)
-            step = torch_step_fn(pipe.model, inputs, pipe.dtype)
-            denoise(guided_euler(step), inputs.noise, inputs.ref, inputs.timesteps, guidance=cfg,
-                    truncate=pipe.config.cfg_truncate, progress=lambda done, total: bar.update(1))
-    bar.close()
+    with collector.active():
+        run_pairs(pipe, pairs, steps=steps, size_level=size_level, cfg=cfg, seed=seed, progress=progress)
     unused = sorted(set(collector.modules) - set(collector.stats))
     if unused:
         raise ValueError(f"calibration never saw an input for {unused[:5]} ({len(unused)} layers)")

@@ -24,6 +24,8 @@ squared weight error (the data-free half of AWQ's clipping search); see `tests/t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -104,6 +106,48 @@ def dequantize_int4(codes: Tensor, scale: Tensor, zero: Tensor, dtype: torch.dty
     return w.reshape(q.shape).to(dtype)
 
 
+# -- GPTQ (Frantar et al. 2023) ----------------------------------------------------------------------------------
+# Each column rounded in turn, its rounding error spread over the columns not yet rounded, weighted by the layer's
+# input statistics H = sum x x^T (`calibrate.hessians`), so the layer's output on the calibration inputs moves as
+# little as 4 bits allow; nearest rounding, even with the best range per group, ignores which channels the inputs
+# load. Group-wise as stored here: a group's scale and zero come from its weights as the error feedback has left
+# them when its first column is reached (with the range search), the usual GPTQ grouping.
+
+DAMP = 0.01  # of H's mean diagonal, added to its diagonal: keeps the inverse finite for rarely used channels
+
+
+def _inverse_cholesky(h: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor of H^-1 (damped): row j holds how column j's error moves the later columns."""
+    h = h.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1  # a channel no input ever used: its weights do not matter
+    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+
+
+def gptq_int4(w: Tensor, group: int, hessian: Tensor, *, damp: float = DAMP, clip_search: bool = True
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """[N, K] weight -> `int4`'s (codes uint8 [N, K/2], scale bf16 [N, K/g], zero bf16 [N, K/g]), by GPTQ."""
+    n, k = w.shape
+    if hessian.shape != (k, k):
+        raise ValueError(f"the Hessian is {tuple(hessian.shape)}, the layer's input width is {k}")
+    inv = _inverse_cholesky(hessian.to(w.device), damp)
+    work = w.detach().float().clone()
+    codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
+    scales, zeros = [], []
+    for start in range(0, k, group):
+        _, scale, zero = quantize_int4(work[:, start:start + group], group, clip_search=clip_search)
+        scales.append(scale)
+        zeros.append(zero)
+        s, z = scale.float()[:, 0], zero.float()[:, 0]
+        for j in range(start, start + group):
+            q = _codes(work[:, j, None, None], scale, zero)[:, 0, 0]
+            codes[:, j] = q.to(torch.uint8)
+            err = (work[:, j] - ((q - 8) * s + z)) / inv[j, j]
+            work[:, j + 1:] -= err[:, None] * inv[j, j + 1:][None, :]
+    return (codes[:, 0::2] << 4) | codes[:, 1::2], torch.cat(scales, 1), torch.cat(zeros, 1)
+
+
 def w4a16_available(device: torch.device) -> bool:
     return device.type in ("cpu", "cuda")
 
@@ -149,12 +193,16 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = INT4_GROUP, *, clip_search: bool = False,
-                    w4a16: bool = False) -> Int4Linear:
+                    w4a16: bool = False, hessian: Tensor | None = None) -> Int4Linear:
+        """`hessian` (the layer's sum of x x^T over calibration inputs): the codes by GPTQ; else nearest rounding."""
         w = linear.weight.detach()
         group = group_size_for(linear.in_features, group_size)
         q = cls(linear.in_features, linear.out_features, group, bias=linear.bias is not None, w4a16=w4a16,
                 dtype=w.dtype, device=w.device)
-        codes, scale, zero = quantize_int4(w, group, clip_search=clip_search)
+        if hessian is not None:
+            codes, scale, zero = gptq_int4(w, group, hessian, clip_search=clip_search)
+        else:
+            codes, scale, zero = quantize_int4(w, group, clip_search=clip_search)
         q.weight.copy_(codes)
         q.weight_scale.copy_(scale)
         q.weight_zero.copy_(zero)
@@ -192,12 +240,15 @@ class Int4Linear(nn.Module):
 
 
 def quantize_int4_(model: nn.Module, names: list[str], group_size: int = INT4_GROUP, *, clip_search: bool = False,
-                   w4a16: bool = False) -> nn.Module:
-    """Replace, in place, each named nn.Linear by an `Int4Linear` (freed one by one); returns `model`."""
+                   w4a16: bool = False, hessians: Mapping[str, Tensor] | None = None) -> nn.Module:
+    """Replace, in place, each named nn.Linear by an `Int4Linear` (freed one by one); returns `model`.
+    With `hessians` (`hessians.collect_hessians`), each layer's codes by GPTQ over its own."""
     for name in names:
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"4-bit layer {name}: the model has {type(linear).__name__} there, expected nn.Linear")
-        set_submodule(model, name, Int4Linear.from_linear(linear, group_size, clip_search=clip_search, w4a16=w4a16))
+        hessian = hessians[name] if hessians is not None else None
+        set_submodule(model, name, Int4Linear.from_linear(linear, group_size, clip_search=clip_search, w4a16=w4a16,
+                                                          hessian=hessian))
         del linear
     return model
