@@ -157,3 +157,34 @@ def test_int4_mllm_conditioning_error():
     rel = float((got - ref).norm() / ref.norm())
     print(f"4-bit MLLM conditioning relative error {rel:.4f}")
     assert 0.01 < rel < 0.2  # 4 bits: an order above 8-bit's error; a broken grid errs by ~1
+
+
+def test_gptq_lowers_the_toy_dit_error_on_held_out_inputs():
+    """GPTQ's H from the toy's calibration pairs (training photos), the error measured on a held-out edit's
+    DiT inputs: per-step SQNR above nearest rounding's (with the range search) at every step."""
+    from step1x_export.calibrate.hessians import collect_hessians
+    from step1x_export.choices import MODULATION
+    from step1x_export.toy.calibration import calibration_pairs
+    from step1x_export.toy.data import shape_views
+    from step1x_export.toy.evaluate import to_pil
+
+    pipe = small_pipeline("toy")
+    calls: list[tuple] = []
+    hook = pipe.model.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True)
+    try:
+        pipe.edit(to_pil(shape_views(96, 64, per_image=1)[1][0]), "turn it upside down", seed=0, steps=6,
+                  size_level=64)
+    finally:
+        hook.remove()
+    linears = [n for n, m in pipe.model.named_modules() if isinstance(m, nn.Linear)]
+    four = select_layers(linears, BLOCKS, MODULATION)
+    hessians = collect_hessians(pipe, calibration_pairs()[:3], four, steps=8, size_level=64, cfg=1.25)
+    nearest = quantize_int4_(copy.deepcopy(pipe.model), four, clip_search=True)
+    gptq = quantize_int4_(copy.deepcopy(pipe.model), four, clip_search=True, hessians=hessians)
+    with torch.inference_mode():
+        refs = [pipe.model(*a, **k) for a, k in calls]
+        plain = [_sqnr_db(r, nearest(*a, **k)) for r, (a, k) in zip(refs, calls)]
+        better = [_sqnr_db(r, gptq(*a, **k)) for r, (a, k) in zip(refs, calls)]
+    print("nearest", [round(s, 1) for s in plain], "GPTQ", [round(s, 1) for s in better])
+    gains = [b - p for p, b in zip(plain, better)]
+    assert min(gains) > 0 and sum(gains) / len(gains) > 1.0  # measured: +0.6 to +2.8 dB, mean 1.4 (6 steps)
