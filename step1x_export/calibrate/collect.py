@@ -7,7 +7,7 @@ batch, so both are covered; every denoising step of every pair is seen.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -29,6 +29,17 @@ class InputStats:
     def amax(self) -> Tensor:
         """Per-tensor amax []."""
         return self.channel_amax.max()
+
+
+@contextmanager
+def input_hooks(modules: dict[str, nn.Module], hook_for: Callable[[str], Callable[..., None]]) -> Iterator[None]:
+    """`hook_for(name)` as a forward pre-hook of each named module while inside; removed on the way out."""
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class StatsCollector:
@@ -59,12 +70,8 @@ class StatsCollector:
 
     @contextmanager
     def active(self) -> Iterator[StatsCollector]:
-        handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.modules.items()]
-        try:
+        with input_hooks(self.modules, self._hook):
             yield self
-        finally:
-            for h in handles:
-                h.remove()
         self.check_finite()
 
     def check_finite(self) -> None:

@@ -14,7 +14,8 @@ from contextlib import contextmanager
 
 from torch import Tensor, nn
 
-from .collect import run_pairs
+from .collect import input_hooks, run_pairs
+
 
 class HessianCollector:
     """Forward pre-hooks summing x^T x over every row each named Linear sees, while `active`."""
@@ -36,12 +37,8 @@ class HessianCollector:
 
     @contextmanager
     def active(self) -> Iterator[HessianCollector]:
-        handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.modules.items()]
-        try:
+        with input_hooks(self.modules, self._hook):
             yield self
-        finally:
-            for h in handles:
-                h.remove()
 
 
 def collect_hessians(pipe, pairs, names: list[str], *, steps: int, size_level: int, cfg: float, seed: int = 0,

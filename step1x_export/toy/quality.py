@@ -1,11 +1,11 @@
 """The toy model's quality tables: task PSNR against the exact targets on the held-out images (photos and
 graphics), one table per evaluated shape, for the fp32 reference, ONNX Runtime (at the shapes the exported
-graphs' profile takes: the toy's, size levels 64 to 160), FP8 and INT8-SmoothQuant
-(calibrated here on the toy model), 4-bit block weights (nearest rounding, and GPTQ calibrated here), step caching (TeaCache, with the share of DiT calls it reused), next to
-the identity baseline and the autoencoder's ceiling.
+graphs' profile takes: the toy's, size levels 64 to 160), FP8 and INT8-SmoothQuant (calibrated here on the
+toy model), 4-bit block weights (nearest rounding, and GPTQ calibrated here), step caching (TeaCache, with the
+share of DiT calls it reused), next to the identity baseline and the autoencoder's ceiling.
 
     python -m step1x_export.toy.quality [--shapes 64x64 96x64 ...] [--views 1] [--calib-samples 42]
-        [--calib-steps 28] [--teacache 0.2 0.4]
+        [--calib-steps 28] [--teacache 0.2 0.4] [--columns "INT4 blocks (GPTQ)" ...]
 """
 
 from __future__ import annotations
