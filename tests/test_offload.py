@@ -40,6 +40,12 @@ def test_streamed_edit_equals_resident_edit(source: str, resident: int, ahead: i
     assert torch.equal(_latent(source, stream_blocks=resident, stream_ahead=ahead), resident_latent)
 
 
+def test_streamed_dit_serves_step_caching_pieces():
+    """Step caching runs the DiT's pieces (first block, then the rest from block 1): the streamer's window follows."""
+    resident_latent = _latent("tiny", cache="teacache:0.4")
+    assert torch.equal(_latent("tiny", cache="teacache:0.4", stream_blocks=0, stream_ahead=2), resident_latent)
+
+
 def test_streaming_options_are_checked():
     with pytest.raises(ValueError, match="stream_blocks must be None"):
         RuntimeOptions(stream_blocks=-1)
