@@ -131,8 +131,10 @@ class BlockStreamer:
 class StreamedBlock(nn.Module):
     """A transformer block whose weights the streamer brings in for each call.
 
-    Its shell is a registered child, so module walks (the lanes' Linears, `requires_grad_`) see its layers;
-    moving the DiT (`.to(device)`) leaves it alone: its tensors live in the streamer's host memory.
+    Its shell is a registered child, so module walks (the lanes' Linears, `requires_grad_`) see its layers, and
+    other attributes are the shell's (step caching reads the first block's parameterless `img_norm1`; a weight
+    read outside a call is on `meta` and fails loudly). Moving the DiT (`.to(device)`) leaves it alone: its
+    tensors live in the streamer's host memory.
     """
 
     def __init__(self, streamer: BlockStreamer, position: int):
@@ -146,6 +148,12 @@ class StreamedBlock(nn.Module):
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 (nn.Module's signature)
         return self
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["block"], name)
 
     def extra_repr(self) -> str:
         return f"streamed from host memory, position {self.position} of {len(self._streamer)}"
