@@ -67,11 +67,16 @@ class HostStreams:
 
 
 class CudaStreams:
-    """The device's current stream computes; one side stream of the same device copies."""
+    """The device's current stream computes (looked up at each use: a server thread may run on its own); one
+    side stream of the same device copies."""
 
     def __init__(self, device: torch.device):
-        self.compute: Queue = torch.cuda.current_stream(device)
+        self.device = device
         self.side: Queue = torch.cuda.Stream(device)
+
+    @property
+    def compute(self) -> Queue:
+        return torch.cuda.current_stream(self.device)
 
     @contextmanager
     def on(self, queue: Queue) -> Iterator[None]:
