@@ -6,6 +6,7 @@ removed (each broken variant must be caught)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,7 +27,9 @@ ALLOCS = {aten.empty_like.default, aten.empty_strided.default, aten.empty.memory
 IMAGE = Image.new("RGB", (64, 48), (40, 160, 90))
 
 
+@functools.cache
 def _latent(source: str, **options: Any) -> torch.Tensor:
+    """The final latent of one edit (each resident reference computed once per module)."""
     rt = Step1XEditRuntime.load(source, device="cpu", **options)
     rt.edit(IMAGE, "make the sky orange", seed=3, steps=3, size_level=64)
     assert rt.last_latent is not None
