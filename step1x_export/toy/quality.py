@@ -31,7 +31,9 @@ Shape = tuple[int, int]
 RECIPES = {"FP8 (W8A8 E4M3)": "fp8", "INT8 (SmoothQuant W8A8)": "int8-sq"}
 INT4_LAYERS = ("double_blocks.*", "single_blocks.*")  # every block Linear; the modulation ones stay int8 weight-only
 ALWAYS = ("fp32 (torch)", "autoencoder ceiling")  # scored whichever columns are asked for
-INT4_COLUMNS = {"INT4 blocks (nearest)": False, "INT4 blocks (GPTQ)": True}
+DOUBLE_BLOCKS = ("double_blocks.*",)
+INT4_COLUMNS = {"INT4 blocks (nearest)": (INT4_LAYERS, False), "INT4 blocks (GPTQ)": (INT4_LAYERS, True),
+                "INT4 double blocks (GPTQ), single int8": (DOUBLE_BLOCKS, True)}
 
 
 def level_of(image) -> int:
@@ -95,9 +97,11 @@ def quantized_pipeline(pipe: Step1XEditPipeline, recipe: str, samples: int, step
     return Step1XEditPipeline(pipe.config, qmodel, pipe.ae, pipe.embedder, device=pipe.device, dtype=pipe.dtype)
 
 
-def int4_pipeline(pipe: Step1XEditPipeline, samples: int, steps: int, gptq: bool) -> Step1XEditPipeline:
-    """The DiT as a 4-bit checkpoint holds it (`quantize --int4-layers` over INT4_LAYERS, modulation int8
-    weight-only); `gptq`: the codes by GPTQ over H from the toy's calibration pairs, else nearest rounding."""
+def int4_pipeline(pipe: Step1XEditPipeline, samples: int, steps: int, gptq: bool,
+                  layers: tuple[str, ...] = INT4_LAYERS) -> Step1XEditPipeline:
+    """The DiT as a 4-bit checkpoint holds it (`quantize --int4-layers LAYERS`): the block Linears matching
+    `layers` in 4 bits, the modulation and any other block Linear int8 weight-only; `gptq`: the 4-bit codes by
+    GPTQ over H from the toy's calibration pairs, else nearest rounding."""
     from ..calibrate.formats import QuantFormat
     from ..calibrate.hessians import collect_hessians
     from ..calibrate.int4 import quantize_int4_
@@ -107,10 +111,11 @@ def int4_pipeline(pipe: Step1XEditPipeline, samples: int, steps: int, gptq: bool
     from .calibration import calibration_pairs
 
     linears = [n for n, m in pipe.model.named_modules() if isinstance(m, torch.nn.Linear)]
-    four = select_layers(linears, INT4_LAYERS, MODULATION)
+    four = select_layers(linears, layers, MODULATION)
+    eight = [n for n in select_layers(linears, INT4_LAYERS, ()) if n not in four]
     hessians = collect_hessians(pipe, calibration_pairs()[:samples], four, steps=steps, size_level=TOY_SIZE,
                                 cfg=TOY_CFG) if gptq else None
-    model = quantize_weights_(copy.deepcopy(pipe.model), select_layers(linears, MODULATION, ()), QuantFormat.INT8)
+    model = quantize_weights_(copy.deepcopy(pipe.model), eight, QuantFormat.INT8)
     model = quantize_int4_(model, four, clip_search=True, hessians=hessians)
     return Step1XEditPipeline(pipe.config, model, pipe.ae, pipe.embedder, device=pipe.device, dtype=pipe.dtype)
 
@@ -146,9 +151,9 @@ def quality_tables(shapes: tuple[Shape, ...], views: int, calib_samples: int, ca
     for label, recipe in RECIPES.items():
         if wanted(label):
             score(label, pipeline_edit(quantized_pipeline(pipe, recipe, calib_samples, calib_steps)))
-    for label, gptq in INT4_COLUMNS.items():
+    for label, (layers, gptq) in INT4_COLUMNS.items():
         if wanted(label):
-            score(label, pipeline_edit(int4_pipeline(pipe, calib_samples, calib_steps, gptq)))
+            score(label, pipeline_edit(int4_pipeline(pipe, calib_samples, calib_steps, gptq, layers)))
     for threshold in teacache:
         reused: list[float] = []
         for shape in shapes:
