@@ -166,8 +166,8 @@ class QCheckpointInfo:
         fmt = self.layout.w8a8_format.value if self.layout.w8a8_format else "-"
         wo = self.layout.weight_only_format.value if self.layout.weight_only_format else "-"
         return (f"{len(self.layout.w8a8)} W8A8 layers ({fmt}), {len(self.layout.weight_only)} weight-only layers "
-                f"({wo}), {len(self.layout.int4)} 4-bit layers (group {self.layout.int4_group}), other tensors "
-                f"{dtype_name(self.dtype)}; config {self.config}; "
+                f"({wo}), {len(self.layout.int4)} 4-bit layers (groups of up to {self.layout.int4_group}), "
+                f"other tensors {dtype_name(self.dtype)}; config {self.config}; "
                 f"from {self.source.get('file', '?')} {self.source.get('sha256', '')[:12]}")
 
 
