@@ -98,15 +98,27 @@ def tiny_source(tmp_path_factory) -> Path:
     return path
 
 
-def test_int4_checkpoint_holds_the_in_memory_codes_and_edits_the_same_streamed(tiny_source: Path, tmp_path: Path):
+@pytest.mark.parametrize("gptq", [False, True], ids=["nearest", "gptq"])
+def test_int4_checkpoint_holds_the_in_memory_codes_and_edits_the_same_streamed(tiny_source: Path, tmp_path: Path,
+                                                                               gptq: bool):
     q_path = tmp_path / "dit-int4.safetensors"
+    model = randomize_(Step1XEdit(get_config("tiny")), 0)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    hessians = None
+    if gptq:  # any positive definite H per layer shows the file holds GPTQ's codes (they differ from nearest)
+        gen = torch.Generator().manual_seed(1)
+        hessians = {}
+        for n in linears:
+            x = torch.randn(256, model.get_submodule(n).in_features, generator=gen)
+            hessians[n] = x.t() @ x
     info = write_quantized_checkpoint(tiny_source, "tiny", q_path, weight_only=WEIGHT_ONLY_DEFAULT,
-                                      weight_only_format=QuantFormat.INT8, int4=BLOCKS, dtype=torch.float32)
+                                      weight_only_format=QuantFormat.INT8, int4=BLOCKS, int4_hessians=hessians,
+                                      dtype=torch.float32)
     layout = read_qcheckpoint_info(q_path).layout
     assert layout.int4 == info.layout.int4 and layout.int4 and not set(layout.int4) & set(layout.weight_only)
     assert not any(n.endswith("mod.lin") or n.endswith("modulation.lin") for n in layout.int4)  # stay 8-bit
     loaded, _ = load_quantized_checkpoint(q_path, "cpu", torch.float32)
-    want = quantize_int4_(randomize_(Step1XEdit(get_config("tiny")), 0), list(layout.int4), clip_search=True)
+    want = quantize_int4_(model, list(layout.int4), clip_search=True, hessians=hessians)
     for name in layout.int4:
         a, b = loaded.get_submodule(name), want.get_submodule(name)
         assert isinstance(a, Int4Linear) and a.weight.numel() == a.in_features * a.out_features // 2

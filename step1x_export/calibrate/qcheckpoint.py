@@ -19,6 +19,7 @@ quantized layer exists there.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,12 +176,13 @@ def write_quantized_checkpoint(
     source: str | Path, config: str | ModelConfig, out: str | Path, *, artifact: QuantArtifact | None = None,
     weight_only: tuple[str, ...] = (), weight_only_format: QuantFormat | None = None,
     int4: tuple[str, ...] = (), int4_group: int = INT4_GROUP, int4_clip: bool = True,
-    dtype: torch.dtype | None = None, progress: bool = False,
+    int4_hessians: Mapping[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None, progress: bool = False,
 ) -> QCheckpointInfo:
     """Stream the DiT checkpoint `source` into a quantized checkpoint at `out` (written atomically).
 
     `config`: a registered config name (what the runtime will look up when loading), or a ModelConfig.
-    `int4`: name patterns of the Linears stored in 4 bits (`int4_clip`: with the clipping search).
+    `int4`: name patterns of the Linears stored in 4 bits (`int4_clip`: with the range search; `int4_hessians`:
+    each such layer's H from `hessians.collect_hessians`, its codes then by GPTQ).
     """
     config = get_config(config) if isinstance(config, str) else config
     if dtype is None:  # the dtype the artifact's scales were calibrated in
@@ -201,14 +203,14 @@ def write_quantized_checkpoint(
     with stream_safetensors(out, entries, {METADATA_KEY: json.dumps(_info_dict(info), ensure_ascii=False)}) as w:
         for name, keys in tqdm(groups.items(), desc="quantizing", unit="layer", disable=not progress, leave=False):
             for k, t in _quantized_group(model.get_submodule(name), name, keys, reader, artifact, dtype,
-                                         int4_clip).items():
+                                         int4_clip, int4_hessians).items():
                 w.write(k, t)
     return info
 
 
 def _quantized_group(module: nn.Module, name: str, keys: list[str], reader: TensorReader,
-                     artifact: QuantArtifact | None, dtype: torch.dtype, int4_clip: bool = True
-                     ) -> dict[str, torch.Tensor]:
+                     artifact: QuantArtifact | None, dtype: torch.dtype, int4_clip: bool = True,
+                     int4_hessians: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The output tensors of one module, read (and, for 8-bit modules, quantized) from the source."""
     prefix = f"{name}." if name else ""
     if isinstance(module, QuantLinear | WeightOnlyLinear | Int4Linear):
@@ -221,7 +223,8 @@ def _quantized_group(module: nn.Module, name: str, keys: list[str], reader: Tens
             q = QuantLinear.from_linear(linear, module.fmt, input_scale=s.input_scale, weight_scale=s.weight_scale,
                                         smooth=s.smooth)
         elif isinstance(module, Int4Linear):
-            q = Int4Linear.from_linear(linear, module.group_size, clip_search=int4_clip)
+            hessian = int4_hessians[name] if int4_hessians is not None else None
+            q = Int4Linear.from_linear(linear, module.group_size, clip_search=int4_clip, hessian=hessian)
         else:
             q = WeightOnlyLinear.from_linear(linear, module.fmt)
         state = q.state_dict()
