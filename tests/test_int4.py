@@ -126,7 +126,7 @@ def test_int4_checkpoint_holds_the_in_memory_codes_and_edits_the_same_streamed(t
             assert torch.equal(getattr(a, key), getattr(b, key)), (name, key)
     latents = []
     for stream in (None, 0):
-        rt = Step1XEditRuntime.load("tiny", quant=q_path, device="cpu", stream_blocks=stream)
+        rt = Step1XEditRuntime.load("tiny", quant=q_path, device="cpu", resident_blocks=stream)
         rt.edit(IMAGE, "add a hat", **EDIT)
         latents.append(rt.last_latent)
     assert torch.equal(latents[0], latents[1])  # 4-bit blocks streamed = resident, bit for bit

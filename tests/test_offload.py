@@ -40,23 +40,23 @@ def _latent(source: str, **options: Any) -> torch.Tensor:
 @pytest.mark.parametrize(("resident", "ahead"), [(0, 1), (1, 2)])
 def test_streamed_edit_equals_resident_edit(source: str, resident: int, ahead: int):
     resident_latent = _latent(source)
-    assert torch.equal(_latent(source, stream_blocks=resident, stream_ahead=ahead), resident_latent)
+    assert torch.equal(_latent(source, resident_blocks=resident, prefetch_blocks=ahead), resident_latent)
 
 
 def test_streamed_dit_serves_step_caching_pieces():
     """Step caching runs the DiT's pieces (first block, then the rest from block 1): the streamer's window follows."""
     resident_latent = _latent("tiny", cache="teacache:0.4")
-    assert torch.equal(_latent("tiny", cache="teacache:0.4", stream_blocks=0, stream_ahead=2), resident_latent)
+    assert torch.equal(_latent("tiny", cache="teacache:0.4", resident_blocks=0, prefetch_blocks=2), resident_latent)
 
 
 def test_streaming_options_are_checked():
-    with pytest.raises(ValueError, match="stream_blocks must be None"):
-        RuntimeOptions(stream_blocks=-1)
-    with pytest.raises(ValueError, match="stream_ahead must be an integer >= 1"):
-        RuntimeOptions(stream_blocks=0, stream_ahead=0)
+    with pytest.raises(ValueError, match="resident_blocks must be None"):
+        RuntimeOptions(resident_blocks=-1)
+    with pytest.raises(ValueError, match="prefetch_blocks must be an integer >= 1"):
+        RuntimeOptions(resident_blocks=0, prefetch_blocks=0)
     with pytest.raises(ValueError, match="needs backend torch"):
-        RuntimeOptions(stream_blocks=0, compile=True)
-    resolved = RuntimeOptions(stream_blocks=2).resolved(torch.device("cuda"))
+        RuntimeOptions(resident_blocks=0, compile=True)
+    resolved = RuntimeOptions(resident_blocks=2).resolved(torch.device("cuda"))
     assert not resolved.cuda_graphs and not resolved.compile  # per-call copies: eager, uncaptured
 
 

@@ -53,15 +53,15 @@ def pipeline_loaders(pipe: Step1XEditPipeline, device: torch.device, dtype: torc
 
 
 def offloaded_dit(model: torch.nn.Module, options: RuntimeOptions, device: torch.device) -> torch.nn.Module:
-    """The DiT as `options` keep it: every block resident, or (`stream_blocks`) the later ones streamed."""
-    if options.stream_blocks is None:
+    """The DiT as `options` keep it: every block resident, or (`resident_blocks`) the later ones streamed."""
+    if options.resident_blocks is None:
         return model
-    return streamed_dit(model, device, resident=options.stream_blocks, ahead=options.stream_ahead)
+    return streamed_dit(model, device, resident=options.resident_blocks, ahead=options.prefetch_blocks)
 
 
 def dit_home(options: RuntimeOptions, device: torch.device) -> torch.device:
     """Where the DiT's weights are read to: the host when its blocks stream (the engine moves the rest)."""
-    return torch.device("cpu") if options.stream_blocks is not None else device
+    return torch.device("cpu") if options.resident_blocks is not None else device
 
 
 def quantized_dit(model: torch.nn.Module, quant: str | Path | None, source: FileIdentity | None = None

@@ -45,9 +45,9 @@ class RuntimeOptions:
     ring_degree: int = 1  # ranks splitting the sequence for ring attention
     max_batch: int = 1  # same-size edits sharing each DiT call (`edit_batch`; the server's batches): 1 = alone
     # DiT block streaming: None keeps every block on the device; an int k keeps the first k blocks (double, then
-    # single, as they run) resident and streams the others from pinned host memory, `stream_ahead` copies ahead.
-    stream_blocks: int | None = None
-    stream_ahead: int = 1  # streamed blocks copied ahead of the one running (device memory: this many + 1 blocks)
+    # single, as they run) on it and streams the others from pinned host memory, `prefetch_blocks` copies ahead.
+    resident_blocks: int | None = None
+    prefetch_blocks: int = 1  # streamed blocks copied ahead of the one running (device memory: this many + 1)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -72,15 +72,15 @@ class RuntimeOptions:
             raise NotImplementedError("RuntimeOptions.attention_fp8: FP8 attention is not implemented yet")
 
     def _check_streaming(self) -> None:
-        blocks, ahead = self.stream_blocks, self.stream_ahead
+        blocks, ahead = self.resident_blocks, self.prefetch_blocks
         if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0):
-            raise ValueError(f"stream_blocks must be None (all resident) or an integer >= 0 (blocks kept resident), "
-                             f"got {blocks!r}")
+            raise ValueError(f"resident_blocks must be None (all resident) or an integer >= 0 (DiT blocks kept on "
+                             f"the device, the others streamed), got {blocks!r}")
         if isinstance(ahead, bool) or not isinstance(ahead, int) or ahead < 1:
-            raise ValueError(f"stream_ahead must be an integer >= 1 (blocks copied ahead), got {ahead!r}")
+            raise ValueError(f"prefetch_blocks must be an integer >= 1 (blocks copied ahead), got {ahead!r}")
         if blocks is not None and (self.backend != "torch" or self.parallel.world > 1 or self.compile):
-            raise ValueError("stream_blocks streams the torch DiT's blocks in one process, eager: it needs backend "
-                             f"torch, no parallel degrees and compile off (got backend {self.backend}, "
+            raise ValueError("resident_blocks streams the torch DiT's other blocks in one process, eager: it needs "
+                             f"backend torch, no parallel degrees and compile off (got backend {self.backend}, "
                              f"{self.parallel.world} ranks, compile {self.compile})")
 
     @property
@@ -93,12 +93,12 @@ class RuntimeOptions:
         ONNX Runtime runs on its own CUDA stream after a host sync, which a torch CUDA graph cannot capture
         (the sync fails during capture, and ORT's kernels would not be in the graph): no graphs there.
         A parallel DiT runs eager: its collectives have not been captured or compiled here.
-        A streamed DiT (`stream_blocks`) runs eager and uncaptured: its copies and frees are queued per call.
+        A streamed DiT (`resident_blocks`) runs eager and uncaptured: its copies and frees are queued per call.
         TensorRT keeps one graph: an engine has one execution context, and binding it to a new shape (input
         shapes, buffer addresses) invalidates what graphs captured at other shapes baked in.
         """
         cuda = device.type == "cuda"
-        single = self.parallel.world == 1 and self.stream_blocks is None  # one process, every block resident
+        single = self.parallel.world == 1 and self.resident_blocks is None  # one process, every block resident
         graphs_ok = cuda and self.backend != "onnxruntime" and single
         compile_on = self.backend == "torch" and single and (cuda if self.compile is None else self.compile)
         graphs = self.cuda_graphs and graphs_ok
