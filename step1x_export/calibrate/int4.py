@@ -37,6 +37,7 @@ INT4_GROUP = 128
 GROUP_FALLBACKS = (64, 32)
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
 W4A16_MAX_ROWS = 16  # text generation's GEMMs: 1-2 rows; a DiT call's thousands of rows dequantize instead
+W4A16_DTYPES = {"cuda": (torch.bfloat16,), "cpu": (torch.bfloat16, torch.float32)}  # what the kernels take
 _LEVELS = 15
 
 
@@ -148,8 +149,12 @@ def gptq_int4(w: Tensor, group: int, hessian: Tensor, *, damp: float = DAMP, cli
     return (codes[:, 0::2] << 4) | codes[:, 1::2], torch.cat(scales, 1), torch.cat(zeros, 1)
 
 
-def w4a16_available(device: torch.device) -> bool:
-    return device.type in ("cpu", "cuda")
+def w4a16_available(device: torch.device, in_features: int, out_features: int) -> bool:
+    """Whether torch's W4A16 kernel takes this layer on `device`: on CUDA (tinygemm) the packed layout needs K a
+    multiple of 128 (8 inner k-tiles of 16) and N of 8; the host kernel takes any even K."""
+    if device.type == "cuda":
+        return in_features % 128 == 0 and out_features % 8 == 0
+    return device.type == "cpu"
 
 
 def w4a16_pack(codes: Tensor) -> Tensor:
@@ -213,7 +218,8 @@ class Int4Linear(nn.Module):
     def choose_kernel(self) -> Int4Linear:
         """The W4A16 kernel's packed codes for the current device (only when asked for and available)."""
         device = self.weight.device
-        self._packed = w4a16_pack(self.weight) if self.w4a16 and w4a16_available(device) else None
+        usable = self.w4a16 and w4a16_available(device, self.in_features, self.out_features)
+        self._packed = w4a16_pack(self.weight) if usable else None
         return self
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 (nn.Module's signature): the packed copy follows the device
@@ -224,7 +230,8 @@ class Int4Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self._packed is not None and x2.shape[0] <= W4A16_MAX_ROWS and x.dtype in (torch.bfloat16, torch.float32):
+        few_rows = x2.shape[0] <= W4A16_MAX_ROWS and x.dtype in W4A16_DTYPES.get(x.device.type, ())
+        if self._packed is not None and few_rows:
             y = w4a16_matmul(x2, self._packed, self.weight_scale, self.weight_zero)
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
