@@ -7,7 +7,7 @@ batch, so both are covered; every denoising step of every pair is seen.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -29,6 +29,17 @@ class InputStats:
     def amax(self) -> Tensor:
         """Per-tensor amax []."""
         return self.channel_amax.max()
+
+
+@contextmanager
+def input_hooks(modules: dict[str, nn.Module], hook_for: Callable[[str], Callable[..., None]]) -> Iterator[None]:
+    """`hook_for(name)` as a forward pre-hook of each named module while inside; removed on the way out."""
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class StatsCollector:
@@ -59,12 +70,8 @@ class StatsCollector:
 
     @contextmanager
     def active(self) -> Iterator[StatsCollector]:
-        handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.modules.items()]
-        try:
+        with input_hooks(self.modules, self._hook):
             yield self
-        finally:
-            for h in handles:
-                h.remove()
         self.check_finite()
 
     def check_finite(self) -> None:
@@ -72,6 +79,24 @@ class StatsCollector:
         bad = [n for n, s in self.stats.items() if not torch.isfinite(s.channel_amax).all()]
         if bad:
             raise ValueError(f"calibration: the input of {bad[:5]} ({len(bad)} layers) has inf/NaN values")
+
+
+def run_pairs(pipe: Step1XEditPipeline, pairs: list[CalibrationPair], *, steps: int, size_level: int, cfg: float,
+              seed: int, progress: bool) -> None:
+    """The reference edit's sampling loop over `pairs` (true CFG, all steps), for hooks to watch; pair i uses
+    noise seed `seed + i`."""
+    if not pairs:
+        raise ValueError("calibration needs at least one (image, instruction) pair")
+    bar = tqdm(total=len(pairs) * steps, desc="calibrating", unit="step", disable=not progress)
+    with torch.inference_mode():
+        for i, pair in enumerate(pairs):
+            bar.set_postfix_str(f"{pair.image}/{pair.task}/{pair.language}")
+            inputs = pipe.prepare(load_pair_image(pair), pair.instruction, seed=seed + i, steps=steps,
+                                  size_level=size_level)
+            step = torch_step_fn(pipe.model, inputs, pipe.dtype)
+            denoise(guided_euler(step), inputs.noise, inputs.ref, inputs.timesteps, guidance=cfg,
+                    truncate=pipe.config.cfg_truncate, progress=lambda done, total: bar.update(1))
+    bar.close()
 
 
 def collect_stats(
@@ -87,19 +112,9 @@ def collect_stats(
 ) -> dict[str, InputStats]:
     """Run `prepare` + `denoise` (true CFG, all steps) over `pairs`, recording the inputs of `names`
     (default: every nn.Linear of the DiT + connector). Pair i uses noise seed `seed + i`."""
-    if not pairs:
-        raise ValueError("calibration needs at least one (image, instruction) pair")
     collector = StatsCollector(pipe.model, names)
-    bar = tqdm(total=len(pairs) * steps, desc="calibrating", unit="step", disable=not progress)
-    with collector.active(), torch.inference_mode():
-        for i, pair in enumerate(pairs):
-            bar.set_postfix_str(f"{pair.image}/{pair.task}/{pair.language}")
-            inputs = pipe.prepare(load_pair_image(pair), pair.instruction, seed=seed + i, steps=steps,
-                                  size_level=size_level)
-            step = torch_step_fn(pipe.model, inputs, pipe.dtype)
-            denoise(guided_euler(step), inputs.noise, inputs.ref, inputs.timesteps, guidance=cfg,
-                    truncate=pipe.config.cfg_truncate, progress=lambda done, total: bar.update(1))
-    bar.close()
+    with collector.active():
+        run_pairs(pipe, pairs, steps=steps, size_level=size_level, cfg=cfg, seed=seed, progress=progress)
     unused = sorted(set(collector.modules) - set(collector.stats))
     if unused:
         raise ValueError(f"calibration never saw an input for {unused[:5]} ({len(unused)} layers)")

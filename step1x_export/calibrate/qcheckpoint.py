@@ -2,7 +2,8 @@
 
 One safetensors file holds the whole DiT (connector included) as the runtime runs it: the W8A8 layers'
 8-bit weights with their scales and smoothing factors (`QuantLinear`'s buffers), the weight-only layers'
-8-bit weights and scales (`WeightOnlyLinear`), every other tensor as it is, all keyed by module name.
+8-bit weights and scales (`WeightOnlyLinear`), the 4-bit layers' codes, scales and zeros (`Int4Linear`, group-wise
+in torch's W4A16 format), every other tensor as it is, all keyed by module name.
 The header's `step1x_export.qcheckpoint` metadata holds the recipe, the layer selection, the source
 checkpoint's identity, the artifact's calibration set and the model config.
 
@@ -18,6 +19,7 @@ quantized layer exists there.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from ..step1x_ref.dit.model import Step1XEdit
 from ..step1x_ref.weights.loading import CheckpointError, check_state_dict
 from .artifact import QuantArtifact, _metadata, dtype_name
 from .formats import QuantFormat
+from .int4 import INT4_GROUP, Int4Linear, group_size_for
 from .qlinear import QuantLinear
 from .recipes import select_layers
 from .weight_only import WeightOnlyLinear, set_submodule
@@ -67,6 +70,8 @@ QCHECKPOINT_SCHEMA = {
                 "w8a8_format": _FORMAT_OR_NONE,
                 "weight_only": {"type": "array", "maxItems": 100_000, "items": _NAME},
                 "weight_only_format": _FORMAT_OR_NONE,
+                "int4": {"type": "array", "maxItems": 100_000, "items": _NAME},
+                "int4_group": {"enum": [INT4_GROUP, 64, 32]},
             },
         },
         "source": {"type": "object", "properties": {"file": _NAME, "size": {"type": "integer", "minimum": 0},
@@ -78,27 +83,33 @@ QCHECKPOINT_SCHEMA = {
 
 @dataclass(frozen=True)
 class QuantizedLayout:
-    """Which Linear becomes what: W8A8 layers (from an artifact) and weight-only layers."""
+    """Which Linear becomes what: W8A8 layers (from an artifact), 8-bit weight-only layers, 4-bit layers."""
 
     w8a8: dict[str, dict]  # name -> {"in_features", "out_features", "per_channel", "smooth"}
     w8a8_format: QuantFormat | None
     weight_only: tuple[str, ...]
     weight_only_format: QuantFormat | None
+    int4: tuple[str, ...] = ()
+    int4_group: int = INT4_GROUP  # preferred; a layer whose width it does not divide takes `group_size_for`'s
 
     def as_dict(self) -> dict:
         return {"w8a8": self.w8a8, "w8a8_format": self.w8a8_format and self.w8a8_format.value,
                 "weight_only": list(self.weight_only),
-                "weight_only_format": self.weight_only_format and self.weight_only_format.value}
+                "weight_only_format": self.weight_only_format and self.weight_only_format.value,
+                "int4": list(self.int4), "int4_group": self.int4_group}
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantizedLayout:
         fmt, wo = d.get("w8a8_format"), d.get("weight_only_format")
-        return cls(d["w8a8"], fmt and QuantFormat(fmt), tuple(d["weight_only"]), wo and QuantFormat(wo))
+        return cls(d["w8a8"], fmt and QuantFormat(fmt), tuple(d["weight_only"]), wo and QuantFormat(wo),
+                   tuple(d.get("int4", ())), d.get("int4_group", INT4_GROUP))
 
 
 def layout_for(model: nn.Module, artifact: QuantArtifact | None, weight_only: tuple[str, ...],
-               weight_only_format: QuantFormat | None) -> QuantizedLayout:
-    """The layout for `model`: the artifact's layers W8A8; Linears matching `weight_only` (and not W8A8) weight-only."""
+               weight_only_format: QuantFormat | None, int4: tuple[str, ...] = (),
+               int4_group: int = INT4_GROUP) -> QuantizedLayout:
+    """The layout for `model`: the artifact's layers W8A8; Linears matching `weight_only` (and not W8A8) 8-bit
+    weight-only; Linears matching `int4` and neither of those 4-bit (the 8-bit choices name the sensitive layers)."""
     w8a8 = {} if artifact is None else {
         n: {"in_features": s.in_features, "out_features": s.out_features,
             "per_channel": s.weight_scale.numel() > 1, "smooth": s.smooth is not None}
@@ -107,7 +118,9 @@ def layout_for(model: nn.Module, artifact: QuantArtifact | None, weight_only: tu
     wo = tuple(n for n in select_layers(linears, weight_only, ()) if n not in w8a8) if weight_only else ()
     if wo and weight_only_format is None:
         raise ValueError("weight-only layers were selected without a weight-only format (fp8_e4m3 or int8)")
-    return QuantizedLayout(w8a8, artifact.fmt if artifact else None, wo, weight_only_format if wo else None)
+    four = tuple(n for n in select_layers(linears, int4, ()) if n not in w8a8 and n not in wo) if int4 else ()
+    return QuantizedLayout(w8a8, artifact.fmt if artifact else None, wo, weight_only_format if wo else None,
+                           four, int4_group)
 
 
 def swap_on_meta(model: nn.Module, layout: QuantizedLayout, dtype: torch.dtype) -> nn.Module:
@@ -122,6 +135,11 @@ def swap_on_meta(model: nn.Module, layout: QuantizedLayout, dtype: torch.dtype) 
         set_submodule(model, name, WeightOnlyLinear(linear.in_features, linear.out_features,
                                                     layout.weight_only_format, bias=linear.bias is not None,
                                                     dtype=dtype, device="meta"))
+    for name in layout.int4:
+        linear = _linear(model, name)
+        set_submodule(model, name, Int4Linear(linear.in_features, linear.out_features,
+                                              group_size_for(linear.in_features, layout.int4_group),
+                                              bias=linear.bias is not None, dtype=dtype, device="meta"))
     return model
 
 
@@ -149,18 +167,22 @@ class QCheckpointInfo:
         fmt = self.layout.w8a8_format.value if self.layout.w8a8_format else "-"
         wo = self.layout.weight_only_format.value if self.layout.weight_only_format else "-"
         return (f"{len(self.layout.w8a8)} W8A8 layers ({fmt}), {len(self.layout.weight_only)} weight-only layers "
-                f"({wo}), other tensors {dtype_name(self.dtype)}; config {self.config}; "
+                f"({wo}), {len(self.layout.int4)} 4-bit layers (groups of up to {self.layout.int4_group}), "
+                f"other tensors {dtype_name(self.dtype)}; config {self.config}; "
                 f"from {self.source.get('file', '?')} {self.source.get('sha256', '')[:12]}")
 
 
 def write_quantized_checkpoint(
     source: str | Path, config: str | ModelConfig, out: str | Path, *, artifact: QuantArtifact | None = None,
     weight_only: tuple[str, ...] = (), weight_only_format: QuantFormat | None = None,
-    dtype: torch.dtype | None = None, progress: bool = False,
+    int4: tuple[str, ...] = (), int4_group: int = INT4_GROUP, int4_clip: bool = True,
+    int4_hessians: Mapping[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None, progress: bool = False,
 ) -> QCheckpointInfo:
     """Stream the DiT checkpoint `source` into a quantized checkpoint at `out` (written atomically).
 
     `config`: a registered config name (what the runtime will look up when loading), or a ModelConfig.
+    `int4`: name patterns of the Linears stored in 4 bits (`int4_clip`: with the range search; `int4_hessians`:
+    each such layer's H from `hessians.collect_hessians`, its codes then by GPTQ).
     """
     config = get_config(config) if isinstance(config, str) else config
     if dtype is None:  # the dtype the artifact's scales were calibrated in
@@ -172,7 +194,7 @@ def write_quantized_checkpoint(
     with torch.device("meta"):
         model = Step1XEdit(config).to(dtype)  # the dtypes the output declares
     check_state_dict(model, {k: torch.empty(i.shape, device="meta") for k, i in reader.infos.items()}, str(source))
-    layout = layout_for(model, artifact, weight_only, weight_only_format)
+    layout = layout_for(model, artifact, weight_only, weight_only_format, int4, int4_group)
     swap_on_meta(model, layout, dtype)
     entries = {k: TensorInfo(t.dtype, tuple(t.shape)) for k, t in model.state_dict().items()}
     info = QCheckpointInfo(Path(out), config.name, dtype, layout, identity.as_dict(),
@@ -180,16 +202,18 @@ def write_quantized_checkpoint(
     groups = group_by_module(entries)
     with stream_safetensors(out, entries, {METADATA_KEY: json.dumps(_info_dict(info), ensure_ascii=False)}) as w:
         for name, keys in tqdm(groups.items(), desc="quantizing", unit="layer", disable=not progress, leave=False):
-            for k, t in _quantized_group(model.get_submodule(name), name, keys, reader, artifact, dtype).items():
+            for k, t in _quantized_group(model.get_submodule(name), name, keys, reader, artifact, dtype,
+                                         int4_clip, int4_hessians).items():
                 w.write(k, t)
     return info
 
 
 def _quantized_group(module: nn.Module, name: str, keys: list[str], reader: TensorReader,
-                     artifact: QuantArtifact | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                     artifact: QuantArtifact | None, dtype: torch.dtype, int4_clip: bool = True,
+                     int4_hessians: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The output tensors of one module, read (and, for 8-bit modules, quantized) from the source."""
     prefix = f"{name}." if name else ""
-    if isinstance(module, QuantLinear | WeightOnlyLinear):
+    if isinstance(module, QuantLinear | WeightOnlyLinear | Int4Linear):
         src = {k.removeprefix(prefix): v.to(dtype) for k, v in reader.read(
             f"{prefix}{p}" for p in ("weight", "bias") if module.bias is not None or p == "weight").items()}
         linear = nn.Linear(module.in_features, module.out_features, bias="bias" in src, device="meta", dtype=dtype)
@@ -198,6 +222,9 @@ def _quantized_group(module: nn.Module, name: str, keys: list[str], reader: Tens
             s = artifact.layers[name]
             q = QuantLinear.from_linear(linear, module.fmt, input_scale=s.input_scale, weight_scale=s.weight_scale,
                                         smooth=s.smooth)
+        elif isinstance(module, Int4Linear):
+            hessian = int4_hessians[name] if int4_hessians is not None else None
+            q = Int4Linear.from_linear(linear, module.group_size, clip_search=int4_clip, hessian=hessian)
         else:
             q = WeightOnlyLinear.from_linear(linear, module.fmt)
         state = q.state_dict()

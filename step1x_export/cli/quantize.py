@@ -26,6 +26,14 @@ from .common import check_output_path, torch_dtype, user_errors
                    "(int8 per-channel: the same bytes as fp8, less error).")
 @click.option("--weight-only-layers", multiple=True, default=WEIGHT_ONLY_DEFAULT, show_default=True,
               help="Which Linears --weight-only takes (fnmatch patterns over module names; repeatable).")
+@click.option("--int4-layers", multiple=True, default=(), show_default=True,
+              help="Linears stored in 4 bits (group-wise, bf16 scale and zero: torch's W4A16 format), dequantized "
+                   "per layer before the GEMM; fnmatch patterns over module names, repeatable, e.g. "
+                   "'double_blocks.*' 'single_blocks.*'. Layers of --artifact or --weight-only-layers keep those.")
+@click.option("--int4-group", type=click.Choice(["128", "64", "32"]), default="128", show_default=True,
+              help="Input channels per 4-bit scale and zero (a layer whose width 128 does not divide takes 64 or 32).")
+@click.option("--int4-clip/--no-int4-clip", default=True, show_default=True,
+              help="Per group, shrink the 4-bit range where that lowers the weights' squared error.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
               help="dtype of the layers kept in high precision [default: the artifact's calibration dtype, "
                    "else bf16].")
@@ -34,16 +42,16 @@ from .common import check_output_path, torch_dtype, user_errors
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def quantize(model_dir: Path | None, checkpoint: Path | None, version: str, artifact: Path | None,
-             weight_only: str, weight_only_layers: tuple[str, ...], dtype: str | None, out_path: Path,
-             quiet: bool) -> None:
-    """Write a quantized checkpoint: the DiT with 8-bit weights, scales and smoothing factors, the other
+             weight_only: str, weight_only_layers: tuple[str, ...], int4_layers: tuple[str, ...], int4_group: str,
+             int4_clip: bool, dtype: str | None, out_path: Path, quiet: bool) -> None:
+    """Write a quantized checkpoint: the DiT with 8-bit (and 4-bit) weights, scales and smoothing factors, the other
     layers as they are, keyed by module name. Host memory stays near one layer plus the output being
     written. Use it with `edit --quant FILE` (the runtime assigns its tensors straight to the device).
     """
     if (model_dir is None) == (checkpoint is None):
         raise click.UsageError("give exactly one of --model-dir DIR or --checkpoint FILE")
-    if artifact is None and weight_only == "none":
-        raise click.UsageError("nothing to quantize: give --artifact and/or --weight-only fp8|int8")
+    if artifact is None and weight_only == "none" and not int4_layers:
+        raise click.UsageError("nothing to quantize: give --artifact, --weight-only fp8|int8 and/or --int4-layers")
     check_output_path(out_path)
     from ..calibrate.artifact import load_artifact
     from ..calibrate.qcheckpoint import write_quantized_checkpoint
@@ -54,7 +62,8 @@ def quantize(model_dir: Path | None, checkpoint: Path | None, version: str, arti
     info = write_quantized_checkpoint(
         source, version, out_path, artifact=load_artifact(artifact) if artifact else None,
         weight_only=weight_only_layers if weight_only != "none" else (),
-        weight_only_format=WEIGHT_ONLY_FORMATS[weight_only],
+        weight_only_format=WEIGHT_ONLY_FORMATS[weight_only], int4=int4_layers, int4_group=int(int4_group),
+        int4_clip=int4_clip,
         dtype=torch_dtype(dtype) if dtype else None, progress=not quiet,
     )
     size = out_path.stat().st_size

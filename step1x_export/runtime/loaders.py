@@ -32,6 +32,7 @@ from ..step1x_ref.weights.lora import LoraSpec, merge_loras
 from .engines.buffers import BufferPool, Shape, select_profile
 from .engines.mllm import prepare_mllm
 from .engines.torch_engine import TorchEncoder, TorchEngine
+from .offload.blocks import streamed_dit
 from .options import RuntimeOptions
 from .parallel.dit import parallel_dit
 from .stages import Loader
@@ -49,6 +50,18 @@ def pipeline_loaders(pipe: Step1XEditPipeline, device: torch.device, dtype: torc
         "dit": lambda: TorchEngine(model, dit_spec(c), dtype, device),
         "vae_decoder": lambda: TorchEngine(VAEDecoder(pipe.ae), vae_decoder_spec(c), torch.float32, device),
     }
+
+
+def offloaded_dit(model: torch.nn.Module, options: RuntimeOptions, device: torch.device) -> torch.nn.Module:
+    """The DiT as `options` keep it: every block resident, or (`resident_blocks`) the later ones streamed."""
+    if options.resident_blocks is None:
+        return model
+    return streamed_dit(model, device, resident=options.resident_blocks, ahead=options.prefetch_blocks)
+
+
+def dit_home(options: RuntimeOptions, device: torch.device) -> torch.device:
+    """Where the DiT's weights are read to: the host when its blocks stream (the engine moves the rest)."""
+    return torch.device("cpu") if options.resident_blocks is not None else device
 
 
 def quantized_dit(model: torch.nn.Module, quant: str | Path | None, source: FileIdentity | None = None
@@ -134,21 +147,24 @@ def torch_loaders(
         else:
             model = quantized_dit(pipe.model, quant)
         model = parallel_dit(model, options.parallel)  # over torchrun's ranks: the same (replicated) weights
+        model = offloaded_dit(model, options, device)
         return pipe.config, pipeline_loaders(pipe, device, dtype, dit=model), (weights_note(str(source), seed),)
     _refuse_engine_folder(Path(source))
     config = get_config(version or detect_version(source) or "v1.1")
     files = ModelFiles.in_dir(source, config.version)
 
     def dit() -> TorchEngine:
+        home = dit_home(options, device)
         if qcheckpoint:
             _refuse_loras_on_qcheckpoint(loras)
-            model = checkpoint_dit(Path(quant), config, device, dtype)
+            model = checkpoint_dit(Path(quant), config, home, dtype)
         else:
-            model = load_dit(files, config, dtype=dtype, device=device)
+            model = load_dit(files, config, dtype=dtype, device=home)
             merge_loras(model, loras)  # before quantization: the scales apply to the merged weights
             model = quantized_dit(model, quant, file_identity(files.dit) if quant is not None else None)
         # over torchrun's ranks: another engine module, the same (replicated) weights
-        return TorchEngine(parallel_dit(model, options.parallel), dit_spec(config), dtype, device)
+        return TorchEngine(offloaded_dit(parallel_dit(model, options.parallel), options, device), dit_spec(config),
+                           dtype, device)
 
     return config, {
         "encoder": lambda: qwen_encoder(files.qwen, config, dtype, device, options.mllm_quant, files.processor),

@@ -44,7 +44,7 @@ class RuntimeOptions:
     attention: str = "auto"  # SDPA kernel: auto (cuDNN first on Hopper+) | flash | cudnn | efficient | math
     attention_fp8: bool = False  # FP8 attention: not implemented
     sequential_load: bool = False  # load one stage at a time (encoder freed before the DiT): cards <= 24 GB
-    mllm_quant: str | None = None  # "fp8" / "int8": the MLLM's Linears weight-only 8-bit (None: as loaded)
+    mllm_quant: str | None = None  # "fp8" / "int8" / "int4": the MLLM's Linears weight-only (None: as loaded)
     cache: CacheSpec | str | None = None  # step caching: "teacache[:T]" / "fbcache[:T]" / "regione[:k=v,...]" (torch)
     cfg_degree: int = 1  # ranks splitting cond / uncond (torchrun); weights are replicated
     ulysses_degree: int = 1  # ranks splitting attention heads (all-to-all)
@@ -57,6 +57,10 @@ class RuntimeOptions:
     # published pipeline (bit-exact); None: TEXT_BUCKET on CUDA and for batches (max_batch > 1), else 0
     text_bucket: int | None = None
     threads: int | None = None  # torch's CPU threads during an edit (None: 1 for a small model on CPU, else torch's)
+    # DiT block streaming: None keeps every block on the device; an int k keeps the first k blocks (double, then
+    # single, as they run) on it and streams the others from pinned host memory, `prefetch_blocks` copies ahead.
+    resident_blocks: int | None = None
+    prefetch_blocks: int = 1  # streamed blocks copied ahead of the one running (device memory: this many + 1)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -80,8 +84,8 @@ class RuntimeOptions:
             raise ValueError(f"text_bucket {bucket}: v1.2's one CFG call masks its padded keys, which FlashAttention "
                              "does not take; choose another attention or text_bucket=0")
         check_threads(self.threads)
-        if self.mllm_quant not in (None, "none", "fp8", "int8"):
-            raise ValueError(f"unknown mllm_quant {self.mllm_quant!r}; choose none, fp8 or int8")
+        if self.mllm_quant not in (None, "none", "fp8", "int8", "int4"):
+            raise ValueError(f"unknown mllm_quant {self.mllm_quant!r}; choose none, fp8, int8 or int4")
         if isinstance(self.cache, str):
             object.__setattr__(self, "cache", CacheSpec.parse(self.cache))
         if (self.cache is not None or self.parallel.world > 1) and self.backend != "torch":
@@ -90,6 +94,7 @@ class RuntimeOptions:
         if bucket and self.region_cache:
             raise ValueError(f"text_bucket {bucket}: RegionE keeps one key/value cache per DiT call, so it runs each "
                              "CFG branch as its own call; use text_bucket=0")
+        self._check_streaming()
         if self.attention_fp8:
             raise NotImplementedError("RuntimeOptions.attention_fp8: FP8 attention is not implemented yet")
         if self.preset is not None:
@@ -115,6 +120,18 @@ class RuntimeOptions:
         if self.mllm_quant is None:
             object.__setattr__(self, "mllm_quant", preset.mllm_quant)
 
+    def _check_streaming(self) -> None:
+        blocks, ahead = self.resident_blocks, self.prefetch_blocks
+        if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0):
+            raise ValueError(f"resident_blocks must be None (all resident) or an integer >= 0 (DiT blocks kept on "
+                             f"the device, the others streamed), got {blocks!r}")
+        if isinstance(ahead, bool) or not isinstance(ahead, int) or ahead < 1:
+            raise ValueError(f"prefetch_blocks must be an integer >= 1 (blocks copied ahead), got {ahead!r}")
+        if blocks is not None and (self.backend != "torch" or self.parallel.world > 1 or self.compile):
+            raise ValueError("resident_blocks streams the torch DiT's other blocks in one process, eager: it needs "
+                             f"backend torch, no parallel degrees and compile off (got backend {self.backend}, "
+                             f"{self.parallel.world} ranks, compile {self.compile})")
+
     @property
     def parallel(self) -> ParallelDegrees:
         return ParallelDegrees(cfg=self.cfg_degree, ulysses=self.ulysses_degree, ring=self.ring_degree)
@@ -128,11 +145,12 @@ class RuntimeOptions:
         ONNX Runtime runs on its own CUDA stream after a host sync, which a torch CUDA graph cannot capture
         (the sync fails during capture, and ORT's kernels would not be in the graph): no graphs there.
         A parallel DiT runs eager: its collectives have not been captured or compiled here.
+        A streamed DiT (`resident_blocks`) runs eager and uncaptured: its copies and frees are queued per call.
         TensorRT keeps one graph: an engine has one execution context, and binding it to a new shape (input
         shapes, buffer addresses) invalidates what graphs captured at other shapes baked in.
         """
         cuda = device.type == "cuda"
-        single = self.parallel.world == 1
+        single = self.parallel.world == 1 and self.resident_blocks is None  # one process, every block resident
         graphs_ok = cuda and self.backend != "onnxruntime" and single
         compile_on = self.backend == "torch" and single and (cuda if self.compile is None else self.compile)
         graphs = self.cuda_graphs and graphs_ok

@@ -46,7 +46,7 @@ from .engines.buffers import Shape, edit_dims
 from .engines.compile import compile_backend
 from .engines.engine import Engine
 from .lanes import EditLanes
-from .loaders import TINY, engine_loaders, pipeline_loaders, torch_loaders
+from .loaders import TINY, engine_loaders, offloaded_dit, pipeline_loaders, torch_loaders
 from .options import Backend, RuntimeOptions, with_overrides
 from .parallel.dit import parallel_dit
 from .parallel.layout import check_launched, rank_device
@@ -191,7 +191,7 @@ class Step1XEditRuntime(EditLanes, DiTUpdates):
         """Torch engines over a reference pipeline's modules (weights shared, not copied)."""
         precision = precision_of(pipe.dtype)
         options = options or RuntimeOptions(precision=precision)
-        dit = parallel_dit(pipe.model, options.parallel)
+        dit = offloaded_dit(parallel_dit(pipe.model, options.parallel), options, pipe.device)
         loaders = pipeline_loaders(pipe, pipe.device, precision.compute_dtype, dit=dit)
         return cls(pipe.config, loaders, options, pipe.device)
 

@@ -1,11 +1,11 @@
 """The toy model's quality tables: task PSNR against the exact targets on the held-out images (photos and
 graphics), one table per evaluated shape, for the fp32 reference, ONNX Runtime (at the shapes the exported
-graphs' profile takes: the toy's, size levels 64 to 160), FP8 and INT8-SmoothQuant
-(calibrated here on the toy model), step caching (TeaCache, with the share of DiT calls it reused), next to
-the identity baseline and the autoencoder's ceiling.
+graphs' profile takes: the toy's, size levels 64 to 160), FP8 and INT8-SmoothQuant (calibrated here on the
+toy model), 4-bit block weights (nearest rounding, and GPTQ calibrated here), step caching (TeaCache, with the
+share of DiT calls it reused), next to the identity baseline and the autoencoder's ceiling.
 
     python -m step1x_export.toy.quality [--shapes 64x64 96x64 ...] [--views 1] [--calib-samples 42]
-        [--calib-steps 28] [--teacache 0.2 0.4]
+        [--calib-steps 28] [--teacache 0.2 0.4] [--columns "INT4 blocks (GPTQ)" ...]
 """
 
 from __future__ import annotations
@@ -29,6 +29,11 @@ from .weights import TOY_CFG, TOY_SIZE, TOY_STEPS
 Shape = tuple[int, int]
 
 RECIPES = {"FP8 (W8A8 E4M3)": "fp8", "INT8 (SmoothQuant W8A8)": "int8-sq"}
+INT4_LAYERS = ("double_blocks.*", "single_blocks.*")  # every block Linear; the modulation ones stay int8 weight-only
+ALWAYS = ("fp32 (torch)", "autoencoder ceiling")  # scored whichever columns are asked for
+DOUBLE_BLOCKS = ("double_blocks.*",)
+INT4_COLUMNS = {"INT4 blocks (nearest)": (INT4_LAYERS, False), "INT4 blocks (GPTQ)": (INT4_LAYERS, True),
+                "INT4 double blocks (GPTQ), single int8": (DOUBLE_BLOCKS, True)}
 
 
 def level_of(image) -> int:
@@ -92,14 +97,41 @@ def quantized_pipeline(pipe: Step1XEditPipeline, recipe: str, samples: int, step
     return Step1XEditPipeline(pipe.config, qmodel, pipe.ae, pipe.embedder, device=pipe.device, dtype=pipe.dtype)
 
 
+def int4_pipeline(pipe: Step1XEditPipeline, samples: int, steps: int, gptq: bool,
+                  layers: tuple[str, ...] = INT4_LAYERS) -> Step1XEditPipeline:
+    """The DiT as a 4-bit checkpoint holds it (`quantize --int4-layers LAYERS`): the block Linears matching
+    `layers` in 4 bits, the modulation and any other block Linear int8 weight-only; `gptq`: the 4-bit codes by
+    GPTQ over H from the toy's calibration pairs, else nearest rounding."""
+    from ..calibrate.formats import QuantFormat
+    from ..calibrate.hessians import collect_hessians
+    from ..calibrate.int4 import quantize_int4_
+    from ..calibrate.recipes import select_layers
+    from ..calibrate.weight_only import quantize_weights_
+    from ..choices import MODULATION
+    from .calibration import calibration_pairs
+
+    linears = [n for n, m in pipe.model.named_modules() if isinstance(m, torch.nn.Linear)]
+    four = select_layers(linears, layers, MODULATION)
+    eight = [n for n in select_layers(linears, INT4_LAYERS, ()) if n not in four]
+    hessians = collect_hessians(pipe, calibration_pairs()[:samples], four, steps=steps, size_level=TOY_SIZE,
+                                cfg=TOY_CFG) if gptq else None
+    model = quantize_weights_(copy.deepcopy(pipe.model), eight, QuantFormat.INT8)
+    model = quantize_int4_(model, four, clip_search=True, hessians=hessians)
+    return Step1XEditPipeline(pipe.config, model, pipe.ae, pipe.embedder, device=pipe.device, dtype=pipe.dtype)
+
+
 def quality_tables(shapes: tuple[Shape, ...], views: int, calib_samples: int, calib_steps: int,
-                   teacache: tuple[float, ...] = (), log=print) -> dict[Shape, dict[str, list[TaskScore]]]:
+                   teacache: tuple[float, ...] = (), log=print, columns: tuple[str, ...] | None = None,
+                   ) -> dict[Shape, dict[str, list[TaskScore]]]:
     """Per shape, one column of task scores per backend. Each backend is built once (the ONNX export has
     dynamic shapes, the quantized DiTs are calibrated once at the default size level) and run at every shape."""
     torch.set_num_threads(1)
     pipe = small_pipeline("toy")
     start = time.perf_counter()
     tables: dict[Shape, dict[str, list[TaskScore]]] = {shape: {} for shape in shapes}
+
+    def wanted(label: str) -> bool:
+        return columns is None or label in columns or label in ALWAYS
 
     def score(label: str, edit: EditFn) -> None:
         for shape in shapes:
@@ -114,9 +146,14 @@ def quality_tables(shapes: tuple[Shape, ...], views: int, calib_samples: int, ca
     score("fp32 (torch)", pipeline_edit(pipe))
     score("autoencoder ceiling", ceiling_edit(pipe))
     with tempfile.TemporaryDirectory() as tmp:
-        score("ONNX Runtime", onnxruntime_edit(pipe, Path(tmp)))
+        if wanted("ONNX Runtime"):
+            score("ONNX Runtime", onnxruntime_edit(pipe, Path(tmp)))
     for label, recipe in RECIPES.items():
-        score(label, pipeline_edit(quantized_pipeline(pipe, recipe, calib_samples, calib_steps)))
+        if wanted(label):
+            score(label, pipeline_edit(quantized_pipeline(pipe, recipe, calib_samples, calib_steps)))
+    for label, (layers, gptq) in INT4_COLUMNS.items():
+        if wanted(label):
+            score(label, pipeline_edit(int4_pipeline(pipe, calib_samples, calib_steps, gptq, layers)))
     for threshold in teacache:
         reused: list[float] = []
         for shape in shapes:
@@ -149,10 +186,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calib-steps", type=int, default=TOY_STEPS, help="denoising steps per calibration pair")
     parser.add_argument("--teacache", type=float, nargs="*", default=[0.2, 0.4],
                         help="TeaCache thresholds to score (upstream's default is 0.2; none: --teacache)")
+    parser.add_argument("--columns", nargs="+", default=None,
+                        help="score only these columns (besides fp32), e.g. 'INT4 blocks (GPTQ)' [default: all]")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     tables = quality_tables(tuple(args.shapes), args.views, args.calib_samples, args.calib_steps,
-                            tuple(args.teacache))
+                            tuple(args.teacache), columns=tuple(args.columns) if args.columns else None)
     for (w, h), columns in tables.items():
         print(f"\n{w}x{h} (size level {size_level_for(w, h)}): task PSNR (dB) vs the exact target, mean over "
               f"{6 * args.views} held-out views, {TOY_STEPS} steps, cfg {TOY_CFG}, seed 0:")

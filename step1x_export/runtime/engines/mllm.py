@@ -4,13 +4,16 @@ The embedder reads Qwen2.5-VL's last hidden state; the LM head (152,064 x 3,584:
 the 7B model) never runs, so it is not kept. With `quant`, every Linear of the vision tower, its merger
 and the language model's decoder layers becomes a `WeightOnlyLinear` (8-bit weight, per-channel scale,
 bf16 compute); the token embedding table and the norms stay as loaded. Quantize on the host before
-moving to the device: the bf16 copy of the quantized layers never reaches the GPU.
+moving to the device: the bf16 copy of the quantized layers never reaches the GPU. `quant="int4"` stores
+them group-wise in 4 bits instead (`calibrate.int4`): text generation's one- and two-row GEMMs read the codes
+with torch's W4A16 kernel, the prompt's GEMMs dequantize each layer into the compute dtype first.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from ...calibrate.int4 import quantize_int4_
 from ...calibrate.recipes import select_layers
 from ...calibrate.weight_only import parse_weight_only, quantize_weights_
 from ...step1x_ref.mllm.conditioner import Qwen25VLEmbedder
@@ -25,10 +28,12 @@ def drop_lm_head(model: nn.Module) -> nn.Module:
 
 
 def prepare_mllm(embedder: Qwen25VLEmbedder, quant: str | None) -> Qwen25VLEmbedder:
-    """Drop the LM head and, with `quant` ("fp8" / "int8"), make the Linears weight-only 8-bit (in place)."""
-    fmt = parse_weight_only(quant, "mllm_quant")
+    """Drop the LM head and, with `quant` ("fp8" / "int8" / "int4"), make the Linears weight-only (in place)."""
+    fmt = None if quant == "int4" else parse_weight_only(quant, "mllm_quant")
     model = drop_lm_head(embedder.model)
-    if fmt is not None:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if quant == "int4":
+        quantize_int4_(model, select_layers(linears, MLLM_WEIGHT_ONLY, ()), clip_search=True, w4a16=True)
+    elif fmt is not None:
         quantize_weights_(model, select_layers(linears, MLLM_WEIGHT_ONLY, ()), fmt)
     return embedder
