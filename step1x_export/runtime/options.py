@@ -101,8 +101,6 @@ class RuntimeOptions:
             raise NotImplementedError("RuntimeOptions.attention_fp8: FP8 attention is not implemented yet")
         if self.preset is not None:
             self._apply_preset()
-        if self.prefetch_blocks is None:
-            object.__setattr__(self, "prefetch_blocks", 1)
         self._check_streaming()
 
     @property
@@ -135,8 +133,9 @@ class RuntimeOptions:
         if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0):
             raise ValueError(f"resident_blocks must be None (all resident) or an integer >= 0 (DiT blocks kept on "
                              f"the device, the others streamed), got {blocks!r}")
-        if isinstance(ahead, bool) or not isinstance(ahead, int) or ahead < 1:
-            raise ValueError(f"prefetch_blocks must be an integer >= 1 (blocks copied ahead), got {ahead!r}")
+        if ahead is not None and (isinstance(ahead, bool) or not isinstance(ahead, int) or ahead < 1):
+            raise ValueError(f"prefetch_blocks must be None (the preset's, else 1) or an integer >= 1 (blocks copied "
+                             f"ahead), got {ahead!r}")
         if blocks is not None and (self.backend != "torch" or self.parallel.world > 1 or self.compile):
             source = f"preset {self.preset} sets resident_blocks {blocks}: " if self.preset else ""
             raise ValueError(f"{source}resident_blocks streams the torch DiT's other blocks in one process, eager: "
@@ -156,7 +155,8 @@ class RuntimeOptions:
         ONNX Runtime runs on its own CUDA stream after a host sync, which a torch CUDA graph cannot capture
         (the sync fails during capture, and ORT's kernels would not be in the graph): no graphs there.
         A parallel DiT runs eager: its collectives have not been captured or compiled here.
-        A streamed DiT (`resident_blocks`) runs eager and uncaptured: its copies and frees are queued per call.
+        A streamed DiT (`resident_blocks`) runs eager and uncaptured: its copies and frees are queued per call;
+        `prefetch_blocks` left unset (no preset set it) is 1.
         TensorRT keeps one graph: an engine has one execution context, and binding it to a new shape (input
         shapes, buffer addresses) invalidates what graphs captured at other shapes baked in.
         """
@@ -174,7 +174,7 @@ class RuntimeOptions:
             maskable = self.backend == "torch" and self.attention != "flash"  # the key mask's kernels
             bucket = TEXT_BUCKET if one_call and maskable and not self.region_cache else 0
         return replace(self, cuda_graphs=graphs, compile=compile_on, graph_cache=cache, exact_batches=exact,
-                       text_bucket=bucket)
+                       text_bucket=bucket, prefetch_blocks=self.prefetch_blocks or 1)
 
 
 def option_names() -> tuple[str, ...]:
