@@ -109,3 +109,25 @@ def test_the_8gb_preset_runs_4bit_weights_and_asks_for_them(checkpoints, streams
             latents.append(rt.last_latent)
     assert streams == [(1, 2)]
     assert torch.equal(latents[0], latents[1])  # the preset = its fields by hand, every block resident
+
+
+def test_the_4bit_mllm_keeps_layers_no_group_divides_in_8_bits():
+    """Qwen2.5-VL-7B's vision MLP down projections are 3420 wide (no group of 128, 64 or 32 divides it): 8-bit
+    weight-only there, 4 bits elsewhere, as the 8gb plan counts them (`plan.weights.bytes_as`)."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from step1x_export.calibrate.int4 import Int4Linear
+    from step1x_export.calibrate.weight_only import WeightOnlyLinear
+    from step1x_export.runtime.engines.mllm import prepare_mllm
+
+    block = nn.Module()
+    block.mlp = nn.Module()
+    block.mlp.down_proj, block.mlp.up_proj = nn.Linear(3420, 16), nn.Linear(128, 16)
+    model = nn.Module()
+    model.model = nn.Module()
+    model.model.visual = nn.Module()
+    model.model.visual.blocks = nn.ModuleList([block])
+    prepare_mllm(SimpleNamespace(model=model), "int4")  # type: ignore[arg-type]
+    assert isinstance(block.mlp.down_proj, WeightOnlyLinear) and isinstance(block.mlp.up_proj, Int4Linear)
