@@ -72,7 +72,7 @@ class Preset:
     cards: str
     dit_format: str  # the DiT blocks' W8A8 recipe (fp8 / int8-sq) or their 4-bit storage (int4-g128)
     dit_placement: str
-    mllm_format: str  # weight-only: int8 (8-bit, runs today) or int4-g128
+    mllm_format: str  # weight-only: int8 or int4-g128 (the runtime's mllm_quant "int8" / "int4")
     mllm_placement: str
     resident_blocks: int = 0  # streamed DiT: blocks kept on the device (double blocks first)
     prefetch: int = 0  # streamed DiT: blocks copied ahead of the one computing
