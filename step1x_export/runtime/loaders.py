@@ -138,7 +138,7 @@ def torch_loaders(
     info = read_qcheckpoint_info(quant) if quant is not None and Path(quant).is_file() else None
     qcheckpoint = info is not None
     if options.preset is not None:
-        check_dit_checkpoint(options.preset, info and len(info.layout.int4), quant)
+        check_dit_checkpoint(options.preset, None if info is None else len(info.layout.int4), quant)
     if str(source) in TINY:
         pipe = small_pipeline(str(source), seed=seed, dtype=dtype)
         merge_loras(pipe.model, loras)  # before quantization, as for a model folder
