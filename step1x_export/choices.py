@@ -12,6 +12,7 @@ DTYPES = ("fp32", "bf16", "fp16")  # the float dtypes a model runs in (cli.commo
 RECIPES = ("fp8", "int8-sq")  # calibrate.recipes.RECIPES
 DIT_QUANT = ("none", *RECIPES)  # plan.plan: the DiT's W8A8 recipe, if any
 WEIGHT_ONLY = ("none", "fp8", "int8")  # calibrate.weight_only.WEIGHT_ONLY_FORMATS
+MLLM_QUANT = (*WEIGHT_ONLY, "int4")  # runtime.engines.mllm.prepare_mllm: 8-bit weight-only or calibrate.int4
 PLAN_PRESETS = ("bf16", "fp8", "24gb")  # plan.plan.PRESETS (configurations; "24gb": all resident, first light's)
 MEMORY_PRESETS = ("24gb", "22gb", "16gb", "12gb", "8gb")  # presets.PRESETS: one per card size, every term counted
 ATTENTION = ("auto", "flash", "cudnn", "efficient", "math")  # runtime.step.attention: the SDPA kernel choices

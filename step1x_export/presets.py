@@ -16,10 +16,12 @@ Where the MLLM lives while the DiT runs: in pinned host memory, in every preset 
 (8-bit MLLM and DiT) is 22.8 GiB at 1024^2 before workspaces and a fragmentation margin: past 95 % of a
 24 GiB card; and v1.2's thinking and judging add the LM head and a KV cache.
 
-What the runtime has today: resident 8-bit layers, sequential loading, the batch and the graph setting.
-A `swap` placement runs as sequential loading until stage swapping lands (the same or less device memory;
-each stage is re-read from disk per edit, which swapping will avoid); a `stream` placement or a 4-bit format
-is refused by `RuntimeOptions`, naming what is missing (`runtime_gaps`).
+What the runtime runs of it (`RuntimeOptions.preset`): resident 8-bit layers, the batch and the graph setting;
+a `stream` placement as DiT block streaming (`RuntimeOptions.resident_blocks` / `prefetch_blocks`); a 4-bit
+MLLM as `mllm_quant="int4"`; 4-bit DiT blocks from a 4-bit checkpoint (`step1x-export quantize --int4-layers`),
+which `--quant` loads. Stage swapping from pinned host memory is not built: a `swap` placement runs as
+sequential loading (the same or less device memory; each stage is re-read from disk at every edit, which
+swapping will avoid). `runtime_gaps` names what a preset asks for that the runtime lacks (today: nothing).
 """
 
 from __future__ import annotations
@@ -37,24 +39,27 @@ PLACEMENTS = ("resident", "swap", "stream")
 
 @dataclass(frozen=True)
 class WeightFormat:
-    """How a quantized Linear's weight is stored: `bits` per weight, one scale of `scale_bytes` per output
-    channel (group 0) or per `group` consecutive input weights of a row."""
+    """How a quantized Linear's weight is stored: `bits` per weight, one scale of `scale_bytes` (and a zero of
+    `zero_bytes`) per output channel (group 0) or per `group` consecutive input weights of a row; `mllm_quant`:
+    the runtime's name for it as the MLLM's weight-only format (None: the runtime has no such MLLM format)."""
 
     name: str
     bits: int
     group: int = 0  # 0: one scale per output channel
     scale_bytes: int = 4
+    zero_bytes: int = 0
+    mllm_quant: str | None = None
 
 
-# int4 group-wise: 128 weights share one bf16 scale (symmetric, no zero point), as the offload helper's
-# 4-bit checkpoints store them: 0.516 bytes a weight. GPTQ / AWQ / HQQ and torchao's int4 layouts use the
-# same group size; a bf16 scale is what their kernels read.
+# int4 group-wise as the runtime stores it (`calibrate/int4.py`, torch's W4A16 format): 128 weights share one
+# bf16 scale and one bf16 zero: 4.25 bits, 0.531 bytes a weight. A layer whose input width 128 does not divide
+# takes a group of 64 or 32, or stays 8-bit where neither divides (`plan/weights.py` counts each as stored).
 FORMATS = {
     "bf16": WeightFormat("bf16", 16, scale_bytes=0),
-    "int8": WeightFormat("int8", 8),  # weight-only, a float32 scale per output channel
+    "int8": WeightFormat("int8", 8, mllm_quant="int8"),  # weight-only, a float32 scale per output channel
     "fp8": WeightFormat("fp8", 8),  # W8A8 (the calibration recipe's layers), per-channel float32 scales
     "int8-sq": WeightFormat("int8-sq", 8),
-    "int4-g128": WeightFormat("int4-g128", 4, group=128, scale_bytes=2),
+    "int4-g128": WeightFormat("int4-g128", 4, group=128, scale_bytes=2, zero_bytes=2, mllm_quant="int4"),
 }
 
 
@@ -67,7 +72,7 @@ class Preset:
     cards: str
     dit_format: str  # the DiT blocks' W8A8 recipe (fp8 / int8-sq) or their 4-bit storage (int4-g128)
     dit_placement: str
-    mllm_format: str  # weight-only: int8 (8-bit, runs today) or int4-g128
+    mllm_format: str  # weight-only: int8 or int4-g128 (the runtime's mllm_quant "int8" / "int4")
     mllm_placement: str
     resident_blocks: int = 0  # streamed DiT: blocks kept on the device (double blocks first)
     prefetch: int = 0  # streamed DiT: blocks copied ahead of the one computing
@@ -98,23 +103,28 @@ class Preset:
         return int(0.95 * self.card_bytes)
 
     @property
-    def mllm_quant(self) -> str:
-        """The runtime's `mllm_quant` this preset asks for (its 8-bit weight-only format; 4-bit is refused first)."""
-        return self.mllm_format
+    def mllm_quant(self) -> str | None:
+        """The runtime's `mllm_quant` for this preset's MLLM format ("int8", "int4")."""
+        return FORMATS[self.mllm_format].mllm_quant
+
+    @property
+    def dit_int4(self) -> bool:
+        """Whether the DiT's blocks are planned in 4 bits (a 4-bit checkpoint: `quantize --int4-layers`)."""
+        return FORMATS[self.dit_format].bits == 4
 
     def runtime_gaps(self) -> list[str]:
-        """What this preset needs that the runtime does not have yet (empty: it runs today)."""
-        gaps = []
-        if self.dit_placement == "stream":
-            gaps.append("DiT block streaming from pinned host memory")
-        if "int4" in self.dit_format or "int4" in self.mllm_format:
-            gaps.append("4-bit weight storage")
-        return gaps
+        """What this preset asks for that the runtime does not have (empty: it runs today)."""
+        return [] if self.mllm_quant is not None else [f"the MLLM in {self.mllm_format}"]
 
     @property
     def sequential_load(self) -> bool:
-        """Until stage swapping lands, a swapped stage is loaded for its turn and freed after."""
+        """Stage swapping is not built: a swapped stage is loaded for its turn (from disk) and freed after."""
         return "swap" in (self.mllm_placement, self.dit_placement)
+
+    @property
+    def resident_blocks_option(self) -> int | None:
+        """`RuntimeOptions.resident_blocks` for this preset: None (every block resident) unless the DiT streams."""
+        return self.resident_blocks if self.dit_placement == "stream" else None
 
 
 # Cards (nvidia-smi's total): 4090 / A5000 24564 MiB and L4 / A10 23030 MiB (`/work/shared/PERF.md`);
@@ -136,7 +146,7 @@ PRESETS: dict[str, Preset] = {
                    planned_gib=(10.05, 10.56)),
     "8gb": Preset("8gb", 8188, "RTX 4060, RTX 3070", dit_format="int4-g128", dit_placement="stream",
                   mllm_format="int4-g128", mllm_placement="swap", resident_blocks=8, prefetch=2,
-                   planned_gib=(6.55, 7.06)),
+                   planned_gib=(6.61, 7.11)),
 }
 
 
@@ -163,6 +173,20 @@ def check_fits(name: str, free_bytes: int, reason_edit: bool, device: str) -> No
     advice = f"--preset {fitting[0]} fits" if fitting else "no preset fits (free memory held by other processes?)"
     raise ValueError(f"preset {name} plans {planned_bytes(chosen, reason_edit) / GiB:.2f} GiB at 1024^2 ({mode}); "
                      f"{device} has {free_bytes / GiB:.2f} GiB free after its CUDA context: {advice}")
+
+
+# What makes the 8gb preset's DiT: its blocks in 4 bits, the modulation and connector 8-bit weight-only (default).
+INT4_DIT_COMMAND = ("step1x-export quantize --model-dir DIR --int4-layers 'double_blocks.*' "
+                    "--int4-layers 'single_blocks.*' --out DIT_INT4.safetensors")
+
+
+def check_dit_checkpoint(name: str, int4_layers: int | None, path: object) -> None:
+    """Raise when preset `name` plans 4-bit DiT blocks and the DiT at `path` has none (`int4_layers`: its 4-bit
+    layers; None: `path` is no quantized checkpoint), naming the command that makes one."""
+    if get_preset(name).dit_int4 and not int4_layers:
+        got = "no quantized checkpoint" if int4_layers is None else "a checkpoint without 4-bit layers"
+        raise ValueError(f"preset {name} plans the DiT's blocks in 4 bits; --quant {path} is {got}: make one with "
+                         f"`{INT4_DIT_COMMAND}`")
 
 
 def refuse_gaps(name: str) -> None:

@@ -85,13 +85,23 @@ def test_pcie_bytes_and_host_ram(plans):
 
 
 def test_weight_formats_count_exactly():
-    assert format_bytes(FORMATS["int4-g128"], 3072, 12288) == 3072 * 12288 // 2 + 3072 * 96 * 2
+    """As the runtime stores them: int4 = a byte per 2 codes, a bf16 scale and a bf16 zero per group (of 128 where
+    it divides the width, else 64 or 32; 8-bit where none does); int8 = a byte a weight, a float32 scale a row."""
+    from step1x_export.calibrate.int4 import Int4Linear
+
+    assert format_bytes(FORMATS["int4-g128"], 3072, 12288) == 3072 * 12288 // 2 + 3072 * 96 * (2 + 2)
+    linear = Int4Linear(12288, 3072, 128, bias=False, dtype=torch.bfloat16, device="meta")  # the runtime's buffers
+    held = sum(t.nbytes for t in (linear.weight, linear.weight_scale, linear.weight_zero))
+    assert format_bytes(FORMATS["int4-g128"], 3072, 12288) == held
     assert format_bytes(FORMATS["int8"], 3072, 12288) == 3072 * 12288 + 3072 * 4
     model = nn.Sequential(WeightOnlyLinear(256, 64, QuantFormat.INT8, bias=True, dtype=torch.bfloat16,
                                            device="meta"), nn.LayerNorm(64, device="meta"))
     eight = 64 * 256 + 64 * 4 + 64 * 2 + 2 * 64 * 4  # weight, scales, bf16 bias, fp32 LayerNorm
     assert bytes_as(model, FORMATS["int8"]) == eight
-    assert bytes_as(model, FORMATS["int4-g128"]) == eight - 64 * 256 - 64 * 4 + 64 * 128 + 64 * 2 * 2
+    assert bytes_as(model, FORMATS["int4-g128"]) == eight - 64 * 256 - 64 * 4 + 64 * 128 + 64 * 2 * (2 + 2)
+    # Qwen2.5-VL's vision MLP down projection (3420 wide): no 4-bit group divides it, the runtime keeps it int8
+    vision = WeightOnlyLinear(3420, 1280, QuantFormat.INT8, bias=False, dtype=torch.bfloat16, device="meta")
+    assert bytes_as(vision, FORMATS["int4-g128"]) == bytes_as(vision, FORMATS["int8"]) == 1280 * 3420 + 1280 * 4
     assert kv_cache_bytes("v1.2", 1) == 28 * 2 * 4 * 128 * 2  # Qwen2.5-VL-7B: 28 layers, 4 KV heads of 128
 
 

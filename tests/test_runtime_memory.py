@@ -48,10 +48,11 @@ def test_a_preset_applies_to_the_api_as_to_the_cli():
     assert replace(options, compile=False) == replace(RuntimeOptions(preset="24gb"), compile=False)  # idempotent
     with pytest.raises(ValueError, match="max_batch 4 exceeds preset 24gb's batch 1"):
         RuntimeOptions(preset="24gb", max_batch=4)
-    with pytest.raises(ValueError, match="preset 16gb needs DiT block streaming from pinned host memory, which"):
-        RuntimeOptions(preset="16gb")
-    with pytest.raises(ValueError, match="preset 8gb needs .* and 4-bit weight storage"):
-        RuntimeOptions(preset="8gb")
+    # what is still refused: a streamed preset where streaming cannot run (another backend, compile forced)
+    with pytest.raises(ValueError, match="preset 16gb sets resident_blocks 40: resident_blocks streams the torch"):
+        RuntimeOptions(preset="16gb", backend="onnxruntime")
+    with pytest.raises(ValueError, match="preset 12gb sets resident_blocks 14: .* compile True"):
+        RuntimeOptions(preset="12gb", compile=True)
     rt = Step1XEditRuntime.load("tiny", preset="22gb", device="cpu")
     try:
         assert rt.options.preset == "22gb" and rt.options.sequential_load and not rt.options.cuda_graphs

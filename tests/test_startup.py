@@ -51,9 +51,11 @@ def test_choices_are_the_implementations_names() -> None:
     from step1x_export.calibrate.weight_only import WEIGHT_ONLY_FORMATS
     from step1x_export.cli.common import torch_dtype
     from step1x_export.plan.plan import PRESETS
+    from step1x_export.runtime.engines.mllm import MLLM_QUANT_FORMATS
 
     assert tuple(RECIPES) == choices.RECIPES
     assert tuple(WEIGHT_ONLY_FORMATS) == choices.WEIGHT_ONLY
+    assert MLLM_QUANT_FORMATS == choices.MLLM_QUANT
     assert tuple(PRESETS) == choices.PLAN_PRESETS
     dtypes = [torch_dtype(name) for name in choices.DTYPES]
     assert set(dtypes) == set(CHECKPOINT_DTYPES.values()) and all(d.is_floating_point for d in dtypes)

@@ -41,11 +41,16 @@ W4A16_DTYPES = {"cuda": (torch.bfloat16,), "cpu": (torch.bfloat16, torch.float32
 _LEVELS = 15
 
 
+def int4_group(in_features: int, preferred: int = INT4_GROUP) -> int | None:
+    """`preferred` if it divides the layer's input width, else the largest fallback that does (None: none does)."""
+    return next((g for g in (preferred, *GROUP_FALLBACKS) if g <= preferred and in_features % g == 0), None)
+
+
 def group_size_for(in_features: int, preferred: int = INT4_GROUP) -> int:
-    """`preferred` if it divides the layer's input width, else the largest fallback that does."""
-    for g in (preferred, *GROUP_FALLBACKS):
-        if g <= preferred and in_features % g == 0:
-            return g
+    """`int4_group`, raising where no group divides the width."""
+    group = int4_group(in_features, preferred)
+    if group is not None:
+        return group
     raise ValueError(f"a 4-bit layer needs its input width divisible by {preferred} or one of {GROUP_FALLBACKS}; "
                      f"got {in_features}")
 

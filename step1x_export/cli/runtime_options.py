@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..choices import ATTENTION, DTYPES, MEMORY_PRESETS
+from ..choices import ATTENTION, DTYPES, MEMORY_PRESETS, MLLM_QUANT
 from ..instructions import KnownTasks
 from ..runtime.options import BACKENDS, DEFAULT_GRAPH_CACHE, RuntimeOptions, changed_fields
 from .common import DEVICE, SMALL_MODELS, lora_option, torch_dtype, version_option
@@ -52,6 +52,8 @@ class RuntimeArgs:
     exact_batches: bool | None = None
     text_bucket: int | None = None
     threads: int | None = None
+    resident_blocks: int | None = None
+    prefetch_blocks: int | None = None
 
     def known_tasks(self) -> KnownTasks | None:
         """The only instructions the model learned, where it learned only a few (the toy's); None: any."""
@@ -78,11 +80,13 @@ class RuntimeArgs:
             raise click.UsageError(f"--compile applies to --backend torch; {self.backend} runs its own graphs")
         if self.preset is not None and self.backend == "torch":
             from ..calibrate.qcheckpoint import read_qcheckpoint_info
+            from ..presets import INT4_DIT_COMMAND, get_preset
 
             if self.quant is None or read_qcheckpoint_info(self.quant) is None:
+                make = (INT4_DIT_COMMAND if get_preset(self.preset).dit_int4
+                        else "step1x-export quantize --artifact FP8_ARTIFACT --weight-only int8")
                 raise click.UsageError(f"--preset {self.preset} needs --quant FILE, a quantized checkpoint "
-                                       "(`step1x-export quantize --artifact FP8_ARTIFACT --weight-only int8`): the "
-                                       "bf16 DiT does not fit")
+                                       f"(`{make}`): the bf16 DiT does not fit")
 
     def options(self, **overrides: Any) -> RuntimeOptions:
         """The `RuntimeOptions` these flags ask for (precision from --dtype; bf16 when unset)."""
@@ -94,7 +98,8 @@ class RuntimeArgs:
                               shape_buckets=self.shape_buckets, sequential_load=self.sequential_load,
                               mllm_quant=self.mllm_quant, attention=self.attention, preset=self.preset,
                               exact_batches=self.exact_batches,
-                              text_bucket=self.text_bucket, threads=self.threads)
+                              text_bucket=self.text_bucket, threads=self.threads,
+                              resident_blocks=self.resident_blocks, prefetch_blocks=self.prefetch_blocks)
         return replace(base, **overrides)
 
     def load_kwargs(self) -> dict[str, Any]:
@@ -178,9 +183,10 @@ def _execution_options() -> dict[str, Callable[[Callable[..., Any]], Callable[..
             "--sequential-load", is_flag=True,
             help="Load one stage at a time and free it after (MLLM freed before the DiT): for GPUs with <= 24 GB."),
         "mllm_quant": click.option(
-            "--mllm-quant", type=click.Choice(["none", "fp8", "int8"]), default=None,
-            help="Qwen2.5-VL's Linears as 8-bit weight-only layers, quantized on the host before they reach the "
-            "device [default: none; the --preset's]."),
+            "--mllm-quant", type=click.Choice(MLLM_QUANT), default=None,
+            help="Qwen2.5-VL's Linears as weight-only layers, quantized on the host before they reach the device: "
+            "fp8 / int8 per output channel, or int4 (groups of 128 input channels, a bf16 scale and zero each: "
+            "torch's W4A16 format; a layer no group divides stays int8) [default: none; the --preset's]."),
         "attention": click.option(
             "--attention", type=click.Choice(ATTENTION), default="auto",
             show_default=True,
@@ -203,13 +209,24 @@ def _execution_options() -> dict[str, Callable[[Callable[..., Any]], Callable[..
             "--threads", type=click.IntRange(1, 1024), default=None,
             help="CPU threads torch's operators use during an edit [default: 1 for the small models on CPU (their "
             "operators are too small to share, and spinning threads stall on a busy machine), else one per core]."),
+        "resident_blocks": click.option(
+            "--resident-blocks", type=click.IntRange(0), default=None,
+            help="DiT block streaming (torch backend, eager): keep the first N transformer blocks (double, then "
+            "single, as they run) on the device and stream the others from pinned host memory, each copied ahead "
+            "of its turn on a side stream and freed after it [default: every block resident; the --preset's]."),
+        "prefetch_blocks": click.option(
+            "--prefetch-blocks", type=click.IntRange(1), default=None,
+            help="With --resident-blocks: streamed blocks copied ahead of the one running (device memory for this "
+            "many + 1 blocks) [default: the --preset's, else 1]."),
         "preset": click.option(
             "--preset", type=click.Choice(MEMORY_PRESETS), default=None,
             help="A card-size preset (`step1x-export plan --preset P` counts its memory at 1024^2): 24gb (4090, "
-            "A5000), 22gb (L4, A10), 16gb, 12gb, 8gb. Sets its MLLM format, loading, batch (1) and CUDA graphs "
-            "(off); needs --quant QUANTIZED_CHECKPOINT (8-bit DiT). The MLLM stays off the device while the DiT "
-            "runs (sequential loading until stage swapping lands); 16gb, 12gb and 8gb need DiT block streaming "
-            "and 4-bit weights, and say so. On CUDA, load checks the device's free memory against the plan."),
+            "A5000), 22gb (L4, A10), 16gb, 12gb, 8gb. Sets its MLLM format (8gb: int4), loading, batch (1), CUDA "
+            "graphs (off) and, for 16gb / 12gb / 8gb, --resident-blocks and --prefetch-blocks (each unless given); "
+            "needs --quant QUANTIZED_CHECKPOINT (8-bit DiT; 8gb: 4-bit blocks, `quantize --int4-layers`). Stage "
+            "swapping from pinned host memory is not built: the MLLM and a swapped DiT are loaded from disk for "
+            "their stage and freed after it (sequential loading). On CUDA, load checks the device's free memory "
+            "against the plan."),
     }
 
 

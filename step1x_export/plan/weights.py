@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..calibrate.int4 import int4_group
 from ..calibrate.weight_only import WEIGHT_ONLY_FORMATS
 from ..presets import FORMATS, WeightFormat
 from ..step1x_ref.configs import get_config
@@ -30,20 +31,27 @@ def _eight_bit_layers(module: nn.Module) -> list[nn.Module]:
             and hasattr(m, "weight_scale")]
 
 
-def format_bytes(fmt: WeightFormat, out_features: int, in_features: int) -> int:
-    """One Linear's weight and scales stored as `fmt` (no bias)."""
-    scales = out_features * (math.ceil(in_features / fmt.group) if fmt.group else 1)
-    return out_features * in_features * fmt.bits // 8 + scales * fmt.scale_bytes
+def format_bytes(fmt: WeightFormat, out_features: int, in_features: int, group: int | None = None) -> int:
+    """One Linear's weight and scales (and zeros) stored as `fmt` (no bias); `group`: the group size the layer
+    takes where `fmt.group` does not divide its width."""
+    group = group or fmt.group
+    groups = out_features * (math.ceil(in_features / group) if group else 1)
+    return out_features * in_features * fmt.bits // 8 + groups * (fmt.scale_bytes + fmt.zero_bytes)
 
 
 def bytes_as(module: nn.Module, fmt: WeightFormat) -> int:
-    """`module`'s resident bytes with its 8-bit Linears stored as `fmt` (8-bit formats: as built)."""
+    """`module`'s resident bytes with its 8-bit Linears stored as `fmt` (8-bit formats: as built). A 4-bit
+    format takes each layer's group as the runtime does (`calibrate.int4.int4_group`): a layer no group
+    divides stays 8-bit (Qwen2.5-VL's vision MLP down projections, 3420 wide)."""
     total = resident_bytes(module)
     if fmt.bits == 8:
         return total
     for m in _eight_bit_layers(module):
         n, k = m.weight.shape
-        total += format_bytes(fmt, n, k) - m.weight.nbytes - m.weight_scale.nbytes
+        group = int4_group(k, fmt.group) if fmt.bits == 4 else fmt.group
+        if fmt.bits == 4 and group is None:
+            continue
+        total += format_bytes(fmt, n, k, group) - m.weight.nbytes - m.weight_scale.nbytes
     return total
 
 

@@ -10,6 +10,7 @@ import torch
 
 from ..calibrate.qcheckpoint import load_quantized_checkpoint, read_qcheckpoint_info
 from ..hashing import FileIdentity, file_identity
+from ..presets import check_dit_checkpoint
 from ..safetensors_io import TensorReader
 from ..sources import TINY, small_pipeline, weights_note
 from ..specs import component_specs, dit_spec, vae_decoder_spec, vae_encoder_spec
@@ -134,7 +135,10 @@ def torch_loaders(
     """`quant`: a calibration artifact (scales; applied to the float DiT) or a quantized checkpoint (the DiT itself)."""
     dtype = options.precision.compute_dtype
     # A missing file falls through to the artifact loader, whose error names it.
-    qcheckpoint = quant is not None and Path(quant).is_file() and read_qcheckpoint_info(quant) is not None
+    info = read_qcheckpoint_info(quant) if quant is not None and Path(quant).is_file() else None
+    qcheckpoint = info is not None
+    if options.preset is not None:
+        check_dit_checkpoint(options.preset, None if info is None else len(info.layout.int4), quant)
     if str(source) in TINY:
         pipe = small_pipeline(str(source), seed=seed, dtype=dtype)
         merge_loras(pipe.model, loras)  # before quantization, as for a model folder

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..choices import ATTENTION, DEFAULT_GRAPH_CACHE, MAX_BATCH, TEXT_BUCKET
+from ..choices import ATTENTION, DEFAULT_GRAPH_CACHE, MAX_BATCH, MLLM_QUANT, TEXT_BUCKET
 from ..precision import Precision
 from ..threads import check_threads
 from .parallel.degrees import ParallelDegrees
@@ -51,7 +51,9 @@ class RuntimeOptions:
     ring_degree: int = 1  # ranks splitting the sequence for ring attention
     max_batch: int = 1  # same-size edits sharing each DiT call (`edit_batch`; the server's batches): 1 = alone
     exact_batches: bool | None = None  # each edit of a batch bit for bit as alone (GEMMs lane by lane); None: on CPU
-    preset: str | None = None  # a card-size preset (`presets.PRESETS`): its graphs, loading, MLLM format, batch
+    # a card-size preset (`presets.PRESETS`): its graphs, loading, MLLM format, batch and, where its DiT streams,
+    # resident_blocks and prefetch_blocks (each where left unset)
+    preset: str | None = None
     # v1.2: both CFG branches in one DiT call, texts padded to a multiple of this many tokens and the padding
     # masked (within fp32 rounding of the per-branch calls); 0: one call per branch at its own length, as the
     # published pipeline (bit-exact); None: TEXT_BUCKET on CUDA and for batches (max_batch > 1), else 0
@@ -60,7 +62,8 @@ class RuntimeOptions:
     # DiT block streaming: None keeps every block on the device; an int k keeps the first k blocks (double, then
     # single, as they run) on it and streams the others from pinned host memory, `prefetch_blocks` copies ahead.
     resident_blocks: int | None = None
-    prefetch_blocks: int = 1  # streamed blocks copied ahead of the one running (device memory: this many + 1)
+    # streamed blocks copied ahead of the one running (device memory: this many + 1); None: the preset's, else 1
+    prefetch_blocks: int | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -84,8 +87,8 @@ class RuntimeOptions:
             raise ValueError(f"text_bucket {bucket}: v1.2's one CFG call masks its padded keys, which FlashAttention "
                              "does not take; choose another attention or text_bucket=0")
         check_threads(self.threads)
-        if self.mllm_quant not in (None, "none", "fp8", "int8", "int4"):
-            raise ValueError(f"unknown mllm_quant {self.mllm_quant!r}; choose none, fp8, int8 or int4")
+        if self.mllm_quant is not None and self.mllm_quant not in MLLM_QUANT:
+            raise ValueError(f"unknown mllm_quant {self.mllm_quant!r}; choose one of {', '.join(MLLM_QUANT)}")
         if isinstance(self.cache, str):
             object.__setattr__(self, "cache", CacheSpec.parse(self.cache))
         if (self.cache is not None or self.parallel.world > 1) and self.backend != "torch":
@@ -94,11 +97,11 @@ class RuntimeOptions:
         if bucket and self.region_cache:
             raise ValueError(f"text_bucket {bucket}: RegionE keeps one key/value cache per DiT call, so it runs each "
                              "CFG branch as its own call; use text_bucket=0")
-        self._check_streaming()
         if self.attention_fp8:
             raise NotImplementedError("RuntimeOptions.attention_fp8: FP8 attention is not implemented yet")
         if self.preset is not None:
             self._apply_preset()
+        self._check_streaming()
 
     @property
     def region_cache(self) -> bool:
@@ -107,7 +110,8 @@ class RuntimeOptions:
 
     def _apply_preset(self) -> None:
         """The preset's graph setting, loading and MLLM format over these fields; its batch as the most edits a
-        DiT call may hold (its plan holds that many). Idempotent: `replace` runs it again on the result."""
+        DiT call may hold (its plan holds that many); a streamed DiT's resident blocks and prefetch where these
+        fields leave them unset (None). Idempotent: `replace` runs it again on the result."""
         from ..presets import get_preset, refuse_gaps
 
         preset = get_preset(self.preset)  # type: ignore[arg-type]
@@ -119,18 +123,24 @@ class RuntimeOptions:
         object.__setattr__(self, "sequential_load", self.sequential_load or preset.sequential_load)
         if self.mllm_quant is None:
             object.__setattr__(self, "mllm_quant", preset.mllm_quant)
+        if self.resident_blocks is None:
+            object.__setattr__(self, "resident_blocks", preset.resident_blocks_option)
+        if self.prefetch_blocks is None and preset.dit_placement == "stream":
+            object.__setattr__(self, "prefetch_blocks", preset.prefetch)
 
     def _check_streaming(self) -> None:
         blocks, ahead = self.resident_blocks, self.prefetch_blocks
         if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0):
             raise ValueError(f"resident_blocks must be None (all resident) or an integer >= 0 (DiT blocks kept on "
                              f"the device, the others streamed), got {blocks!r}")
-        if isinstance(ahead, bool) or not isinstance(ahead, int) or ahead < 1:
-            raise ValueError(f"prefetch_blocks must be an integer >= 1 (blocks copied ahead), got {ahead!r}")
+        if ahead is not None and (isinstance(ahead, bool) or not isinstance(ahead, int) or ahead < 1):
+            raise ValueError(f"prefetch_blocks must be None (the preset's, else 1) or an integer >= 1 (blocks copied "
+                             f"ahead), got {ahead!r}")
         if blocks is not None and (self.backend != "torch" or self.parallel.world > 1 or self.compile):
-            raise ValueError("resident_blocks streams the torch DiT's other blocks in one process, eager: it needs "
-                             f"backend torch, no parallel degrees and compile off (got backend {self.backend}, "
-                             f"{self.parallel.world} ranks, compile {self.compile})")
+            source = f"preset {self.preset} sets resident_blocks {blocks}: " if self.preset else ""
+            raise ValueError(f"{source}resident_blocks streams the torch DiT's other blocks in one process, eager: "
+                             "it needs backend torch, no parallel degrees and compile off (got backend "
+                             f"{self.backend}, {self.parallel.world} ranks, compile {self.compile})")
 
     @property
     def parallel(self) -> ParallelDegrees:
@@ -145,7 +155,8 @@ class RuntimeOptions:
         ONNX Runtime runs on its own CUDA stream after a host sync, which a torch CUDA graph cannot capture
         (the sync fails during capture, and ORT's kernels would not be in the graph): no graphs there.
         A parallel DiT runs eager: its collectives have not been captured or compiled here.
-        A streamed DiT (`resident_blocks`) runs eager and uncaptured: its copies and frees are queued per call.
+        A streamed DiT (`resident_blocks`) runs eager and uncaptured: its copies and frees are queued per call;
+        `prefetch_blocks` left unset (no preset set it) is 1.
         TensorRT keeps one graph: an engine has one execution context, and binding it to a new shape (input
         shapes, buffer addresses) invalidates what graphs captured at other shapes baked in.
         """
@@ -163,7 +174,7 @@ class RuntimeOptions:
             maskable = self.backend == "torch" and self.attention != "flash"  # the key mask's kernels
             bucket = TEXT_BUCKET if one_call and maskable and not self.region_cache else 0
         return replace(self, cuda_graphs=graphs, compile=compile_on, graph_cache=cache, exact_batches=exact,
-                       text_bucket=bucket)
+                       text_bucket=bucket, prefetch_blocks=self.prefetch_blocks or 1)
 
 
 def option_names() -> tuple[str, ...]:
