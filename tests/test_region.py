@@ -172,7 +172,7 @@ def test_region_call_attends_like_the_full_call(model: str, tiny_rt: Step1XEditR
         assert torch.equal(full, plain)  # recording the keys and values changes nothing
         subset = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: n // 3].sort().values
         for edited in (subset, torch.arange(n)):
-            dit.edited = edited
+            dit.queried = edited
             dit.start(region=True)
             region = region_fn(x[:, edited].repeat(2, 1, 1), t, *lane.conditioning)
             rows = full[:, edited]
@@ -195,6 +195,38 @@ def test_full_steps_are_the_plain_steps(tiny_rt: Step1XEditRuntime):
         x_plain, x_region = plain(x_plain, *step, *lane.conditioning), region(x_region, *step, *lane.conditioning)
         assert torch.equal(x_region, x_plain)
     assert region.stats.kinds == ["full"] * 5 + ["capture"] and len(region.stats.edited[5]) == lane.x.shape[1]
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-v1.2"])
+def test_every_token_every_step_is_the_plain_edit(model: str, tiny_rt: Step1XEditRuntime):
+    """Every token edited (threshold 2, no erosion), no velocity reused (cache 0) and the reference tokens
+    recomputed in the region calls (ref_kv 0): each of the 28 steps computes every token, through the recording
+    and region calls' key/value windows, and the whole edit is the plain edit bit for bit (v1.2: per branch).
+    With the published cached reference keys and values it is not (the reference tokens' modulation follows t)."""
+    every = "regione:threshold=2,erode=0,cache=0"
+    job = dict(seed=0, steps=STEPS, size_level=SIZE)
+    with contextlib.ExitStack() as stack:
+        def load(**options: str) -> Step1XEditRuntime:
+            return stack.enter_context(Step1XEditRuntime.load(model, backend="torch", device="cpu", compile=False,
+                                                              **options))
+
+        plain = tiny_rt if model == "tiny" else load()
+        region = load(cache=f"{every},ref_kv=0")
+        plain.edit(image(), "add a hat", **job)
+        region.edit(image(), "add a hat", **job)
+        stats = region.stats().cache
+        n = stats["image_tokens"]
+        region_steps = STEPS - 6 - 1 - 2  # all but the warm-up, the refresh and the post steps
+        assert stats["kinds"].count("region") == region_steps and stats["reused"] == 0
+        assert stats["tokens"] == [2 * n] * STEPS
+        assert torch.equal(region.last_latent, plain.last_latent)
+        if model == "tiny":
+            cached = load(cache=every)
+            cached.edit(image(), "add a hat", **job)
+            assert cached.stats().cache["tokens"].count(n) == region_steps  # the reference not queried
+            err = float((cached.last_latent - plain.last_latent).norm() / plain.last_latent.norm())
+            print(f"cached reference keys and values: relative error {err:.2e} vs the plain edit")
+            assert not torch.equal(cached.last_latent, plain.last_latent)
 
 
 def test_regione_edit_reports_its_plan():
