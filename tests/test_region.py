@@ -1,7 +1,8 @@
 """RegionE (`cache="regione"`): its step plan and partition equal an independent numpy transcription of the
 published rule; its DiT call on a subset of the image tokens, attending to the cached keys and values of a
-full call at the same input, equals that full call's rows; up to the partition it is the plain edit bit for bit;
-one compile serves every edited-token count; its settings parse and its misuses are refused."""
+full call at the same input, equals that full call's rows; up to the partition it is the plain edit bit for bit,
+and so is a whole edit where every step computes every token; one compile serves every edited-token count; its
+settings parse and its misuses are refused."""
 
 from __future__ import annotations
 
@@ -172,7 +173,7 @@ def test_region_call_attends_like_the_full_call(model: str, tiny_rt: Step1XEditR
         assert torch.equal(full, plain)  # recording the keys and values changes nothing
         subset = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: n // 3].sort().values
         for edited in (subset, torch.arange(n)):
-            dit.edited = edited
+            dit.queried = edited
             dit.start(region=True)
             region = region_fn(x[:, edited].repeat(2, 1, 1), t, *lane.conditioning)
             rows = full[:, edited]
@@ -195,6 +196,38 @@ def test_full_steps_are_the_plain_steps(tiny_rt: Step1XEditRuntime):
         x_plain, x_region = plain(x_plain, *step, *lane.conditioning), region(x_region, *step, *lane.conditioning)
         assert torch.equal(x_region, x_plain)
     assert region.stats.kinds == ["full"] * 5 + ["capture"] and len(region.stats.edited[5]) == lane.x.shape[1]
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-v1.2"])
+def test_every_token_every_step_is_the_plain_edit(model: str, tiny_rt: Step1XEditRuntime):
+    """Every token edited (threshold 2, no erosion), no velocity reused (cache 0) and the reference tokens
+    recomputed in the region calls (ref_kv 0): each of the 28 steps computes every token, through the recording
+    and region calls' key/value windows, and the whole edit is the plain edit bit for bit (v1.2: per branch).
+    With the published cached reference keys and values it is not (the reference tokens' modulation follows t)."""
+    every = "regione:threshold=2,erode=0,cache=0"
+    job = dict(seed=0, steps=STEPS, size_level=SIZE)
+    with contextlib.ExitStack() as stack:
+        def load(**options: str) -> Step1XEditRuntime:
+            return stack.enter_context(Step1XEditRuntime.load(model, backend="torch", device="cpu", compile=False,
+                                                              **options))
+
+        plain = tiny_rt if model == "tiny" else load()
+        region = load(cache=f"{every},ref_kv=0")
+        plain.edit(image(), "add a hat", **job)
+        region.edit(image(), "add a hat", **job)
+        stats = region.stats().cache
+        n = stats["image_tokens"]
+        region_steps = STEPS - 6 - 1 - 2  # all but the warm-up, the refresh and the post steps
+        assert stats["kinds"].count("region") == region_steps and stats["reused"] == 0
+        assert stats["tokens"] == [2 * n] * STEPS
+        assert torch.equal(region.last_latent, plain.last_latent)
+        if model == "tiny":
+            cached = load(cache=every)
+            cached.edit(image(), "add a hat", **job)
+            assert cached.stats().cache["tokens"].count(n) == region_steps  # the reference not queried
+            err = float((cached.last_latent - plain.last_latent).norm() / plain.last_latent.norm())
+            print(f"cached reference keys and values: relative error {err:.2e} vs the plain edit")
+            assert not torch.equal(cached.last_latent, plain.last_latent)
 
 
 def test_regione_edit_reports_its_plan():
@@ -221,6 +254,9 @@ def test_regione_settings():
     assert spec.region == RegionParams(cache=0.03, refresh=(12, 20))
     assert CacheSpec.parse(str(spec)) == spec and str(CacheSpec.parse("regione")) == "regione"
     assert CacheSpec.parse("regione:0.9").region == RegionParams(threshold=0.9)
+    every = CacheSpec.parse("regione:threshold=2,erode=0,cache=0,ref_kv=0")
+    assert every.region == RegionParams(threshold=2, erode=False, cache=0, ref_kv=False)
+    assert CacheSpec.parse(str(every)) == every
     for bad, why in [("regione:refresh=7", r"refresh steps must lie in \(7, 25\]"), ("regione:warmup=0", "warmup"),
                      ("regione:refresh=12+13", "adjacent"), ("regione:speed=2", "key=value"),
                      ("regione:cache=x", "cache='x'")]:
@@ -232,26 +268,39 @@ def test_regione_settings():
 @pytest.mark.xdist_group("compile")  # one worker: inductor's C++ builds use both cores
 @pytest.mark.usefixtures("fresh_compiles")
 def test_one_compile_serves_every_edited_token_count():
-    """Five edits whose partitions differ in size: the blocks compile for the full steps, the recording steps
-    and the region steps on the first edit, and never again."""
+    """Five edited-token counts: two edits (new partition, new key/value caches), then three region calls of the
+    same compiled DiT on other subsets. The blocks compile for the full steps, the recording steps and the region
+    steps on the first edit, and never again; the compiled edit matches the eager one."""
     cache = "regione:threshold=0,erode=0"
-    seeds = (0, 1, 2, 4, 5)
+    seeds = (5, 4)  # 12 and 4 of the 16 tokens edited
     with Step1XEditRuntime.load("tiny", backend="torch", device="cpu", compile=True, cache=cache) as rt, \
             Step1XEditRuntime.load("tiny", backend="torch", device="cpu", compile=False, cache=cache) as eager:
+        eager.edit(image(seed=seeds[0]), "add a hat", seed=seeds[0], steps=STEPS, size_level=SIZE)
         counts, compiles = [], []
         for seed in seeds:
             rt.edit(image(seed=seed), "add a hat", seed=seed, steps=STEPS, size_level=SIZE)
             counts.append(len(rt.stats().cache["edited"][5]))
             compiles.append(rt.stats().compiles)
-        print(f"edited tokens {counts}, compiles after each edit {compiles}")
-        assert len(set(counts)) == len(seeds) and min(counts) > 1  # five counts (one token would specialise)
-        assert compiles == [compiles[0]] * len(seeds)
+            if seed == seeds[0]:
+                assert eager.stats().cache["edited"] == rt.stats().cache["edited"]
+                err = float((rt.last_latent - eager.last_latent).norm() / eager.last_latent.norm())
+                print(f"compiled vs eager RegionE: relative error {err:.2e}")
+                assert err < 1e-5  # inductor reorders fp32 reductions (the bound of test_compile)
+        lane = rt.prepare_lane(EditJob(image(), "add a hat", steps=STEPS, size_level=SIZE))
+        dit = RegionDiT(rt.stages.load("dit"), rt.version.dit_inputs)
+        region_fn, t = rt.version.step(dit), torch.tensor([0.7, 0.7])
+        dit.start(region=False)
+        region_fn(torch.cat([lane.x, lane.ref], dim=1).repeat(2, 1, 1), t, *lane.conditioning)
+        for count in (2, 7, 10):
+            dit.queried = torch.linspace(0, lane.x.shape[1] - 1, count).round().long()  # spread over the grid
+            dit.start(region=True)
+            region_fn(lane.x[:, dit.queried].repeat(2, 1, 1), t, *lane.conditioning)
+            counts.append(count)
+            compiles.append(rt.stats().compiles)
+        print(f"edited tokens {counts}, compiles after each {compiles}")
+        assert len(set(counts)) == 5 and min(counts) > 1  # five counts (one token would specialise)
+        assert compiles == [compiles[0]] * 5
         assert compiles[0] == 3 * 2  # (full, recording, region) x (double, single) block
-        eager.edit(image(seed=seeds[-1]), "add a hat", seed=seeds[-1], steps=STEPS, size_level=SIZE)
-        assert eager.stats().cache["edited"] == rt.stats().cache["edited"]
-        err = float((rt.last_latent - eager.last_latent).norm() / eager.last_latent.norm())
-        print(f"compiled vs eager RegionE: relative error {err:.2e}")
-        assert err < 1e-5  # inductor reorders fp32 reductions (the bound of test_compile)
 
 
 def test_regione_runs_each_v12_branch_as_its_own_call():

@@ -40,7 +40,8 @@ def speedup_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                           "First-Block Cache (default T 0.08). regione = RegionE: after 6 full steps only the tokens "
                           "the edit changes are denoised (attending to cached keys and values of the rest), some "
                           "of their steps reusing the velocity; 28 steps, one edit at a time; settings threshold "
-                          "(0.88), cache (0.02), warmup (6), post (2), refresh (16; steps joined by +), erode (1). "
+                          "(0.88), cache (0.02), warmup (6), post (2), refresh (16; steps joined by +), erode (1), "
+                          "ref_kv (1: the reference tokens' keys and values cached; 0 recomputes them). "
                           "Prints the DiT calls computed and reused."),
         click.option("--compare-uncached/--no-compare-uncached", default=None,
                      help="With --cache, also run the edit without it and print the latent's and the image's PSNR "

@@ -2,7 +2,8 @@
 
 The defaults are the published ones for Step1X-Edit (v1.0 / v1.1 and v1.2 alike): 28 steps, 6 warm-up steps,
 2 post steps, one refresh at step 16 (1-based), similarity threshold 0.88, velocity-cache threshold 0.02,
-erosion and dilation of the edited mask on. Written `regione` or `regione:key=value,...`, e.g.
+erosion and dilation of the edited mask on, the reference tokens' keys and values cached for the region steps.
+Written `regione` or `regione:key=value,...`, e.g.
 `regione:threshold=0.9,cache=0.03,refresh=12+20`.
 """
 
@@ -13,7 +14,7 @@ from itertools import pairwise
 
 # RegionE's velocity decay constants were fitted for this many steps; it refuses any other count, and so do we.
 REGION_STEPS = 28
-_KEYS = {"threshold": float, "cache": float, "warmup": int, "post": int, "refresh": str, "erode": int}
+_KEYS = {"threshold": float, "cache": float, "warmup": int, "post": int, "refresh": str, "erode": int, "ref_kv": int}
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,10 @@ class RegionParams:
     post: int = 2  # full steps at the end, after the unedited tokens rejoin (warmup + post = 28: no partition)
     refresh: tuple[int, ...] = (16,)  # full steps in between that renew the cached keys and values
     erode: bool = True  # remove isolated edited tokens (erode with a 3x3 cross, dilate with a 5x5 square)
+    # The region steps attend to the reference tokens' keys and values cached at the last full step (published);
+    # ref_kv=0 recomputes the reference tokens in every region call instead. With every token edited and no
+    # reuse (threshold=2,erode=0,cache=0,ref_kv=0) every step then computes every token: the plain edit.
+    ref_kv: bool = True
 
     def __post_init__(self) -> None:
         refresh = tuple(sorted(self.refresh))
@@ -52,7 +57,7 @@ class RegionParams:
             try:
                 if key == "refresh":
                     values[key] = tuple(int(v) for v in value.split("+") if v)
-                elif key == "erode":
+                elif key in ("erode", "ref_kv"):
                     values[key] = bool(int(value))
                 else:
                     values[key] = _KEYS[key](value)

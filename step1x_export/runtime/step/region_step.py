@@ -9,7 +9,8 @@ Euler step as `guided_euler` does, keeping the velocity for the partition, the j
 
 The DiT runs over the reference model's modules block by block (the connector and embedders, each block
 inside a `KVWindow`, the final layer): a region call's tokens are the text and the edited noisy
-tokens; the reference tokens are never queried again, only attended to through the cache. v1.2 runs its
+tokens; the reference tokens are never queried again, only attended to through the cache (unless `ref_kv` is
+off: then every region call queries them too). v1.2 runs its
 two CFG branches as two calls (the version's `step`), each with its own cache, as RegionE's v1.2 pipeline does.
 """
 
@@ -49,7 +50,7 @@ class RegionDiT:
                              f"got {type(module).__name__}")
         self.engine, self.model, self.names = engine, module, names
         self.caches: list[KV] = []  # per call of a step
-        self.edited: Tensor | None = None
+        self.queried: Tensor | None = None  # a region call's image tokens (noisy rows, then reference rows)
         self.region, self._call = False, 0
 
     def start(self, *, region: bool) -> None:
@@ -66,8 +67,8 @@ class RegionDiT:
         text = inputs["llm_embedding"].shape[1]
         with torch.inference_mode():
             if self.region:
-                assert self.edited is not None
-                rows = torch.cat([torch.arange(text, device=self.edited.device), self.edited + text])
+                assert self.queried is not None
+                rows = torch.cat([torch.arange(text, device=self.queried.device), self.queried + text])
                 inputs["pe"] = inputs["pe"][:, :, rows]
                 cache = self.caches[call]
             else:  # every position, into a new cache
@@ -126,6 +127,7 @@ class RegionUpdate:
         self.t = torch.zeros(0)
         self.step = 0
         self.velocity: Tensor | None = None  # the last computed step's (all tokens, or the edited ones)
+        self.edited: Tensor | None = None  # the partition's edited noisy tokens (ascending)
 
     def begin(self, lane: Lane, grid: tuple[int, int]) -> None:
         if lane.steps != REGION_STEPS:
@@ -135,7 +137,7 @@ class RegionUpdate:
             raise InputError("cache regione needs an input image: text-to-image has no reference to compare with")
         self.t = lane.t.detach().cpu()
         self.plan = region_plan(self.params, self.t, self.gamma)
-        self.grid, self.step, self.velocity, self.dit.edited = grid, 0, None, None
+        self.grid, self.step, self.velocity, self.edited, self.dit.queried = grid, 0, None, None, None
         self.stats = RegionStats(image_tokens=lane.x.shape[1])
 
     def __call__(self, x: Tensor, ref: Tensor, guidance: Tensor, t: Tensor, dt: Tensor, rescale: Tensor,
@@ -150,7 +152,7 @@ class RegionUpdate:
         elif kind == CAPTURE:
             out, tokens = self._capture(i, x, ref, dt, cfg), 2 * x.shape[1]
         else:
-            out, tokens = self._region_step(i, kind, x, dt, cfg)
+            out, tokens = self._region_step(i, kind, x, ref, dt, cfg)
         self.stats.record_step(kind, tokens)
         self.step += 1
         return out
@@ -167,9 +169,11 @@ class RegionUpdate:
         self.dit.start(region=False)
         v = self.velocity = self._velocity(self.region, torch.cat([x, ref], dim=1), x.shape[1], *cfg)
         if i == self.plan.partition_step:
-            self.dit.edited = edited_tokens((x - self.t[i].to(x.device) * v)[0], ref[0], self.grid, self.params)
-        edited = self.dit.edited
+            self.edited = edited_tokens((x - self.t[i].to(x.device) * v)[0], ref[0], self.grid, self.params)
+        edited = self.edited
         assert edited is not None
+        n = x.shape[1]  # the reference rows follow the noisy ones
+        self.dit.queried = edited if self.params.ref_kv else torch.cat([edited, n + torch.arange(n, device=x.device)])
         self.stats.edited[i] = edited.tolist()
         out = x + dt.view(1, 1, 1) * v
         unedited = torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
@@ -178,19 +182,24 @@ class RegionUpdate:
         jump = (self.t[self.plan.jumps[i]] - self.t[i]).to(x.device)
         return out.index_copy(1, rows, x[:, rows] + jump * v[:, rows])
 
-    def _region_step(self, i: int, kind: str, x: Tensor, dt: Tensor, cfg: tuple[Any, ...]) -> tuple[Tensor, int]:
-        """The edited tokens' step: the DiT on them alone (region), or the last velocity scaled (reuse)."""
-        assert self.plan is not None and self.dit.edited is not None and self.velocity is not None
-        edited = self.dit.edited
+    def _region_step(self, i: int, kind: str, x: Tensor, ref: Tensor, dt: Tensor,
+                     cfg: tuple[Any, ...]) -> tuple[Tensor, int]:
+        """The edited tokens' step: the DiT on them (and the reference tokens where their keys and values are not
+        cached), or the last velocity scaled (reuse)."""
+        assert self.plan is not None and self.edited is not None and self.velocity is not None
+        edited = self.edited
         if edited.numel() == 0:
             return x, 0
         xe = x[:, edited]
+        tokens = 0
         if kind == REGION:
             self.dit.start(region=True)
-            v = self.velocity = self._velocity(self.region, xe, xe.shape[1], *cfg)
+            img = xe if self.params.ref_kv else torch.cat([xe, ref], dim=1)
+            v = self.velocity = self._velocity(self.region, img, xe.shape[1], *cfg)
+            tokens = img.shape[1]
         else:
             assert kind == REUSE
             if self.velocity.shape[1] != xe.shape[1]:  # the full step's velocity: its edited rows
                 self.velocity = self.velocity[:, edited]
             v = self.velocity * self.plan.ratios[i]
-        return x.index_copy(1, edited, xe + dt.view(1, 1, 1) * v), (xe.shape[1] if kind == REGION else 0)
+        return x.index_copy(1, edited, xe + dt.view(1, 1, 1) * v), tokens
