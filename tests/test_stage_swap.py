@@ -1,0 +1,157 @@
+"""Stage swapping from host memory (`sequential_load="host"`) on the tiny models: each stage is built (read)
+once per process, an edit through it equals the resident edit bit for bit, only the running stage's weights
+are on the device (the next one's copy started as the current one ends), and v1.2's thinking and reflection
+take the MLLM from the stages for each text, so it is never on the device beside the DiT.
+
+Each loader here builds a fresh engine over deep copies of one tiny pipeline's modules, so a build is counted
+(`Stages.loads`) and a copy kept alive by mistake is seen (weakrefs).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import weakref
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from step1x_export.runtime import RuntimeOptions, Step1XEditRuntime
+from step1x_export.runtime.loaders import pipeline_loaders
+from step1x_export.runtime.offload.swap import engine_modules, module_tensors
+from step1x_export.runtime.stages import STAGE_ORDER, Loader
+from step1x_export.sources import small_pipeline
+from step1x_export.step1x_ref.mllm.generation import TextGenerator
+from step1x_export.step1x_ref.mllm.reasoning import reasoned_edit
+from step1x_export.step1x_ref.pipeline import Step1XEditPipeline
+
+EDIT = {"steps": 2, "cfg": 6.0, "size_level": 32}
+CPU = torch.device("cpu")
+
+
+def fresh_loaders(pipe: Step1XEditPipeline, built: dict[str, list[weakref.ref]]) -> dict[str, Loader]:
+    """Loaders that build a new engine over new copies of `pipe`'s modules at each call, each module recorded."""
+    base = pipeline_loaders(pipe, CPU, torch.float32)
+
+    def fresh(name: str) -> Loader:
+        def load() -> Any:
+            engine = copy.deepcopy(base[name]())
+            built.setdefault(name, []).extend(weakref.ref(m) for m in engine_modules(engine))
+            return engine
+
+        return load
+
+    return {name: fresh(name) for name in STAGE_ORDER}
+
+
+def live(refs: list[weakref.ref]) -> int:
+    gc.collect()
+    return sum(ref() is not None for ref in refs)
+
+
+@pytest.fixture(scope="module")
+def pipe() -> Step1XEditPipeline:
+    return small_pipeline("tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def image() -> Image.Image:
+    return Image.fromarray((np.random.default_rng(1).random((40, 56, 3)) * 255).astype(np.uint8))
+
+
+def runtime(pipe: Step1XEditPipeline, sequential_load: bool | str, built: dict | None = None) -> Step1XEditRuntime:
+    loaders = fresh_loaders(pipe, {} if built is None else built)
+    return Step1XEditRuntime(pipe.config, loaders, RuntimeOptions(precision="fp32", sequential_load=sequential_load),
+                             CPU)
+
+
+def test_host_swap_edits_as_resident_and_reads_each_stage_once(pipe, image):
+    prompts = [("make it red", 3), ("Make the sky purple", 4), ("make it red", 3)]
+    with runtime(pipe, False) as resident:
+        expected = [(np.asarray(resident.edit(image, p, seed=s, **EDIT)), resident.last_latent) for p, s in prompts]
+    with runtime(pipe, "host") as swapped, runtime(pipe, True) as from_disk:
+        for (pixels, latent), (prompt, seed) in zip(expected, prompts, strict=True):
+            got = np.asarray(swapped.edit(image, prompt, seed=seed, **EDIT))
+            assert np.array_equal(got, pixels) and torch.equal(swapped.last_latent, latent)
+            from_disk.edit(image, prompt, seed=seed, **EDIT)
+        assert swapped.stages.loads == dict.fromkeys(STAGE_ORDER, 1)  # read once, then swapped from the host
+        assert from_disk.stages.loads == dict.fromkeys(STAGE_ORDER, len(prompts))  # rebuilt for every turn
+
+
+def test_host_swap_holds_only_the_running_stage_and_copies_the_next_ahead(pipe, image):
+    with runtime(pipe, "host") as rt:
+        stages = rt.stages
+        during_dit: list[tuple[set[str], bool, bool]] = []
+        ahead: list[tuple[str, bool]] = []  # (stage, its copy already started) when its turn comes
+        load = stages.load
+
+        def recording_load(name: str) -> Any:
+            if name not in stages.resident:
+                ahead.append((name, name in stages.swap.on_device))
+            return load(name)
+
+        def on_host(name: str) -> bool:  # every weight of the parked stage is its host copy (no device copy)
+            host = stages.swap.copies[name].host
+            tensors = module_tensors(engine_modules(stages.parked[name]))
+            return [t.data_ptr() for t in tensors] == [h.data_ptr() for h in host]
+
+        def progress(done: int, total: int) -> None:
+            dit = stages.swap.copies.get("dit")
+            pairs = zip(dit.tensors, dit.host, strict=True) if dit is not None else ()
+            dit_copied = all(t.data_ptr() != h.data_ptr() for t, h in pairs)  # the first edit's DiT: as built
+            during_dit.append((set(stages.resident), dit_copied, on_host("encoder") and on_host("vae_encoder")))
+
+        stages.load = recording_load  # the test's own probe on its own runtime object
+        for _ in range(2):
+            rt.edit(image, "make it red", seed=3, progress=progress, **EDIT)
+            assert stages.resident == {} and stages.swap.on_device == set() and stages.swap.device_bytes() == 0
+            assert all(on_host(name) for name in STAGE_ORDER)
+        # the first edit builds each stage; in the second each copy started when the stage before it ended
+        assert ahead == [(name, False) for name in STAGE_ORDER] + [("encoder", False)] + [
+            (name, True) for name in STAGE_ORDER[1:]]
+        assert during_dit[2:] == [({"dit"}, True, True)] * 2  # the second edit: the DiT alone on the device
+
+
+@pytest.fixture
+def short_texts(monkeypatch):
+    # random weights rarely end a text early: short texts and small judge images keep the generations fast
+    for name, value in (("MAX_NEW_TOKENS", 4), ("JUDGE_MIN_PIXELS", 28 * 28), ("JUDGE_MAX_PIXELS", 56 * 56)):
+        monkeypatch.setattr(f"step1x_export.step1x_ref.mllm.generation.{name}", value)
+
+
+def test_reasoned_edit_lets_the_mllm_go_before_the_dit(image, short_texts):
+    pipe = small_pipeline("tiny-v1.2", seed=0)
+    built: dict[str, list[weakref.ref]] = {}
+    mllms_during_dit: list[int] = []
+    ask = {"think": True, "reflect": 1, "judge_retries": 1, "seed": 5, "steps": 1, "size_level": 32}
+
+    def progress(done: int, total: int) -> None:
+        mllms_during_dit.append(live(built["encoder"]))
+
+    with runtime(pipe, True, built) as rt:
+        result = rt.edit_reasoned(image, "make it blue", progress=progress, **ask)
+        assert mllms_during_dit and set(mllms_during_dit) == {0}  # no MLLM alive while the DiT runs
+        assert len(built["encoder"]) > 1  # the MLLM was rebuilt for its turns: the check below saw each copy
+    with runtime(pipe, False) as resident:  # one generator over the one MLLM, as the reference runs it
+        edits = iter(range(ask["seed"], ask["seed"] + 10))
+        generate = TextGenerator.for_embedder(resident.stages.load("encoder").embedder, ask["seed"])
+        expected = reasoned_edit(lambda img, p: resident.edit(img, p, seed=next(edits), steps=1, size_level=32),
+                                 generate, image, "make it blue", think=True, reflect=1, retries=1)
+    assert result.texts == expected.texts
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(result.images, expected.images,
+                                                                              strict=True))
+
+
+def test_reasoned_edit_swaps_the_mllm_from_the_host(image, short_texts):
+    pipe = small_pipeline("tiny-v1.2", seed=0)
+    with runtime(pipe, "host") as rt:
+        rt.edit_reasoned(image, "make it blue", think=True, reflect=1, judge_retries=1, steps=1, size_level=32)
+        assert rt.stages.loads == dict.fromkeys(STAGE_ORDER, 1)
+
+
+def test_sequential_load_values_are_checked():
+    with pytest.raises(ValueError, match="sequential_load must be False"):
+        RuntimeOptions(sequential_load="pinned")  # type: ignore[arg-type]
