@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import gc
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -20,8 +22,9 @@ import torch
 from PIL import Image
 
 from step1x_export.runtime import RuntimeOptions, Step1XEditRuntime
+from step1x_export.runtime.engines.torch_engine import TorchEncoder
 from step1x_export.runtime.loaders import pipeline_loaders
-from step1x_export.runtime.offload.swap import engine_modules, module_tensors
+from step1x_export.runtime.offload.swap import HostSwap, engine_modules, module_tensors
 from step1x_export.runtime.stages import STAGE_ORDER, Loader
 from step1x_export.sources import small_pipeline
 from step1x_export.step1x_ref.mllm.generation import TextGenerator
@@ -155,3 +158,61 @@ def test_reasoned_edit_swaps_the_mllm_from_the_host(image, short_texts):
 def test_sequential_load_values_are_checked():
     with pytest.raises(ValueError, match="sequential_load must be False"):
         RuntimeOptions(sequential_load="pinned")  # type: ignore[arg-type]
+
+
+class Queue:
+    def __init__(self, name: str, log: list[tuple]):
+        self.name, self.log = name, log
+
+    def record_event(self) -> tuple:
+        marker = ("marker", self.name, len(self.log))
+        self.log.append((self.name, "record", marker))
+        return marker
+
+    def wait_event(self, event: Any) -> None:
+        self.log.append((self.name, "wait", event))
+
+
+class RecordedStreams:
+    """The queues' calls in program order, each copy and hand-over with the storage it concerns."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple] = []
+        self.compute, self.side = Queue("compute", self.log), Queue("side", self.log)
+        self.current = "compute"
+
+    @contextmanager
+    def on(self, queue: Queue) -> Iterator[None]:
+        before, self.current = self.current, queue.name
+        try:
+            yield
+        finally:
+            self.current = before
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        self.log.append((self.current, "copy", dst.data_ptr()))
+        dst.copy_(src)
+
+    def hand_over(self, tensor: torch.Tensor, queue: Queue) -> None:
+        self.log.append((queue.name, "hand_over", tensor.data_ptr()))
+
+
+def test_a_swap_copies_on_the_side_queue_and_the_stage_waits_for_its_marker():
+    """What the CUDA path relies on: every weight copied on the side queue, the marker recorded after the last
+    copy, the compute queue waiting for that marker and taking each copy over (so its memory is not reused
+    before the compute has read it)."""
+    streams = RecordedStreams()
+    swap = HostSwap(CPU, streams)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    module.register_buffer("scale", torch.ones(4))
+    engine = TorchEncoder(module)  # an engine holding one module
+    swap.park("encoder", engine)
+    swap.start("encoder")
+    swap.arrive("encoder")
+    copies = [t.data_ptr() for t in module_tensors([module])]
+    assert len(copies) == 5 and len(set(copies)) == 5
+    ready = ("marker", "side", len(copies))
+    assert streams.log == [("side", "copy", p) for p in copies] + [
+        ("side", "record", ready), ("compute", "wait", ready)] + [("compute", "hand_over", p) for p in copies]
+    swap.park("encoder", engine)
+    assert [t.data_ptr() for t in module_tensors([module])] == [h.data_ptr() for h in swap.copies["encoder"].host]

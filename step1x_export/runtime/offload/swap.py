@@ -42,6 +42,13 @@ def module_tensors(modules: list[nn.Module]) -> list[Tensor]:
     return list(seen.values())
 
 
+def host_tensor(tensor: Tensor, pin: bool) -> Tensor:
+    """`tensor` in host memory: the tensor itself if it is there (and pinned where asked), else one copy."""
+    if tensor.device.type == "cpu" and (tensor.is_pinned() or not pin):
+        return tensor.detach()
+    return torch.empty_like(tensor, device="cpu", pin_memory=pin).copy_(tensor.detach())
+
+
 @dataclass
 class HostCopy:
     """One stage's weights in host memory and, during its turn, on the device."""
@@ -56,10 +63,7 @@ class HostCopy:
         """The engine's weights copied to the host now (pinned for an asynchronous copy back to a GPU); a
         tensor already on the host is kept as it is (no second host copy on a CPU device)."""
         tensors = module_tensors(engine_modules(engine))
-        host = [t.detach().to("cpu") for t in tensors]
-        if pin:
-            host = [h if h.is_pinned() else h.pin_memory() for h in host]
-        return cls(tensors, host)
+        return cls(tensors, [host_tensor(t, pin) for t in tensors])
 
     @property
     def device_bytes(self) -> int:
@@ -91,9 +95,9 @@ class HostCopy:
 class HostSwap:
     """The swapped stages of one runtime: their host copies and which one is on the device or on its way."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, streams: Streams | None = None):
         self.device = device
-        self.streams = device_streams(device)
+        self.streams = streams if streams is not None else device_streams(device)
         self.copies: dict[str, HostCopy] = {}
         self.on_device: set[str] = set()  # copied (or being copied) to the device
 
