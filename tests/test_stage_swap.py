@@ -118,6 +118,19 @@ def test_host_swap_holds_only_the_running_stage_and_copies_the_next_ahead(pipe, 
         assert during_dit[2:] == [({"dit"}, True, True)] * 2  # the second edit: the DiT alone on the device
 
 
+def test_text_to_image_skips_the_vae_encoder_copied_ahead(pipe, image):
+    """Text-to-image runs no VAE encoder: its copy, started as the MLLM ended, goes back before the DiT arrives."""
+    t2i = {"seed": 2, "steps": 2, "width": 48, "height": 32}
+    with runtime(pipe, False) as resident:
+        expected = np.asarray(resident.edit(None, "a red square", **t2i))
+    with runtime(pipe, "host") as rt:
+        rt.edit(image, "make it red", seed=3, **EDIT)  # every stage built and parked
+        seen: list[set[str]] = []
+        got = rt.edit(None, "a red square", progress=lambda *_: seen.append(set(rt.stages.swap.on_device)), **t2i)
+        assert np.array_equal(np.asarray(got), expected)
+        assert seen == [{"dit"}] * 2 and rt.stages.swap.on_device == set()
+
+
 @pytest.fixture
 def short_texts(monkeypatch):
     # random weights rarely end a text early: short texts and small judge images keep the generations fast

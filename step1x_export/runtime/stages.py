@@ -69,8 +69,8 @@ class Stages:
         if self.swap is None or engine is None or not self.swap.holds(engine):
             self.free(name)
             return
-        self.swap.park(name, self.resident.pop(name))
-        self.parked[name] = engine
+        self.swap.park(name, engine)  # first, so a failed host copy leaves the stage resident, not lost
+        self.parked[name] = self.resident.pop(name)
         later = STAGE_ORDER[STAGE_ORDER.index(name) + 1:]
         if later and later[0] in self.parked:  # what an edit runs next, copied while this stage's work finishes
             self.swap.start(later[0])
