@@ -16,11 +16,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import click
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image
 
+from step1x_export.cli.runtime_options import RuntimeArgs, runtime_options
 from step1x_export.runtime import RuntimeOptions, Step1XEditRuntime
 from step1x_export.runtime.engines.torch_engine import TorchEncoder
 from step1x_export.runtime.loaders import pipeline_loaders
@@ -168,9 +171,18 @@ def test_reasoned_edit_swaps_the_mllm_from_the_host(image, short_texts):
         assert rt.stages.loads == dict.fromkeys(STAGE_ORDER, 1)
 
 
-def test_sequential_load_values_are_checked():
+def test_sequential_load_values_are_checked_and_the_flag_takes_them():
     with pytest.raises(ValueError, match="sequential_load must be False"):
         RuntimeOptions(sequential_load="pinned")  # type: ignore[arg-type]
+
+    @click.command()
+    @runtime_options(source=False, only=("sequential_load",))
+    def show(runtime: RuntimeArgs) -> None:
+        click.echo(repr(runtime.options().sequential_load))
+
+    said = {tuple(args): CliRunner().invoke(show, args).output.strip()
+            for args in ([], ["--sequential-load"], ["--sequential-load", "disk"], ["--sequential-load", "host"])}
+    assert list(said.values()) == ["False", "True", "True", "'host'"]
 
 
 class Queue:

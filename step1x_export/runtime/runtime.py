@@ -235,7 +235,7 @@ class Step1XEditRuntime(EditLanes, DiTUpdates):
                 try:
                     self._denoise(dit, lane)
                 finally:
-                    if self.stages.sequential:  # the DiT is freed after this block: its graphs (and memory) too,
+                    if self.stages.sequential:  # the DiT leaves the device after this block: its graphs too,
                         self._update = self._graphs = self._cached_step = None  # the step cache's hold included
             (outcome,) = self.finish_lanes([lane])
             if outcome.error is not None:
