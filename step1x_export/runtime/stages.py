@@ -78,7 +78,7 @@ class Stages:
     def _drop_prefetched(self, keep: str) -> None:
         """A stage copied ahead that is not the one asked for (text-to-image skips the VAE encoder) goes back."""
         assert self.swap is not None
-        for other in self.swap.on_device - {keep}:
+        for other in (self.swap.on_device & self.parked.keys()) - {keep}:
             self.swap.park(other, self.parked[other])
 
     def free(self, name: str) -> None:
