@@ -25,6 +25,7 @@ from PIL import Image
 
 from step1x_export.cli.runtime_options import RuntimeArgs, runtime_options
 from step1x_export.runtime import RuntimeOptions, Step1XEditRuntime
+from step1x_export.runtime.engines.compile import BLOCK_LISTS
 from step1x_export.runtime.engines.torch_engine import TorchEncoder
 from step1x_export.runtime.loaders import pipeline_loaders
 from step1x_export.runtime.offload.swap import HostSwap, engine_modules, module_tensors
@@ -132,6 +133,19 @@ def test_text_to_image_skips_the_vae_encoder_copied_ahead(pipe, image):
         got = rt.edit(None, "a red square", progress=lambda *_: seen.append(set(rt.stages.swap.on_device)), **t2i)
         assert np.array_equal(np.asarray(got), expected)
         assert seen == [{"dit"}] * 2 and rt.stages.swap.on_device == set()
+
+
+@pytest.mark.usefixtures("fresh_compiles")
+def test_a_compiled_dit_swapped_from_the_host_compiles_once(pipe, image):
+    """Compile is on by default on a GPU: the blocks' weights change address at every turn (`.data` repointed),
+    which must not recompile them, and the compiled edits equal the compiled resident runtime's."""
+    compiled = {"precision": "fp32", "compile": True, "threads": 1}
+    with Step1XEditRuntime.from_pipeline(pipe, RuntimeOptions(sequential_load="host", **compiled)) as rt:
+        swapped = [np.asarray(rt.edit(image, "make it red", seed=s, **EDIT)) for s in (3, 4)]
+        assert rt.stats().compiles == len(BLOCK_LISTS) and rt.stages.loads["dit"] == 1
+    with Step1XEditRuntime.from_pipeline(pipe, RuntimeOptions(**compiled)) as resident:
+        assert all(np.array_equal(np.asarray(resident.edit(image, "make it red", seed=s, **EDIT)), got)
+                   for s, got in zip((3, 4), swapped, strict=True))
 
 
 @pytest.fixture
