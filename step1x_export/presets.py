@@ -19,9 +19,10 @@ Where the MLLM lives while the DiT runs: in pinned host memory, in every preset 
 What the runtime runs of it (`RuntimeOptions.preset`): resident 8-bit layers, the batch and the graph setting;
 a `stream` placement as DiT block streaming (`RuntimeOptions.resident_blocks` / `prefetch_blocks`); a 4-bit
 MLLM as `mllm_quant="int4"`; 4-bit DiT blocks from a 4-bit checkpoint (`step1x-export quantize --int4-layers`),
-which `--quant` loads. Stage swapping from pinned host memory is not built: a `swap` placement runs as
-sequential loading (the same or less device memory; each stage is re-read from disk at every edit, which
-swapping will avoid). `runtime_gaps` names what a preset asks for that the runtime lacks (today: nothing).
+which `--quant` loads; a `swap` placement as stage swapping from pinned host memory
+(`sequential_load="host"`: each stage read from disk once per process; the runtime swaps every stage alike, so
+a DiT planned resident is swapped too). `runtime_gaps` names what a preset asks for that the runtime lacks
+(today: nothing).
 """
 
 from __future__ import annotations
@@ -117,9 +118,11 @@ class Preset:
         return [] if self.mllm_quant is not None else [f"the MLLM in {self.mllm_format}"]
 
     @property
-    def sequential_load(self) -> bool:
-        """Stage swapping is not built: a swapped stage is loaded for its turn (from disk) and freed after."""
-        return "swap" in (self.mllm_placement, self.dit_placement)
+    def sequential_load(self) -> bool | str:
+        """`RuntimeOptions.sequential_load`: a swapped stage waits in (pinned) host memory, read from disk once per
+        process ("host"). The runtime swaps every stage alike, so a DiT planned resident is swapped too: less on
+        the device than the plan counts, one host-to-device copy of its weights per edit more."""
+        return "host" if "swap" in (self.mllm_placement, self.dit_placement) else False
 
     @property
     def resident_blocks_option(self) -> int | None:

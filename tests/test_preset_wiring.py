@@ -76,7 +76,7 @@ def test_a_streamed_preset_runs_alike_from_the_api_and_the_cli(checkpoints, stre
     q = checkpoints["int8"]
     rt = Step1XEditRuntime.load("tiny", quant=q, device="cpu", preset="12gb", resident_blocks=1)
     with rt:
-        assert (rt.options.resident_blocks, rt.options.prefetch_blocks, rt.options.sequential_load) == (1, 2, True)
+        assert (rt.options.resident_blocks, rt.options.prefetch_blocks, rt.options.sequential_load) == (1, 2, "host")
         api = rt.edit(image, "add a hat", **EDIT)
     assert streams == [(1, 2)]
     run = CliRunner().invoke(main, ["edit", "--model", "tiny", "--image", str(png), "--prompt", "add a hat", "--out",
@@ -103,7 +103,7 @@ def test_the_8gb_preset_runs_4bit_weights_and_asks_for_them(checkpoints, streams
         Step1XEditRuntime.load("tiny", device="cpu", preset="8gb", resident_blocks=1)
     latents = []
     for fields in ({"preset": "8gb", "resident_blocks": 1},
-                   {"mllm_quant": "int4", "sequential_load": True, "cuda_graphs": False}):
+                   {"mllm_quant": "int4", "sequential_load": "host", "cuda_graphs": False}):
         with Step1XEditRuntime.load("tiny", quant=checkpoints["int4"], device="cpu", **fields) as rt:
             rt.edit(image, "add a hat", **EDIT)
             latents.append(rt.last_latent)

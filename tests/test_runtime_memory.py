@@ -37,14 +37,14 @@ def test_driver_peak_is_gpu_only():
 
 
 def test_a_preset_applies_to_the_api_as_to_the_cli():
-    """`RuntimeOptions.preset`: its graphs (off), loading (the MLLM off the device while the DiT runs: sequential
-    until stage swapping lands), MLLM format and batch, whoever builds the options."""
+    """`RuntimeOptions.preset`: its graphs (off), loading (the MLLM off the device while the DiT runs: swapped from
+    host memory), MLLM format and batch, whoever builds the options."""
     from step1x_export.runtime import Step1XEditRuntime
     from step1x_export.runtime.options import RuntimeOptions
 
     options = RuntimeOptions(preset="24gb")
     assert (options.cuda_graphs, options.sequential_load, options.mllm_quant, options.max_batch) == (
-        False, True, "int8", 1)
+        False, "host", "int8", 1)
     assert replace(options, compile=False) == replace(RuntimeOptions(preset="24gb"), compile=False)  # idempotent
     with pytest.raises(ValueError, match="max_batch 4 exceeds preset 24gb's batch 1"):
         RuntimeOptions(preset="24gb", max_batch=4)
@@ -55,7 +55,7 @@ def test_a_preset_applies_to_the_api_as_to_the_cli():
         RuntimeOptions(preset="12gb", compile=True)
     rt = Step1XEditRuntime.load("tiny", preset="22gb", device="cpu")
     try:
-        assert rt.options.preset == "22gb" and rt.options.sequential_load and not rt.options.cuda_graphs
+        assert rt.options.preset == "22gb" and rt.options.sequential_load == "host" and not rt.options.cuda_graphs
         assert rt.options.mllm_quant == "int8"
     finally:
         rt.close()

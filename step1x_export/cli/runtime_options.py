@@ -45,7 +45,7 @@ class RuntimeArgs:
     compile_mode: str | None = None
     graph_cache: int = DEFAULT_GRAPH_CACHE
     shape_buckets: bool = False
-    sequential_load: bool = False
+    sequential_load: bool | str = False  # True: from disk, "host": swapped from host memory
     mllm_quant: str | None = None
     preset: str | None = None
     attention: str = "auto"
@@ -180,8 +180,12 @@ def _execution_options() -> dict[str, Callable[[Callable[..., Any]], Callable[..
             help="Snap each edit to the nearest of a few fixed aspect ratios (fewer shapes: fewer CUDA graphs) and "
             "resize the result back to the input's size. Changes the pixels the model sees vs upstream."),
         "sequential_load": click.option(
-            "--sequential-load", is_flag=True,
-            help="Load one stage at a time and free it after (MLLM freed before the DiT): for GPUs with <= 24 GB."),
+            "--sequential-load", type=click.Choice(["disk", "host"]), is_flag=False, flag_value="disk", default=None,
+            callback=lambda _ctx, _param, value: {None: False, "disk": True}.get(value, value),
+            help="One stage on the device at a time (the MLLM gone before the DiT): for GPUs with <= 24 GB. "
+            "--sequential-load (disk) rebuilds each stage from its files for its turn; --sequential-load host reads "
+            "each once into pinned host memory and copies it to the device for its turn, the next stage's copy "
+            "beside the current one's last work (host RAM: every swapped stage's weights)."),
         "mllm_quant": click.option(
             "--mllm-quant", type=click.Choice(MLLM_QUANT), default=None,
             help="Qwen2.5-VL's Linears as weight-only layers, quantized on the host before they reach the device: "
@@ -223,10 +227,10 @@ def _execution_options() -> dict[str, Callable[[Callable[..., Any]], Callable[..
             help="A card-size preset (`step1x-export plan --preset P` counts its memory at 1024^2): 24gb (4090, "
             "A5000), 22gb (L4, A10), 16gb, 12gb, 8gb. Sets its MLLM format (8gb: int4), loading, batch (1), CUDA "
             "graphs (off) and, for 16gb / 12gb / 8gb, --resident-blocks and --prefetch-blocks (each unless given); "
-            "needs --quant QUANTIZED_CHECKPOINT (8-bit DiT; 8gb: 4-bit blocks, `quantize --int4-layers`). Stage "
-            "swapping from pinned host memory is not built: the MLLM and a swapped DiT are loaded from disk for "
-            "their stage and freed after it (sequential loading). On CUDA, load checks the device's free memory "
-            "against the plan."),
+            "needs --quant QUANTIZED_CHECKPOINT (8-bit DiT; 8gb: 4-bit blocks, `quantize --int4-layers`). The MLLM "
+            "waits in pinned host memory while the DiT runs (--sequential-load host: every stage read from disk "
+            "once, copied to the device for its turn). On CUDA, load checks the device's free memory against the "
+            "plan."),
     }
 
 

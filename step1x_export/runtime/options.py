@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # plain options: the CLI's --help reads them without importin
 
 Backend = Literal["torch", "onnxruntime", "tensorrt"]
 BACKENDS: tuple[Backend, ...] = ("torch", "onnxruntime", "tensorrt")
+SequentialLoad = bool | Literal["host"]
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,9 @@ class RuntimeOptions:
     shape_buckets: bool = False  # snap each edit to the nearest of specs.BUCKET_ASPECTS (changes pixels vs upstream)
     attention: str = "auto"  # SDPA kernel: auto (cuDNN first on Hopper+) | flash | cudnn | efficient | math
     attention_fp8: bool = False  # FP8 attention: not implemented
-    sequential_load: bool = False  # load one stage at a time (encoder freed before the DiT): cards <= 24 GB
+    # one stage on the device at a time (encoder gone before the DiT), cards <= 24 GB: True rebuilds each stage from
+    # disk for its turn; "host" reads each once and swaps it from (pinned) host memory (`stages.py`)
+    sequential_load: SequentialLoad = False
     mllm_quant: str | None = None  # "fp8" / "int8" / "int4": the MLLM's Linears weight-only (None: as loaded)
     cache: CacheSpec | str | None = None  # step caching: "teacache[:T]" / "fbcache[:T]" / "regione[:k=v,...]" (torch)
     cfg_degree: int = 1  # ranks splitting cond / uncond (torchrun); weights are replicated
@@ -87,6 +90,7 @@ class RuntimeOptions:
             raise ValueError(f"text_bucket {bucket}: v1.2's one CFG call masks its padded keys, which FlashAttention "
                              "does not take; choose another attention or text_bucket=0")
         check_threads(self.threads)
+        check_sequential_load(self.sequential_load)
         if self.mllm_quant is not None and self.mllm_quant not in MLLM_QUANT:
             raise ValueError(f"unknown mllm_quant {self.mllm_quant!r}; choose one of {', '.join(MLLM_QUANT)}")
         if isinstance(self.cache, str):
@@ -197,3 +201,10 @@ def changed_fields(options: RuntimeOptions) -> dict[str, Any]:
     """The fields of `options` that differ from the defaults, by name (as `with_overrides` takes them)."""
     default = RuntimeOptions()
     return {name: value for name in option_names() if (value := getattr(options, name)) != getattr(default, name)}
+
+
+def check_sequential_load(value: object) -> None:
+    if isinstance(value, bool) or value == "host":
+        return
+    raise ValueError(f"sequential_load must be False (every stage resident), True (each stage rebuilt from disk for "
+                     f"its turn) or 'host' (each stage read once and swapped from host memory), got {value!r}")

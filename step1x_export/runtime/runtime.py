@@ -31,7 +31,7 @@ from ..sources import known_tasks
 from ..specs import ComponentSpec, dit_spec, vae_decoder_spec, vae_encoder_spec
 from ..step1x_ref.configs import ModelConfig
 from ..step1x_ref.flow import EditFlow
-from ..step1x_ref.mllm.generation import TextGenerator
+from ..step1x_ref.mllm.generation import Content, TextGenerator
 from ..step1x_ref.mllm.reasoning import JUDGE_RETRIES, ReasonedEdit, reasoned_edit
 from ..step1x_ref.pipeline import Step1XEditPipeline
 from ..step1x_ref.sampling import Lane, ProgressFn, UpdateFn, denoise_lanes
@@ -235,7 +235,7 @@ class Step1XEditRuntime(EditLanes, DiTUpdates):
                 try:
                     self._denoise(dit, lane)
                 finally:
-                    if self.stages.sequential:  # the DiT is freed after this block: its graphs (and memory) too,
+                    if self.stages.sequential:  # the DiT leaves the device after this block: its graphs too,
                         self._update = self._graphs = self._cached_step = None  # the step cache's hold included
             (outcome,) = self.finish_lanes([lane])
             if outcome.error is not None:
@@ -319,11 +319,17 @@ class Step1XEditRuntime(EditLanes, DiTUpdates):
         with self._lock, torch_threads(self.options.threads):
             if self.stages is None:
                 raise RuntimeError("Step1XEditRuntime is closed")
-            embedder = getattr(self.stages.load("encoder"), "embedder", None)
-            if embedder is None:
+            if getattr(self.stages.load("encoder"), "embedder", None) is None:
                 raise ValueError("thinking and reflection need the MLLM in torch (its generate loop)")
-            generate = TextGenerator.for_embedder(embedder, seed)
-            edits = 0
+            generations, edits = 0, 0
+
+            def generate(system: str, content: list[Content]) -> str:
+                # the MLLM is the stages' for each text, so with sequential loading it leaves before the DiT
+                nonlocal generations
+                with self.stages.use("encoder") as encoder:
+                    generator = TextGenerator.for_embedder(encoder.embedder, seed)
+                    generator.calls, generations = generations, generations + 1  # the seed of text i: seed + i
+                    return generator(system, content)
 
             def edit(img: Image.Image, prompt: str) -> Image.Image:
                 nonlocal edits

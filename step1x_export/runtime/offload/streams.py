@@ -41,6 +41,10 @@ class Streams(Protocol):
         """dst <- src, queued on the current queue (asynchronous from pinned host memory on CUDA)."""
         ...
 
+    def hand_over(self, tensor: Tensor, queue: Queue) -> None:
+        """`tensor`, made on another queue, is read by `queue`: its memory is reused only after that work."""
+        ...
+
 
 class HostQueue:
     """One thread's work in program order: every marker is already complete when it is made."""
@@ -65,6 +69,9 @@ class HostStreams:
     def copy(self, dst: Tensor, src: Tensor) -> None:
         dst.copy_(src)
 
+    def hand_over(self, tensor: Tensor, queue: Queue) -> None:
+        return None
+
 
 class CudaStreams:
     """The device's current stream computes (looked up at each use: a server thread may run on its own); one
@@ -85,6 +92,9 @@ class CudaStreams:
 
     def copy(self, dst: Tensor, src: Tensor) -> None:
         dst.copy_(src, non_blocking=True)
+
+    def hand_over(self, tensor: Tensor, queue: Queue) -> None:
+        tensor.record_stream(queue)  # type: ignore[arg-type]
 
 
 def device_streams(device: torch.device) -> Streams:
