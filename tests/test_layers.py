@@ -48,7 +48,7 @@ RUNTIME = "runtime"
 RUNTIME_LAYERS: tuple[tuple[str, ...], ...] = (
     ("telemetry",),  # peak memory, counters, step progress: reads the device, imports nothing of the runtime
     ("engines",),  # the engine protocol and its backends: torch (compiled blocks), ONNX Runtime, TensorRT
-    ("offload",),  # DiT blocks streamed from host memory to the device ahead of their turn
+    ("offload",),  # weights kept in host memory: DiT blocks streamed ahead of their turn, stages swapped in
     ("step",),  # the denoising step over an engine: CUDA graphs, attention kernels, step caching, lanes
     ("parallel",),  # one edit over torchrun's ranks: a parallel DiT engine over the step's pieces
     ("<edit>",),  # options, stages, loaders, the denoiser, lanes, batching and the runtime API
