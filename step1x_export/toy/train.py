@@ -41,6 +41,7 @@ from ..step1x_ref.mllm.conditioner import Qwen25VLEmbedder
 from ..step1x_ref.pipeline import Step1XEditPipeline
 from ..step1x_ref.sampling import pack, position_ids, schedule_mu, time_shift
 from ..step1x_ref.vae.autoencoder import AutoEncoder
+from ..threads import torch_threads
 from .autoencoder_phase import lr_at, reconstruction_db, reconstruction_report, set_lr, train_autoencoder
 from .data import EVAL_SHAPES, TRAIN_PHOTOS, image_batch, photo_tensors, size_level_for
 from .demo import ship_demo_conditioning
@@ -175,12 +176,8 @@ def train(plan: TrainPlan, log=print, ae_checkpoint: Path | None = None) -> Step
     Each phase draws from its own seeded generator, so with `ae_checkpoint` the autoencoder phase is saved
     there on its first run and read back on later ones: the DiT phase then runs exactly as from scratch.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(plan.threads)
-    try:
+    with torch_threads(plan.threads):
         return _train(plan, log, ae_checkpoint)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(plan: TrainPlan, log, ae_checkpoint: Path | None) -> Step1XEditPipeline:
