@@ -12,7 +12,7 @@ from torch import Tensor
 from ..step1x_ref.vae.autoencoder import AutoEncoder
 from .data import EVAL_SHAPES, shape_views
 from .plan import TrainPlan
-from .tasks import TASKS, psnr
+from .tasks import GLOBAL_TASKS, psnr
 
 PATCH = 8  # the latent's downscale: one latent pixel per 8x8 patch
 
@@ -32,8 +32,8 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 def random_task_images(x: Tensor, gen: torch.Generator) -> Tensor:
     """Each image replaced by one task's target at random: the autoencoder must also reproduce the edits."""
-    picks = torch.randint(0, len(TASKS), (x.shape[0],), generator=gen).tolist()
-    return torch.stack([TASKS[k].target(img[None])[0] for k, img in zip(picks, x, strict=True)])
+    picks = torch.randint(0, len(GLOBAL_TASKS), (x.shape[0],), generator=gen).tolist()
+    return torch.stack([GLOBAL_TASKS[k].target(img[None])[0] for k, img in zip(picks, x, strict=True)])
 
 
 def latent_norm_penalty(z: Tensor) -> Tensor:

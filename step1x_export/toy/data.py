@@ -148,6 +148,24 @@ def training_image(photos: list[Tensor], width: int, height: int, gen: torch.Gen
     return quantize(colour_jitter(x, gen))
 
 
+def fade(x: Tensor, saturation: float) -> Tensor:
+    """`x` [.., 3, H, W] with its colours kept at `saturation` (0: its luma grey, 1: unchanged), on 8-bit levels:
+    a faded photo, already close to its black-and-white target."""
+    from .tasks import grayscale
+
+    grey = grayscale(x.reshape(-1, *x.shape[-3:])).reshape(x.shape)
+    return quantize(grey + saturation * (x - grey))
+
+
+def fade_some(pool: Tensor, share: float, gen: torch.Generator, most: float = 0.5) -> Tensor:
+    """`pool` with `share` of its images faded to a saturation drawn in [0, most]."""
+    out = pool.clone()
+    for i in range(pool.shape[0]):
+        if float(torch.rand((), generator=gen)) < share:
+            out[i] = fade(pool[i], most * float(torch.rand((), generator=gen)))
+    return out
+
+
 def image_batch(photos: list[Tensor], count: int, width: int, height: int, gen: torch.Generator,
                 drawn_share: float) -> Tensor:
     """`count` training images [count, 3, height, width], from one seeded generator."""

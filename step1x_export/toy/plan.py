@@ -46,6 +46,15 @@ class TrainPlan:
     # instructions at shapes whose view it had not seen the like of (docs/toy.md).
     mllm_views: int = 150
     eval_views: int = 1  # per held-out image and evaluated shape (1: its centre crop)
+    # The fine-tune after the first phase (whose weights it starts from): every task again, with the local
+    # task (red things to green) and unknown instructions (against the unchanged picture) added, on fresh
+    # images of every shape, tune_faded_share of them faded towards grey (so a near-target input, a faded photo
+    # asked for black and white, is one it has seen). Its own generator: the first phase runs as before.
+    tune_steps: int = 4000
+    tune_lr: float = 3e-4
+    tune_task_weights: tuple[tuple[str, float], ...] = (("mirror", 3.0), ("invert", 1.5), ("swap_red_blue", 1.5),
+                                                        ("red_to_green", 3.0), ("unknown", 1.5))
+    tune_faded_share: float = 0.2
 
     def __post_init__(self) -> None:
         if self.threads < 1:
@@ -55,13 +64,17 @@ class TrainPlan:
     def quick(cls, seed: int = 0) -> TrainPlan:
         """A few steps of everything (tests of determinism and of the plumbing)."""
         return cls(seed=seed, levels=(64,), pool_per_shape=2, ae_pool=4, ae_steps=2, ae_crops=(32, 64),
-                   ae_batch=2, dit_steps=2, dit_tokens=160, warmup=1, mllm_views=1, eval_views=1)
+                   ae_batch=2, dit_steps=2, dit_tokens=160, warmup=1, mllm_views=1, eval_views=1, tune_steps=2)
+
+    def first_phase(self) -> dict:
+        """The fields the first phase follows (a plan recorded before the fine-tune existed has just these)."""
+        return {k: v for k, v in asdict(self).items() if not k.startswith("tune_")}
 
 
 def plan_from_json(fields: dict) -> TrainPlan:
     """The plan figures.json records (JSON turned its tuples into lists)."""
-    return TrainPlan(**{k: tuple(map(tuple, v)) if k == "task_weights" else tuple(v) if isinstance(v, list) else v
-                        for k, v in fields.items()})
+    return TrainPlan(**{k: tuple(map(tuple, v)) if k.endswith("task_weights") else tuple(v) if isinstance(v, list)
+                        else v for k, v in fields.items()})
 
 
 def with_overrides(plan: TrainPlan, assignments: list[str]) -> TrainPlan:
