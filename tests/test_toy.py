@@ -130,6 +130,28 @@ def test_training_is_deterministic(threads: int) -> None:
     assert a.model.final_layer.linear.weight.abs().sum() > 0  # initialised to zero
 
 
+def test_the_fine_tune_from_saved_first_phase_weights_equals_the_run_from_scratch(tmp_path: Path) -> None:
+    """The shipped weights were fine-tuned from the saved first phase (`--first-phase`): that must give the bits
+    a from-scratch run gives (the fine-tune draws from its own generators and reads only the weights), and
+    the fine-tune must change the weights. A first phase made by another plan is refused."""
+    from dataclasses import asdict
+
+    from step1x_export.toy.train import tune_from
+
+    plan = replace(TrainPlan.quick(0), threads=1)
+    whole = train(plan, log=lambda _: None)
+    first = train(replace(plan, tune_steps=0), log=lambda _: None)
+    first.save_pretrained(tmp_path)
+    (tmp_path / FIGURES_FILE).write_text(json.dumps({"plan": plan.first_phase(), "train_seconds": 1.0}))
+    tuned = tune_from(tmp_path, plan, log=lambda _: None)
+    for name, tensor in whole.model.state_dict().items():
+        assert torch.equal(tensor, tuned.model.state_dict()[name]), name
+    assert not torch.equal(whole.model.img_in.weight, first.model.img_in.weight)
+    (tmp_path / FIGURES_FILE).write_text(json.dumps({"plan": {**asdict(plan), "dit_steps": 3}}))
+    with pytest.raises(ValueError, match="another first phase"):
+        tune_from(tmp_path, plan, log=lambda _: None)
+
+
 def test_demo_edits_a_heldout_photo(tmp_path: Path) -> None:
     out = tmp_path / "demo.png"
     result = CliRunner().invoke(main, ["demo", "--out", str(out)])

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from ..step1x_ref.imaging import pil_to_tensor, tensor_to_pil
-from .data import heldout_views, shape_views
-from .tasks import TASKS, psnr
+from .data import EVAL_SHAPES, fade, heldout_views, shape_views, size_level_for
+from .tasks import LOCAL_TASKS, TASK_BY_NAME, TASKS, UNKNOWN_HELDOUT, UNKNOWN_TRAINING, psnr
 
 EditFn = Callable[[Image.Image, str], Image.Image]
 
@@ -50,16 +50,23 @@ def shape_scores(edit: EditFn, shape: tuple[int, int], *, views_per_image: int =
     return scores_on(edit, views, tasks)
 
 
+# A local task is scored on the views it visibly edits (the unedited input under this PSNR from its target):
+# on a picture with nothing red, "make the red things green" is "leave it alone", which no_change and the
+# unknown instructions already measure.
+LOCAL_VISIBLE_DB = 30.0
+
+
 def scores_on(edit: EditFn, views: torch.Tensor, tasks=TASKS) -> list[TaskScore]:
-    """Edit every view with every task; view i of a task uses the task's instruction i (mod count), so English
-    and Chinese phrasings are all exercised."""
+    """Edit every view with every task (a local task: the views it visibly edits); view i of a task uses the
+    task's instruction i (mod count), so English and Chinese phrasings are all exercised."""
     scores = []
     for task in tasks:
-        target = task.target(views)
+        scored = views[psnr(views, task.target(views)) < LOCAL_VISIBLE_DB] if task in LOCAL_TASKS else views
+        target = task.target(scored)
         outs = [pil_to_tensor(edit(to_pil(v), task.instructions[i % len(task.instructions)]))[0]
-                for i, v in enumerate(views)]
+                for i, v in enumerate(scored)]
         model = psnr(torch.stack(outs), target).tolist()
-        identity = psnr(views, target).tolist()
+        identity = psnr(scored, target).tolist()
         scores.append(TaskScore(task.name, mean_db(model), mean_db(identity), len(outs)))
     return scores
 
@@ -81,3 +88,39 @@ def roundtrip(image: Image.Image, ae) -> Image.Image:
         x = pil_to_tensor(image) * 2 - 1
         out = ae.decode(ae.encode(x)).clamp(-1, 1).mul(0.5).add(0.5)
     return tensor_to_pil(out[0])
+
+
+# How faded the near-target inputs are: the share of their colour kept (0: grey already).
+FADED_SATURATIONS = (0.25, 0.5)
+
+
+def faded_scores(edit: EditFn, shape: tuple[int, int], *, views_per_image: int = 1) -> dict[str, TaskScore]:
+    """"Make it black and white" on faded held-out views (colour kept at each of FADED_SATURATIONS): an input
+    already near its target; identity_db is how near it went in, model_db how near it came out."""
+    _, views = shape_views(*shape, per_image=views_per_image)
+    task = TASK_BY_NAME["black_and_white"]
+    return {f"{s:g}": scores_on(edit, fade(views, s), (task,))[0] for s in FADED_SATURATIONS}
+
+
+def answer_figures(pipe, views_per_image: int, log=print) -> dict:
+    """What the toy answers beyond its tasks, at every evaluated shape: instructions it does not know (held-out
+    phrasings never trained on, and the trained ones), scored against the unchanged input, and faded inputs
+    asked for black and white."""
+    from dataclasses import asdict
+
+    from .weights import TOY_CFG, TOY_STEPS
+
+    unknown, faded = {}, {}
+    for w, h in EVAL_SHAPES:
+        level = size_level_for(w, h)
+
+        def edit(image, instruction, level=level):
+            return pipe.edit(image, instruction, seed=0, steps=TOY_STEPS, cfg=TOY_CFG, size_level=level)
+
+        unknowns = (UNKNOWN_HELDOUT, UNKNOWN_TRAINING)
+        scores = shape_scores(edit, (w, h), views_per_image=views_per_image, tasks=unknowns)
+        unknown[f"{w}x{h}"] = {s.task: asdict(s) for s in scores}
+        fades = faded_scores(edit, (w, h), views_per_image=views_per_image)
+        faded[f"{w}x{h}"] = {k: asdict(s) for k, s in fades.items()}
+        log(f"unknown instructions and faded inputs at {w}x{h}")
+    return {"unknown_vs_input": unknown, "faded_black_and_white": faded}

@@ -128,7 +128,7 @@ def _train(plan: TrainPlan, log, ae_checkpoint: Path | None) -> Step1XEditPipeli
 def evaluate_weights(out: Path, plan: TrainPlan, train_seconds: float, log=print) -> str:
     """Load `out` as any checkpoint is loaded, score it on the held-out images at every evaluated shape (and
     its autoencoder's ceiling there), write figures.json there."""
-    from .evaluate import format_scores, shape_scores
+    from .evaluate import answer_figures, format_scores, shape_scores
 
     loaded = Step1XEditPipeline.from_pretrained(out, config=get_config("toy"), dtype=torch.float32)
     tables, ceilings = {}, {}
@@ -143,7 +143,8 @@ def evaluate_weights(out: Path, plan: TrainPlan, train_seconds: float, log=print
         log(f"evaluated {w}x{h}")
     figures = {"plan": asdict(plan), "train_seconds": round(train_seconds, 1), "threads": plan.threads,
                "steps": TOY_STEPS, "cfg": TOY_CFG, "autoencoder_db": ceilings,
-               "tasks": {shape: [asdict(s) for s in scores] for shape, scores in tables.items()}}
+               "tasks": {shape: [asdict(s) for s in scores] for shape, scores in tables.items()},
+               **answer_figures(loaded, plan.eval_views, log)}
     (out / FIGURES_FILE).write_text(json.dumps(figures, indent=1))
     return format_scores({f"fp32 {shape}": scores for shape, scores in tables.items()})
 
