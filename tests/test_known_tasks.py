@@ -53,6 +53,30 @@ def test_a_folder_without_the_file_is_never_flagged_and_a_bad_file_is_named(tmp_
         read_known_tasks(tmp_path)
 
 
+def test_an_export_carries_the_models_tasks_and_an_export_over_it_without_any_drops_them(tmp_path, monkeypatch):
+    """`export` writes the model's tasks.json into the export folder, where the runtime (`sources.known_tasks`
+    of its engine dir) and the command line look; a model without one, exported over it (--force), leaves none.
+    The graphs are stand-ins: the folder is what is tested, not ONNX."""
+    from step1x_export.cli.runtime_options import RuntimeArgs
+    from step1x_export.export import export as export_module
+
+    def stand_in_graph(module, args, spec, path, **kwargs):
+        path.write_bytes(b"graph")
+        return [path]
+
+    monkeypatch.setattr(export_module, "export_graph", stand_in_graph)
+    out = tmp_path / "export"
+    flags = ["--components", "vae_decoder", "--out", str(out), "--quiet"]
+    result = CliRunner().invoke(main, ["export", "--model", "toy", *flags])
+    assert result.exit_code == 0, result.output
+    assert f"the {len(TASKS)} tasks the toy model learned" in result.output
+    assert known_tasks(out) == known_tasks("toy") and known_tasks(out) is not None
+    assert RuntimeArgs(backend="onnxruntime", engine_dir=out).known_tasks() == known_tasks("toy")
+    result = CliRunner().invoke(main, ["export", "--model", "tiny", *flags, "--force"])
+    assert result.exit_code == 0, result.output
+    assert not (out / KNOWN_TASKS_FILE).exists() and known_tasks(out) is None
+
+
 def test_models_lists_each_task_and_phrasing():
     result = CliRunner().invoke(main, ["models"])
     assert result.exit_code == 0, result.output
