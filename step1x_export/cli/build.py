@@ -44,8 +44,8 @@ def build(onnx_dir: Path, out_dir: Path, components: str, opt_level: int, timing
         raise click.ClickException("TensorRT is not installed: pip install 'step1x-export[tensorrt]'") from err
     from ..export.manifest import load_manifest
     from ..instructions import read_known_tasks
-    from ..sources import save_known_tasks
     from ..runtime.engines.trt_build import BuildInput, BuildOptions, build_all
+    from ..sources import save_known_tasks
 
     manifest = load_manifest(onnx_dir)
     names = [c.strip() for c in components.split(",") if c.strip()]

@@ -14,8 +14,8 @@ from tqdm import tqdm
 
 from ..hashing import file_sha256, module_hash
 from ..instructions import KnownTasks
-from ..sources import save_known_tasks
 from ..precision import Precision
+from ..sources import save_known_tasks
 from ..specs import COMPONENTS, component_specs, dim_ranges
 from ..step1x_ref.configs import ModelConfig
 from ..step1x_ref.pipeline import Step1XEditPipeline
