@@ -97,9 +97,9 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     vae_dtype = torch.float32 if args.vae_dtype == "fp32" else torch.bfloat16
     cfg = BenchConfig(model=args.model, device=str(device), precision="bf16", sizes=sizes, steps=args.steps,
-                      runs=args.runs, warmup=1, ladder_steps=args.ladder_steps, compile_mode=args.compile_mode,
-                      graph_cache=args.graph_cache, budget_s=args.budget_s, with_mllm=not args.no_mllm,
-                      compile_on_cpu=args.compile_cpu)
+                      runs=args.runs, warmup=1, ladder_steps=args.ladder_steps,
+                      runtime=RuntimeOptions(compile_mode=args.compile_mode, graph_cache=args.graph_cache),
+                      budget_s=args.budget_s, with_mllm=not args.no_mllm, compile_on_cpu=args.compile_cpu)
     report = BenchReport(env=environment_info(device), conditions=cfg.conditions(),
                          config={**asdict(cfg), "script": "benchmarks/device_ladder.py", "argv": sys.argv[1:]})
     report.conditions["vae"] = args.vae_dtype

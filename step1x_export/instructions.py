@@ -53,6 +53,11 @@ class KnownTasks:
                 f"real edit; it knows {len(self.tasks)} tasks (`step1x-export models` lists their phrasings), "
                 f"nearest: {near}")
 
+    def text_to_image_warning(self) -> str:
+        """One line for text-to-image on this model: it learned edits of an input image, never pictures from text."""
+        return (f"the {self.model} model learned only {len(self.tasks)} edits of an input image (`step1x-export "
+                "models` lists them), never pictures from text: text-to-image makes no real picture")
+
 
 def read_known_tasks(folder: Path) -> KnownTasks | None:
     """The known tasks a model folder carries, or None where it carries none (every instruction is open)."""

@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .instructions import KnownTasks, read_known_tasks
+from .files import write_text_atomic
+from .instructions import KNOWN_TASKS_FILE, KnownTasks, known_tasks_json, read_known_tasks
 from .step1x_ref.configs import CONFIGS, get_config
 
 if TYPE_CHECKING:
@@ -53,3 +54,13 @@ def known_tasks(source: str | Path | None) -> KnownTasks | None:
         return None
     folder = PACKAGED.get(str(source), Path(source))
     return read_known_tasks(folder) if folder.is_dir() else None
+
+
+def save_known_tasks(folder: Path, known: KnownTasks | None) -> None:
+    """`known` as `folder`'s known-tasks file, written atomically; None removes any file there, so a folder
+    rewritten for a model of open instructions keeps no other model's list."""
+    path = folder / KNOWN_TASKS_FILE
+    if known is None:
+        path.unlink(missing_ok=True)
+    else:
+        write_text_atomic(path, known_tasks_json(known.model, known.tasks))

@@ -229,9 +229,29 @@ def test_bench_cli_tiny(tmp_path: Path):
     assert result.exit_code == 0, result.output
     assert "dit_step" in result.output and "skipped: needs CUDA" in result.output
     assert (tmp_path / "bench.json").is_file() and (tmp_path / "bench_ladder.csv").is_file()
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["conditions"]["threads"] == 1 and data["ladder"][0]["options"]["threads"] == 1  # a small model's
     bad = runner.invoke(bench, ["--sizes", "30", "--out-dir", str(tmp_path)])
     assert bad.exit_code != 0 and "multiples of 16" in bad.output
     assert "--ladder / --no-ladder" in runner.invoke(bench, ["--help"]).output
+
+
+def test_bench_threads_is_the_runtimes_flag(tmp_path: Path):
+    """`bench --threads N`: the run (stage timings, activation checks) under N threads and every ladder row's
+    runtime built with N, as `edit --threads N` runs; nothing timed here (two threads on a busy machine spin)."""
+    from click.testing import CliRunner
+
+    from step1x_export.bench.run import BenchConfig
+    from step1x_export.cli.bench import bench
+
+    result = CliRunner().invoke(bench, ["--sizes", "32", "--steps", "1", "--no-mllm", "--stages", "mllm",
+                                        "--no-ladder", "--cache", "", "--out-dir", str(tmp_path), "--device", "cpu",
+                                        "--threads", "2"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["conditions"]["threads"] == 2 and "(torch threads 2)" in data["env"]["device"]
+    assert data["config"]["runtime"]["threads"] == 2
+    assert BenchConfig(runtime=RuntimeOptions(threads=2)).base_options().threads == 2  # the ladder's rows start here
 
 
 def test_fp8_row_quantizes_with_the_calibrate_recipe(models):

@@ -16,7 +16,7 @@ from PIL import Image
 from step1x_export.cli import main
 from step1x_export.instructions import KNOWN_TASKS_FILE, UnknownInstructionWarning, read_known_tasks
 from step1x_export.runtime import Step1XEditRuntime
-from step1x_export.sources import known_tasks
+from step1x_export.sources import known_tasks, small_pipeline
 from step1x_export.toy.tasks import TASKS
 
 UNKNOWN = "add a hat"
@@ -51,6 +51,33 @@ def test_a_folder_without_the_file_is_never_flagged_and_a_bad_file_is_named(tmp_
     (tmp_path / KNOWN_TASKS_FILE).write_text('{"tasks": []}')
     with pytest.raises(ValueError, match=r"tasks.json: not a known-tasks file"):
         read_known_tasks(tmp_path)
+
+
+def test_an_export_carries_the_models_tasks_and_an_export_over_it_without_any_drops_them(tmp_path, monkeypatch):
+    """`export` writes the model's tasks.json into the export folder, where the runtime (`sources.known_tasks`
+    of its engine dir) and the command line look; a model without one, exported over it (--force), leaves none.
+    The graphs are stand-ins: the folder is what is tested, not ONNX."""
+    from step1x_export import sources
+    from step1x_export.cli.runtime_options import RuntimeArgs
+    from step1x_export.export import export as export_module
+
+    def stand_in_graph(module, args, spec, path, **kwargs):
+        path.write_bytes(b"graph")
+        return [path]
+
+    monkeypatch.setattr(export_module, "export_graph", stand_in_graph)
+    pipe = small_pipeline("toy")
+    monkeypatch.setattr(sources, "small_pipeline", lambda name, **kwargs: pipe)  # built once for both exports
+    out = tmp_path / "export"
+    flags = ["--components", "vae_decoder", "--out", str(out), "--quiet"]
+    result = CliRunner().invoke(main, ["export", "--model", "toy", *flags])
+    assert result.exit_code == 0, result.output
+    assert f"the {len(known_tasks('toy').tasks)} tasks the toy model learned" in result.output
+    assert known_tasks(out) == known_tasks("toy") and known_tasks(out) is not None
+    assert RuntimeArgs(backend="onnxruntime", engine_dir=out).known_tasks() == known_tasks("toy")
+    export_module.export_components(pipe, out, components=["vae_decoder"], force=True,
+                                    progress=False)  # as for a model whose folder lists no tasks
+    assert not (out / KNOWN_TASKS_FILE).exists() and known_tasks(out) is None
 
 
 def test_models_lists_each_task_and_phrasing():
@@ -88,6 +115,30 @@ def test_cli_strict_lets_a_learned_instruction_through(tmp_path, image, monkeypa
     result = CliRunner().invoke(main, ["edit", "--model", "toy", *FAST_TOY, "--image", str(image), "--prompt",
                                        "把图片变成黑白的", "--strict", "--out", str(tmp_path / "o.png")])
     assert result.exit_code == 1 and "Error: the check passed" in result.output and "warning" not in result.output
+
+
+@pytest.mark.parametrize("size", [["--text-to-image"], ["--width", "64"]])
+def test_cli_refuses_text_to_image_on_a_model_that_learned_only_edits(tmp_path, monkeypatch, size):
+    monkeypatch.setattr(Step1XEditRuntime, "load", lambda *a, **k: pytest.fail("model work started"))
+    result = CliRunner().invoke(main, ["edit", "--model", "toy", *FAST_TOY, *size, "--prompt",
+                                       "make it black and white", "--out", str(tmp_path / "o.png")])
+    assert result.exit_code == 2, result.output
+    count = len(known_tasks("toy").tasks)
+    assert (f"Error: --text-to-image: the toy model learned only {count} edits of an input image (`step1x-export "
+            "models` lists them), never pictures from text") in result.output and "give --image FILE" in result.output
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_api_text_to_image_on_the_toy_says_it_makes_no_picture_and_names_the_text_it_cuts(toy_rt):
+    """The toy reads 64 tokens of text; text-to-image's default negative prompt is longer: the warning quotes it
+    (it once said "instruction too long" of a short instruction)."""
+    with pytest.warns(UserWarning) as caught:
+        toy_rt.edit(None, "make it black and white", steps=1, width=64, height=64)
+    messages = [str(w.message) for w in caught]
+    assert any(m.startswith("the toy model learned only") and "never pictures from text" in m for m in messages)
+    cut = [m for m in messages if "too long" in m]
+    assert len(cut) == 1 and cut[0].startswith("text too long") and "'worst quality, wrong limbs" in cut[0], cut
+    assert toy_rt.last_warnings == [m for m in messages if m.startswith("the toy model")]
 
 
 def test_api_reports_it_with_the_result(toy_rt):

@@ -168,7 +168,8 @@ def test_long_instruction_is_cut_and_announced(tmp_path, image, built_once):
     out = tmp_path / "o.png"
     result = run(["edit", *FAST, "--image", str(image), "--prompt", "make it red " * 9000, "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "warning: instruction too long" in result.output and "are ignored" in result.output
+    assert "warning: text too long" in result.output and "'make it red make it red" in result.output
+    assert "tokens are ignored" in result.output
     assert out.is_file()
 
 

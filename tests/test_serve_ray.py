@@ -79,3 +79,25 @@ def test_replica_plan_options():
         ReplicaPlan(min_replicas=1)
     with pytest.raises(ValueError, match="whole GPUs"):
         ReplicaPlan(gpus_per_replica=1.5)
+
+
+@pytest.mark.parametrize(("asked", "expected"), [(None, 3), (2, 2)])
+def test_a_replica_edits_with_the_threads_it_was_given_unless_threads_is_set(monkeypatch, asked, expected):
+    """The replica's CPUs reach its runtime's options: without them a small model on CPU runs each edit on the
+    runtime's default of one thread, whatever the replica holds; an explicit --threads still wins."""
+    import torch
+    from ray import serve
+
+    from step1x_export.serve.ray_app import EditReplica
+
+    context = type("Context", (), {"replica_id": type("Id", (), {"unique_id": "r0"})()})()
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+    before = torch.get_num_threads()
+    options = {"device": "cpu"} | ({"threads": asked} if asked else {})
+    try:
+        replica = EditReplica(RuntimeSpec("tiny", options=options), ServeLimits(warmup=False), threads=3)
+        assert replica.service.runtime.options.threads == expected
+        assert torch.get_num_threads() == expected
+        replica.service.close()
+    finally:
+        torch.set_num_threads(before)

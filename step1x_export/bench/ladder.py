@@ -267,7 +267,7 @@ def run_cell(row: LadderRow, models: BenchModels, x: DiTInputs, state: ModelStat
         trace_afresh(options.resolved(device), state)
         rt = bench_runtime(models, options)
         result.options = {k: getattr(rt.options, k) for k in row.options} | {
-            "compile": rt.options.compile, "cuda_graphs": rt.options.cuda_graphs}
+            "compile": rt.options.compile, "cuda_graphs": rt.options.cuda_graphs, "threads": rt.options.threads}
         picture = bench_picture(x.size)
 
         def edit() -> list[float]:

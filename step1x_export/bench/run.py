@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from ..precision import Precision
-from ..runtime.options import DEFAULT_GRAPH_CACHE, RuntimeOptions
+from ..runtime.options import RuntimeOptions
 from ..runtime.step.cache_spec import CacheSpec
+from ..step1x_ref.configs import get_config
+from ..threads import default_threads, torch_threads
 from .caching import as_dicts, cache_rows
 from .environment import environment_info
 from .ladder import LADDER, LadderSettings, run_ladder
@@ -38,8 +40,9 @@ class BenchConfig:
     ladder: bool = True
     ladder_sizes: tuple[int, ...] | None = None  # default: `sizes`
     ladder_steps: int = 4  # timed denoising steps per ladder row
-    compile_mode: str | None = None  # RuntimeOptions.compile_mode of every row (None: inductor's default)
-    graph_cache: int = DEFAULT_GRAPH_CACHE
+    # the runtime toggles every ladder row starts from (the command line's shared runtime flags: compile mode,
+    # graph cache, threads); its precision is `precision`'s. Its threads run the stage timings too.
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     compile_on_cpu: bool = False
     fp32_reference: bool = True
     budget_s: float | None = None  # ladder cells are skipped once this much wall time has passed
@@ -64,9 +67,13 @@ class BenchConfig:
         return Precision.parse(self.precision).compute_dtype
 
     def base_options(self) -> RuntimeOptions:
-        """The `RuntimeOptions` every ladder row starts from (the default configuration at this precision)."""
-        return RuntimeOptions(precision=Precision.parse(self.precision), compile_mode=self.compile_mode,
-                              graph_cache=self.graph_cache)
+        """The `RuntimeOptions` every ladder row starts from (`runtime` at this precision)."""
+        return replace(self.runtime, precision=Precision.parse(self.precision))
+
+    def threads(self) -> int | None:
+        """torch's CPU threads for the whole run, as the runtime picks them for an edit (None: torch's own)."""
+        small = get_config(self.model).tiny_qwen is not None
+        return self.runtime.threads or default_threads(small_model=small, device_type=torch.device(self.device).type)
 
     def conditions(self) -> dict[str, object]:
         """The short form printed on every table (the full config goes to the JSON)."""
@@ -74,11 +81,18 @@ class BenchConfig:
             "model": self.model, "precision": self.precision, "batch": "1 + CFG (DiT batch 2)",
             "steps/edit": self.steps, "runs": self.runs, "warmup": self.warmup,
             "ladder steps timed": self.ladder_steps if self.ladder else "-",
-            "compile mode": self.compile_mode or "default", "weights": "random, seeded",
+            "compile mode": self.runtime.compile_mode or "default", "threads": self.threads() or "torch's default",
+            "weights": "random, seeded",
         }
 
 
 def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchReport:
+    """Every stage and ladder row under the CPU threads the runtime would edit with (`BenchConfig.threads`)."""
+    with torch_threads(cfg.threads()):
+        return _run(cfg, log)
+
+
+def _run(cfg: BenchConfig, log: Callable[[str], None]) -> BenchReport:
     start = time.monotonic()
     device = torch.device(cfg.device)
     report = BenchReport(env=environment_info(device), conditions=cfg.conditions(), config=asdict(cfg))

@@ -83,7 +83,7 @@ def _work_items(cfg: BenchConfig) -> int:
               help="Step-cache settings to time (comma-separated teacache[:T] / fbcache[:T]; '' for none): --steps "
                    "denoising steps at the smallest size each, with DiT calls computed vs reused and latent PSNR vs no "
                    "cache.")
-@runtime_options(source=False, only=("compile_mode", "graph_cache"))
+@runtime_options(source=False, only=("compile_mode", "graph_cache", "threads"))
 @user_errors
 def bench(runtime: RuntimeArgs, model_name: str, device: str | None, precision: str, sizes: tuple[int, ...],
           steps: int, runs: int, warmup: int, stages: tuple[str, ...], edit_sizes: tuple[int, ...] | None, mllm: bool,
@@ -108,8 +108,7 @@ def bench(runtime: RuntimeArgs, model_name: str, device: str | None, precision: 
     cfg = BenchConfig(
         model=model_name, device=device or default_device(), precision=precision, sizes=sizes, steps=steps,
         runs=runs, warmup=warmup, stages=stages, edit_sizes=edit_sizes or (min(sizes),), with_mllm=mllm, ladder=ladder,
-        ladder_sizes=ladder_sizes, ladder_steps=ladder_steps, compile_mode=runtime.compile_mode,
-        graph_cache=runtime.graph_cache,
+        ladder_sizes=ladder_sizes, ladder_steps=ladder_steps, runtime=runtime.options(),
         compile_on_cpu=compile_cpu, fp32_reference=not no_fp32_reference, budget_s=budget_s, seed=seed,
         cache=tuple(c.strip() for c in cache.split(",") if c.strip()),
     )

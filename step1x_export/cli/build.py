@@ -43,7 +43,9 @@ def build(onnx_dir: Path, out_dir: Path, components: str, opt_level: int, timing
     except ImportError as err:
         raise click.ClickException("TensorRT is not installed: pip install 'step1x-export[tensorrt]'") from err
     from ..export.manifest import load_manifest
+    from ..instructions import read_known_tasks
     from ..runtime.engines.trt_build import BuildInput, BuildOptions, build_all
+    from ..sources import save_known_tasks
 
     manifest = load_manifest(onnx_dir)
     names = [c.strip() for c in components.split(",") if c.strip()]
@@ -53,6 +55,7 @@ def build(onnx_dir: Path, out_dir: Path, components: str, opt_level: int, timing
     inputs = [BuildInput(e.name, e.path, e.spec, e.dims, Precision.parse(e.precision)) for e in entries]
     result = build_all(manifest.config, inputs, out_dir, options,
                        progress=lambda name: click.echo(f"building {name} (opt level {opt_level}) ...", err=True))
+    save_known_tasks(out_dir, read_known_tasks(onnx_dir))  # the export's list of learned instructions, if any
     click.echo(f"wrote {len(result.components)} engine(s) and engines.json to {out_dir} "
                f"for {result.platform_.gpu_name} (sm {result.platform_.compute_capability}, "
                f"TensorRT {result.platform_.tensorrt_version})")

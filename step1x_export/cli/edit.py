@@ -28,7 +28,8 @@ RANDOM_DEMO_INSTRUCTION = "Make the sky behind the astronaut a deep purple"
 @click.option("--image", "image_path", type=click.Path(path_type=Path),
               help=f"Image to edit (at most {MAX_PIXELS / 1e6:.1f} MP, as the server). Without it: --text-to-image.")
 @click.option("--text-to-image", "text_to_image", is_flag=True,
-              help="No --image: generate from --prompt alone (upstream's t2i mode) at --width x --height.")
+              help="No --image: generate from --prompt alone (upstream's t2i mode) at --width x --height. Refused "
+                   "for a model that learned only edits (the toy).")
 @click.option("--prompt", required=True, help='Edit instruction; may be "" (allowed upstream). A model that learned '
               "only a few (toy: `step1x-export models` lists them) warns about any other before the edit.")
 @click.option("--strict", is_flag=True, help="Refuse an instruction the model did not learn instead of warning.")
@@ -81,7 +82,9 @@ def edit(
     runtime.check_source()
     check_output_path(out_path, suffixes=IMAGE_SUFFIXES)
     check_image_choice(image_path, text_to_image or bool(width or height))
-    check_instruction(runtime.known_tasks(), prompt, strict=strict)
+    known = runtime.known_tasks()
+    check_text_to_image(known, image_path)
+    check_instruction(known, prompt, strict=strict)
     import torch
 
     from ..step1x_ref.imaging import load_image
@@ -142,6 +145,12 @@ def check_image_choice(image_path: Path | None, text_to_image: bool) -> None:
     if image_path is not None and text_to_image:
         raise click.UsageError("--width/--height set a text-to-image size (--text-to-image: a picture from --prompt "
                                "alone); an edit keeps its --image's size")
+
+
+def check_text_to_image(known: KnownTasks | None, image_path: Path | None) -> None:
+    """Before any model work: a model that learned only a few edits (the toy) makes no picture from text."""
+    if image_path is None and known is not None:
+        raise click.UsageError(f"--text-to-image: {known.text_to_image_warning()}; give --image FILE to edit one")
 
 
 def check_instruction(known: KnownTasks | None, prompt: str, *, strict: bool) -> None:

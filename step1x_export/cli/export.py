@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..choices import COMPONENTS
+from ..instructions import KNOWN_TASKS_FILE
 from ..precision import Precision
 from .common import SEED, SMALL_MODELS, lora_option, torch_dtype, user_errors, version_option
 
@@ -21,6 +22,7 @@ GRAPH_PRECISIONS = ("fp32", "fp16", "bf16")
               "tiny (random weights, testing).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Export folder: {component}.onnx (+ .onnx.data above 2 GB), qwen/ (config, processor), "
+                   "tasks.json (the instructions the model learned, where its folder lists them: the toy's), "
                    "manifest.json written last. Refused if not empty, unless --force.")
 @click.option("--components", default=None,
               help=f"Comma-separated subset of: {', '.join(COMPONENTS)} [default: all; v1.2: vae_encoder,dit,"
@@ -55,7 +57,7 @@ def export(
     """
     from ..calibrate.artifact import load_artifact
     from ..export import export_components
-    from ..sources import small_pipeline
+    from ..sources import known_tasks, small_pipeline
     from ..step1x_ref.pipeline import Step1XEditPipeline
     from ..step1x_ref.versions import edit_version
     from ..step1x_ref.weights.lora import LoraSpec, merge_loras
@@ -80,12 +82,15 @@ def export(
     if names is None:  # every component the model's version exports (v1.2's MLLM runs in torch)
         graphs = edit_version(pipe.config).mllm_graphs
         names = [c for c in COMPONENTS if graphs or c not in ("vision", "llm")]
+    known = known_tasks(model_dir if model_dir is not None else model_name)
     manifest = export_components(pipe, out_dir, components=names, precision=Precision.parse(precision),
-                                 force=force, progress=not quiet, opset=opset, quant=quant)
+                                 force=force, progress=not quiet, opset=opset, quant=quant, known_tasks=known)
     for name, entry in manifest.components.items():
         size = sum((out_dir / f).stat().st_size for f in entry.files) / 1e6
         click.echo(f"{name:12s} {entry.file:20s} {entry.precision.value:5s} {size:9.1f} MB "
                    f"{entry.export_seconds:6.1f} s")
     for lora in manifest.loras:
         click.echo(f"merged LoRA {lora['file']} x {lora['multiplier']:g} (sha256 {lora['sha256'][:12]})")
+    if known is not None:
+        click.echo(f"wrote {out_dir / KNOWN_TASKS_FILE}: the {len(known.tasks)} tasks the {known.model} model learned")
     click.echo(f"wrote {out_dir / 'manifest.json'} (export {manifest.export_id[:12]}, opset {manifest.opset})")

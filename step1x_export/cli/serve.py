@@ -61,7 +61,7 @@ from .runtime_options import RuntimeArgs, runtime_options
               help="GPUs each replica holds; above 1 they are reserved together on one machine (a placement "
                    "group) [default: 1 if this machine has CUDA and --device is not cpu, else 0].")
 @click.option("--cpus-per-replica", type=click.FloatRange(0.1, 256), default=1.0, show_default=True,
-              help="CPUs each replica holds (also its torch thread count on CPU).")
+              help="CPUs each replica holds (also its edits' torch thread count, rounded down, unless --threads).")
 @click.option("--api-key", "api_keys", multiple=True, metavar="KEY",
               help="Require `Authorization: Bearer KEY` on every /v1 route (repeat for several keys). A key on the "
                    "command line shows in the process list: prefer --api-keys-file or STEP1X_API_KEYS "

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from ..hashing import file_sha256, module_hash
+from ..instructions import KnownTasks
 from ..precision import Precision
+from ..sources import save_known_tasks
 from ..specs import COMPONENTS, component_specs, dim_ranges
 from ..step1x_ref.configs import ModelConfig
 from ..step1x_ref.pipeline import Step1XEditPipeline
@@ -60,6 +62,7 @@ def export_components(
     opset: int = DEFAULT_OPSET,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     quant: QuantArtifact | None = None,
+    known_tasks: KnownTasks | None = None,
 ) -> Manifest:
     """Export `components` of `pipeline` to `out_dir` as `{name}.onnx` + manifest.json (written last).
 
@@ -67,7 +70,10 @@ def export_components(
     specs and profile the graphs follow (default: the pipeline's). external_data_threshold: weights at
     or above this many bytes go to `{name}.onnx.data` (default 2 GiB, protobuf's limit). quant: a
     calibration artifact of the DiT; its layers become explicit Q/DQ in the dit graph (checked against
-    the pipeline's DiT by hash first), and the manifest records the dit as fp8 / int8.
+    the pipeline's DiT by hash first), and the manifest records the dit as fp8 / int8. known_tasks: the
+    instructions the model learned, where it learned only a few (`sources.known_tasks` of its folder): written
+    as the folder's tasks.json, so a runtime over the export warns about any other instruction as it does over
+    the model.
     """
     precision = Precision.parse(precision)
     if precision not in GRAPH_PRECISIONS:
@@ -115,6 +121,7 @@ def export_components(
         )
         del units[name]  # free the precision copy before the next graph
     shared = save_qwen_files(pipeline, out_dir) if {"vision", "llm"} & set(names) else {}
+    save_known_tasks(out_dir, known_tasks)  # None removes a file an earlier export (--force) left
     manifest = Manifest(export_id=export_id, config=config.name, version=config.version, opset=opset,
                         exporter=EXPORTER, libraries=_versions(), components=entries, directory=out_dir,
                         shared_files=shared, loras=merged_loras(pipeline.model))

@@ -224,7 +224,7 @@ class Step1XEditRuntime(EditLanes, DiTUpdates):
         job = EditJob(image, instruction, seed=seed, steps=steps, cfg=cfg, size_level=size_level,
                       negative_prompt=negative_prompt, progress=progress, latents=latents)
         with self._lock, torch_threads(self.options.threads):
-            self.last_warnings = self.instruction_warnings(instruction)
+            self.last_warnings = self.instruction_warnings(instruction, text_to_image=image is None)
             for message in self.last_warnings:
                 warnings.warn(message, UnknownInstructionWarning, stacklevel=2)
             timer = self.timer = StageTimer(self.device)
@@ -266,13 +266,14 @@ class Step1XEditRuntime(EditLanes, DiTUpdates):
                 return run_serially(self, jobs, join=join, done=done)
             return run_batch(self, jobs, join=join, done=done, max_batch=max_batch)
 
-    def instruction_warnings(self, instruction: str) -> list[str]:
-        """Why `instruction` will make no real edit on this model: it is none of the few the model learned
-        (empty for any instruction to a model that follows open ones)."""
+    def instruction_warnings(self, instruction: str, *, text_to_image: bool = False) -> list[str]:
+        """Why `instruction` (with no input image: `text_to_image`) will make no real picture on this model: it is
+        none of the few the model learned, or the model learned only edits (empty for a model that follows open
+        instructions)."""
         if self.known_tasks is None or not isinstance(instruction, str):  # a non-str is refused by the edit
             return []
-        message = self.known_tasks.warning(instruction)
-        return [message] if message is not None else []
+        messages = [self.known_tasks.text_to_image_warning()] if text_to_image else []
+        return messages + [m for m in (self.known_tasks.warning(instruction),) if m is not None]
 
     def check_batching(self) -> None:
         """Raise ValueError unless this runtime can run several edits per DiT call."""

@@ -12,7 +12,7 @@ import math
 import os
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .app import create_app
@@ -82,7 +82,8 @@ class EditReplica:
         import torch
         from ray import serve
 
-        torch.set_num_threads(threads)  # the CPUs Ray granted this replica, not the whole machine's
+        spec = replica_spec(spec, threads)
+        torch.set_num_threads(spec.options["threads"])  # loading too: the replica's CPUs, not the whole machine's
         context = serve.get_replica_context()
         self.service = EditService(spec, limits, replica=context.replica_id.unique_id)
         self.service.load()
@@ -95,6 +96,15 @@ class EditReplica:
     def check_health(self) -> None:
         if self.service.state != "ready":
             raise RuntimeError(f"model state {self.service.state}: {self.service.error}")
+
+
+def replica_spec(spec: RuntimeSpec, threads: int) -> RuntimeSpec:
+    """`spec` with `threads` (the CPUs Ray granted the replica) as its edits' thread count, unless the spec
+    names one (`--threads`): without it the runtime's own default (one thread for a small model on CPU) would
+    run every edit, whatever the replica was given."""
+    if spec.options.get("threads") is not None:
+        return spec
+    return replace(spec, options={**spec.options, "threads": threads})
 
 
 def build_application(spec: RuntimeSpec, limits: ServeLimits, plan: ReplicaPlan) -> Any:

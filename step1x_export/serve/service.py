@@ -199,7 +199,8 @@ class EditService:
         """The queue's job for the request and its batch key (a solo job's own)."""
         assert self.runtime is not None
         p = request.params
-        request.warnings.extend(self.runtime.instruction_warnings(p.instruction))  # one the model did not learn
+        # an instruction the model did not learn, or text-to-image on a model that learned only edits
+        request.warnings.extend(self.runtime.instruction_warnings(p.instruction, text_to_image=request.image is None))
         if request.image is None:
             if size is None:
                 raise RequestError(400, "bad_request", "text-to-image needs a size (width x height)")

@@ -32,6 +32,7 @@ FETCH_MAX_PIXELS = 16384 * 28 * 28
 MAX_ASPECT_RATIO = 200
 
 VISION_END = "<|vision_end|>"
+EXCERPT = 40  # characters of a cut text quoted in the warning
 OPEN_QUOTE, CLOSE_QUOTE = "“", "”"
 
 
@@ -149,7 +150,8 @@ def build_mllm_inputs(processor, instruction: str, image: Image.Image, params: E
     vision_end = processor.tokenizer.convert_tokens_to_ids(VISION_END)
     cut_old = int((old_ids == vision_end).nonzero()[0, 0])
     cut_new = int((new_ids == vision_end).nonzero()[0, 0])
-    input_ids = cut_to_kept(torch.cat([old_ids[:cut_old], new_ids[cut_new:]]).unsqueeze(0), params, cut_old + 1)
+    input_ids = cut_to_kept(torch.cat([old_ids[:cut_old], new_ids[cut_new:]]).unsqueeze(0), params, cut_old + 1,
+                            instruction)
     return MLLMInputs(
         input_ids=input_ids,
         attention_mask=(input_ids > 0).long(),
@@ -158,8 +160,10 @@ def build_mllm_inputs(processor, instruction: str, image: Image.Image, params: E
     )
 
 
-def cut_to_kept(input_ids: torch.Tensor, params: EmbedderParams, image_end: int) -> torch.Tensor:
-    """Drop the tokens `select_tokens` would discard, before the LLM runs, and say so.
+def cut_to_kept(input_ids: torch.Tensor, params: EmbedderParams, image_end: int, text: str) -> torch.Tensor:
+    """Drop the tokens `select_tokens` would discard, before the LLM runs, and say so, naming the `text` cut:
+    the MLLM reads the instruction and the negative prompt alike (text-to-image's default negative prompt is
+    longer than a small model's reading).
 
     The LLM is causal, so the kept hidden states do not depend on the tokens after them: cutting the ids
     is exact, and a 100k-character instruction costs no more than one that fits. The first `image_end` ids
@@ -168,9 +172,10 @@ def cut_to_kept(input_ids: torch.Tensor, params: EmbedderParams, image_end: int)
     limit = max(params.drop_tokens + params.max_length, image_end)
     if input_ids.shape[1] <= limit:
         return input_ids
-    warnings.warn(f"instruction too long: the model reads {params.max_length} tokens after its template (image "
-                  f"included) and this input has {input_ids.shape[1] - params.drop_tokens}; the last "
-                  f"{input_ids.shape[1] - limit} tokens of the instruction are ignored", stacklevel=3)
+    start = text if len(text) <= EXCERPT else f"{text[:EXCERPT]}..."
+    warnings.warn(f"text too long: the model reads {params.max_length} tokens after its template (image included) "
+                  f"and {start!r} makes {input_ids.shape[1] - params.drop_tokens}; its last "
+                  f"{input_ids.shape[1] - limit} tokens are ignored", stacklevel=3)
     return input_ids[:, :limit]
 
 
