@@ -8,7 +8,9 @@ Each tree (a checkout of this repository; `.` by default) runs in its own worker
 the path; each round asks every worker in turn (the order rotated per round, so load drifts alike) for one edit
 without a cache and one with `regione` (the published settings). The edit is `region_toy.py`'s local one: the
 toy, scikit-image's coffee photo grey outside a centred disc, "swap red and blue", 28 steps, seed 0, eager torch,
-one thread. The share of a full step is the ratio of the kinds' median times within one tree's edits.
+one thread. Each edit's share of a full step is the ratio of its kinds' median step times (its own full steps:
+load that drifts between edits cancels), the speed-up the ratio of the two edits of a round; the table shows the
+medians over the rounds.
 """
 
 from __future__ import annotations
@@ -53,28 +55,21 @@ def worker(shape: str) -> None:
               flush=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--shape", default="192x128")
-    parser.add_argument("--trees", nargs="+", default=["."], help="checkouts of this repository to compare")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        worker(args.shape)
-        return
+Runs = dict[tuple[str, str], list[dict]]  # (tree, cache) -> each round's edit: denoise s, (kind, ms) per step
+
+
+def interleaved(trees: list[str], shape: str, rounds: int) -> Runs:
+    """Every tree's edits, one worker process per tree, the rounds interleaved."""
     workers = {}
-    for tree in args.trees:
+    for tree in trees:
         env = dict(os.environ, PYTHONPATH=str(Path(tree).resolve()), OMP_NUM_THREADS="1")
-        proc = subprocess.Popen([sys.executable, __file__, "--worker", "--shape", args.shape], env=env, text=True,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        workers[tree] = proc
+        workers[tree] = subprocess.Popen([sys.executable, __file__, "--worker", "--shape", shape], env=env,
+                                         text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     for tree, proc in workers.items():
         assert proc.stdout is not None
         print(f"{tree}: {json.loads(proc.stdout.readline())['ready']}", file=sys.stderr)
-    runs: dict[tuple[str, str], list[dict]] = {(t, c): [] for t in workers for c in ("none", "regione")}
-    trees = list(workers)
-    for r in range(args.rounds):
+    runs: Runs = {(t, c): [] for t in trees for c in ("none", "regione")}
+    for r in range(rounds):
         for tree in trees[r % len(trees):] + trees[: r % len(trees)]:
             proc = workers[tree]
             assert proc.stdin is not None and proc.stdout is not None
@@ -86,20 +81,40 @@ def main() -> None:
         assert proc.stdin is not None
         proc.stdin.close()
         proc.wait()
-    print("| tree | shape | denoise none s | denoise regione s | speed-up | full ms | full + cache | region | "
-          "reused |")
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--shape", default="192x128")
+    parser.add_argument("--trees", nargs="+", default=["."], help="checkouts of this repository to compare")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.shape)
+        return
+    runs = interleaved(args.trees, args.shape, args.rounds)
+    print("| tree | shape | denoise none s | denoise regione s | speed-up | full ms | full + cache | region | reused |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for tree in trees:
-        none = statistics.median(run["denoise"] for run in runs[tree, "none"])
-        region = statistics.median(run["denoise"] for run in runs[tree, "regione"])
-        by_kind: dict[str, list[float]] = {}
-        for run in runs[tree, "regione"]:
-            for kind, ms in run["steps"]:
-                by_kind.setdefault(kind, []).append(ms)
-        ms = {kind: statistics.median(v) for kind, v in by_kind.items()}
-        cells = [f"{ms[k]:.1f} ({100 * ms[k] / ms['full']:.0f}%)" for k in ("capture", "region", "reuse")]
-        print(f"| {tree} | {args.shape} | {none:.3f} | {region:.3f} | {none / region:.2f}x | {ms['full']:.1f} | "
-              + " | ".join(cells) + " |", flush=True)
+    for tree in args.trees:
+        none, region = ([run["denoise"] for run in runs[tree, c]] for c in ("none", "regione"))
+        speedup = statistics.median(a / b for a, b in zip(none, region, strict=True))  # paired per round
+        per_edit = [step_medians(run["steps"]) for run in runs[tree, "regione"]]
+        full = statistics.median(ms["full"] for ms in per_edit)
+        cells = [f"{statistics.median(ms[k] for ms in per_edit):.1f} "
+                 f"({100 * statistics.median(ms[k] / ms['full'] for ms in per_edit):.0f}%)"
+                 for k in ("capture", "region", "reuse")]
+        print(f"| {tree} | {args.shape} | {statistics.median(none):.3f} | {statistics.median(region):.3f} | "
+              f"{speedup:.2f}x | {full:.1f} | " + " | ".join(cells) + " |", flush=True)
+
+
+def step_medians(steps: list[tuple[str, float]]) -> dict[str, float]:
+    """One edit's median step time (ms) per kind."""
+    by_kind: dict[str, list[float]] = {}
+    for kind, ms in steps:
+        by_kind.setdefault(kind, []).append(ms)
+    return {kind: statistics.median(v) for kind, v in by_kind.items()}
 
 
 if __name__ == "__main__":
