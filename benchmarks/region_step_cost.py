@@ -3,14 +3,15 @@ interleaved: per tree the median time of each kind of step (full, full + cache, 
 the full step's, the `denoise` stage with and without RegionE, and the speed-up.
 
     PYTHONPATH=$PWD python benchmarks/region_step_cost.py [--rounds 7] [--shape 192x128] [--trees . ../base]
+        [--compile]
 
 Each tree (a checkout of this repository; `.` by default) runs in its own worker process with that tree first on
 the path; each round asks every worker in turn (the order rotated per round, so load drifts alike) for one edit
 without a cache and one with `regione` (the published settings). The edit is `region_toy.py`'s local one: the
-toy, scikit-image's coffee photo grey outside a centred disc, "swap red and blue", 28 steps, seed 0, eager torch,
-one thread. Each edit's share of a full step is the ratio of its kinds' median step times (its own full steps:
-load that drifts between edits cancels), the speed-up the ratio of the two edits of a round; the table shows the
-medians over the rounds.
+toy, scikit-image's coffee photo grey outside a centred disc, "swap red and blue", 28 steps, seed 0, eager torch
+(or the blocks compiled: `--compile`), one thread. Each edit's share of a full step is the ratio of its kinds'
+median step times (its own full steps: load that drifts between edits cancels), the speed-up the ratio of the
+two edits of a round; the table shows the medians over the rounds.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def worker(shape: str) -> None:
+def worker(shape: str, compile_blocks: bool) -> None:
     """Serve edits over stdin / stdout: each line read ('none' or 'regione') runs one edit and answers with its
     denoise seconds and the step times (ms) by kind, as one JSON line."""
     import torch
@@ -41,7 +42,7 @@ def worker(shape: str) -> None:
     torch.set_num_threads(1)
     w, h = (int(v) for v in shape.split("x"))
     image, job = picture("local", w, h), dict(seed=0, steps=TOY_STEPS, size_level=size_level_for(w, h))
-    runtimes = {c: Step1XEditRuntime.load("toy", backend="torch", device="cpu", compile=False,
+    runtimes = {c: Step1XEditRuntime.load("toy", backend="torch", device="cpu", compile=compile_blocks,
                                           cache=None if c == "none" else c) for c in ("none", "regione")}
     for rt in runtimes.values():  # warm-up
         rt.edit(image, "swap red and blue", **job)
@@ -58,12 +59,13 @@ def worker(shape: str) -> None:
 Runs = dict[tuple[str, str], list[dict]]  # (tree, cache) -> each round's edit: denoise s, (kind, ms) per step
 
 
-def interleaved(trees: list[str], shape: str, rounds: int) -> Runs:
+def interleaved(trees: list[str], shape: str, rounds: int, compile_blocks: bool) -> Runs:
     """Every tree's edits, one worker process per tree, the rounds interleaved."""
     workers = {}
     for tree in trees:
         env = dict(os.environ, PYTHONPATH=str(Path(tree).resolve()), OMP_NUM_THREADS="1")
-        workers[tree] = subprocess.Popen([sys.executable, __file__, "--worker", "--shape", shape], env=env,
+        command = [sys.executable, __file__, "--worker", "--shape", shape, *(["--compile"] if compile_blocks else [])]
+        workers[tree] = subprocess.Popen(command, env=env,
                                          text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     for tree, proc in workers.items():
         assert proc.stdout is not None
@@ -89,12 +91,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--shape", default="192x128")
     parser.add_argument("--trees", nargs="+", default=["."], help="checkouts of this repository to compare")
+    parser.add_argument("--compile", action="store_true", help="compile the DiT's blocks (inductor)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.shape)
+        worker(args.shape, args.compile)
         return
-    runs = interleaved(args.trees, args.shape, args.rounds)
+    runs = interleaved(args.trees, args.shape, args.rounds, args.compile)
     print("| tree | shape | denoise none s | denoise regione s | speed-up | full ms | full + cache | region | reused |")
     print("|---|---|---|---|---|---|---|---|---|")
     for tree in args.trees:

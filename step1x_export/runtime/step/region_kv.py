@@ -11,9 +11,9 @@ rows are every position, so it attends to exactly its own keys and values (the s
 window) and leaves them in the cache. A region step (its tokens: the text and the edited ones) refreshes its
 rows and attends to the rest as cached.
 
-Only the table's dozen RoPE operations per block pass through Python; a `TorchFunctionMode` around the block
-would see each of its hundred-odd operations (on the toy's CPU region steps that costs more than a tenth of
-the step). The window is an argument of the call, nothing outside it changes, and torch.compile traces the
+Only the table's RoPE operations and the attention, 15 per block, pass through Python; a `TorchFunctionMode`
+around the block would see each of its hundred-odd operations (about a tenth of an eager region step on the
+toy: docs/acceleration.md, "Region step cost"). The window is an argument of the call, nothing outside it changes, and torch.compile traces the
 subclass into the block's graph: one graph serves every block of a type, recording or not, every edit and
 every edited-token count.
 """
