@@ -13,9 +13,9 @@ rows and attends to the rest as cached.
 
 Only the table's RoPE operations and the attention, 15 per block, pass through Python; a `TorchFunctionMode`
 around the block would see each of its hundred-odd operations (about a tenth of an eager region step on the
-toy: docs/acceleration.md, "Region step cost"). The window is an argument of the call, nothing outside it changes, and torch.compile traces the
-subclass into the block's graph: one graph serves every block of a type, recording or not, every edit and
-every edited-token count.
+toy: docs/acceleration.md, "Region step cost"). The window is an argument of the call, nothing outside it
+changes, and torch.compile traces the subclass into the block's graph: one graph serves every block of a type,
+recording or not, every edit and every edited-token count.
 """
 
 from __future__ import annotations
