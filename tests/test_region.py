@@ -206,11 +206,12 @@ def python_hooks(fn: Callable[[], object]) -> int:
         nonlocal count
         count += event == "call" and frame.f_code.co_name == "__torch_function__"
 
+    previous = sys.getprofile()
     sys.setprofile(profile)
     try:
         fn()
     finally:
-        sys.setprofile(None)
+        sys.setprofile(previous)
     return count
 
 
