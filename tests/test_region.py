@@ -7,12 +7,16 @@ settings parse and its misuses are refused."""
 from __future__ import annotations
 
 import contextlib
+import sys
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from step1x_export.calibrate.artifact import save_artifact
 from step1x_export.calibrate.collect import collect_stats
@@ -180,6 +184,66 @@ def test_region_call_attends_like_the_full_call(model: str, tiny_rt: Step1XEditR
             err = float((region - rows).norm() / rows.norm())
             print(f"{model}: {len(edited)}/{n} tokens: relative error {err:.2e}")
             assert err < 1e-5  # the same fp32 maths; only the GEMMs' row blocking differs
+
+
+class AtenCounts(TorchDispatchMode):
+    """How many times each aten operation ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def python_hooks(fn: Callable[[], object]) -> int:
+    """Calls into a Python `__torch_function__` (a mode's or a tensor subclass's) while fn runs."""
+    count = 0
+
+    def profile(frame, event, arg):
+        nonlocal count
+        count += event == "call" and frame.f_code.co_name == "__torch_function__"
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(previous)
+    return count
+
+
+def test_region_call_does_no_per_call_bookkeeping(tiny_rt: Step1XEditRuntime):
+    """The work of a region call outside the blocks' maths: its positions and RoPE rows are gathered once per
+    partition (not per call), and the key/value window runs Python for the attention and the RoPE operations
+    that feed it (about 15 per block), not for each of a block's hundred-odd operations (a mode over the block:
+    on the toy's CPU region steps that was a tenth of the step)."""
+    lane = tiny_rt.prepare_lane(EditJob(image(), "add a hat", steps=STEPS, size_level=SIZE))
+    engine = tiny_rt.stages.load("dit")
+    dit = RegionDiT(engine, tiny_rt.version.dit_inputs)
+    region_fn, t = tiny_rt.version.step(dit), torch.tensor([0.7, 0.7])
+    dit.start(region=False)
+    region_fn(torch.cat([lane.x, lane.ref], dim=1).repeat(2, 1, 1), t, *lane.conditioning)
+    dit.queried = torch.tensor([1, 2, 5, 9])
+    img = lane.x[:, dit.queried].repeat(2, 1, 1)
+
+    def call() -> None:
+        dit.start(region=True)
+        region_fn(img, t, *lane.conditioning)
+
+    first, second = AtenCounts(), AtenCounts()
+    with first:
+        call()
+    with second:
+        call()
+    print(f"gathers (aten index): first region call {first.counts['index']}, second {second.counts['index']}")
+    assert first.counts["index"] == 1 and second.counts["index"] == 0  # the RoPE rows, once
+    blocks = len(engine.module.double_blocks) + len(engine.module.single_blocks)
+    hooks = python_hooks(call)
+    print(f"Python __torch_function__ calls per block: {hooks / blocks:.1f}")
+    assert hooks <= 16 * blocks
 
 
 def test_full_steps_are_the_plain_steps(tiny_rt: Step1XEditRuntime):

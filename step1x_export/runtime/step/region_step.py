@@ -16,7 +16,6 @@ two CFG branches as two calls (the version's `step`), each with its own cache, a
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -52,6 +51,8 @@ class RegionDiT:
         self.caches: list[KV] = []  # per call of a step
         self.queried: Tensor | None = None  # a region call's image tokens (noisy rows, then reference rows)
         self.region, self._call = False, 0
+        # per (call, region): the pe and queried tokens it was made for -> positions, RoPE rows
+        self._positions: dict[tuple[int, bool], tuple[Tensor, Tensor | None, Tensor, Tensor]] = {}
 
     def start(self, *, region: bool) -> None:
         """The next step's calls record (full step) or run on the edited tokens against the records."""
@@ -64,48 +65,48 @@ class RegionDiT:
         given = dict(img=img, timestep=t, **dict(zip(self.names, conditioning, strict=True)))
         inputs = {s.name: given[s.name].to(engine.device, s.torch_dtype(engine.dtype)) for s in engine.spec.inputs}
         call, self._call = self._call, self._call + 1
-        text = inputs["llm_embedding"].shape[1]
         with torch.inference_mode():
-            if self.region:
-                assert self.queried is not None
-                rows = torch.cat([torch.arange(text, device=self.queried.device), self.queried + text])
-                inputs["pe"] = inputs["pe"][:, :, rows]
-                cache = self.caches[call]
-            else:  # every position, into a new cache
-                rows = torch.arange(inputs["pe"].shape[2], device=engine.device)
-                cache = self._new_cache(inputs["img"], text)
-                self.caches.append(cache)
-            return self._blocks(inputs, self._windows(cache, rows)).float()
+            if not self.region:  # a new cache, recorded at every position
+                self.caches.append(self._new_cache(inputs["img"], inputs["llm_embedding"].shape[1]))
+            rows, pe = self._rows(call, inputs)
+            windows = [KVWindow.of(pe, k, v, rows) for k, v in self.caches[call]]
+            return self._blocks(inputs, windows).float()
+
+    def _rows(self, call: int, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The call's positions in the full sequence (a region call: the text, then the queried image tokens)
+        and their RoPE rows: made once per partition and call, reused while its inputs are the same tensors."""
+        pe, queried = inputs["pe"], self.queried if self.region else None
+        known = self._positions.get((call, self.region))
+        if known is None or known[0] is not pe or known[1] is not queried:
+            if queried is None:
+                rows = torch.arange(pe.shape[2], device=pe.device)
+            else:
+                text = inputs["llm_embedding"].shape[1]
+                rows = torch.cat([torch.arange(text, device=queried.device), queried + text])
+            _dynamic((rows, 0))
+            known = self._positions[call, self.region] = (pe, queried, rows, pe if queried is None else pe[:, :, rows])
+        return known[2], known[3]
 
     def _new_cache(self, img: Tensor, text: int) -> KV:
         p, dtype = self.model.params, self.engine.dtype  # the attention's inputs are in the compute dtype
         shape = (img.shape[0], p.num_heads, text + img.shape[1], p.hidden_size // p.num_heads)
         count = len(self.model.double_blocks) + len(self.model.single_blocks)
-        return [(img.new_empty(shape, dtype=dtype), img.new_empty(shape, dtype=dtype)) for _ in range(count)]
+        cache = [(img.new_empty(shape, dtype=dtype), img.new_empty(shape, dtype=dtype)) for _ in range(count)]
+        _dynamic(*((t, 2) for kv in cache for t in kv))
+        return cache
 
-    def _windows(self, cache: KV, rows: Tensor) -> Callable[[Callable[[], Any]], Any]:
-        blocks = iter(cache)
-
-        def run(block: Callable[[], Any]) -> Any:
-            k, v = next(blocks)
-            _dynamic((k, 2), (v, 2), (rows, 0))
-            with KVWindow(k, v, rows):
-                return block()
-
-        return run
-
-    def _blocks(self, inputs: dict[str, Tensor], scope: Callable[[Callable[[], Any]], Any]) -> Tensor:
-        """`Step1XEdit.forward`, each block's call inside `scope`."""
-        m, pe, t = self.model, inputs["pe"], inputs["timestep"]
-        txt, y = m.connector(inputs["llm_embedding"], t, inputs["llm_mask"])
-        if m.text_token_mapping is not None:
-            txt = txt + m.text_token_mapping(inputs["text_embeds"]) * inputs["text_mask"][..., None].to(txt.dtype)
+    def _blocks(self, inputs: dict[str, Tensor], windows: list[Tensor]) -> Tensor:
+        """`Step1XEdit.forward`, each block given its own key/value window as its RoPE table."""
+        m, t = self.model, inputs["timestep"]
+        txt, y = m.condition(inputs["llm_embedding"], t, inputs["llm_mask"],
+                             *(inputs[n] for n in ("text_embeds", "text_mask") if n in inputs))
         img, txt, vec = m.embed(inputs["img"], txt, y, t)
+        pes = iter(windows)
         for block in m.double_blocks:
-            img, txt = scope(lambda b=block, i=img, c=txt: b(img=i, txt=c, vec=vec, pe=pe))
+            img, txt = block(img=img, txt=txt, vec=vec, pe=next(pes))
         x = torch.cat((txt, img), 1)
         for block in m.single_blocks:
-            x = scope(lambda b=block, h=x: b(h, vec=vec, pe=pe))
+            x = block(x, vec=vec, pe=next(pes))
         return m.final_layer(x[:, txt.shape[1]:, ...], vec)
 
 
