@@ -4,11 +4,13 @@ the DiT computed, PSNR against the uncached edit and against the task's exact ta
     PYTHONPATH=$PWD python benchmarks/region_toy.py [--rounds 3] [--shapes 128x128 192x128] [--every-task]
         [--caches none teacache:0.2 teacache:0.4 regione regione:erode=0]
 
-On scikit-image's coffee photo (held out: never trained on), resized to each shape: "make the red things
-green" is the toy's local task (the red cup and saucer change, the wooden table and the coffee do not), "make
-it black and white" a global one; `--every-task` runs every task's first English phrasing. Eager torch on the
-CPU, one thread, the toy's 28 steps, seed 0; per cache its own runtime, each round running every cache once in
-turn, the order rotated per round (so load drifts alike); the median over the rounds.
+The shipped toy's tasks are all global, but "swap red and blue" leaves grey pixels unchanged: on scikit-image's
+coffee photo made grey outside one disc (the cup's region keeps its colour) it is a local edit; the fully
+coloured photo with "make it black and white" is a global one; `--every-task` runs every task's first English
+phrasing on the full photo. `--exact-partition` prints the tokens RegionE's rule would mark for the local task
+"make the red things green" (a task the shipped weights have not learned) if the prediction were its exact
+target. Eager torch on the CPU, one thread, the toy's 28 steps, seed 0; per cache its own runtime, each round
+running every cache once in turn, the order rotated per round (so load drifts alike); the median over the rounds.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
+import numpy as np
 from PIL import Image
 
 from step1x_export.calibrate.evaluate import psnr_db
@@ -25,16 +28,48 @@ from step1x_export.toy.demo import task_psnr
 from step1x_export.toy.tasks import LOCAL_TASKS, TASKS
 from step1x_export.toy.weights import TOY_STEPS
 
-CASES = (("local", "make the red things green"), ("global", "make it black and white"))
+CASES = (("local", "swap red and blue"), ("global", "make it black and white"))
 
 
 def every_task() -> tuple[tuple[str, str], ...]:
-    return tuple(("local" if t in LOCAL_TASKS else "global", t.english[0]) for t in TASKS)
+    return tuple(("global", t.english[0]) for t in TASKS)
 
 
-def picture(width: int, height: int) -> Image.Image:
-    """The coffee photo at width x height."""
-    return Image.fromarray(load_photo("coffee")).resize((width, height), Image.Resampling.LANCZOS)
+def picture(kind: str, width: int, height: int) -> Image.Image:
+    """The coffee photo at width x height; `local`: grey (BT.601 luma) outside a centred disc whose radius is a
+    fifth of the short side (about 3 x 3 of the toy's 16-pixel tokens: the least RegionE's erosion keeps)."""
+    photo = Image.fromarray(load_photo("coffee")).resize((width, height), Image.Resampling.LANCZOS)
+    if kind == "global":
+        return photo
+    rgb = np.asarray(photo).astype(np.float64)
+    grey = np.repeat(np.asarray(photo.convert("L"), dtype=np.float64)[..., None], 3, axis=2)
+    yy, xx = np.mgrid[:height, :width]
+    disc = ((yy - height / 2) ** 2 + (xx - width / 2) ** 2 <= (min(width, height) / 5) ** 2)[..., None]
+    return Image.fromarray(np.where(disc, rgb, grey).round().astype(np.uint8))
+
+
+def exact_partition(width: int, height: int) -> str:
+    """The tokens RegionE's rule marks edited on the coffee photo when its prediction is the local task's exact
+    target (a perfect model): the least its region phase can run, with the published erosion / dilation and
+    without."""
+    import dataclasses
+
+    import torch
+
+    from step1x_export.runtime.step.region import edited_tokens
+    from step1x_export.runtime.step.region_spec import RegionParams
+    from step1x_export.step1x_ref.imaging import pil_to_tensor
+    from step1x_export.step1x_ref.sampling import pack
+    from step1x_export.toy import small_pipeline
+
+    ae = small_pipeline("toy").ae
+    x = pil_to_tensor(picture("global", width, height))
+    with torch.inference_mode():
+        ref, target = (pack(ae.encode(v * 2 - 1))[0] for v in (x, LOCAL_TASKS[0].target(x)))
+    grid = (height // 16, width // 16)
+    params = [dataclasses.replace(RegionParams(), erode=e) for e in (True, False)]
+    counts = [len(edited_tokens(target, ref, grid, p)) for p in params]
+    return f"{width}x{height}: exact target edits {counts[0]}/{ref.shape[0]} tokens ({counts[1]} without erode)"
 
 
 def tokens_computed(rt: Step1XEditRuntime) -> tuple[float, float]:
@@ -69,8 +104,15 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["128x128", "192x128"])
     parser.add_argument("--caches", nargs="+", default=["none", "teacache:0.2", "teacache:0.4", "regione",
                                                          "regione:erode=0"])
+    parser.add_argument("--exact-partition", action="store_true",
+                        help="only print the local task's partition for its exact target (no timing)")
     args = parser.parse_args()
     import torch
+
+    if args.exact_partition:
+        for shape in args.shapes:
+            print(exact_partition(*(int(v) for v in shape.split("x"))))
+        return
 
     torch.set_num_threads(1)
     runtimes = {c: Step1XEditRuntime.load("toy", backend="torch", device="cpu", compile=False,
@@ -81,7 +123,7 @@ def main() -> None:
     for shape in args.shapes:
         w, h = (int(v) for v in shape.split("x"))
         for kind, task in every_task() if args.every_task else CASES:
-            image = picture(w, h)
+            image = picture(kind, w, h)
             times: dict[str, list[float]] = {c: [] for c in args.caches}
             results: dict[str, tuple[Image.Image, tuple[float, float], str, str]] = {}
             for r in range(args.rounds):

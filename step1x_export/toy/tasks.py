@@ -88,7 +88,7 @@ class Task:
 
 
 # The tasks the first training phase learns (the autoencoder's targets come from these alone); LOCAL_TASKS
-# join in the fine-tune.
+# join in the fine-tune (`TrainPlan.tune_steps`).
 GLOBAL_TASKS: tuple[Task, ...] = (
     Task("black_and_white", grayscale,
          ("make it black and white", "Convert the photo to grayscale.", "remove all the colour"),
@@ -117,7 +117,14 @@ LOCAL_TASKS: tuple[Task, ...] = (
          ("make the red things green", "Turn everything red green.", "change the red objects to green"),
          ("把红色的东西变成绿色", "红色变绿色", "将红色物体改为绿色")),
 )
-TASKS: tuple[Task, ...] = GLOBAL_TASKS + LOCAL_TASKS
+# What the shipped weights learned: their first phase only (the fine-tunes tried so far did not learn the
+# local task and cost the global ones up to 2.3 dB: docs/toy.md, "A local task").
+TASKS: tuple[Task, ...] = GLOBAL_TASKS
+
+
+def trained_tasks(tune_steps: int) -> tuple[Task, ...]:
+    """The tasks weights made with a fine-tune of `tune_steps` steps were trained on (and are scored on)."""
+    return GLOBAL_TASKS + LOCAL_TASKS if tune_steps else GLOBAL_TASKS
 
 # Instructions the toy does not know, trained against the unchanged picture: a model asked for what it cannot
 # do leaves the picture alone rather than inventing. The held-out ones are never trained on: they measure
@@ -136,17 +143,17 @@ UNKNOWN_HELDOUT = Task(
     "unknown_heldout", unchanged,
     ("add a hat", "make it look like an oil painting", "remove the cup", "add fireworks in the sky"),
     ("戴上一顶帽子", "变成油画", "把杯子去掉", "在天空中加上烟花"))
-TASK_BY_NAME = {t.name: t for t in TASKS}
+TASK_BY_NAME = {t.name: t for t in GLOBAL_TASKS + LOCAL_TASKS}
 
 
-def known_tasks_text() -> str:
+def known_tasks_text(tasks: tuple[Task, ...] = TASKS) -> str:
     """The toy model folder's `tasks.json`: its tasks and their phrasings, as the runtime reads them."""
-    return known_tasks_json("toy", {t.name: t.instructions for t in TASKS})
+    return known_tasks_json("toy", {t.name: t.instructions for t in tasks})
 
 
 def task_for(instruction: str) -> Task | None:
-    """The task an instruction belongs to (exact phrasing match), or None."""
-    return next((t for t in TASKS if instruction in t.instructions), None)
+    """The task an instruction belongs to (exact phrasing match, the local tasks too), or None."""
+    return next((t for t in GLOBAL_TASKS + LOCAL_TASKS if instruction in t.instructions), None)
 
 
 def psnr(output: Tensor, target: Tensor) -> Tensor:

@@ -43,7 +43,7 @@ from .data import EVAL_SHAPES, TRAIN_PHOTOS, image_batch, photo_tensors, size_le
 from .demo import ship_demo_conditioning
 from .dit_phase import embed_instructions, first_phase_run, mllm_images, shape_latents, train_dit
 from .plan import TrainPlan, plan_from_json, training_shapes, with_overrides
-from .tasks import GLOBAL_TASKS, known_tasks_text
+from .tasks import GLOBAL_TASKS, known_tasks_text, trained_tasks
 from .tune_phase import fine_tune
 from .weights import FIGURES_FILE, TOY_CFG, TOY_SIZE, TOY_STEPS, WEIGHTS_DIR
 
@@ -138,7 +138,8 @@ def evaluate_weights(out: Path, plan: TrainPlan, train_seconds: float, log=print
         def edit(image, instruction, level=level):
             return loaded.edit(image, instruction, seed=0, steps=TOY_STEPS, cfg=TOY_CFG, size_level=level)
 
-        tables[f"{w}x{h}"] = shape_scores(edit, (w, h), views_per_image=plan.eval_views)
+        tables[f"{w}x{h}"] = shape_scores(edit, (w, h), views_per_image=plan.eval_views,
+                                            tasks=trained_tasks(plan.tune_steps))
         ceilings[f"{w}x{h}"] = reconstruction_db(loaded.ae, (w, h), plan.eval_views)
         log(f"evaluated {w}x{h}")
     figures = {"plan": asdict(plan), "train_seconds": round(train_seconds, 1), "threads": plan.threads,
@@ -185,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
             pipe = train(plan, log=log, ae_checkpoint=args.ae_checkpoint)
             train_s = time.perf_counter() - start
         pipe.save_pretrained(args.out)
-        write_text_atomic(args.out / KNOWN_TASKS_FILE, known_tasks_text())  # what it learned, for the runtime
+        # what it learned, for the runtime
+        write_text_atomic(args.out / KNOWN_TASKS_FILE, known_tasks_text(trained_tasks(plan.tune_steps)))
         ship_demo_conditioning(args.out, TOY_SIZE)
     evaluating = time.perf_counter()
     print(evaluate_weights(args.out, plan, train_s))

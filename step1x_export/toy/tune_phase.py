@@ -16,9 +16,9 @@ from ..step1x_ref.vae.autoencoder import AutoEncoder
 from .data import TRAIN_PHOTOS, fade_some, image_batch, photo_tensors
 from .dit_phase import embed_instructions, mllm_images, shape_latents, train_dit, tune_run
 from .plan import TrainPlan, training_shapes
-from .tasks import TASKS, UNKNOWN_TRAINING, Task
+from .tasks import GLOBAL_TASKS, LOCAL_TASKS, UNKNOWN_TRAINING, Task
 
-TUNE_TASKS: tuple[Task, ...] = TASKS + (UNKNOWN_TRAINING,)
+TUNE_TASKS: tuple[Task, ...] = GLOBAL_TASKS + LOCAL_TASKS + (UNKNOWN_TRAINING,)
 
 
 def tune_pools(plan: TrainPlan) -> list[Tensor]:
