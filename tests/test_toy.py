@@ -53,6 +53,37 @@ def test_targets_are_exact() -> None:
     assert all(task_for(text) is task for task in TASKS for text in task.instructions)
 
 
+def test_the_local_task_turns_only_strong_reds_green() -> None:
+    """"make the red things green": a saturated red becomes the same green, orange (the coffee photo's wooden
+    table), a dull red, grey and blue stay exactly as they were, and the edge between is soft (no jump)."""
+    from step1x_export.toy.tasks import LOCAL_TASKS, red_weight
+
+    task = TASK_BY_NAME["red_to_green"]
+    assert task in LOCAL_TASKS and task_for("make the red things green") is task and task not in TASKS
+    colours = torch.tensor([[0.75, 0.125, 0.125], [0.8, 0.45, 0.2], [0.5, 0.4, 0.4], [0.5, 0.5, 0.5], [0.1, 0.2, 0.8]])
+    x = colours.T[None, :, None, :]  # [1, 3, 1, 5]
+    out = task.target(x)
+    assert torch.equal(out[0, :, 0, 0], torch.tensor([0.125, 0.75, 0.125]))
+    assert torch.equal(out[..., 1:], x[..., 1:])
+    hues = torch.linspace(0, 30, 301)  # degrees from red at chroma 0.6: the weight falls by at most one ramp step
+    g = 0.2 + 0.6 * hues / 60
+    ramp = red_weight(torch.stack([torch.full_like(g, 0.8), g, torch.full_like(g, 0.2)])[None, :, None])
+    assert ramp[..., 0].item() == 1 and ramp[..., -1].item() == 0
+    assert ramp.diff(dim=-1).abs().max() <= 0.1 / 6 + 1e-6
+
+
+def test_fading_keeps_luma_and_the_asked_share_of_colour() -> None:
+    """A faded input (the near-target case for black and white): its black-and-white target is the input's,
+    and it is nearer that target the less colour it keeps."""
+    from step1x_export.toy.data import fade
+
+    _, views = heldout_views(64, per_photo=1)
+    bw = TASK_BY_NAME["black_and_white"].target
+    assert torch.equal(fade(views, 0.0), bw(views).mul(255).round().div(255))
+    nearness = [psnr(fade(views, s), bw(views)).mean().item() for s in (0.5, 0.25, 0.1)]
+    assert nearness == sorted(nearness)
+
+
 def test_edit_beats_identity_on_a_heldout_photo(toy, task: str = "invert") -> None:
     """One held-out view (the astronaut's centre square at the training size), English and Chinese."""
     _, views = heldout_views(TOY_SIZE, per_photo=1)

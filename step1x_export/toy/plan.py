@@ -50,8 +50,8 @@ class TrainPlan:
     # task (red things to green) and unknown instructions (against the unchanged picture) added, on fresh
     # images of every shape, tune_faded_share of them faded towards grey (so a near-target input, a faded photo
     # asked for black and white, is one it has seen). Its own generator: the first phase runs as before.
-    # Off in the shipped plan: the fine-tunes tried (4000 steps at these settings; 6000 at lr 1e-4 with the
-    # local task drawn 6x) did not learn the local task (docs/toy.md, "A local task").
+    # Off in the shipped plan: the fine-tune tried (4000 steps at these settings) did not learn the local task
+    # and cost the global tasks up to 2.3 dB (docs/toy.md, "A local task, unknown instructions, faded inputs").
     tune_steps: int = 0
     tune_lr: float = 3e-4
     tune_task_weights: tuple[tuple[str, float], ...] = (("mirror", 3.0), ("invert", 1.5), ("swap_red_blue", 1.5),
