@@ -74,7 +74,7 @@ def test_generate_is_text_to_image_at_the_asked_size(toy):
     assert got.shape == (32, 64, 3)
     assert {"mllm", "denoise", "vae_decode", "total"} <= r.model_dump()["step1x"][0]["timings"].keys()
     # the toy learned only edits: its answer says the picture is none
-    assert any("edits of an input image, never pictures" in w for w in r.model_dump()["step1x"][0]["warnings"])
+    assert any("never pictures from text" in w for w in r.model_dump()["step1x"][0]["warnings"])
     assert np.array_equal(got, serial(service, 5, None, width=64, height=32))
 
 
