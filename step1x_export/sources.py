@@ -19,8 +19,12 @@ if TYPE_CHECKING:
 
 # Every small config: a name that stands for a model (never guessed from a path).
 TINY = tuple(name for name, c in CONFIGS.items() if c.tiny_qwen is not None)
-# Small configs whose trained weights ship inside the package, in the official layout.
-PACKAGED = {"toy": Path(__file__).parent / "toy" / "weights"}
+# Small configs whose trained weights ship inside the package, in the official layout. The v1.2 toy's folder
+# holds its DiT + connector only: its VAE and MLLM are the toy's (its `shared.json` names that folder).
+_TOY = Path(__file__).parent / "toy"
+PACKAGED = {"toy": _TOY / "weights", "toy-v1.2": _TOY / "weights_v1p2"}
+# The module that trains each packaged model's weights.
+TRAINED_BY = {"toy": "step1x_export.toy.train", "toy-v1.2": "step1x_export.toy.v1p2_tune"}
 
 
 def small_pipeline(name: str, *, seed: int = 0, dtype: torch.dtype | None = None,
@@ -37,7 +41,7 @@ def small_pipeline(name: str, *, seed: int = 0, dtype: torch.dtype | None = None
         return Step1XEditPipeline.random(name, seed=seed, dtype=dtype)
     if not PACKAGED[name].is_dir():
         raise CheckpointError(f"the {name} weights are missing from {PACKAGED[name]}: "
-                              "train them with `python -m step1x_export.toy.train`")
+                              f"train them with `python -m {TRAINED_BY[name]}`")
     return Step1XEditPipeline.from_pretrained(PACKAGED[name], config=get_config(name), dtype=dtype, device=str(device))
 
 

@@ -23,8 +23,9 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-# Small models chosen by name: `toy` has trained weights shipped in the package, the `tiny` ones random weights.
-SMALL_MODELS = ("toy", "tiny", "tiny-v1.0", "tiny-v1.2")
+# Small models chosen by name: `toy` and `toy-v1.2` have trained weights shipped in the package, the `tiny` ones
+# random weights.
+SMALL_MODELS = ("toy", "toy-v1.2", "tiny", "tiny-v1.0", "tiny-v1.2")
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP"}
 # Every package error below is a ValueError (CheckpointError, ImageInputError, ExportError, ArtifactError,
 # ProfileError, InputError, NonFiniteError); EngineMismatchError (a TensorRT engine built for another

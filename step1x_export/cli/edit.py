@@ -182,7 +182,8 @@ def echo_reasoning(reasoned) -> None:
               "phrasing of step1x_export.toy.tasks), "
               f"{RANDOM_DEMO_INSTRUCTION!r} for the random tiny models].")
 @click.option("--model", "model_name", type=click.Choice(SMALL_MODELS), default="toy", show_default=True,
-              help="toy: the small model trained here (weights shipped in the package); tiny: random weights.")
+              help="toy: the small model trained here (weights shipped in the package); toy-v1.2: the toy "
+              "fine-tuned through v1.2's prompt path (shipped too); tiny: random weights.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=28, show_default=True, help="Denoising steps.")
 @click.option("--cfg", type=CFG, default=None,
               help=f"True-CFG guidance scale [default: {get_config('toy').default_cfg} for toy (measured best for it), "

@@ -136,7 +136,8 @@ def _source_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]
                      "--engine-dir only its Qwen2.5-VL is used."),
         click.option("--model", "model_name", type=click.Choice(list(SMALL_MODELS)),
                      help="Use a small model instead of --model-dir: toy (trained here, does the edits of "
-                     "`step1x_export.toy.tasks` at size levels 64 to 160, up to 2:1) or tiny (random weights, "
+                     "`step1x_export.toy.tasks` at size levels 64 to 160, up to 2:1), toy-v1.2 (the toy fine-tuned "
+                     "through v1.2's prompt path: the same edits) or tiny (random weights, "
                      "testing; not a real edit). With --engine-dir, --model/--model-dir only name a torch MLLM "
                      "to use instead of the export's vision/llm graphs."),
         click.option("--backend", type=click.Choice(list(BACKENDS)), default="torch", show_default=True,

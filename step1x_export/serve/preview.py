@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from ..runtime import Step1XEditRuntime
 
 LATENT_STRIDE = 8  # image pixels per latent pixel along each side (the FLUX VAE's downsampling)
-FITTED = {"toy": "preview_toy.json"}  # model config -> its fitted map, beside this module
+# Model config -> its fitted map, beside this module (the v1.2 toy decodes with the toy's autoencoder).
+FITTED = {"toy": "preview_toy.json", "toy-v1.2": "preview_toy.json"}
 
 
 @dataclass(frozen=True)

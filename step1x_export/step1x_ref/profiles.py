@@ -46,7 +46,7 @@ TOY_PROFILE = Profile(min_level=64, opt_level=128, max_level=160, max_aspect=2.0
 
 
 def profile_for(config: ModelConfig) -> Profile:
-    if config.name == "toy":
+    if config.name in ("toy", "toy-v1.2"):  # the v1.2 toy is the toy fine-tuned at the same shapes
         return TOY_PROFILE
     return TINY_PROFILE if config.tiny_qwen is not None else FULL_PROFILE
 

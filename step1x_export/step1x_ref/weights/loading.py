@@ -46,6 +46,8 @@ DIT_FILES = {
 }
 VAE_FILE = "vae.safetensors"
 QWEN_DIR = "Qwen2.5-VL-7B-Instruct"
+# In an official folder without a VAE and a Qwen folder: {"vae_and_mllm": "<folder that has them>"}.
+SHARED_FILE = "shared.json"
 # What a Hugging Face model folder holds its weights in (single file or sharded, safetensors or pickle).
 QWEN_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -87,7 +89,8 @@ class ModelFiles:
         dit = next((root / n for n in names if (root / n).is_file()), None)
         if dit is None:
             raise CheckpointError(f"no {version} DiT checkpoint in {root}: expected one of {', '.join(names)}")
-        vae, qwen = root / VAE_FILE, root / QWEN_DIR
+        shared = shared_root(root)
+        vae, qwen = shared / VAE_FILE, shared / QWEN_DIR
         if not vae.is_file():
             raise CheckpointError(f"missing VAE checkpoint {vae}")
         check_qwen_dir(qwen)
@@ -103,6 +106,21 @@ class ModelFiles:
                 raise CheckpointError(f"diffusers layout {root}: missing folder {sub}/")
         return cls(_weights_in(root / TRANSFORMER_DIR), _weights_in(root / VAE_DIR), root / TEXT_ENCODER_DIR,
                    "diffusers", root / PROCESSOR_DIR)
+
+
+def shared_root(root: Path) -> Path:
+    """Where an official folder's VAE and Qwen2.5-VL are: the folder itself, or, for a fine-tune that ships
+    only its DiT + connector, the folder its `SHARED_FILE` names (a path relative to it) when it holds neither."""
+    pointer = root / SHARED_FILE
+    if (root / VAE_FILE).exists() or (root / QWEN_DIR).exists() or not pointer.is_file():
+        return root
+    try:
+        other = (root / json.loads(pointer.read_text())["vae_and_mllm"]).resolve()
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"cannot read {pointer} (expected {{\"vae_and_mllm\": \"<folder>\"}}): {e}") from e
+    if not other.is_dir():
+        raise CheckpointError(f"{pointer} names {other}, which is not a folder")
+    return other
 
 
 def diffusers_version(root: Path) -> str:
@@ -130,8 +148,8 @@ def mllm_dirs(path: str | Path) -> tuple[Path, Path | None]:
     root = Path(path)
     if (root / MODEL_INDEX).is_file():
         return root / TEXT_ENCODER_DIR, root / PROCESSOR_DIR
-    if (root / QWEN_DIR).is_dir():
-        return root / QWEN_DIR, None
+    if (root / QWEN_DIR).is_dir() or (root / SHARED_FILE).is_file():
+        return shared_root(root) / QWEN_DIR, None
     return root, None
 
 
