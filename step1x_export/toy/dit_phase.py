@@ -112,6 +112,15 @@ def _randint(n: int, gen: torch.Generator) -> int:
     return int(torch.randint(0, n, (), generator=gen))
 
 
+def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, ema: AveragedModel, loss: Tensor) -> None:
+    """One AdamW step on `loss`, gradients clipped to norm 1, then the EMA's update."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    ema.update_parameters(model)
+
+
 def train_dit(model: Step1XEdit, data: list[ShapeLatents], emb: Tensor, mask: Tensor, prompt_task: list[int],
               tasks: tuple[Task, ...], run: DitRun, plan: TrainPlan, log) -> AveragedModel:
     """Rectified flow: x_t = (1 - t) x0 + t noise, the DiT predicts noise - x0 from (x_t | reference).
@@ -141,11 +150,7 @@ def train_dit(model: Step1XEdit, data: list[ShapeLatents], emb: Tensor, mask: Te
         set_lr(opt, lr_at(step, run.steps, run.lr, plan.warmup))
         pred = model(torch.cat([x_t, ref], dim=1), shape.pe, t, emb[prompt, view], mask[prompt, view])[:, :n]
         loss = F.mse_loss(pred, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema.update_parameters(model)
+        optimizer_step(model, opt, ema, loss)
         if step % 100 == 0 or step == run.steps - 1:
             log(f"dit {step + 1}/{run.steps} {shape.shape[0]}x{shape.shape[1]} x{b} loss {loss.item():.4f}")
     model.eval().requires_grad_(False)

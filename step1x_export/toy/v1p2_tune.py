@@ -54,7 +54,7 @@ from ..step1x_ref.weights.loading import DIT_FILES, SHARED_FILE
 from ..threads import torch_threads
 from .autoencoder_phase import lr_at, set_lr
 from .data import EVAL_SHAPES, TRAIN_PHOTOS, image_batch, photo_tensors, size_level_for
-from .dit_phase import DitRun, shape_latents, task_draw_weights
+from .dit_phase import DitRun, optimizer_step, shape_latents, task_draw_weights
 from .plan import TrainPlan, training_shapes
 from .tasks import GLOBAL_TASKS
 
@@ -247,11 +247,7 @@ def tune_dit(model: Step1XEdit, teacher: Step1XEdit, data: list[ShapeData], plan
         batch = draw_batch(shape, plan, by_task, draw, gen)
         set_lr(opt, lr_at(step, plan.steps, plan.lr, plan.warmup))
         loss = batch_loss(model, teacher, batch, plan.teacher_share)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema.update_parameters(model)
+        optimizer_step(model, opt, ema, loss)
         if step % 100 == 0 or step == plan.steps - 1:
             w, h = shape.shape
             log(f"dit {step + 1}/{plan.steps} {w}x{h} x{batch.t.shape[0]} loss {loss.item():.4f}")
