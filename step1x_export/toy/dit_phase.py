@@ -99,8 +99,8 @@ def mllm_images(pools: list[Tensor], count: int) -> list[Tensor]:
     return [pools[(k * len(pools)) // count][k % pools[0].shape[0]] for k in range(count)]
 
 
-def task_draw_weights(run: DitRun, tasks: tuple[Task, ...]) -> Tensor:
-    weights = dict(run.task_weights)
+def task_draw_weights(task_weights: tuple[tuple[str, float], ...], tasks: tuple[Task, ...]) -> Tensor:
+    weights = dict(task_weights)
     unknown = set(weights) - {t.name for t in tasks}
     if unknown:
         raise ValueError(f"TrainPlan task weights name tasks {sorted(unknown)} this phase does not train; "
@@ -128,7 +128,7 @@ def train_dit(model: Step1XEdit, data: list[ShapeLatents], emb: Tensor, mask: Te
     gen = torch.Generator().manual_seed(run.seed)
     by_task = [torch.tensor([i for i, k in enumerate(prompt_task) if k == t]) for t in range(len(tasks))]
     uncond = emb.shape[0] - 1
-    draw = task_draw_weights(run, tasks)
+    draw = task_draw_weights(run.task_weights, tasks)
     model.train().requires_grad_(True)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(plan.ema))
     opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=0.0)

@@ -38,6 +38,19 @@ def to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(x.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy())
 
 
+def level_of(image: Image.Image) -> int:
+    """The size level that edits `image` at its own size (the held-out views are made at the edit size)."""
+    return size_level_for(*image.size)
+
+
+def pipeline_edit(pipe, seed: int = 0) -> EditFn:
+    """The toy's default edit (28 steps, its CFG) of a held-out view, at the view's own size."""
+    from .weights import TOY_CFG, TOY_STEPS
+
+    return lambda image, text: pipe.edit(image, text, seed=seed, steps=TOY_STEPS, cfg=TOY_CFG,
+                                         size_level=level_of(image))
+
+
 def task_scores(edit: EditFn, size: int, *, views_per_photo: int = 4, tasks=TASKS) -> list[TaskScore]:
     """Every task on the held-out photos' square views at `size` (what training records)."""
     _, views = heldout_views(size, views_per_photo)
@@ -102,21 +115,14 @@ def faded_scores(edit: EditFn, shape: tuple[int, int], *, views_per_image: int =
     return {f"{s:g}": scores_on(edit, fade(views, s), (task,))[0] for s in FADED_SATURATIONS}
 
 
-def answer_figures(pipe, views_per_image: int, log=print) -> dict:
+def answer_figures(edit: EditFn, views_per_image: int, log=print) -> dict:
     """What the toy answers beyond its tasks, at every evaluated shape: instructions it does not know (held-out
     phrasings never trained on, and the trained ones), scored against the unchanged input, and faded inputs
     asked for black and white."""
     from dataclasses import asdict
 
-    from .weights import TOY_CFG, TOY_STEPS
-
     unknown, faded = {}, {}
     for w, h in EVAL_SHAPES:
-        level = size_level_for(w, h)
-
-        def edit(image, instruction, level=level):
-            return pipe.edit(image, instruction, seed=0, steps=TOY_STEPS, cfg=TOY_CFG, size_level=level)
-
         unknowns = (UNKNOWN_HELDOUT, UNKNOWN_TRAINING)
         scores = shape_scores(edit, (w, h), views_per_image=views_per_image, tasks=unknowns)
         unknown[f"{w}x{h}"] = {s.task: asdict(s) for s in scores}

@@ -22,7 +22,7 @@ from ..export.manifest import ExportError
 from ..step1x_ref.pipeline import Step1XEditPipeline
 from . import small_pipeline
 from .data import EVAL_SHAPES, size_level_for
-from .evaluate import EditFn, TaskScore, format_scores, roundtrip, shape_scores, to_pil
+from .evaluate import EditFn, TaskScore, format_scores, level_of, pipeline_edit, roundtrip, shape_scores, to_pil
 from .tasks import task_for
 from .weights import TOY_CFG, TOY_SIZE, TOY_STEPS
 
@@ -34,16 +34,6 @@ ALWAYS = ("fp32 (torch)", "autoencoder ceiling")  # scored whichever columns are
 DOUBLE_BLOCKS = ("double_blocks.*",)
 INT4_COLUMNS = {"INT4 blocks (nearest)": (INT4_LAYERS, False), "INT4 blocks (GPTQ)": (INT4_LAYERS, True),
                 "INT4 double blocks (GPTQ), single int8": (DOUBLE_BLOCKS, True)}
-
-
-def level_of(image) -> int:
-    """The size level that edits `image` at its own size (the held-out views are made at the edit size)."""
-    return size_level_for(*image.size)
-
-
-def pipeline_edit(pipe: Step1XEditPipeline, seed: int = 0) -> EditFn:
-    return lambda image, text: pipe.edit(image, text, seed=seed, steps=TOY_STEPS, cfg=TOY_CFG,
-                                         size_level=level_of(image))
 
 
 def ceiling_edit(pipe: Step1XEditPipeline) -> EditFn:

@@ -39,7 +39,7 @@ from ..step1x_ref.pipeline import Step1XEditPipeline
 from ..step1x_ref.vae.autoencoder import AutoEncoder
 from ..threads import torch_threads
 from .autoencoder_phase import reconstruction_db, reconstruction_report, train_autoencoder
-from .data import EVAL_SHAPES, TRAIN_PHOTOS, image_batch, photo_tensors, size_level_for
+from .data import EVAL_SHAPES, TRAIN_PHOTOS, image_batch, photo_tensors
 from .demo import ship_demo_conditioning
 from .dit_phase import embed_instructions, first_phase_run, mllm_images, shape_latents, train_dit
 from .plan import TrainPlan, plan_from_json, training_shapes, with_overrides
@@ -128,16 +128,12 @@ def _train(plan: TrainPlan, log, ae_checkpoint: Path | None) -> Step1XEditPipeli
 def evaluate_weights(out: Path, plan: TrainPlan, train_seconds: float, log=print) -> str:
     """Load `out` as any checkpoint is loaded, score it on the held-out images at every evaluated shape (and
     its autoencoder's ceiling there), write figures.json there."""
-    from .evaluate import answer_figures, format_scores, shape_scores
+    from .evaluate import answer_figures, format_scores, pipeline_edit, shape_scores
 
     loaded = Step1XEditPipeline.from_pretrained(out, config=get_config("toy"), dtype=torch.float32)
+    edit = pipeline_edit(loaded)
     tables, ceilings = {}, {}
     for w, h in EVAL_SHAPES:
-        level = size_level_for(w, h)
-
-        def edit(image, instruction, level=level):
-            return loaded.edit(image, instruction, seed=0, steps=TOY_STEPS, cfg=TOY_CFG, size_level=level)
-
         tables[f"{w}x{h}"] = shape_scores(edit, (w, h), views_per_image=plan.eval_views,
                                             tasks=trained_tasks(plan.tune_steps))
         ceilings[f"{w}x{h}"] = reconstruction_db(loaded.ae, (w, h), plan.eval_views)
@@ -145,7 +141,7 @@ def evaluate_weights(out: Path, plan: TrainPlan, train_seconds: float, log=print
     figures = {"plan": asdict(plan), "train_seconds": round(train_seconds, 1), "threads": plan.threads,
                "steps": TOY_STEPS, "cfg": TOY_CFG, "autoencoder_db": ceilings,
                "tasks": {shape: [asdict(s) for s in scores] for shape, scores in tables.items()},
-               **answer_figures(loaded, plan.eval_views, log)}
+               **answer_figures(edit, plan.eval_views, log)}
     (out / FIGURES_FILE).write_text(json.dumps(figures, indent=1))
     return format_scores({f"fp32 {shape}": scores for shape, scores in tables.items()})
 

@@ -53,8 +53,8 @@ from ..step1x_ref.versions.v1p2_positions import branch_inputs
 from ..step1x_ref.weights.loading import DIT_FILES, SHARED_FILE
 from ..threads import torch_threads
 from .autoencoder_phase import lr_at, set_lr
-from .data import EVAL_SHAPES, TRAIN_PHOTOS, image_batch, photo_tensors, size_level_for
-from .dit_phase import DitRun, optimizer_step, shape_latents, task_draw_weights
+from .data import EVAL_SHAPES, TRAIN_PHOTOS, image_batch, photo_tensors
+from .dit_phase import optimizer_step, shape_latents, task_draw_weights
 from .plan import TrainPlan, training_shapes
 from .tasks import GLOBAL_TASKS
 
@@ -238,7 +238,7 @@ def tune_dit(model: Step1XEdit, teacher: Step1XEdit, data: list[ShapeData], plan
     gen = torch.Generator().manual_seed(plan.seed + 20)
     _, prompt_task = prompts(plan)
     by_task = [torch.tensor([i for i, k in enumerate(prompt_task) if k == t]) for t in range(len(GLOBAL_TASKS))]
-    draw = task_draw_weights(DitRun(plan.steps, plan.lr, plan.seed + 20, plan.task_weights), GLOBAL_TASKS)
+    draw = task_draw_weights(plan.task_weights, GLOBAL_TASKS)
     model.train().requires_grad_(True)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(plan.ema))
     opt = torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=0.0)
@@ -280,19 +280,18 @@ def ship(pipe: Step1XEditPipeline, out: Path) -> Path:
 def evaluate(out: Path, plan: TunePlan, tune_seconds: float, log=print) -> str:
     """Load `out` as any model folder is loaded, score it at the toy's evaluated shapes (fp32, one thread),
     beside the toy's own tables (its figures.json: the same views), and write figures.json there."""
-    from .evaluate import TaskScore, format_scores, shape_scores
+    from .evaluate import TaskScore, format_scores, level_of, shape_scores
 
     config = get_config(NAME)
     loaded = Step1XEditPipeline.from_pretrained(out, config=config, dtype=torch.float32)
     toy_figures = json.loads((PACKAGED[BASE] / FIGURES_FILE).read_text())
     tables, columns = {}, {}
+
+    def edit(image, instruction):  # its own steps and CFG (the config's), at the view's size
+        return loaded.edit(image, instruction, seed=0, size_level=level_of(image))
+
     with torch_threads(1):
         for w, h in EVAL_SHAPES:
-            level = size_level_for(w, h)
-
-            def edit(image, instruction, level=level):
-                return loaded.edit(image, instruction, seed=0, size_level=level)
-
             scores = shape_scores(edit, (w, h), views_per_image=plan.eval_views, tasks=GLOBAL_TASKS)
             tables[f"{w}x{h}"] = scores
             columns[f"{NAME} {w}x{h}"] = scores
