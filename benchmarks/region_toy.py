@@ -2,15 +2,17 @@
 the DiT computed, PSNR against the uncached edit and against the task's exact target.
 
     PYTHONPATH=$PWD python benchmarks/region_toy.py [--rounds 3] [--shapes 128x128 192x128] [--every-task]
-        [--caches none teacache:0.2 teacache:0.4 regione regione:erode=0]
+        [--caches none teacache:0.2 teacache:0.4 regione regione:erode=0] [--quant ARTIFACT] [--compile]
 
 The shipped toy's tasks are all global, but "swap red and blue" leaves grey pixels unchanged: on scikit-image's
 coffee photo made grey outside one disc (the cup's region keeps its colour) it is a local edit; the fully
 coloured photo with "make it black and white" is a global one; `--every-task` runs every task's first English
 phrasing on the full photo. `--exact-partition` prints the tokens RegionE's rule would mark for the local task
 "make the red things green" (a task the shipped weights have not learned) if the prediction were its exact
-target. Eager torch on the CPU, one thread, the toy's 28 steps, seed 0; per cache its own runtime, each round
-running every cache once in turn, the order rotated per round (so load drifts alike); the median over the rounds.
+target. Eager torch on the CPU unless `--compile`, fp32 unless `--quant` (a calibration artifact for the toy:
+`step1x-export calibrate --model toy --recipe fp8 --out toy-fp8.safetensors`), one thread, the toy's 28 steps,
+seed 0; per cache its own runtime, each round running every cache once in turn, the order rotated per round (so
+load drifts alike); the median over the rounds.
 """
 
 from __future__ import annotations
@@ -104,6 +106,8 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["128x128", "192x128"])
     parser.add_argument("--caches", nargs="+", default=["none", "teacache:0.2", "teacache:0.4", "regione",
                                                          "regione:erode=0"])
+    parser.add_argument("--quant", help="a calibration artifact for the toy, applied to every runtime")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the DiT (every runtime)")
     parser.add_argument("--exact-partition", action="store_true",
                         help="only print the local task's partition for its exact target (no timing)")
     args = parser.parse_args()
@@ -115,8 +119,8 @@ def main() -> None:
         return
 
     torch.set_num_threads(1)
-    runtimes = {c: Step1XEditRuntime.load("toy", backend="torch", device="cpu", compile=False,
-                                          cache=None if c == "none" else c) for c in args.caches}
+    runtimes = {c: Step1XEditRuntime.load("toy", backend="torch", device="cpu", compile=args.compile,
+                                          quant=args.quant, cache=None if c == "none" else c) for c in args.caches}
     print("| picture | task | shape | cache | denoise s (median) | speed-up | image tokens computed | all tokens "
           "computed | PSNR vs uncached | PSNR vs target | tokens edited | step ms by kind |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -32,6 +32,7 @@ from step1x_export.runtime.step.region_spec import RegionParams
 from step1x_export.runtime.step.region_step import RegionDiT, RegionUpdate
 from step1x_export.step1x_ref.pipeline import Step1XEditPipeline
 from step1x_export.step1x_ref.sampling import get_schedule, guided_euler
+from step1x_export.threads import torch_threads
 from step1x_export.validate import InputError
 
 STEPS = 28
@@ -262,6 +263,25 @@ def test_full_steps_are_the_plain_steps(tiny_rt: Step1XEditRuntime):
     assert region.stats.kinds == ["full"] * 5 + ["capture"] and len(region.stats.edited[5]) == lane.x.shape[1]
 
 
+def test_the_key_value_cache_is_dropped_once_no_step_reads_it(tiny_rt: Step1XEditRuntime):
+    """The recorded keys and values (12.4 GB at 1024 x 1024) are held from the recording step to the last region
+    step and dropped after it, not kept until the next edit."""
+    lane = tiny_rt.prepare_lane(EditJob(image(), "add a hat", steps=STEPS, size_level=SIZE))
+    engine = tiny_rt.stages.load("dit")
+    plain = guided_euler(tiny_rt.version.step(engine_step_fn(engine)))
+    region = RegionUpdate(engine, tiny_rt.version, RegionParams(threshold=0.1, erode=False), plain)
+    region.begin(lane, (4, 4))
+    x, held = lane.x, []
+    for i in range(STEPS):
+        step = (lane.ref, lane.guidance, lane.t[i : i + 1], lane.dt[i : i + 1], lane.rescale[i : i + 1])
+        x = region(x, *step, *lane.conditioning)
+        held.append(len(region.dit.caches))  # after the step
+    kinds = region.stats.kinds
+    last = max(i for i, kind in enumerate(kinds) if kind == "region")
+    assert 0 < len(region.stats.edited[5]) < lane.x.shape[1]
+    assert all(held[kinds.index("capture") : last]) and not any(held[last:]), (kinds, held)
+
+
 @pytest.mark.parametrize("model", ["tiny", "tiny-v1.2"])
 def test_every_token_every_step_is_the_plain_edit(model: str, tiny_rt: Step1XEditRuntime):
     """Every token edited (threshold 2, no erosion), no velocity reused (cache 0) and the reference tokens
@@ -353,14 +373,16 @@ def test_one_compile_serves_every_edited_token_count():
         lane = rt.prepare_lane(EditJob(image(), "add a hat", steps=STEPS, size_level=SIZE))
         dit = RegionDiT(rt.stages.load("dit"), rt.version.dit_inputs)
         region_fn, t = rt.version.step(dit), torch.tensor([0.7, 0.7])
-        dit.start(region=False)
-        region_fn(torch.cat([lane.x, lane.ref], dim=1).repeat(2, 1, 1), t, *lane.conditioning)
-        for count in (2, 7, 10):
-            dit.queried = torch.linspace(0, lane.x.shape[1] - 1, count).round().long()  # spread over the grid
-            dit.start(region=True)
-            region_fn(lane.x[:, dit.queried].repeat(2, 1, 1), t, *lane.conditioning)
-            counts.append(count)
-            compiles.append(rt.stats().compiles)
+        # the edits' thread count: a compiled graph is guarded on it (another count recompiles)
+        with torch_threads(rt.options.threads):
+            dit.start(region=False)
+            region_fn(torch.cat([lane.x, lane.ref], dim=1).repeat(2, 1, 1), t, *lane.conditioning)
+            for count in (2, 7, 10):
+                dit.queried = torch.linspace(0, lane.x.shape[1] - 1, count).round().long()  # spread over the grid
+                dit.start(region=True)
+                region_fn(lane.x[:, dit.queried].repeat(2, 1, 1), t, *lane.conditioning)
+                counts.append(count)
+                compiles.append(rt.stats().compiles)
         print(f"edited tokens {counts}, compiles after each {compiles}")
         assert len(set(counts)) == 5 and min(counts) > 1  # five counts (one token would specialise)
         assert compiles == [compiles[0]] * 5

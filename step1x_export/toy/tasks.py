@@ -117,8 +117,8 @@ LOCAL_TASKS: tuple[Task, ...] = (
          ("make the red things green", "Turn everything red green.", "change the red objects to green"),
          ("把红色的东西变成绿色", "红色变绿色", "将红色物体改为绿色")),
 )
-# What the shipped weights learned: their first phase only (the fine-tune tried did not learn the local task
-# and cost the global ones up to 2.3 dB: docs/toy.md, "A local task, unknown instructions, faded inputs").
+# What the shipped weights learned: their first phase only (the fine-tunes tried did not learn the local task:
+# docs/toy.md, "A local task, unknown instructions, faded inputs").
 TASKS: tuple[Task, ...] = GLOBAL_TASKS
 
 

@@ -13,7 +13,7 @@ from torch import Tensor
 from ..step1x_ref.dit.model import Step1XEdit
 from ..step1x_ref.mllm.conditioner import Qwen25VLEmbedder
 from ..step1x_ref.vae.autoencoder import AutoEncoder
-from .data import TRAIN_PHOTOS, fade_some, image_batch, photo_tensors
+from .data import TRAIN_PHOTOS, fade_some, image_batch, paint_some, photo_tensors
 from .dit_phase import embed_instructions, mllm_images, shape_latents, train_dit, tune_run
 from .plan import TrainPlan, training_shapes
 from .tasks import GLOBAL_TASKS, LOCAL_TASKS, UNKNOWN_TRAINING, Task
@@ -22,11 +22,12 @@ TUNE_TASKS: tuple[Task, ...] = GLOBAL_TASKS + LOCAL_TASKS + (UNKNOWN_TRAINING,)
 
 
 def tune_pools(plan: TrainPlan) -> list[Tensor]:
-    """Fresh training images at every shape (the first phase's count), `plan.tune_faded_share` of them faded."""
+    """Fresh training images at every shape (the first phase's count), `plan.tune_red_share` of them given red
+    things, then `plan.tune_faded_share` of them faded."""
     gen = torch.Generator().manual_seed(plan.seed + 40)
     photos = photo_tensors(TRAIN_PHOTOS, max_short_side=320)
     pools = [image_batch(photos, plan.pool_per_shape, w, h, gen, plan.drawn_share) for w, h in training_shapes(plan)]
-    return [fade_some(pool, plan.tune_faded_share, gen) for pool in pools]
+    return [fade_some(paint_some(pool, plan.tune_red_share, gen), plan.tune_faded_share, gen) for pool in pools]
 
 
 def fine_tune(model: Step1XEdit, ae: AutoEncoder, embedder: Qwen25VLEmbedder, plan: TrainPlan, log) -> None:
