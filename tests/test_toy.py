@@ -74,7 +74,8 @@ def test_the_local_task_turns_only_strong_reds_green() -> None:
 
 def test_painted_red_things_give_the_local_task_something_to_edit() -> None:
     """The fine-tune's images get red things painted in (the training photos hold almost none): seeded, on 8-bit
-    levels, changing only the painted blobs, and with them the local task's target differs from the input."""
+    levels, strongly red on average where the photos were not (so the local task's target differs from the
+    input), and a share of 0 leaves the pool as it was."""
     from step1x_export.toy.data import TRAIN_PHOTOS, image_batch, paint_some, photo_tensors
     from step1x_export.toy.tasks import red_weight
 
