@@ -7,8 +7,9 @@ the full step's, the `denoise` stage with and without RegionE, and the speed-up.
 
 Each tree (a checkout of this repository; `.` by default) runs in its own worker process with that tree first on
 the path; each round asks every worker in turn (the order rotated per round, so load drifts alike) for one edit
-without a cache and one with `regione` (the published settings). The edit is `region_toy.py`'s local one: the
-toy, scikit-image's coffee photo grey outside a centred disc, "swap red and blue", 28 steps, seed 0, eager torch
+without a cache and one with `regione` (the published settings). The edit is `region_toy.py`'s local one (its
+picture made once, here, for every tree): the toy, scikit-image's coffee photo grey outside a centred disc
+(`toy.data.coffee_view`), "swap red and blue", 28 steps, seed 0, eager torch
 (or the blocks compiled: `--compile`), one thread. Each edit's share of a full step is the ratio of its kinds'
 median step times (its own full steps: load that drifts between edits cancels), the speed-up the ratio of the
 two edits of a round; the table shows the medians over the rounds.
@@ -22,26 +23,23 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
 
-
-def worker(shape: str, compile_blocks: bool) -> None:
-    """Serve edits over stdin / stdout: each line read ('none' or 'regione') runs one edit and answers with its
-    denoise seconds and the step times (ms) by kind, as one JSON line."""
+def worker(picture: str, compile_blocks: bool) -> None:
+    """Serve edits of the PNG `picture` over stdin / stdout: each line read ('none' or 'regione') runs one edit
+    and answers with its denoise seconds and the step times (ms) by kind, as one JSON line."""
     import torch
-
-    sys.path.insert(0, str(HERE))
-    from region_toy import picture
+    from PIL import Image
 
     from step1x_export.runtime import Step1XEditRuntime
     from step1x_export.toy.data import size_level_for
     from step1x_export.toy.weights import TOY_STEPS
 
     torch.set_num_threads(1)
-    w, h = (int(v) for v in shape.split("x"))
-    image, job = picture("local", w, h), dict(seed=0, steps=TOY_STEPS, size_level=size_level_for(w, h))
+    image = Image.open(picture).convert("RGB")
+    job = dict(seed=0, steps=TOY_STEPS, size_level=size_level_for(*image.size))
     runtimes = {c: Step1XEditRuntime.load("toy", backend="torch", device="cpu", compile=compile_blocks,
                                           cache=None if c == "none" else c) for c in ("none", "regione")}
     for rt in runtimes.values():  # warm-up
@@ -60,12 +58,12 @@ def worker(shape: str, compile_blocks: bool) -> None:
 Runs = dict[tuple[str, str], list[dict]]  # (tree, cache) -> each round's edit: denoise s, (kind, ms) per step
 
 
-def interleaved(trees: list[str], shape: str, rounds: int, compile_blocks: bool) -> Runs:
-    """Every tree's edits, one worker process per tree, the rounds interleaved."""
+def interleaved(trees: list[str], picture: Path, rounds: int, compile_blocks: bool) -> Runs:
+    """Every tree's edits of `picture`, one worker process per tree, the rounds interleaved."""
     workers = {}
     for tree in trees:
         env = dict(os.environ, PYTHONPATH=str(Path(tree).resolve()), OMP_NUM_THREADS="1")
-        command = [sys.executable, __file__, "--worker", "--shape", shape, *(["--compile"] if compile_blocks else [])]
+        command = [sys.executable, __file__, "--worker", str(picture), *(["--compile"] if compile_blocks else [])]
         workers[tree] = subprocess.Popen(command, env=env,
                                          text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     for tree, proc in workers.items():
@@ -93,12 +91,18 @@ def main() -> None:
     parser.add_argument("--shape", default="192x128")
     parser.add_argument("--trees", nargs="+", default=["."], help="checkouts of this repository to compare")
     parser.add_argument("--compile", action="store_true", help="compile the DiT's blocks (inductor)")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", metavar="PICTURE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.shape, args.compile)
+        worker(args.worker, args.compile)
         return
-    runs = interleaved(args.trees, args.shape, args.rounds, args.compile)
+    from step1x_export.toy.data import coffee_view
+
+    w, h = (int(v) for v in args.shape.split("x"))
+    with tempfile.TemporaryDirectory() as folder:  # one picture, made here, for every tree's worker
+        picture = Path(folder) / "local.png"
+        coffee_view(w, h, local=True).save(picture)
+        runs = interleaved(args.trees, picture, args.rounds, args.compile)
     print("| tree | shape | denoise none s | denoise regione s | speed-up | full ms | full + cache | region | reused |")
     print("|---|---|---|---|---|---|---|---|---|")
     for tree in args.trees:

@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import statistics
 
-import numpy as np
 from PIL import Image
 
 from step1x_export.calibrate.evaluate import psnr_db
 from step1x_export.runtime import Step1XEditRuntime
-from step1x_export.toy.data import load_photo, size_level_for
+from step1x_export.toy.data import coffee_view, size_level_for
 from step1x_export.toy.demo import task_psnr
 from step1x_export.toy.tasks import LOCAL_TASKS, TASKS
 from step1x_export.toy.weights import TOY_STEPS
@@ -35,19 +34,6 @@ CASES = (("local", "swap red and blue"), ("global", "make it black and white"))
 
 def every_task() -> tuple[tuple[str, str], ...]:
     return tuple(("global", t.english[0]) for t in TASKS)
-
-
-def picture(kind: str, width: int, height: int) -> Image.Image:
-    """The coffee photo at width x height; `local`: grey (BT.601 luma) outside a centred disc whose radius is a
-    fifth of the short side (about 3 x 3 of the toy's 16-pixel tokens: the least RegionE's erosion keeps)."""
-    photo = Image.fromarray(load_photo("coffee")).resize((width, height), Image.Resampling.LANCZOS)
-    if kind == "global":
-        return photo
-    rgb = np.asarray(photo).astype(np.float64)
-    grey = np.repeat(np.asarray(photo.convert("L"), dtype=np.float64)[..., None], 3, axis=2)
-    yy, xx = np.mgrid[:height, :width]
-    disc = ((yy - height / 2) ** 2 + (xx - width / 2) ** 2 <= (min(width, height) / 5) ** 2)[..., None]
-    return Image.fromarray(np.where(disc, rgb, grey).round().astype(np.uint8))
 
 
 def exact_partition(width: int, height: int) -> str:
@@ -65,7 +51,7 @@ def exact_partition(width: int, height: int) -> str:
     from step1x_export.toy import small_pipeline
 
     ae = small_pipeline("toy").ae
-    x = pil_to_tensor(picture("global", width, height))
+    x = pil_to_tensor(coffee_view(width, height))
     with torch.inference_mode():
         ref, target = (pack(ae.encode(v * 2 - 1))[0] for v in (x, LOCAL_TASKS[0].target(x)))
     grid = (height // 16, width // 16)
@@ -127,7 +113,7 @@ def main() -> None:
     for shape in args.shapes:
         w, h = (int(v) for v in shape.split("x"))
         for kind, task in every_task() if args.every_task else CASES:
-            image = picture(kind, w, h)
+            image = coffee_view(w, h, local=kind == "local")
             times: dict[str, list[float]] = {c: [] for c in args.caches}
             results: dict[str, tuple[Image.Image, tuple[float, float], str, str]] = {}
             for r in range(args.rounds):

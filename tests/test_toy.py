@@ -137,17 +137,11 @@ def test_regione_keeps_a_local_edit() -> None:
     30.5-32 dB on Step1X-Edit) and within 0.5 dB of its PSNR against the exact target."""
     from step1x_export.calibrate.evaluate import psnr_db
     from step1x_export.runtime import Step1XEditRuntime
-    from step1x_export.toy.data import load_photo
+    from step1x_export.toy.data import coffee_view
     from step1x_export.toy.demo import task_psnr
 
     text = "swap red and blue"
-    photo = Image.fromarray(load_photo("coffee"))
-    photo = photo.resize(edit_size(*photo.size, TOY_SIZE), Image.Resampling.LANCZOS)  # 192x128
-    x = pil_to_tensor(photo)
-    h, w = x.shape[-2:]
-    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    disc = (yy - h / 2) ** 2 + (xx - w / 2) ** 2 <= (min(h, w) / 5) ** 2
-    image = to_pil(torch.where(disc, x, TASK_BY_NAME["black_and_white"].target(x)).mul(255).round().div(255)[0])
+    image = coffee_view(*edit_size(600, 400, TOY_SIZE), local=True)  # the photo's 3:2 at the default level
     outs, stats = {}, {}
     for cache in (None, "regione"):
         with Step1XEditRuntime.load("toy", backend="torch", device="cpu", compile=False, cache=cache) as rt:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
 # Real photographs (colour and grey) bundled with scikit-image. Synthetic images (colour wheel, logo,
@@ -57,6 +59,20 @@ def load_photo(name: str) -> np.ndarray:
     return np.ascontiguousarray(arr[..., :3].astype(np.uint8))
 
 
+def coffee_view(width: int, height: int, *, local: bool = False) -> Image.Image:
+    """scikit-image's coffee photo (held out) at width x height; `local`: grey (BT.601 luma, as PIL's "L")
+    outside a centred disc whose radius is a fifth of the short side (about 3 x 3 of the toy's 16-pixel tokens:
+    the least RegionE's erosion keeps), so "swap red and blue", which leaves grey alone, is a local edit."""
+    photo = Image.fromarray(load_photo("coffee")).resize((width, height), Image.Resampling.LANCZOS)
+    if not local:
+        return photo
+    rgb = np.asarray(photo).astype(np.float64)
+    grey = np.repeat(np.asarray(photo.convert("L"), dtype=np.float64)[..., None], 3, axis=2)
+    yy, xx = np.mgrid[:height, :width]
+    disc = ((yy - height / 2) ** 2 + (xx - width / 2) ** 2 <= (min(width, height) / 5) ** 2)[..., None]
+    return Image.fromarray(np.where(disc, rgb, grey).round().astype(np.uint8))
+
+
 def _other_package_photo(package: str, name: str) -> np.ndarray:
     try:
         if package == "sklearn":
@@ -65,7 +81,6 @@ def _other_package_photo(package: str, name: str) -> np.ndarray:
             return load_sample_image(f"{name}.jpg")
         if package == "matplotlib":
             from matplotlib import cbook
-            from PIL import Image
 
             with cbook.get_sample_data(name if "." in name else f"{name}.jpg") as f:
                 return np.asarray(Image.open(f).convert("RGBA" if name.endswith(".png") else "RGB"))
@@ -157,13 +172,19 @@ def fade(x: Tensor, saturation: float) -> Tensor:
     return quantize(grey + saturation * (x - grey))
 
 
-def fade_some(pool: Tensor, share: float, gen: torch.Generator, most: float = 0.5) -> Tensor:
-    """`pool` with `share` of its images faded to a saturation drawn in [0, most]."""
+def change_some(pool: Tensor, share: float, gen: torch.Generator,
+                change: Callable[[Tensor, torch.Generator], Tensor]) -> Tensor:
+    """`pool` with `share` of its images (a coin drawn for each, in order) replaced by `change(image, gen)`."""
     out = pool.clone()
     for i in range(pool.shape[0]):
         if float(torch.rand((), generator=gen)) < share:
-            out[i] = fade(pool[i], most * float(torch.rand((), generator=gen)))
+            out[i] = change(pool[i], gen)
     return out
+
+
+def fade_some(pool: Tensor, share: float, gen: torch.Generator, most: float = 0.5) -> Tensor:
+    """`pool` with `share` of its images faded to a saturation drawn in [0, most]."""
+    return change_some(pool, share, gen, lambda x, g: fade(x, most * float(torch.rand((), generator=g))))
 
 
 # Red things painted into the fine-tune's images: the training photos are almost never strongly red (3% of
@@ -191,8 +212,10 @@ def red_blob(width: int, height: int, gen: torch.Generator) -> Tensor:
 def paint_red_things(x: Tensor, gen: torch.Generator, most: int = 3) -> Tensor:
     """`x` [3, H, W] with 1 to `most` blobs recoloured near red (hue, saturation drawn; the photo's light and
     shade kept as their brightness), on 8-bit levels."""
+    from .tasks import grayscale
+
     _, h, w = x.shape
-    luma = sum(c * x[i] for i, c in enumerate((0.299, 0.587, 0.114)))[None]
+    luma = grayscale(x[None])[0, :1]
     for _ in range(1 + int(torch.randint(0, most, (), generator=gen))):
         band = int(torch.multinomial(torch.tensor(RED_BLOB_HUE_ODDS), 1, generator=gen))
         lo, hi = RED_BLOB_HUES[band]
@@ -209,11 +232,7 @@ def paint_red_things(x: Tensor, gen: torch.Generator, most: int = 3) -> Tensor:
 
 def paint_some(pool: Tensor, share: float, gen: torch.Generator) -> Tensor:
     """`pool` with `share` of its images given red things (`paint_red_things`)."""
-    out = pool.clone()
-    for i in range(pool.shape[0]):
-        if float(torch.rand((), generator=gen)) < share:
-            out[i] = paint_red_things(pool[i], gen)
-    return out
+    return change_some(pool, share, gen, paint_red_things)
 
 
 def image_batch(photos: list[Tensor], count: int, width: int, height: int, gen: torch.Generator,
